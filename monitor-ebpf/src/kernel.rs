@@ -1,0 +1,145 @@
+//! Kernel layout read at load time. The agent reads every offset from the running
+//! kernel's BTF and tracefs and writes it into these globals before loading; the
+//! zero defaults are never used on a real load.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+
+macro_rules! layout_globals {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[unsafe(no_mangle)]
+            static $name: u32 = 0;
+        )*
+    };
+}
+
+layout_globals!(
+    SKB_HEAD_OFF,
+    SKB_NETWORK_HEADER_OFF,
+    SKB_TRANSPORT_HEADER_OFF,
+    SKB_DEV_OFF,
+    DEV_IFINDEX_OFF,
+    DEV_NET_OFF,
+    NET_INUM_OFF,
+    OWN_NETNS_INUM,
+    TP_KFREE_SKBADDR_OFF,
+    TP_KFREE_PROTOCOL_OFF,
+    TP_KFREE_REASON_OFF,
+    REASON_NOT_SPECIFIED,
+);
+
+/// Reads a load-time global; volatile so the compiler keeps the load the loader patched.
+#[inline(always)]
+pub fn global(v: &'static u32) -> u32 {
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+pub mod layout {
+    use super::*;
+    #[inline(always)]
+    pub fn skb_head() -> u32 { global(&SKB_HEAD_OFF) }
+    #[inline(always)]
+    pub fn skb_network_header() -> u32 { global(&SKB_NETWORK_HEADER_OFF) }
+    #[inline(always)]
+    pub fn skb_transport_header() -> u32 { global(&SKB_TRANSPORT_HEADER_OFF) }
+    #[inline(always)]
+    pub fn skb_dev() -> u32 { global(&SKB_DEV_OFF) }
+    #[inline(always)]
+    pub fn dev_ifindex() -> u32 { global(&DEV_IFINDEX_OFF) }
+    #[inline(always)]
+    pub fn dev_net() -> u32 { global(&DEV_NET_OFF) }
+    #[inline(always)]
+    pub fn net_inum() -> u32 { global(&NET_INUM_OFF) }
+    #[inline(always)]
+    pub fn own_netns_inum() -> u32 { global(&OWN_NETNS_INUM) }
+    #[inline(always)]
+    pub fn tp_kfree_skbaddr() -> u32 { global(&TP_KFREE_SKBADDR_OFF) }
+    #[inline(always)]
+    pub fn tp_kfree_protocol() -> u32 { global(&TP_KFREE_PROTOCOL_OFF) }
+    #[inline(always)]
+    pub fn tp_kfree_reason() -> u32 { global(&TP_KFREE_REASON_OFF) }
+    #[inline(always)]
+    pub fn reason_not_specified() -> u32 { global(&REASON_NOT_SPECIFIED) }
+}
+
+/// Reads a `T` at `base + off` in kernel memory.
+#[inline(always)]
+pub fn read<T>(base: u64, off: u32) -> Result<T, ()> {
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.map_err(|_| ())
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const DNS_PORT: u16 = 53;
+/// `skb->network_header` / `transport_header` value meaning "not set".
+const HEADER_UNSET: u16 = 0xffff;
+
+/// Whether the packet in `skb` is DNS: TCP or UDP with port 53 on either side.
+/// `protocol` is the host-order ethertype. Anything unreadable is not DNS.
+#[inline(always)]
+pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
+    let Ok(head) = read::<u64>(skb, layout::skb_head()) else { return false };
+    let Ok(nh) = read::<u16>(skb, layout::skb_network_header()) else { return false };
+    if nh == HEADER_UNSET || head == 0 {
+        return false;
+    }
+    let l3 = head + u64::from(nh);
+    let l4 = match protocol {
+        ETH_P_IP => {
+            let Ok(vihl) = read::<u8>(l3, 0) else { return false };
+            if vihl >> 4 != 4 {
+                return false;
+            }
+            let Ok(proto) = read::<u8>(l3, 9) else { return false };
+            if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+                return false;
+            }
+            // Only the first fragment carries ports.
+            let Ok(frag) = read::<[u8; 2]>(l3, 6) else { return false };
+            if u16::from_be_bytes(frag) & 0x1fff != 0 {
+                return false;
+            }
+            l3 + u64::from(vihl & 0x0f) * 4
+        }
+        ETH_P_IPV6 => {
+            let Ok(next) = read::<u8>(l3, 6) else { return false };
+            if next == IPPROTO_TCP || next == IPPROTO_UDP {
+                l3 + 40
+            } else {
+                // Extension headers: trust the kernel's transport header when set.
+                let Ok(th) = read::<u16>(skb, layout::skb_transport_header()) else { return false };
+                if th == HEADER_UNSET || th <= nh {
+                    return false;
+                }
+                head + u64::from(th)
+            }
+        }
+        _ => return false,
+    };
+    let Ok(ports) = read::<[u8; 4]>(l4, 0) else { return false };
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    sport == DNS_PORT || dport == DNS_PORT
+}
+
+/// The interface index of `skb->dev` when that device lives in the agent's own network
+/// namespace, else `None` (no device, a device in another namespace, or `dev` reused as
+/// scratch space by the UDP receive path).
+#[inline(always)]
+pub fn skb_dev_in_own_netns(skb: u64) -> Option<u32> {
+    let dev = read::<u64>(skb, layout::skb_dev()).ok()?;
+    if dev == 0 {
+        return None;
+    }
+    let net = read::<u64>(dev, layout::dev_net()).ok()?;
+    if net == 0 {
+        return None;
+    }
+    let inum = read::<u32>(net, layout::net_inum()).ok()?;
+    if inum != layout::own_netns_inum() {
+        return None;
+    }
+    read::<u32>(dev, layout::dev_ifindex()).ok()
+}
