@@ -1,0 +1,381 @@
+//! A small reader of the kernel's BTF (`Documentation/bpf/btf.rst`), limited to what the
+//! agent needs: struct and union members (through anonymous members, typedefs and
+//! modifiers) and enum values. Rust eBPF has no CO-RE, so offsets are read here at start
+//! and handed to the programs as load-time globals.
+
+use std::collections::HashMap;
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+
+const MAGIC: u16 = 0xeb9f;
+const HEADER_LEN: usize = 24;
+
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FWD: u32 = 7;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_FLOAT: u32 = 16;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+/// A member of a struct or union.
+#[derive(Clone, Debug)]
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    /// Offset from the start of the enclosing type, in bits.
+    bit_offset: u32,
+    /// Non-zero for a bitfield.
+    bitfield_size: u32,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    /// Types the reader only needs to step over or size.
+    Sized { size: u32 },
+    /// PTR, TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG: refer to another type.
+    Ref { target: u32, is_ptr: bool },
+    Array { elem: u32, nelems: u32 },
+    Composite { size: u32, members: Vec<Member> },
+    Enum { size: u32, values: Vec<(u32, i64)> },
+    Other,
+}
+
+#[derive(Clone, Debug)]
+struct Type {
+    name_off: u32,
+    kind: Kind,
+}
+
+/// Where a member lies, in bytes from the start of the outermost type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Parsed BTF: types by id and the string section.
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    by_name: HashMap<(u32, String), u32>,
+}
+
+fn u16_at(b: &[u8], off: usize) -> Result<u16> {
+    b.get(off..off + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .ok_or_else(|| anyhow!("truncated at byte {off}"))
+}
+
+fn u32_at(b: &[u8], off: usize) -> Result<u32> {
+    b.get(off..off + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or_else(|| anyhow!("truncated at byte {off}"))
+}
+
+impl Btf {
+    /// Parses raw BTF as found in `/sys/kernel/btf/vmlinux` (little endian only).
+    pub fn parse(data: &[u8]) -> Result<Self> {
+        let magic = u16_at(data, 0).context("reading BTF header")?;
+        if magic == MAGIC.swap_bytes() {
+            bail!("big-endian BTF is not supported");
+        }
+        ensure!(magic == MAGIC, "not BTF data (magic {magic:#06x})");
+        let hdr_len = u32_at(data, 4)? as usize;
+        ensure!(hdr_len >= HEADER_LEN, "BTF header too short ({hdr_len} bytes)");
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let section = |off: usize, len: usize, what: &str| {
+            let start = hdr_len.checked_add(off).ok_or_else(|| anyhow!("{what} offset overflows"))?;
+            let end = start.checked_add(len).ok_or_else(|| anyhow!("{what} length overflows"))?;
+            data.get(start..end)
+                .ok_or_else(|| anyhow!("{what} section [{start}, {end}) beyond {} bytes", data.len()))
+        };
+        let type_sec = section(type_off, type_len, "type")?;
+        let strings = section(str_off, str_len, "string")?.to_vec();
+
+        // Type id 0 is void.
+        let mut types = vec![Type { name_off: 0, kind: Kind::Other }];
+        let mut pos = 0;
+        while pos < type_sec.len() {
+            let (ty, len) = Self::parse_type(type_sec, pos)
+                .with_context(|| format!("BTF type {} at byte {pos}", types.len()))?;
+            types.push(ty);
+            pos += len;
+        }
+        let mut btf = Btf { types, strings, by_name: HashMap::new() };
+        let mut by_name = HashMap::new();
+        for (id, ty) in btf.types.iter().enumerate().skip(1) {
+            let class = match ty.kind {
+                Kind::Composite { .. } => 0,
+                Kind::Enum { .. } => 1,
+                _ => continue,
+            };
+            if ty.name_off != 0 {
+                let name = btf.str(ty.name_off)?.to_owned();
+                // Keep the first definition; later ones with the same name are rare
+                // duplicates from different compilation units.
+                by_name.entry((class, name)).or_insert(u32::try_from(id)?);
+            }
+        }
+        btf.by_name = by_name;
+        Ok(btf)
+    }
+
+    fn parse_type(sec: &[u8], pos: usize) -> Result<(Type, usize)> {
+        let name_off = u32_at(sec, pos)?;
+        let info = u32_at(sec, pos + 4)?;
+        let size_or_type = u32_at(sec, pos + 8)?;
+        let vlen = (info & 0xffff) as usize;
+        let kind = (info >> 24) & 0x1f;
+        let kind_flag = info >> 31 == 1;
+        let body = pos + 12;
+        let ty = |kind| Type { name_off, kind };
+        Ok(match kind {
+            KIND_INT => (ty(Kind::Sized { size: size_or_type }), 16),
+            KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+            | KIND_TYPE_TAG => {
+                (ty(Kind::Ref { target: size_or_type, is_ptr: kind == KIND_PTR }), 12)
+            }
+            KIND_ARRAY => {
+                let elem = u32_at(sec, body)?;
+                let nelems = u32_at(sec, body + 8)?;
+                (ty(Kind::Array { elem, nelems }), 24)
+            }
+            KIND_STRUCT | KIND_UNION => {
+                let mut members = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let m = body + i * 12;
+                    let raw = u32_at(sec, m + 8)?;
+                    let (bit_offset, bitfield_size) =
+                        if kind_flag { (raw & 0x00ff_ffff, raw >> 24) } else { (raw, 0) };
+                    members.push(Member {
+                        name_off: u32_at(sec, m)?,
+                        type_id: u32_at(sec, m + 4)?,
+                        bit_offset,
+                        bitfield_size,
+                    });
+                }
+                (ty(Kind::Composite { size: size_or_type, members }), 12 + vlen * 12)
+            }
+            KIND_ENUM => {
+                let signed = kind_flag;
+                let mut values = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let e = body + i * 8;
+                    let raw = u32_at(sec, e + 4)?;
+                    #[expect(clippy::cast_possible_wrap, reason = "BTF stores signed values as u32")]
+                    let v = if signed { i64::from(raw as i32) } else { i64::from(raw) };
+                    values.push((u32_at(sec, e)?, v));
+                }
+                (ty(Kind::Enum { size: size_or_type, values }), 12 + vlen * 8)
+            }
+            KIND_ENUM64 => {
+                let mut values = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let e = body + i * 12;
+                    let lo = u64::from(u32_at(sec, e + 4)?);
+                    let hi = u64::from(u32_at(sec, e + 8)?);
+                    #[expect(clippy::cast_possible_wrap, reason = "reinterpreting the 64 stored bits")]
+                    values.push((u32_at(sec, e)?, ((hi << 32) | lo) as i64));
+                }
+                (ty(Kind::Enum { size: size_or_type, values }), 12 + vlen * 12)
+            }
+            KIND_FWD | KIND_FUNC => (ty(Kind::Other), 12),
+            KIND_FLOAT => (ty(Kind::Sized { size: size_or_type }), 12),
+            KIND_FUNC_PROTO => (ty(Kind::Other), 12 + vlen * 8),
+            KIND_VAR | KIND_DECL_TAG => (ty(Kind::Other), 16),
+            KIND_DATASEC => (ty(Kind::Other), 12 + vlen * 12),
+            other => bail!("unknown BTF kind {other}"),
+        })
+    }
+
+    fn str(&self, off: u32) -> Result<&str> {
+        let rest = self
+            .strings
+            .get(off as usize..)
+            .ok_or_else(|| anyhow!("string offset {off} beyond the string section"))?;
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).with_context(|| format!("string at {off} is not UTF-8"))
+    }
+
+    fn get(&self, id: u32) -> Result<&Type> {
+        self.types.get(id as usize).ok_or_else(|| anyhow!("type id {id} out of range"))
+    }
+
+    /// Follows typedefs and modifiers (not pointers) to the underlying type.
+    fn resolve(&self, mut id: u32) -> Result<u32> {
+        for _ in 0..32 {
+            match self.get(id)?.kind {
+                Kind::Ref { target, is_ptr: false } => id = target,
+                _ => return Ok(id),
+            }
+        }
+        bail!("type chain from id {id} too deep")
+    }
+
+    fn size_of(&self, id: u32) -> Result<u32> {
+        let id = self.resolve(id)?;
+        Ok(match &self.get(id)?.kind {
+            Kind::Sized { size } | Kind::Composite { size, .. } | Kind::Enum { size, .. } => *size,
+            Kind::Ref { is_ptr: true, .. } => 8,
+            Kind::Array { elem, nelems } => self.size_of(*elem)?.saturating_mul(*nelems),
+            Kind::Ref { .. } | Kind::Other => bail!("type id {id} has no size"),
+        })
+    }
+
+    /// Finds `name` among the members of composite `id`, descending into anonymous
+    /// struct and union members. Returns the bit offset and the member.
+    fn find_member(&self, id: u32, name: &str) -> Result<Option<(u32, Member)>> {
+        let Kind::Composite { members, .. } = &self.get(self.resolve(id)?)?.kind else {
+            bail!("type id {id} is not a struct or union");
+        };
+        for m in members {
+            if m.name_off == 0 {
+                let inner = self.resolve(m.type_id)?;
+                if matches!(self.get(inner)?.kind, Kind::Composite { .. })
+                    && let Some((off, found)) = self.find_member(inner, name)?
+                {
+                    return Ok(Some((m.bit_offset + off, found)));
+                }
+            } else if self.str(m.name_off)? == name {
+                return Ok(Some((m.bit_offset, m.clone())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The byte offset and size of `path` (members joined by `.`) inside struct `name`.
+    pub fn member(&self, name: &str, path: &str) -> Result<Field> {
+        let mut id = *self
+            .by_name
+            .get(&(0, name.to_owned()))
+            .ok_or_else(|| anyhow!("struct {name} not found in BTF"))?;
+        let mut bits = 0u32;
+        let mut size = 0;
+        for part in path.split('.') {
+            let (off, member) = self
+                .find_member(id, part)?
+                .ok_or_else(|| anyhow!("struct {name} has no member {path}"))?;
+            ensure!(member.bitfield_size == 0, "{name}.{path} is a bitfield");
+            bits += off;
+            id = member.type_id;
+            size = self.size_of(id)?;
+        }
+        ensure!(bits % 8 == 0, "{name}.{path} is not byte aligned");
+        Ok(Field { offset: bits / 8, size })
+    }
+
+    /// The enumerators of enum `name` as (name, value).
+    pub fn enum_values(&self, name: &str) -> Result<Vec<(String, i64)>> {
+        let id = *self
+            .by_name
+            .get(&(1, name.to_owned()))
+            .ok_or_else(|| anyhow!("enum {name} not found in BTF"))?;
+        let Kind::Enum { values, .. } = &self.get(id)?.kind else {
+            bail!("{name} is not an enum");
+        };
+        values.iter().map(|&(n, v)| Ok((self.str(n)?.to_owned(), v))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    /// BTF of a 6.18 x86_64 kernel, copied from `/sys/kernel/btf/vmlinux`.
+    fn fixture() -> Btf {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/btf/vmlinux-6.18.btf.gz");
+        let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(file)
+            .read_to_end(&mut raw)
+            .unwrap_or_else(|e| panic!("decompressing {path}: {e}"));
+        Btf::parse(&raw).unwrap_or_else(|e| panic!("parsing {path}: {e:#}"))
+    }
+
+    #[test]
+    fn offsets_match_the_compilers() {
+        let btf = fixture();
+        // Expected values: offsetof/sizeof compiled against a header generated from the
+        // same BTF (bpftool btf dump format c).
+        let cases = [
+            ("sk_buff", "dev", 16, 8),
+            ("sk_buff", "head", 192, 8),
+            ("sk_buff", "network_header", 180, 2),
+            ("sk_buff", "transport_header", 178, 2),
+            ("sk_buff", "skb_iif", 144, 4),
+            ("net_device", "ifindex", 224, 4),
+            // possible_net_t is a typedef of an anonymous struct.
+            ("net_device", "nd_net.net", 264, 8),
+            ("net", "ns.inum", 176, 4),
+        ];
+        for (ty, path, offset, size) in cases {
+            assert_eq!(btf.member(ty, path).unwrap(), Field { offset, size }, "{ty}.{path}");
+        }
+    }
+
+    #[test]
+    fn drop_reasons_from_the_enum() {
+        let btf = fixture();
+        let values = btf.enum_values("skb_drop_reason").unwrap();
+        let find = |n: &str| values.iter().find(|(name, _)| name == n).map(|&(_, v)| v);
+        assert_eq!(find("SKB_NOT_DROPPED_YET"), Some(0));
+        assert_eq!(find("SKB_DROP_REASON_NOT_SPECIFIED"), Some(2));
+        assert_eq!(find("SKB_DROP_REASON_NO_SOCKET"), Some(3));
+        assert_eq!(find("SKB_DROP_REASON_NETFILTER_DROP"), Some(12));
+    }
+
+    #[test]
+    fn missing_names_are_errors() {
+        let btf = fixture();
+        let err = btf.member("sk_buff", "no_such_member").unwrap_err();
+        assert_eq!(err.to_string(), "struct sk_buff has no member no_such_member");
+        assert!(btf.member("no_such_struct", "x").is_err());
+        assert!(btf.enum_values("no_such_enum").is_err());
+    }
+
+    #[test]
+    fn garbage_is_rejected_not_panicked_on() {
+        assert!(Btf::parse(&[]).is_err());
+        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0]).is_err());
+        assert_eq!(
+            Btf::parse(&[0xeb, 0x9f, 1, 0, 24, 0, 0, 0]).unwrap_err().to_string(),
+            "big-endian BTF is not supported"
+        );
+        // A header pointing past the end of the data.
+        let mut hdr = vec![0x9f, 0xeb, 1, 0];
+        for v in [24u32, 0, 1000, 1000, 10] {
+            hdr.extend_from_slice(&v.to_le_bytes());
+        }
+        assert!(Btf::parse(&hdr).is_err());
+        // Every truncation of a real type section fails cleanly.
+        let mut tiny = vec![0x9f, 0xeb, 1, 0];
+        for v in [24u32, 0, 16, 16, 1] {
+            tiny.extend_from_slice(&v.to_le_bytes());
+        }
+        tiny.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0]); // INT, 4 bytes
+        tiny.extend_from_slice(&[0, 0, 0, 32]);
+        tiny.push(0);
+        assert!(Btf::parse(&tiny).is_ok());
+        for cut in 24..tiny.len() - 1 {
+            assert!(Btf::parse(&tiny[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Kernel drops from the `skb:kfree_skb` program's `DROPS` map.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{MapData, PerCpuHashMap};
+use log::warn;
+use monitor_common::{DEVICE_OTHER, DropKey};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
+use super::encode_counters;
+use crate::{devices::Devices, kernel::DropReasons};
+
+pub struct DropsCollector {
+    pub map: PerCpuHashMap<MapData, DropKey, u64>,
+    pub devices: Devices,
+    pub reasons: DropReasons,
+}
+
+impl std::fmt::Debug for DropsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DropsCollector").finish_non_exhaustive()
+    }
+}
+
+/// Drop counts folded into the exported label sets.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DropTotals {
+    /// (device, reason) -> all drops.
+    pub all: BTreeMap<(String, String), u64>,
+    /// (device, eni, reason) -> DNS drops.
+    pub dns: BTreeMap<(String, String, String), u64>,
+}
+
+impl DropTotals {
+    /// Folds per-key counts into label sets. Keys of devices no longer monitored fold
+    /// into `other`, so every label set stays bounded.
+    pub fn fold(
+        entries: impl IntoIterator<Item = (DropKey, u64)>,
+        devices: &Devices,
+        reasons: &DropReasons,
+    ) -> Self {
+        let devices = devices.snapshot();
+        let mut totals = Self::default();
+        for (key, count) in entries {
+            let (device, eni) = match devices.get(&key.ifindex) {
+                Some(d) if key.ifindex != DEVICE_OTHER => (d.name.clone(), d.eni.clone()),
+                _ => ("other".to_owned(), String::new()),
+            };
+            let reason = reasons.name(key.reason).to_owned();
+            *totals.all.entry((device.clone(), reason.clone())).or_default() += count;
+            if key.dns != 0 {
+                *totals.dns.entry((device, eni, reason)).or_default() += count;
+            }
+        }
+        totals
+    }
+}
+
+impl Collector for DropsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let entries = self.map.iter().filter_map(|entry| match entry {
+            Ok((key, per_cpu)) => Some((key, per_cpu.iter().sum::<u64>())),
+            Err(e) => {
+                warn!("reading the drops map: {e}");
+                None
+            }
+        });
+        let totals = DropTotals::fold(entries, &self.devices, &self.reasons);
+        encode_counters(
+            &mut encoder,
+            "drops",
+            "Packets the kernel dropped, by device and the kernel's drop reason (NOT_SPECIFIED excluded).",
+            totals.all.into_iter().map(|((device, reason), v)| ([("device", device), ("reason", reason)], v)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "dns_drops",
+            "DNS packets (port 53, UDP or TCP) the kernel dropped, by device and the kernel's drop reason.",
+            totals
+                .dns
+                .into_iter()
+                .map(|((device, eni, reason), v)| ([("device", device), ("eni", eni), ("reason", reason)], v)),
+        )
+    }
+}
