@@ -356,7 +356,7 @@ mod tests {
         assert!(Btf::parse(&[]).is_err());
         assert!(Btf::parse(&[0x9f, 0xeb, 1, 0]).is_err());
         assert_eq!(
-            Btf::parse(&[0xeb, 0x9f, 1, 0, 24, 0, 0, 0]).unwrap_err().to_string(),
+            Btf::parse(&[0xeb, 0x9f, 1, 0, 24, 0, 0, 0]).err().unwrap().to_string(),
             "big-endian BTF is not supported"
         );
         // A header pointing past the end of the data.

@@ -1,1 +1,165 @@
-fn main(){}
+//! `cargo xtask`: setup, build, run and test eni-monitor.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build, the tests and the benchmark use.
+const APT_PACKAGES: &[&str] = &[
+    // bpf-linker is built against Debian's LLVM 22.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    // The simulated node.
+    "iproute2",
+    "nftables",
+    "conntrack",
+    "bpftool",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Development tasks for eni-monitor")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (apt packages, rust-src, bpf-linker), mount tracefs.
+    Setup,
+    /// Build the agent (release), with its eBPF programs embedded.
+    Build,
+    /// Build and run the agent on this host; extra arguments go to the agent.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and run the whole test suite; extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Build => {
+            setup()?;
+            build()
+        }
+        Cmd::Run { args } => {
+            setup()?;
+            build()?;
+            let bin = workspace_root()?.join("target/release/monitor");
+            let status = Command::new(&bin).args(&args).status().with_context(|| format!("running {}", bin.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            build()?;
+            let root = workspace_root()?;
+            run(Command::new(cargo())
+                .current_dir(&root)
+                .args(["test", "--release"])
+                .args(&args)
+                .env("MONITOR_BIN", root.join("target/release/monitor")))
+        }
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).context("xtask has no parent directory")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    run(Command::new(cargo()).current_dir(workspace_root()?).args(["build", "--release", "--package", "monitor"]))
+}
+
+fn setup() -> Result<()> {
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    tracefs()
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| o.stdout == b"install ok installed")
+}
+
+fn rust_src() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "rust-src") {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = version
+        && String::from_utf8_lossy(&out.stdout).contains(&format!("bpf-linker {BPF_LINKER_VERSION}"))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+    let path = format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    run(Command::new(cargo())
+        .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("PATH", path))
+}
+
+fn tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    eprintln!("setup: mounting tracefs on {TRACEFS}");
+    run(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]))
+}
