@@ -19,7 +19,7 @@ pub struct DropKey {
     pub reason: u32,
     /// 1 when the packet was DNS (UDP or TCP, port 53 on either side), else 0.
     pub dns: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// Maximum number of distinct (device, reason, dns) keys kept by the kernel side.

@@ -45,7 +45,7 @@ struct Member {
 enum Kind {
     /// Types the reader only needs to step over or size.
     Sized { size: u32 },
-    /// PTR, TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG: refer to another type.
+    /// `PTR`, `TYPEDEF`, `VOLATILE`, `CONST`, `RESTRICT`, `TYPE_TAG`: refer to another type.
     Ref { target: u32, is_ptr: bool },
     Array { elem: u32, nelems: u32 },
     Composite { size: u32, members: Vec<Member> },
@@ -276,7 +276,7 @@ impl Btf {
             id = member.type_id;
             size = self.size_of(id)?;
         }
-        ensure!(bits % 8 == 0, "{name}.{path} is not byte aligned");
+        ensure!(bits.is_multiple_of(8), "{name}.{path} is not byte aligned");
         Ok(Field { offset: bits / 8, size })
     }
 
@@ -299,7 +299,7 @@ mod tests {
 
     use super::*;
 
-    /// BTF of a 6.18 x86_64 kernel, copied from `/sys/kernel/btf/vmlinux`.
+    /// BTF of a 6.18 `x86_64` kernel, copied from `/sys/kernel/btf/vmlinux`.
     fn fixture() -> Btf {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/btf/vmlinux-6.18.btf.gz");
         let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));

@@ -16,7 +16,7 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", env = "MONITOR_LISTEN", default_value = "0.0.0.0:9435")]
     pub listen: SocketAddr,
 
-    /// EC2 instance metadata service, for ENI ids (IMDSv2).
+    /// EC2 instance metadata service, for ENI ids (`IMDSv2`).
     #[arg(long, value_name = "URL", env = "MONITOR_IMDS_ENDPOINT", default_value = "http://169.254.169.254", value_parser = parse_http_url)]
     pub imds_endpoint: String,
 
@@ -107,9 +107,9 @@ mod tests {
         assert_eq!(cli.listen, "0.0.0.0:9435".parse().unwrap());
         assert_eq!(cli.imds_endpoint, "http://169.254.169.254");
         assert_eq!(cli.dns_timeout, Duration::from_secs(2));
-        assert_eq!(cli.tcp_established_timeout, Duration::from_secs(432_000));
+        assert_eq!(cli.tcp_established_timeout, Duration::from_hours(120));
         assert_eq!(cli.udp_timeout, Duration::from_secs(30));
-        assert_eq!(cli.udp_stream_timeout, Duration::from_secs(180));
+        assert_eq!(cli.udp_stream_timeout, Duration::from_mins(3));
         assert!(cli.devices.is_empty());
         assert_eq!(cli.conntrack_allowance, None);
     }
@@ -128,7 +128,7 @@ mod tests {
             (&["--listen", "nowhere"][..], "--listen"),
             (&["--dns-timeout", "soon"], "--dns-timeout"),
             (&["--dns-timeout", "0s"], "--dns-timeout"),
-            (&["--udp-timeout", "-1s"], "--udp-timeout"),
+            (&["--udp-timeout=-1s"], "--udp-timeout"),
             (&["--conntrack-allowance", "0"], "--conntrack-allowance"),
             (&["--conntrack-allowance", "many"], "--conntrack-allowance"),
             (&["--flow-table-size", "0"], "--flow-table-size"),

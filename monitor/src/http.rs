@@ -1,4 +1,4 @@
-//! `/metrics` (OpenMetrics text), `/healthz` and `/readyz`.
+//! `/metrics` (`OpenMetrics` text), `/healthz` and `/readyz`.
 
 use std::{
     convert::Infallible,

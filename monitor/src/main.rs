@@ -12,7 +12,7 @@ mod tracefs;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, atomic::{AtomicBool, Ordering}},
 };
 
 use anyhow::{Context as _, Result};
@@ -85,7 +85,7 @@ async fn run(cli: Cli) -> Result<()> {
         reasons: facts.reasons.clone(),
     }));
 
-    let state = Arc::new(http::State { registry, started: Default::default(), attachments });
+    let state = Arc::new(http::State { registry, started: AtomicBool::default(), attachments });
     let server = tokio::spawn(http::serve(listener, Arc::clone(&state)));
     state.started.store(true, Ordering::Release);
     info!("serving /metrics on {}", cli.listen);

@@ -52,7 +52,7 @@ impl Format {
         for line in text.lines() {
             let line = line.trim();
             if let Some(rest) = line.strip_prefix("print fmt:") {
-                print_fmt = rest.trim().to_owned();
+                rest.trim().clone_into(&mut print_fmt);
             } else if line.starts_with("field:") {
                 fields.push(parse_field(line).with_context(|| format!("field line {line:?}"))?);
             }

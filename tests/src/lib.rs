@@ -2,7 +2,7 @@
 //! its ENIs and the VPC behind them, with helpers to run the real `monitor` binary
 //! inside the node namespace and scrape it. Everything created is removed on drop,
 //! also when a test fails.
-#![allow(clippy::missing_panics_doc, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::missing_panics_doc, clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
 use std::{
     collections::BTreeMap,
@@ -68,7 +68,7 @@ impl Netns {
 
     /// A command that runs inside the namespace. Only the network namespace changes:
     /// unlike `ip netns exec`, which mounts a fresh sysfs that hides tracefs, the
-    /// mounts stay the host's, as for a DaemonSet pod with `hostNetwork`.
+    /// mounts stay the host's, as for a `DaemonSet` pod with `hostNetwork`.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.name)).arg("--").arg(program);

@@ -69,7 +69,7 @@ fn main() -> Result<()> {
             let root = workspace_root()?;
             run(Command::new(cargo())
                 .current_dir(&root)
-                .args(["test", "--release"])
+                .args(["test", "--release", "--no-fail-fast"])
                 .args(&args)
                 .env("MONITOR_BIN", root.join("target/release/monitor")))
         }

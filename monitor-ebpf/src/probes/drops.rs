@@ -44,7 +44,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
         Some(i) if MONITORED.get_ptr(i).is_some() => i,
         _ => DEVICE_OTHER,
     };
-    let key = DropKey { ifindex, reason, dns: u32::from(skb_is_dns(skb, protocol)), _pad: 0 };
+    let key = DropKey { ifindex, reason, dns: u32::from(skb_is_dns(skb, protocol)), pad: 0 };
     match DROPS.get_ptr_mut(&key) {
         // Per-CPU value: no other writer, a plain add is exact.
         Some(count) => unsafe { *count += 1 },

@@ -83,3 +83,34 @@ impl Collector for DropsCollector {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{devices::Device, tracefs::Format};
+
+    #[test]
+    fn folds_keys_into_bounded_label_sets() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tracefs/kfree_skb-6.18.format");
+        let reasons = DropReasons::from_format(&Format::parse(&std::fs::read_to_string(path).unwrap()).unwrap()).unwrap();
+        let devices = Devices::default();
+        devices.replace([Device { name: "eth0".into(), ifindex: 2, eni: "eni-0abc".into() }]);
+        let key = |ifindex, reason, dns| DropKey { ifindex, reason, dns, pad: 0 };
+        let totals = DropTotals::fold(
+            [
+                (key(2, 3, 0), 5),
+                (key(2, 3, 1), 2),
+                (key(0, 3, 1), 7),
+                // A device no longer monitored folds into other.
+                (key(9, 3, 1), 1),
+                (key(2, 12, 0), 4),
+            ],
+            &devices,
+            &reasons,
+        );
+        let all: Vec<_> = totals.all.iter().map(|((d, r), v)| (d.as_str(), r.as_str(), *v)).collect();
+        assert_eq!(all, [("eth0", "NETFILTER_DROP", 4), ("eth0", "NO_SOCKET", 7), ("other", "NO_SOCKET", 8)]);
+        let dns: Vec<_> = totals.dns.iter().map(|((d, e, r), v)| (d.as_str(), e.as_str(), r.as_str(), *v)).collect();
+        assert_eq!(dns, [("eth0", "eni-0abc", "NO_SOCKET", 2), ("other", "", "NO_SOCKET", 8)]);
+    }
+}
