@@ -24,8 +24,107 @@ pub struct DropKey {
 
 /// Maximum number of distinct (device, reason, dns) keys kept by the kernel side.
 pub const DROPS_MAX_ENTRIES: u32 = 4096;
-/// Maximum number of monitored devices.
-pub const MONITORED_MAX_ENTRIES: u32 = 256;
+/// Maximum number of monitored devices; `MONITORED` maps an ifindex to a slot below it.
+pub const MAX_DEVICES: u32 = 64;
+
+/// An address as 16 bytes: IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`).
+pub type Addr = [u8; 16];
+
+/// `DNS_COUNTS` kinds.
+pub const DNS_QUERY: u8 = 0;
+pub const DNS_RESPONSE: u8 = 1;
+
+/// Key of `DNS_COUNTS`: queries by (device, server), responses by (device, server, rcode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsCountKey {
+    pub ifindex: u32,
+    pub kind: u8,
+    pub rcode: u8,
+    pub pad: [u8; 2],
+    pub server: Addr,
+}
+
+/// Key of `DNS_LATENCY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsServerKey {
+    pub ifindex: u32,
+    pub server: Addr,
+}
+
+/// Upper bounds of the latency buckets, 100 µs to 5 s; one more bucket counts the rest.
+pub const DNS_LATENCY_BOUNDS_NS: [u64; 15] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+];
+pub const DNS_LATENCY_BUCKETS: usize = DNS_LATENCY_BOUNDS_NS.len() + 1;
+
+/// Value of `DNS_LATENCY`: per-bucket (not cumulative) counts and the sum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsLatency {
+    pub buckets: [u64; DNS_LATENCY_BUCKETS],
+    pub sum_ns: u64,
+}
+
+/// Key of `DNS_INFLIGHT`: one query awaiting its response.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsFlightKey {
+    pub client: Addr,
+    pub server: Addr,
+    pub client_port: u16,
+    pub id: u16,
+    pub pad: u32,
+}
+
+/// Value of `DNS_INFLIGHT`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsFlight {
+    /// `CLOCK_MONOTONIC` nanoseconds of the first copy of the query.
+    pub start_ns: u64,
+    pub ifindex: u32,
+    pub pad: u32,
+}
+
+pub const DNS_INFLIGHT_MAX_ENTRIES: u32 = 65_536;
+pub const DNS_COUNTS_MAX_ENTRIES: u32 = 4096;
+
+/// Link-local services, the values of the `LINKLOCAL` address map.
+pub const LL_DNS: u32 = 0;
+pub const LL_IMDS: u32 = 1;
+pub const LL_NTP: u32 = 2;
+pub const LL_SERVICES: u32 = 3;
+/// Seconds of per-second link-local counts kept per device.
+pub const LL_WINDOW: u32 = 60;
+
+/// One second of link-local packets on one device (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkLocalSecond {
+    /// `CLOCK_MONOTONIC` second this slot counts.
+    pub second: u64,
+    pub packets: u64,
+}
+
+/// `UDP_QUEUE_DROPS` indexes.
+pub const UDP_QUEUE_DNS: u32 = 0;
+pub const UDP_QUEUE_OTHER: u32 = 1;
 
 /// Kernel layout facts handed to the programs as load-time globals. Names of the
 /// globals in the eBPF object; the agent fills them from BTF and tracefs.
@@ -42,6 +141,9 @@ pub mod globals {
     pub const TP_KFREE_PROTOCOL: &str = "TP_KFREE_PROTOCOL_OFF";
     /// Offset of `reason`, or `u32::MAX` when the tracepoint has no such field.
     pub const TP_KFREE_REASON: &str = "TP_KFREE_REASON_OFF";
+    /// Offsets of the port fields of `udp:udp_fail_queue_rcv_skb`, or `u32::MAX`.
+    pub const TP_UDPFAIL_SPORT: &str = "TP_UDPFAIL_SPORT_OFF";
+    pub const TP_UDPFAIL_DPORT: &str = "TP_UDPFAIL_DPORT_OFF";
     /// Reasons at or below this value (`NOT_SPECIFIED` and the non-drops before it)
     /// are not counted.
     pub const REASON_NOT_SPECIFIED: &str = "REASON_NOT_SPECIFIED";
@@ -51,4 +153,10 @@ pub mod globals {
 mod user {
     // SAFETY: plain `#[repr(C)]` integers with no padding bytes left implicit.
     unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::DnsCountKey {}
+    unsafe impl aya::Pod for super::DnsServerKey {}
+    unsafe impl aya::Pod for super::DnsLatency {}
+    unsafe impl aya::Pod for super::DnsFlightKey {}
+    unsafe impl aya::Pod for super::DnsFlight {}
+    unsafe impl aya::Pod for super::LinkLocalSecond {}
 }

@@ -25,6 +25,8 @@ layout_globals!(
     TP_KFREE_SKBADDR_OFF,
     TP_KFREE_PROTOCOL_OFF,
     TP_KFREE_REASON_OFF,
+    TP_UDPFAIL_SPORT_OFF,
+    TP_UDPFAIL_DPORT_OFF,
     REASON_NOT_SPECIFIED,
 );
 
@@ -60,6 +62,10 @@ pub mod layout {
     pub fn tp_kfree_reason() -> u32 { global(&TP_KFREE_REASON_OFF) }
     #[inline(always)]
     pub fn reason_not_specified() -> u32 { global(&REASON_NOT_SPECIFIED) }
+    #[inline(always)]
+    pub fn tp_udpfail_sport() -> u32 { global(&TP_UDPFAIL_SPORT_OFF) }
+    #[inline(always)]
+    pub fn tp_udpfail_dport() -> u32 { global(&TP_UDPFAIL_DPORT_OFF) }
 }
 
 /// Reads a `T` at `base + off` in kernel memory.
@@ -142,4 +148,10 @@ pub fn skb_dev_in_own_netns(skb: u64) -> Option<u32> {
         return None;
     }
     read::<u32>(dev, layout::dev_ifindex()).ok()
+}
+
+/// `CLOCK_MONOTONIC` nanoseconds, as the agent's `clock_gettime` sees them.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }

@@ -2,6 +2,7 @@
 #![no_main]
 
 mod kernel;
+mod maps;
 mod probes;
 
 #[cfg(not(test))]

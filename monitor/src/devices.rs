@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
+use monitor_common::MAX_DEVICES;
 
 /// A monitored device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +18,8 @@ pub struct Device {
     pub ifindex: u32,
     /// The ENI id, empty until known.
     pub eni: String,
+    /// Index into the kernel's per-device arrays, below `MAX_DEVICES`.
+    pub slot: u32,
 }
 
 /// The monitored devices by interface index, shared by the collectors.
@@ -59,19 +62,27 @@ pub fn is_physical(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).join("device").exists()
 }
 
-/// The interfaces matching `globs`, or the physical ones when `globs` is empty.
+/// The interfaces matching `globs`, or the physical ones when `globs` is empty, each
+/// given a slot. Beyond `MAX_DEVICES` devices the rest are left out, with a warning.
 pub fn select(
     interfaces: &[(String, u32)],
     globs: &[glob::Pattern],
     is_physical: impl Fn(&str) -> bool,
 ) -> Vec<Device> {
-    interfaces
-        .iter()
-        .filter(|(name, _)| {
-            if globs.is_empty() { is_physical(name) } else { globs.iter().any(|g| g.matches(name)) }
-        })
-        .map(|(name, ifindex)| Device { name: name.clone(), ifindex: *ifindex, eni: String::new() })
-        .collect()
+    let mut out: Vec<Device> = Vec::new();
+    for (name, ifindex) in interfaces {
+        let wanted = if globs.is_empty() { is_physical(name) } else { globs.iter().any(|g| g.matches(name)) };
+        if !wanted {
+            continue;
+        }
+        let Ok(slot) = u32::try_from(out.len()) else { break };
+        if slot >= MAX_DEVICES {
+            log::warn!("more than {MAX_DEVICES} devices match; {name} and later ones are not monitored");
+            break;
+        }
+        out.push(Device { name: name.clone(), ifindex: *ifindex, eni: String::new(), slot });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -88,15 +99,15 @@ mod tests {
     #[test]
     fn globs_select_by_name() {
         let globs = [glob::Pattern::new("eth*").unwrap()];
-        let names: Vec<_> = select(&ifs(), &globs, |_| false).into_iter().map(|d| d.name).collect();
-        assert_eq!(names, ["eth0", "eth1"]);
+        let names: Vec<_> = select(&ifs(), &globs, |_| false).into_iter().map(|d| (d.name, d.slot)).collect();
+        assert_eq!(names, [("eth0".to_owned(), 0), ("eth1".to_owned(), 1)]);
     }
 
     #[test]
     fn default_is_the_physical_nics() {
         let names: Vec<_> =
-            select(&ifs(), &[], |n| n == "ens5").into_iter().map(|d| (d.name, d.ifindex)).collect();
-        assert_eq!(names, [("ens5".to_owned(), 5)]);
+            select(&ifs(), &[], |n| n == "ens5").into_iter().map(|d| (d.name, d.ifindex, d.slot)).collect();
+        assert_eq!(names, [("ens5".to_owned(), 5, 0)]);
     }
 
     #[test]

@@ -68,6 +68,21 @@ impl KfreeSkbFields {
     }
 }
 
+/// Port fields of `udp:udp_fail_queue_rcv_skb`. Kernels since 6.10 record both ports
+/// of the datagram; older ones the socket's local port (`lport`) only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpFailFields {
+    pub sport: Option<u32>,
+    pub dport: Option<u32>,
+}
+
+impl UdpFailFields {
+    pub fn from_format(format: &Format) -> Self {
+        let port = |name: &str| format.require(name, 2).ok().map(|f| f.offset);
+        Self { sport: port("sport"), dport: port("dport").or_else(|| port("lport")) }
+    }
+}
+
 /// Names of the kernel's `enum skb_drop_reason` values, as the tracepoint prints them.
 #[derive(Clone, Debug, Default)]
 pub struct DropReasons {
@@ -131,6 +146,7 @@ pub fn own_netns_inum() -> Result<u32> {
 pub struct KernelFacts {
     pub offsets: StructOffsets,
     pub kfree_skb: Option<KfreeSkbFields>,
+    pub udp_fail: Option<UdpFailFields>,
     pub reasons: DropReasons,
     pub netns_inum: u32,
 }
@@ -144,11 +160,14 @@ impl KernelFacts {
         })?;
         let btf = Btf::parse(&raw).with_context(|| format!("parsing {}", btf_path.display()))?;
         let offsets = StructOffsets::from_btf(&btf).context("reading struct offsets from BTF")?;
-        let kfree_format = tracefs.map(|root| Format::read(root, "skb", "kfree_skb")).transpose();
-        let kfree_format = kfree_format.unwrap_or_else(|e| {
-            warn!("{e:#}");
-            None
-        });
+        let read_format = |category, name| {
+            tracefs.map(|root| Format::read(root, category, name)).transpose().unwrap_or_else(|e| {
+                warn!("{e:#}");
+                None
+            })
+        };
+        let kfree_format = read_format("skb", "kfree_skb");
+        let udp_fail = read_format("udp", "udp_fail_queue_rcv_skb").map(|f| UdpFailFields::from_format(&f));
         let kfree_skb = match &kfree_format {
             Some(f) => Some(KfreeSkbFields::from_format(f).context("skb:kfree_skb format")?),
             None => None,
@@ -162,7 +181,7 @@ impl KernelFacts {
                 None => DropReasons::default(),
             },
         };
-        Ok(Self { offsets, kfree_skb, reasons, netns_inum: own_netns_inum()? })
+        Ok(Self { offsets, kfree_skb, udp_fail, reasons, netns_inum: own_netns_inum()? })
     }
 
     /// The program's load-time globals as (name, value).
@@ -184,6 +203,10 @@ impl KernelFacts {
             g.push((globals::TP_KFREE_PROTOCOL, k.protocol));
             g.push((globals::TP_KFREE_REASON, k.reason.unwrap_or(u32::MAX)));
         }
+        if let Some(u) = self.udp_fail {
+            g.push((globals::TP_UDPFAIL_SPORT, u.sport.unwrap_or(u32::MAX)));
+            g.push((globals::TP_UDPFAIL_DPORT, u.dport.unwrap_or(u32::MAX)));
+        }
         g
     }
 }
@@ -203,6 +226,19 @@ mod tests {
         assert_eq!(new, KfreeSkbFields { skbaddr: 8, protocol: 32, reason: Some(36) });
         let old = KfreeSkbFields::from_format(&format("kfree_skb-5.10.format")).unwrap();
         assert_eq!(old, KfreeSkbFields { skbaddr: 8, protocol: 24, reason: None });
+    }
+
+    #[test]
+    fn udp_fail_ports_by_kernel() {
+        let new = UdpFailFields::from_format(&format("udp_fail_queue_rcv_skb-6.18.format"));
+        assert_eq!(new, UdpFailFields { sport: Some(12), dport: Some(14) });
+        let old = Format::parse(
+            "\tfield:int rc;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:__u16 lport;\toffset:12;\tsize:2;\tsigned:0;\n",
+        )
+        .unwrap();
+        assert_eq!(UdpFailFields::from_format(&old), UdpFailFields { sport: None, dport: Some(12) });
+        let none = Format::parse("\tfield:int rc;\toffset:8;\tsize:4;\tsigned:1;\n").unwrap();
+        assert_eq!(UdpFailFields::from_format(&none), UdpFailFields { sport: None, dport: None });
     }
 
     #[test]

@@ -11,21 +11,39 @@ mod programs;
 mod tracefs;
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, atomic::{AtomicBool, Ordering}},
+    sync::{Arc, Mutex, atomic::{AtomicBool, Ordering}},
 };
 
 use anyhow::{Context as _, Result};
 use log::{error, info, warn};
+use monitor_common::{LL_DNS, LL_IMDS, LL_NTP};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::Cli,
-    collectors::{agent::{AgentCollector, Attachments}, drops::DropsCollector},
+    collectors::{
+        agent::{AgentCollector, Attachments},
+        dns::{DnsCollector, LinkLocalResolvers, ResolverLabels, Sweeper, Unanswered, monotonic_ns},
+        drops::DropsCollector,
+        linklocal::LinkLocalCollector,
+        udp::UdpQueueCollector,
+    },
     devices::Devices,
     kernel::KernelFacts,
 };
+
+/// EC2's link-local service addresses.
+const LINKLOCAL_SERVICES: [(&str, u32); 6] = [
+    ("169.254.169.253", LL_DNS),
+    ("fd00:ec2::253", LL_DNS),
+    ("169.254.169.254", LL_IMDS),
+    ("fd00:ec2::254", LL_IMDS),
+    ("169.254.169.123", LL_NTP),
+    ("fd00:ec2::123", LL_NTP),
+];
 
 fn main() {
     let cli = Cli::parse_or_exit();
@@ -71,18 +89,71 @@ async fn run(cli: Cli) -> Result<()> {
     }
     info!("monitoring {}", selected.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "));
     programs::set_monitored(&mut ebpf, &selected)?;
+
+    let linklocal = LinkLocalResolvers::default();
+    let mut services: Vec<(IpAddr, u32)> = Vec::new();
+    for (addr, service) in LINKLOCAL_SERVICES {
+        let ip: IpAddr = addr.parse().context("a built-in link-local address")?;
+        if service == LL_DNS {
+            linklocal.add(ip);
+        }
+        services.push((ip, service));
+    }
+    for ip in &cli.linklocal_resolvers {
+        linklocal.add(*ip);
+        services.push((*ip, LL_DNS));
+    }
+    programs::set_linklocal(&mut ebpf, &services)?;
+
+    let attachments = Attachments::default();
+    programs::attach_tracepoints(&mut ebpf, &facts, &attachments);
+    match programs::load_classifiers(&mut ebpf) {
+        Ok(()) => {
+            for device in &selected {
+                programs::attach_classifiers(&mut ebpf, device, &attachments);
+            }
+        }
+        Err(e) => error!("{e:#}"),
+    }
     let devices = Devices::default();
     devices.replace(selected);
 
-    let attachments = Attachments::default();
-    programs::attach_kfree_skb(&mut ebpf, &facts, &attachments);
+    let unanswered = Unanswered::default();
+    let mut sweeper = Sweeper {
+        inflight: programs::take_map(&mut ebpf, "DNS_INFLIGHT")?.try_into()?,
+        timeout: cli.dns_timeout,
+        unanswered: unanswered.clone(),
+    };
+    let sweep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweeper.period());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            sweeper.sweep(monotonic_ns());
+        }
+    });
 
     let mut registry = Registry::with_prefix("eni_monitor");
     registry.register_collector(Box::new(AgentCollector { attachments: attachments.clone() }));
     registry.register_collector(Box::new(DropsCollector {
-        map: programs::take_drops(&mut ebpf)?,
+        map: programs::take_map(&mut ebpf, "DROPS")?.try_into()?,
         devices: devices.clone(),
         reasons: facts.reasons.clone(),
+    }));
+    registry.register_collector(Box::new(UdpQueueCollector {
+        drops: programs::take_map(&mut ebpf, "UDP_QUEUE_DROPS")?.try_into()?,
+    }));
+    registry.register_collector(Box::new(DnsCollector {
+        counts: programs::take_map(&mut ebpf, "DNS_COUNTS")?.try_into()?,
+        latency: programs::take_map(&mut ebpf, "DNS_LATENCY")?.try_into()?,
+        unanswered,
+        devices: devices.clone(),
+        resolvers: Mutex::new(ResolverLabels::new(linklocal.clone())),
+    }));
+    registry.register_collector(Box::new(LinkLocalCollector {
+        packets: programs::take_map(&mut ebpf, "LL_PACKETS")?.try_into()?,
+        seconds: programs::take_map(&mut ebpf, "LL_SECONDS")?.try_into()?,
+        devices: devices.clone(),
     }));
 
     let state = Arc::new(http::State { registry, started: AtomicBool::default(), attachments });
@@ -97,6 +168,7 @@ async fn run(cli: Cli) -> Result<()> {
         _ = int.recv() => info!("SIGINT: detaching and exiting"),
     }
     server.abort();
+    sweep.abort();
     // Dropping the object closes every link, which detaches the programs.
     drop(ebpf);
     Ok(())

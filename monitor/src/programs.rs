@@ -1,13 +1,15 @@
 //! Loading the eBPF object with the kernel's layout, and attaching its programs.
 
+use std::net::IpAddr;
+
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuHashMap},
-    programs::TracePoint,
+    maps::{HashMap, Map, MapData},
+    programs::{SchedClassifier, TcAttachType, TracePoint},
 };
 use log::{error, info, warn};
-use monitor_common::DropKey;
+use monitor_common::Addr;
 
 use crate::{
     collectors::agent::{Attachment, Attachments},
@@ -26,10 +28,37 @@ pub fn load(facts: &KernelFacts) -> Result<Ebpf> {
     loader.load(OBJECT).context("loading the eBPF object")
 }
 
-/// Attaches `skb:kfree_skb`. A failure is logged once and recorded, not fatal: the
+/// An address as the programs key it: IPv6 as is, IPv4 mapped.
+pub fn addr_bytes(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address the programs recorded, IPv4 unmapped.
+pub fn addr_from_bytes(bytes: Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(bytes);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+fn record(attachments: &Attachments, program: &'static str, hook: &str, device: &str, result: &Result<()>) {
+    let on = if device.is_empty() { String::new() } else { format!(" on {device}") };
+    match result {
+        Ok(()) => info!("attached {hook}{on}"),
+        Err(e) => error!("not attaching {hook}{on}: {e:#}"),
+    }
+    attachments.record(Attachment {
+        program,
+        hook: hook.to_owned(),
+        device: device.to_owned(),
+        attached: result.is_ok(),
+    });
+}
+
+/// Attaches the tracepoints. A failure is logged once and recorded, not fatal: the
 /// agent keeps serving what it can, and `program_attached` says what is missing.
-pub fn attach_kfree_skb(ebpf: &mut Ebpf, facts: &KernelFacts, attachments: &Attachments) {
-    let hook = "tracepoint/skb/kfree_skb";
+pub fn attach_tracepoints(ebpf: &mut Ebpf, facts: &KernelFacts, attachments: &Attachments) {
     let result = match facts.kfree_skb {
         None => Err(anyhow!("the skb:kfree_skb format could not be read")),
         Some(fields) => {
@@ -39,16 +68,18 @@ pub fn attach_kfree_skb(ebpf: &mut Ebpf, facts: &KernelFacts, attachments: &Atta
             attach_tracepoint(ebpf, "kfree_skb", "skb", "kfree_skb")
         }
     };
-    match &result {
-        Ok(()) => info!("attached {hook}"),
-        Err(e) => error!("not attaching {hook}: {e:#}"),
-    }
-    attachments.record(Attachment {
-        program: "kfree_skb",
-        hook: hook.to_owned(),
-        device: String::new(),
-        attached: result.is_ok(),
-    });
+    record(attachments, "kfree_skb", "tracepoint/skb/kfree_skb", "", &result);
+
+    let result = match facts.udp_fail {
+        None => Err(anyhow!("the udp:udp_fail_queue_rcv_skb format could not be read")),
+        Some(fields) => {
+            if fields.sport.is_none() && fields.dport.is_none() {
+                warn!("udp:udp_fail_queue_rcv_skb has no port fields on this kernel; overflows count as port=\"other\"");
+            }
+            attach_tracepoint(ebpf, "udp_fail_queue_rcv_skb", "udp", "udp_fail_queue_rcv_skb")
+        }
+    };
+    record(attachments, "udp_fail_queue_rcv_skb", "tracepoint/udp/udp_fail_queue_rcv_skb", "", &result);
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<()> {
@@ -61,23 +92,63 @@ fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str)
     Ok(())
 }
 
-pub fn take_drops(ebpf: &mut Ebpf) -> Result<PerCpuHashMap<MapData, DropKey, u64>> {
-    let map = ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing from the object"))?;
-    Ok(PerCpuHashMap::try_from(map)?)
+/// Loads both classifiers; done once, before any device is attached.
+pub fn load_classifiers(ebpf: &mut Ebpf) -> Result<()> {
+    for name in ["tc_ingress", "tc_egress"] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(())
+}
+
+/// Attaches both classifiers to `device` (TCX where the kernel has it, else clsact).
+pub fn attach_classifiers(ebpf: &mut Ebpf, device: &Device, attachments: &Attachments) {
+    for (name, attach_type, hook) in
+        [("tc_ingress", TcAttachType::Ingress, "tc/ingress"), ("tc_egress", TcAttachType::Egress, "tc/egress")]
+    {
+        let result = (|| -> Result<()> {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.attach(&device.name, attach_type)?;
+            Ok(())
+        })();
+        record(attachments, name, hook, &device.name, &result);
+    }
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+}
+
+/// Takes a map out of the object for a collector to own.
+pub fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
 /// Makes the kernel's `MONITORED` set equal to `devices`.
 pub fn set_monitored(ebpf: &mut Ebpf, devices: &[Device]) -> Result<()> {
-    let mut map: HashMap<_, u32, u8> = ebpf
-        .map_mut("MONITORED")
-        .ok_or_else(|| anyhow!("map MONITORED missing from the object"))?
-        .try_into()?;
-    let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|i| !devices.iter().any(|d| d.ifindex == *i)).collect();
+    let mut map: HashMap<&mut MapData, u32, u32> = map_mut(ebpf, "MONITORED")?.try_into()?;
+    let stale: Vec<u32> =
+        map.keys().filter_map(Result::ok).filter(|i| !devices.iter().any(|d| d.ifindex == *i)).collect();
     for ifindex in stale {
         map.remove(&ifindex).with_context(|| format!("removing ifindex {ifindex} from MONITORED"))?;
     }
     for d in devices {
-        map.insert(d.ifindex, 1, 0).with_context(|| format!("adding {} to MONITORED", d.name))?;
+        map.insert(d.ifindex, d.slot, 0).with_context(|| format!("adding {} to MONITORED", d.name))?;
+    }
+    Ok(())
+}
+
+/// Fills `LINKLOCAL`: each address to its service.
+pub fn set_linklocal(ebpf: &mut Ebpf, addresses: &[(IpAddr, u32)]) -> Result<()> {
+    let mut map: HashMap<&mut MapData, Addr, u32> = map_mut(ebpf, "LINKLOCAL")?.try_into()?;
+    for (ip, service) in addresses {
+        map.insert(addr_bytes(*ip), service, 0).with_context(|| format!("adding {ip} to LINKLOCAL"))?;
     }
     Ok(())
 }

@@ -19,6 +19,9 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
     "bpftool",
+    // The VPC resolver of the simulated node, and a refusing upstream behind it.
+    "unbound",
+    "dnsmasq-base",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -2,22 +2,19 @@
 
 use aya_ebpf::{
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuHashMap},
+    maps::PerCpuHashMap,
     programs::TracePointContext,
 };
-use monitor_common::{
-    DEVICE_OTHER, DROPS_MAX_ENTRIES, DropKey, MONITORED_MAX_ENTRIES, REASON_UNKNOWN,
-};
+use monitor_common::{DEVICE_OTHER, DROPS_MAX_ENTRIES, DropKey, REASON_UNKNOWN};
 
-use crate::kernel::{layout, skb_dev_in_own_netns, skb_is_dns};
+use crate::{
+    kernel::{layout, skb_dev_in_own_netns, skb_is_dns},
+    maps::MONITORED,
+};
 
 /// Drop counts by (device, reason, dns).
 #[map]
 static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(DROPS_MAX_ENTRIES, 0);
-
-/// Interface indexes (in the agent's namespace) of the monitored devices.
-#[map]
-static MONITORED: HashMap<u32, u8> = HashMap::with_max_entries(MONITORED_MAX_ENTRIES, 0);
 
 #[tracepoint]
 pub fn kfree_skb(ctx: TracePointContext) -> u32 {

@@ -1,1 +1,6 @@
+pub mod dns;
 pub mod drops;
+pub mod linklocal;
+pub mod packet;
+pub mod tc;
+pub mod udp;

@@ -94,7 +94,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tracefs/kfree_skb-6.18.format");
         let reasons = DropReasons::from_format(&Format::parse(&std::fs::read_to_string(path).unwrap()).unwrap()).unwrap();
         let devices = Devices::default();
-        devices.replace([Device { name: "eth0".into(), ifindex: 2, eni: "eni-0abc".into() }]);
+        devices.replace([Device { name: "eth0".into(), ifindex: 2, eni: "eni-0abc".into(), slot: 0 }]);
         let key = |ifindex, reason, dns| DropKey { ifindex, reason, dns, pad: 0 };
         let totals = DropTotals::fold(
             [

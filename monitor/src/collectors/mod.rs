@@ -2,7 +2,10 @@
 //! are read at scrape time, never copied on a timer.
 
 pub mod agent;
+pub mod dns;
 pub mod drops;
+pub mod linklocal;
+pub mod udp;
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
 use prometheus_client::metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge};

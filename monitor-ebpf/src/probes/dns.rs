@@ -1,0 +1,108 @@
+//! DNS over UDP: queries, responses matched to their query by (client, client port,
+//! server, id), latency, and the queries still in flight for the agent to time out.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuHashMap},
+    programs::TcContext,
+};
+use monitor_common::{
+    DNS_COUNTS_MAX_ENTRIES, DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS,
+    DNS_QUERY, DNS_RESPONSE, DnsCountKey, DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey,
+};
+
+use super::packet::Packet;
+use crate::kernel::now_ns;
+
+pub const PORT: u16 = 53;
+const UDP_HLEN: usize = 8;
+const BPF_NOEXIST: u64 = 1;
+
+#[map]
+static DNS_COUNTS: PerCpuHashMap<DnsCountKey, u64> = PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, 0);
+
+#[map]
+static DNS_LATENCY: PerCpuHashMap<DnsServerKey, DnsLatency> =
+    PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, 0);
+
+/// Queries awaiting a response. The agent deletes those older than `--dns-timeout`
+/// and counts them unanswered; whoever deletes an entry first counts it, so a query is
+/// either answered or unanswered, never both.
+#[map]
+static DNS_INFLIGHT: HashMap<DnsFlightKey, DnsFlight> = HashMap::with_max_entries(DNS_INFLIGHT_MAX_ENTRIES, 0);
+
+#[inline(always)]
+pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
+    // The DNS header may lie beyond the linear data: load it rather than point at it.
+    let Ok(hdr) = ctx.load::<[u8; 12]>(p.l4 + UDP_HLEN) else { return };
+    let id = u16::from_be_bytes([hdr[0], hdr[1]]);
+    let flags = u16::from_be_bytes([hdr[2], hdr[3]]);
+    let qdcount = u16::from_be_bytes([hdr[4], hdr[5]]);
+    let is_response = flags & 0x8000 != 0;
+    let opcode = (flags >> 11) & 0x0f;
+    // Standard queries with a question only: anything else is not what we match.
+    if opcode != 0 || qdcount == 0 {
+        return;
+    }
+    if !is_response {
+        if p.dport != PORT {
+            return;
+        }
+        count(DnsCountKey { ifindex, kind: DNS_QUERY, rcode: 0, pad: [0; 2], server: p.dst });
+        let key = DnsFlightKey { client: p.src, server: p.dst, client_port: p.sport, id, pad: 0 };
+        // A retransmission keeps the first copy's time: one query in flight, not two.
+        let _ = DNS_INFLIGHT.insert(&key, &DnsFlight { start_ns: now_ns(), ifindex, pad: 0 }, BPF_NOEXIST);
+    } else {
+        if p.sport != PORT {
+            return;
+        }
+        let key = DnsFlightKey { client: p.dst, server: p.src, client_port: p.dport, id, pad: 0 };
+        let Some(flight) = (unsafe { DNS_INFLIGHT.get(&key) }) else { return };
+        let start = flight.start_ns;
+        // Only the deleter counts: a duplicate response or the agent's timeout sweep
+        // racing with this one loses.
+        if DNS_INFLIGHT.remove(&key).is_err() {
+            return;
+        }
+        let rcode = (flags & 0x0f) as u8;
+        count(DnsCountKey { ifindex, kind: DNS_RESPONSE, rcode, pad: [0; 2], server: p.src });
+        observe(DnsServerKey { ifindex, server: p.src }, now_ns().saturating_sub(start));
+    }
+}
+
+#[inline(always)]
+fn count(key: DnsCountKey) {
+    match DNS_COUNTS.get_ptr_mut(&key) {
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            let _ = DNS_COUNTS.insert(&key, &1, 0);
+        }
+    }
+}
+
+static ZERO_LATENCY: DnsLatency = DnsLatency { buckets: [0; DNS_LATENCY_BUCKETS], sum_ns: 0 };
+
+#[inline(always)]
+fn observe(key: DnsServerKey, latency_ns: u64) {
+    let mut bucket = DNS_LATENCY_BUCKETS - 1;
+    for (i, bound) in DNS_LATENCY_BOUNDS_NS.iter().enumerate() {
+        if latency_ns <= *bound {
+            bucket = i;
+            break;
+        }
+    }
+    let mut h = DNS_LATENCY.get_ptr_mut(&key);
+    if h.is_none() {
+        // From a zeroed global rather than the stack: the value is larger than the
+        // classifier's stack can spare.
+        let _ = DNS_LATENCY.insert(&key, &ZERO_LATENCY, BPF_NOEXIST);
+        h = DNS_LATENCY.get_ptr_mut(&key);
+    }
+    let Some(h) = h else { return };
+    unsafe {
+        if let Some(b) = (*h).buckets.get_mut(bucket) {
+            *b += 1;
+        }
+        (*h).sum_ns += latency_ns;
+    }
+}

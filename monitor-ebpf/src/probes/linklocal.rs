@@ -1,0 +1,60 @@
+//! Packets to EC2's link-local services (the VPC resolver, IMDS, time sync), which
+//! share a 1024 packets/s allowance per ENI: totals, and counts per second so the agent
+//! can report the busiest second rather than an average that hides bursts.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use monitor_common::{Addr, LL_SERVICES, LL_WINDOW, LinkLocalSecond, MAX_DEVICES};
+
+use super::{dns, packet::Packet};
+use crate::{kernel::now_ns, maps::MONITORED};
+
+/// Link-local service addresses (and the VPC+2 resolvers) to their service.
+#[map]
+static LINKLOCAL: HashMap<Addr, u32> = HashMap::with_max_entries(64, 0);
+
+/// Packets per (device slot, service).
+#[map]
+static LL_PACKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DEVICES * LL_SERVICES, 0);
+
+/// Packets per (device slot, second modulo the window).
+#[map]
+static LL_SECONDS: PerCpuArray<LinkLocalSecond> = PerCpuArray::with_max_entries(MAX_DEVICES * LL_WINDOW, 0);
+
+#[inline(always)]
+fn maybe_link_local(p: &Packet) -> bool {
+    let d = &p.dst;
+    let v4_link_local = !p.is_v6 && d[12] == 169 && d[13] == 254;
+    // fd00:ec2::/32
+    let v6_ec2 = p.is_v6 && d[0] == 0xfd && d[1] == 0 && d[2] == 0x0e && d[3] == 0xc2;
+    // A VPC+2 resolver can be any address, but only DNS goes there.
+    v4_link_local || v6_ec2 || p.dport == dns::PORT
+}
+
+#[inline(always)]
+pub fn count(p: &Packet, ifindex: u32) {
+    if !maybe_link_local(p) {
+        return;
+    }
+    let Some(&service) = (unsafe { LINKLOCAL.get(&p.dst) }) else { return };
+    let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else { return };
+    if slot >= MAX_DEVICES || service >= LL_SERVICES {
+        return;
+    }
+    if let Some(n) = LL_PACKETS.get_ptr_mut(slot * LL_SERVICES + service) {
+        unsafe { *n += 1 };
+    }
+    let second = now_ns() / 1_000_000_000;
+    let index = slot * LL_WINDOW + (second % u64::from(LL_WINDOW)) as u32;
+    if let Some(s) = LL_SECONDS.get_ptr_mut(index) {
+        unsafe {
+            if (*s).second != second {
+                (*s).second = second;
+                (*s).packets = 0;
+            }
+            (*s).packets += 1;
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The two classifiers on each ENI, one per direction. Each parses a packet once and
+//! hands it to every probe family. They return `TC_ACT_UNSPEC` (TCX's "next") so that
+//! whatever else is attached, a CNI for one, still sees every packet.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+use super::{dns, linklocal, packet};
+
+const TC_ACT_UNSPEC: i32 = -1;
+
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    handle(&ctx, false);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    handle(&ctx, true);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, egress: bool) {
+    let Some(p) = packet::parse(ctx) else { return };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if egress {
+        linklocal::count(&p, ifindex);
+    }
+    if p.proto == packet::IPPROTO_UDP && p.l4 != 0 && (p.sport == dns::PORT || p.dport == dns::PORT) {
+        dns::handle(ctx, &p, ifindex);
+    }
+}

@@ -1,0 +1,81 @@
+//! Packets to EC2's link-local services per ENI, and the busiest second of the last minute.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{MapData, PerCpuArray};
+use monitor_common::{LL_DNS, LL_IMDS, LL_NTP, LL_SERVICES, LL_WINDOW, LinkLocalSecond};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
+use super::{dns::monotonic_ns, encode_counters, encode_gauges};
+use crate::devices::Devices;
+
+pub struct LinkLocalCollector {
+    pub packets: PerCpuArray<MapData, u64>,
+    pub seconds: PerCpuArray<MapData, LinkLocalSecond>,
+    pub devices: Devices,
+}
+
+impl std::fmt::Debug for LinkLocalCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkLocalCollector").finish_non_exhaustive()
+    }
+}
+
+/// The highest per-second total in `(now - window, now]`, summing CPUs per second.
+pub fn peak(slots: impl IntoIterator<Item = LinkLocalSecond>, now_second: u64) -> u64 {
+    let oldest = now_second.saturating_sub(u64::from(LL_WINDOW) - 1);
+    let mut per_second: BTreeMap<u64, u64> = BTreeMap::new();
+    for s in slots {
+        if s.packets > 0 && (oldest..=now_second).contains(&s.second) {
+            *per_second.entry(s.second).or_default() += s.packets;
+        }
+    }
+    per_second.into_values().max().unwrap_or(0)
+}
+
+impl Collector for LinkLocalCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let devices = self.devices.snapshot();
+        let now_second = monotonic_ns() / 1_000_000_000;
+        let mut totals = Vec::new();
+        let mut peaks = Vec::new();
+        for d in devices.values() {
+            for (service, name) in [(LL_DNS, "dns"), (LL_IMDS, "imds"), (LL_NTP, "ntp")] {
+                let n = self.packets.get(&(d.slot * LL_SERVICES + service), 0).map_or(0, |v| v.iter().sum());
+                totals.push(([("device", d.name.clone()), ("eni", d.eni.clone()), ("service", name.to_owned())], n));
+            }
+            let slots = (0..LL_WINDOW)
+                .filter_map(|i| self.seconds.get(&(d.slot * LL_WINDOW + i), 0).ok())
+                .flat_map(|per_cpu| per_cpu.iter().copied().collect::<Vec<_>>());
+            let p = i64::try_from(peak(slots, now_second)).unwrap_or(i64::MAX);
+            peaks.push(([("device", d.name.clone()), ("eni", d.eni.clone())], p));
+        }
+        encode_counters(&mut encoder, "linklocal_packets", "Packets sent to EC2 link-local services (resolver, IMDS, time sync).", totals)?;
+        encode_gauges(
+            &mut encoder,
+            "linklocal_peak_packets_per_second",
+            "Highest count of packets to link-local services in any one second of the last minute (EC2 allows 1024).",
+            peaks,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(second: u64, packets: u64) -> LinkLocalSecond {
+        LinkLocalSecond { second, packets }
+    }
+
+    #[test]
+    fn peak_sums_cpus_per_second_inside_the_window() {
+        // Two CPUs counted second 100; second 30 is older than the window.
+        let slots = [s(100, 300), s(100, 450), s(99, 600), s(30, 5000), s(0, 0)];
+        assert_eq!(peak(slots, 100), 750);
+        assert_eq!(peak(slots, 158), 750);
+        assert_eq!(peak(slots, 159), 750);
+        assert_eq!(peak(slots, 160), 0);
+        assert_eq!(peak([], 100), 0);
+    }
+}
