@@ -4,6 +4,8 @@
 //! also when a test fails.
 #![allow(clippy::missing_panics_doc, clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
+pub mod dns;
+
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -88,6 +90,28 @@ impl Netns {
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Loads an nftables ruleset (`nft -f -`) into the namespace.
+    pub fn nft(&self, ruleset: &str) {
+        use std::io::Write as _;
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting nft");
+        child.stdin.take().unwrap().write_all(ruleset.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft rejected:\n{ruleset}");
+    }
+
+    /// A kernel counter from `/proc/net/snmp` (e.g. `Udp`, `RcvbufErrors`) in this namespace.
+    pub fn snmp(&self, group: &str, field: &str) -> u64 {
+        let text = sh(self.command("cat").arg("/proc/net/snmp"));
+        let mut lines = text.lines().filter(|l| l.starts_with(&format!("{group}:")));
+        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+        let i = names.split_whitespace().position(|n| n == field).unwrap_or_else(|| panic!("no {group} {field}"));
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
@@ -285,6 +309,29 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// `CLOCK_MONOTONIC`, the clock the agent's per-second counts use.
+pub fn monotonic() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    Duration::new(u64::try_from(ts.tv_sec).unwrap(), u32::try_from(ts.tv_nsec).unwrap())
+}
+
+/// Asks for a receive buffer of `bytes` (the kernel rounds small values up).
+pub fn set_rcvbuf(sock: &std::net::UdpSocket, bytes: i32) {
+    // SAFETY: a valid socket and an int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const bytes).cast(),
+            u32::try_from(std::mem::size_of::<i32>()).unwrap(),
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
 }
 
 /// A minimal HTTP/1.0 GET from inside `ns`.

@@ -1,0 +1,146 @@
+//! A real resolver for the simulated VPC (unbound, with dnsmasq as a refusing upstream
+//! so that SERVFAIL is real too), and a small DNS client.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::Netns;
+
+/// Names the resolver answers: NOERROR, NXDOMAIN, SERVFAIL, REFUSED.
+pub const OK_NAME: &str = "a.ok.sim";
+pub const NX_NAME: &str = "x.nx.sim";
+pub const SERVFAIL_NAME: &str = "y.fail.sim";
+pub const REFUSED_NAME: &str = "z.refused.sim";
+
+/// unbound on `addresses` port 53 inside `ns`; stopped on drop.
+pub struct Resolver {
+    unbound: Child,
+    upstream: Child,
+    dir: PathBuf,
+}
+
+impl Resolver {
+    pub fn start(ns: &Netns, addresses: &[IpAddr]) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-resolver", ns.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let interfaces: String = addresses.iter().map(|a| format!("  interface: {a}\n")).collect();
+        let conf = format!(
+            "server:\n{interfaces}  port: 53\n  do-daemonize: no\n  use-syslog: no\n  logfile: \"\"\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  verbosity: 0\n  access-control: 0.0.0.0/0 allow\n  access-control: ::/0 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  num-threads: 1\n  local-zone: \"ok.sim.\" static\n  local-data: \"{OK_NAME}. 60 IN A 10.1.2.3\"\n  local-zone: \"nx.sim.\" always_nxdomain\n  local-zone: \"refused.sim.\" always_refuse\nforward-zone:\n  name: \"fail.sim.\"\n  forward-addr: 127.0.0.1@5353\n",
+            dir = dir.display()
+        );
+        let conf_path = dir.join("unbound.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        // dnsmasq with no upstream refuses everything; unbound turns that into SERVFAIL.
+        let upstream = ns
+            .command("dnsmasq")
+            .args(["--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .args(["--listen-address=127.0.0.1", "--port=5353", "--pid-file="])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting dnsmasq");
+        let unbound = ns
+            .command("unbound")
+            .args(["-d", "-c", conf_path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting unbound");
+        let resolver = Self { unbound, upstream, dir };
+        let server = SocketAddr::new(addresses[0], 53);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Ask from inside the VPC, so that the agent on the node sees nothing of it.
+        while query(ns, server, OK_NAME, 1, Duration::from_millis(200)).is_none() {
+            assert!(Instant::now() < deadline, "unbound did not answer on {server} within 10 s");
+        }
+        resolver
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        for child in [&mut self.unbound, &mut self.upstream] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A standard query for `name`, type A, with transaction `id`.
+pub fn query_packet(name: &str, id: u16) -> Vec<u8> {
+    let mut p = Vec::with_capacity(32 + name.len());
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        p.push(u8::try_from(label.len()).unwrap());
+        p.extend_from_slice(label.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    p
+}
+
+fn bind_for(server: SocketAddr) -> UdpSocket {
+    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    UdpSocket::bind(bind).unwrap()
+}
+
+/// One query from inside `ns`: the response code, or `None` on timeout.
+pub fn query(ns: &Netns, server: SocketAddr, name: &str, id: u16, timeout: Duration) -> Option<u8> {
+    let packet = query_packet(name, id);
+    ns.run(move || {
+        let sock = bind_for(server);
+        sock.set_read_timeout(Some(timeout)).unwrap();
+        sock.send_to(&packet, server).unwrap();
+        let mut buf = [0u8; 512];
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let Ok((n, _)) = sock.recv_from(&mut buf) else { return None };
+            if n >= 12 && buf[..2] == id.to_be_bytes() {
+                return Some(buf[3] & 0x0f);
+            }
+        }
+        None
+    })
+}
+
+/// `count` queries one after another, each waiting for its answer; returns how many
+/// were answered.
+pub fn queries(ns: &Netns, server: SocketAddr, name: &str, count: u16, timeout: Duration) -> usize {
+    (0..count).filter(|i| query(ns, server, name, 1000 + i, timeout).is_some()).count()
+}
+
+/// `count` queries sent back to back from one socket, then the answers collected.
+/// Returns how many were answered.
+pub fn burst(ns: &Netns, server: SocketAddr, name: &str, count: u16) -> usize {
+    let packets: Vec<Vec<u8>> = (0..count).map(|i| query_packet(name, i)).collect();
+    ns.run(move || {
+        let sock = bind_for(server);
+        for p in &packets {
+            sock.send_to(p, server).unwrap();
+        }
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 512];
+        let mut answered = 0;
+        while answered < packets.len() && sock.recv_from(&mut buf).is_ok() {
+            answered += 1;
+        }
+        answered
+    })
+}
+
+/// The same query (same socket, same id) sent `copies` times: a client retransmitting.
+pub fn retransmit(ns: &Netns, server: SocketAddr, name: &str, copies: usize) {
+    let packet = query_packet(name, 4242);
+    ns.run(move || {
+        let sock = bind_for(server);
+        for _ in 0..copies {
+            sock.send_to(&packet, server).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+}
