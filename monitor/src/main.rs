@@ -7,6 +7,7 @@ mod collectors;
 mod devices;
 mod http;
 mod kernel;
+mod probe_tests;
 mod programs;
 mod tracefs;
 
@@ -133,29 +134,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
     });
 
-    let mut registry = Registry::with_prefix("eni_monitor");
-    registry.register_collector(Box::new(AgentCollector { attachments: attachments.clone() }));
-    registry.register_collector(Box::new(DropsCollector {
-        map: programs::take_map(&mut ebpf, "DROPS")?.try_into()?,
-        devices: devices.clone(),
-        reasons: facts.reasons.clone(),
-    }));
-    registry.register_collector(Box::new(UdpQueueCollector {
-        drops: programs::take_map(&mut ebpf, "UDP_QUEUE_DROPS")?.try_into()?,
-    }));
-    registry.register_collector(Box::new(DnsCollector {
-        counts: programs::take_map(&mut ebpf, "DNS_COUNTS")?.try_into()?,
-        latency: programs::take_map(&mut ebpf, "DNS_LATENCY")?.try_into()?,
-        unanswered,
-        devices: devices.clone(),
-        resolvers: Mutex::new(ResolverLabels::new(linklocal.clone())),
-    }));
-    registry.register_collector(Box::new(LinkLocalCollector {
-        packets: programs::take_map(&mut ebpf, "LL_PACKETS")?.try_into()?,
-        seconds: programs::take_map(&mut ebpf, "LL_SECONDS")?.try_into()?,
-        devices: devices.clone(),
-    }));
-
+    let registry = registry(&mut ebpf, &facts, &devices, &attachments, unanswered, &linklocal)?;
     let state = Arc::new(http::State { registry, started: AtomicBool::default(), attachments });
     let server = tokio::spawn(http::serve(listener, Arc::clone(&state)));
     state.started.store(true, Ordering::Release);
@@ -172,4 +151,38 @@ async fn run(cli: Cli) -> Result<()> {
     // Dropping the object closes every link, which detaches the programs.
     drop(ebpf);
     Ok(())
+}
+
+/// One collector per source, each owning the maps it reads.
+fn registry(
+    ebpf: &mut aya::Ebpf,
+    facts: &KernelFacts,
+    devices: &Devices,
+    attachments: &Attachments,
+    unanswered: Unanswered,
+    linklocal: &LinkLocalResolvers,
+) -> Result<Registry> {
+    let mut registry = Registry::with_prefix("eni_monitor");
+    registry.register_collector(Box::new(AgentCollector { attachments: attachments.clone() }));
+    registry.register_collector(Box::new(DropsCollector {
+        map: programs::take_map(ebpf, "DROPS")?.try_into()?,
+        devices: devices.clone(),
+        reasons: facts.reasons.clone(),
+    }));
+    registry.register_collector(Box::new(UdpQueueCollector {
+        drops: programs::take_map(ebpf, "UDP_QUEUE_DROPS")?.try_into()?,
+    }));
+    registry.register_collector(Box::new(DnsCollector {
+        counts: programs::take_map(ebpf, "DNS_COUNTS")?.try_into()?,
+        latency: programs::take_map(ebpf, "DNS_LATENCY")?.try_into()?,
+        unanswered,
+        devices: devices.clone(),
+        resolvers: Mutex::new(ResolverLabels::new(linklocal.clone())),
+    }));
+    registry.register_collector(Box::new(LinkLocalCollector {
+        packets: programs::take_map(ebpf, "LL_PACKETS")?.try_into()?,
+        seconds: programs::take_map(ebpf, "LL_SECONDS")?.try_into()?,
+        devices: devices.clone(),
+    }));
+    Ok(registry)
 }

@@ -27,7 +27,7 @@ impl Resolver {
     pub fn start(ns: &Netns, addresses: &[IpAddr]) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-resolver", ns.name));
         std::fs::create_dir_all(&dir).unwrap();
-        let interfaces: String = addresses.iter().map(|a| format!("  interface: {a}\n")).collect();
+        let interfaces = addresses.iter().fold(String::new(), |acc, a| acc + &format!("  interface: {a}\n"));
         let conf = format!(
             "server:\n{interfaces}  port: 53\n  do-daemonize: no\n  use-syslog: no\n  logfile: \"\"\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  verbosity: 0\n  access-control: 0.0.0.0/0 allow\n  access-control: ::/0 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  num-threads: 1\n  local-zone: \"ok.sim.\" static\n  local-data: \"{OK_NAME}. 60 IN A 10.1.2.3\"\n  local-zone: \"nx.sim.\" always_nxdomain\n  local-zone: \"refused.sim.\" always_refuse\nforward-zone:\n  name: \"fail.sim.\"\n  forward-addr: 127.0.0.1@5353\n",
             dir = dir.display()

@@ -153,7 +153,7 @@ fn a_burst_to_the_link_local_resolver_shows_its_peak() {
 
     // Start right after a second boundary so the whole burst falls in one second.
     let now = integration_tests::monotonic();
-    std::thread::sleep(Duration::from_secs(1) - Duration::from_nanos(u64::from(now.subsec_nanos())));
+    std::thread::sleep(Duration::from_secs(1).saturating_sub(Duration::from_nanos(u64::from(now.subsec_nanos()))));
     // The resolver's socket may overflow under the burst; every query still left the node.
     let answered = dns::burst(&sim.node, server, OK_NAME, 300);
     assert!(answered > 0);

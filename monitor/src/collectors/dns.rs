@@ -196,7 +196,7 @@ impl Collector for DnsCollector {
         let devices = self.devices.snapshot();
         let mut queries: BTreeMap<Labels3, u64> = BTreeMap::new();
         let mut responses: BTreeMap<(Labels3, String), u64> = BTreeMap::new();
-        for entry in self.counts.iter() {
+        for entry in &self.counts {
             let (key, per_cpu) = match entry {
                 Ok(e) => e,
                 Err(e) => {
@@ -217,7 +217,7 @@ impl Collector for DnsCollector {
             *unanswered.entry(self.labels(ifindex, server, &devices)).or_default() += n;
         }
         let mut latency: BTreeMap<Labels3, Histogram> = BTreeMap::new();
-        for entry in self.latency.iter() {
+        for entry in &self.latency {
             let Ok((key, per_cpu)) = entry else { continue };
             let h = latency.entry(self.labels(key.ifindex, key.server, &devices)).or_default();
             for cpu in per_cpu.iter() {
