@@ -130,7 +130,10 @@ fn a_missing_tracefs_is_one_line_and_the_agent_stays_up() {
         s.text
     );
     let (code, body) = agent.get(&sim.node, "/readyz").unwrap();
-    assert_eq!((code, body.as_str()), (503, "not attached: tracepoint/skb/kfree_skb\n"));
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "not attached: tracepoint/skb/kfree_skb, tracepoint/udp/udp_fail_queue_rcv_skb\n")
+    );
     assert_eq!(agent.get(&sim.node, "/healthz").unwrap().0, 200);
     assert!(agent.stop().success());
     let log = agent.log_text();
