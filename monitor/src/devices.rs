@@ -32,6 +32,12 @@ impl Devices {
         *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = map;
     }
 
+    pub fn set_eni(&self, ifindex: u32, eni: &str) {
+        if let Some(d) = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&ifindex) {
+            eni.clone_into(&mut d.eni);
+        }
+    }
+
     pub fn snapshot(&self) -> BTreeMap<u32, Device> {
         self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
@@ -54,6 +60,35 @@ pub fn interfaces() -> Result<Vec<(String, u32)>> {
         }
         libc::if_freenameindex(list);
         Ok(out)
+    }
+}
+
+/// The MAC address of `name` in this network namespace, as IMDS spells it
+/// (`0e:1a:2b:3c:4d:5e`).
+pub fn mac_address(name: &str) -> Result<String> {
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return Err(anyhow!("interface name {name:?} too long"));
+    }
+    // SAFETY: an ifreq zeroed then given a NUL-terminated name; the ioctl fills the
+    // hardware address on success; the socket is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(anyhow!("socket: {}", std::io::Error::last_os_error()));
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = (*src).cast_signed();
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(anyhow!("reading the MAC address of {name}: {err}"));
+        }
+        let mac = req.ifr_ifru.ifru_hwaddr.sa_data;
+        Ok(mac[..6].iter().map(|b| format!("{:02x}", (*b).cast_unsigned())).collect::<Vec<_>>().join(":"))
     }
 }
 
@@ -108,6 +143,13 @@ mod tests {
         let names: Vec<_> =
             select(&ifs(), &[], |n| n == "ens5").into_iter().map(|d| (d.name, d.ifindex, d.slot)).collect();
         assert_eq!(names, [("ens5".to_owned(), 5, 0)]);
+    }
+
+    #[test]
+    fn loopback_has_the_zero_mac() {
+        assert_eq!(mac_address("lo").unwrap(), "00:00:00:00:00:00");
+        assert!(mac_address("no-such-if0").is_err());
+        assert!(mac_address("a-name-far-too-long-for-linux").is_err());
     }
 
     #[test]

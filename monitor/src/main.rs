@@ -6,6 +6,7 @@ mod cli;
 mod collectors;
 mod devices;
 mod http;
+mod imds;
 mod kernel;
 mod probe_tests;
 mod programs;
@@ -14,6 +15,7 @@ mod tracefs;
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
+    time::Duration,
     sync::{Arc, Mutex, atomic::{AtomicBool, Ordering}},
 };
 
@@ -33,6 +35,7 @@ use crate::{
         udp::UdpQueueCollector,
     },
     devices::Devices,
+    imds::Imds,
     kernel::KernelFacts,
 };
 
@@ -92,19 +95,18 @@ async fn run(cli: Cli) -> Result<()> {
     programs::set_monitored(&mut ebpf, &selected)?;
 
     let linklocal = LinkLocalResolvers::default();
-    let mut services: Vec<(IpAddr, u32)> = Vec::new();
+    let mut ll_map: programs::LinkLocalMap = programs::take_map(&mut ebpf, "LINKLOCAL")?.try_into()?;
     for (addr, service) in LINKLOCAL_SERVICES {
         let ip: IpAddr = addr.parse().context("a built-in link-local address")?;
         if service == LL_DNS {
             linklocal.add(ip);
         }
-        services.push((ip, service));
+        programs::add_linklocal(&mut ll_map, ip, service)?;
     }
     for ip in &cli.linklocal_resolvers {
         linklocal.add(*ip);
-        services.push((*ip, LL_DNS));
+        programs::add_linklocal(&mut ll_map, *ip, LL_DNS)?;
     }
-    programs::set_linklocal(&mut ebpf, &services)?;
 
     let attachments = Attachments::default();
     programs::attach_tracepoints(&mut ebpf, &facts, &attachments);
@@ -134,6 +136,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
     });
 
+    let imds = Imds::new(&cli.imds_endpoint, Duration::from_secs(1))?;
+    let labeller = {
+        let linklocal = linklocal.clone();
+        tokio::spawn(imds::label_enis(imds, devices.clone(), move |resolver| {
+            if linklocal.add(IpAddr::V4(resolver))
+                && let Err(e) = programs::add_linklocal(&mut ll_map, IpAddr::V4(resolver), LL_DNS)
+            {
+                warn!("{e:#}");
+            }
+        }))
+    };
+
     let registry = registry(&mut ebpf, &facts, &devices, &attachments, unanswered, &linklocal)?;
     let state = Arc::new(http::State { registry, started: AtomicBool::default(), attachments });
     let server = tokio::spawn(http::serve(listener, Arc::clone(&state)));
@@ -148,6 +162,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     server.abort();
     sweep.abort();
+    labeller.abort();
     // Dropping the object closes every link, which detaches the programs.
     drop(ebpf);
     Ok(())

@@ -32,7 +32,8 @@ fn loaded() -> Ebpf {
     programs::load_classifiers(&mut ebpf).unwrap();
     let lo = Device { name: "lo".into(), ifindex: 1, eni: String::new(), slot: 0 };
     programs::set_monitored(&mut ebpf, &[lo]).unwrap();
-    programs::set_linklocal(&mut ebpf, &[("169.254.169.253".parse().unwrap(), LL_DNS)]).unwrap();
+    let mut ll: programs::LinkLocalMap = programs::take_map(&mut ebpf, "LINKLOCAL").unwrap().try_into().unwrap();
+    programs::add_linklocal(&mut ll, "169.254.169.253".parse().unwrap(), LL_DNS).unwrap();
     ebpf
 }
 

@@ -144,11 +144,9 @@ pub fn set_monitored(ebpf: &mut Ebpf, devices: &[Device]) -> Result<()> {
     Ok(())
 }
 
-/// Fills `LINKLOCAL`: each address to its service.
-pub fn set_linklocal(ebpf: &mut Ebpf, addresses: &[(IpAddr, u32)]) -> Result<()> {
-    let mut map: HashMap<&mut MapData, Addr, u32> = map_mut(ebpf, "LINKLOCAL")?.try_into()?;
-    for (ip, service) in addresses {
-        map.insert(addr_bytes(*ip), service, 0).with_context(|| format!("adding {ip} to LINKLOCAL"))?;
-    }
-    Ok(())
+/// `LINKLOCAL`: link-local service addresses (and VPC+2 resolvers) to their service.
+pub type LinkLocalMap = HashMap<MapData, Addr, u32>;
+
+pub fn add_linklocal(map: &mut LinkLocalMap, ip: IpAddr, service: u32) -> Result<()> {
+    map.insert(addr_bytes(ip), service, 0).with_context(|| format!("adding {ip} to LINKLOCAL"))
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::missing_panics_doc, clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
 pub mod dns;
+pub mod imds;
 
 use std::{
     collections::BTreeMap,
@@ -112,6 +113,13 @@ impl Netns {
         let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
         let i = names.split_whitespace().position(|n| n == field).unwrap_or_else(|| panic!("no {group} {field}"));
         values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    }
+
+    /// The MAC address of `device` in this namespace.
+    pub fn mac(&self, device: &str) -> String {
+        let out = self.ip(&format!("-o link show dev {device}"));
+        let after = out.split("link/ether ").nth(1).unwrap_or_else(|| panic!("no MAC in {out:?}"));
+        after.split_whitespace().next().unwrap().to_owned()
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
@@ -224,13 +232,18 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `monitor` in `ns` listening on its loopback, and waits for `/healthz`.
+    /// Unless `args` name one, IMDS is a closed port on the namespace's loopback, so
+    /// that no test ever sends a packet toward a real metadata service.
     pub fn start(ns: &Netns, args: &[&str]) -> Self {
+        let imds: &[&str] =
+            if args.contains(&"--imds-endpoint") { &[] } else { &["--imds-endpoint", "http://127.0.0.1:1"] };
         let listen: SocketAddr = "127.0.0.1:9435".parse().unwrap();
         let log = std::env::temp_dir().join(format!("{}.log", ns.name));
         let out = File::create(&log).unwrap();
         let child = ns
             .command(monitor_bin().to_str().unwrap())
             .args(["--listen", &listen.to_string()])
+            .args(imds)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(out.try_clone().unwrap())
