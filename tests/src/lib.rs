@@ -5,6 +5,7 @@
 #![allow(clippy::missing_panics_doc, clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
 pub mod dns;
+pub mod floor;
 pub mod imds;
 
 use std::{
@@ -262,6 +263,11 @@ impl Agent {
             assert!(Instant::now() < deadline, "monitor not healthy in 20s:\n{}", agent.log_text());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent stopped").id()
     }
 
     pub fn log_text(&self) -> String {

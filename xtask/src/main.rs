@@ -22,6 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     // The VPC resolver of the simulated node, and a refusing upstream behind it.
     "unbound",
     "dnsmasq-base",
+    // The benchmark's load generators.
+    "iperf3",
+    "dnsperf",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -50,6 +53,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure the agent's cost on the simulated node; writes target/bench/report.{json,md}.
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -65,6 +70,15 @@ fn main() -> Result<()> {
             let bin = workspace_root()?.join("target/release/monitor");
             let status = Command::new(&bin).args(&args).status().with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Bench => {
+            setup()?;
+            build()?;
+            let root = workspace_root()?;
+            run(Command::new(cargo())
+                .current_dir(&root)
+                .args(["run", "--release", "--quiet", "--package", "integration-tests", "--bin", "bench"])
+                .env("MONITOR_BIN", root.join("target/release/monitor")))
         }
         Cmd::Test { args } => {
             setup()?;
