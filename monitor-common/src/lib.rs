@@ -122,6 +122,48 @@ pub struct LinkLocalSecond {
     pub packets: u64,
 }
 
+/// Key of `FLOWS`: a direction-agnostic 5-tuple on one device. The (address, port) pair
+/// that sorts first is side `a`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub addr_a: Addr,
+    pub addr_b: Addr,
+    pub port_a: u16,
+    pub port_b: u16,
+    pub ifindex: u32,
+    /// IP protocol number.
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `CLOCK_MONOTONIC` seconds.
+    pub first_seen: u32,
+    pub last_seen: u32,
+    /// `FLOW_*` bits.
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+/// A packet went from side a to side b.
+pub const FLOW_AB: u8 = 1;
+/// A packet went from side b to side a.
+pub const FLOW_BA: u8 = 2;
+pub const FLOW_FIN_AB: u8 = 4;
+pub const FLOW_FIN_BA: u8 = 8;
+pub const FLOW_RST: u8 = 16;
+
+/// Protocol classes of the flow metrics, the index into `FLOWS_CREATED` per slot.
+pub const FLOW_TCP: u32 = 0;
+pub const FLOW_UDP: u32 = 1;
+pub const FLOW_ICMP: u32 = 2;
+pub const FLOW_OTHER: u32 = 3;
+pub const FLOW_CLASSES: u32 = 4;
+
 /// `UDP_QUEUE_DROPS` indexes.
 pub const UDP_QUEUE_DNS: u32 = 0;
 pub const UDP_QUEUE_OTHER: u32 = 1;
@@ -159,4 +201,6 @@ mod user {
     unsafe impl aya::Pod for super::DnsFlightKey {}
     unsafe impl aya::Pod for super::DnsFlight {}
     unsafe impl aya::Pod for super::LinkLocalSecond {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
 }

@@ -1,6 +1,7 @@
 //! eni-monitor: a node agent that warns before an ENI runs out of its EC2 allowances or
 //! DNS packets start to vanish.
 
+mod batch;
 mod btf;
 mod cli;
 mod collectors;
@@ -31,6 +32,7 @@ use crate::{
         agent::{AgentCollector, Attachments},
         dns::{DnsCollector, LinkLocalResolvers, ResolverLabels, Sweeper, Unanswered, monotonic_ns},
         drops::DropsCollector,
+        flows::{Expiry, FlowCounts, FlowsCollector, Timeouts},
         linklocal::LinkLocalCollector,
         udp::UdpQueueCollector,
     },
@@ -79,7 +81,7 @@ async fn run(cli: Cli) -> Result<()> {
         tracefs::find_root(&candidates).map_err(|e| error!("{e}")).ok()
     };
     let facts = KernelFacts::read(Path::new(kernel::BTF_PATH), tracefs.as_deref())?;
-    let mut ebpf = programs::load(&facts)?;
+    let mut ebpf = programs::load(&facts, cli.flow_table_size)?;
 
     let all = devices::interfaces()?;
     let selected = devices::select(&all, &cli.devices, devices::is_physical);
@@ -136,6 +138,28 @@ async fn run(cli: Cli) -> Result<()> {
         }
     });
 
+    let flow_counts = FlowCounts::default();
+    let mut expiry = Expiry {
+        flows: programs::take_hash_map(&mut ebpf, "FLOWS")?,
+        timeouts: Timeouts {
+            tcp_established: cli.tcp_established_timeout,
+            udp: cli.udp_timeout,
+            udp_stream: cli.udp_stream_timeout,
+        },
+        counts: flow_counts.clone(),
+    };
+    let expire = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(expiry.period());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = u32::try_from(monotonic_ns() / 1_000_000_000).unwrap_or(u32::MAX);
+            if let Err(e) = expiry.pass(now) {
+                warn!("expiring flows: {e}");
+            }
+        }
+    });
+
     let imds = Imds::new(&cli.imds_endpoint, Duration::from_secs(1))?;
     let labeller = {
         let linklocal = linklocal.clone();
@@ -148,7 +172,7 @@ async fn run(cli: Cli) -> Result<()> {
         }))
     };
 
-    let registry = registry(&mut ebpf, &facts, &devices, &attachments, unanswered, &linklocal)?;
+    let registry = registry(&mut ebpf, &facts, &devices, &attachments, unanswered, &linklocal, &flow_counts)?;
     let state = Arc::new(http::State { registry, started: AtomicBool::default(), attachments });
     let server = tokio::spawn(http::serve(listener, Arc::clone(&state)));
     state.started.store(true, Ordering::Release);
@@ -163,6 +187,7 @@ async fn run(cli: Cli) -> Result<()> {
     server.abort();
     sweep.abort();
     labeller.abort();
+    expire.abort();
     // Dropping the object closes every link, which detaches the programs.
     drop(ebpf);
     Ok(())
@@ -176,6 +201,7 @@ fn registry(
     attachments: &Attachments,
     unanswered: Unanswered,
     linklocal: &LinkLocalResolvers,
+    flow_counts: &FlowCounts,
 ) -> Result<Registry> {
     let mut registry = Registry::with_prefix("eni_monitor");
     registry.register_collector(Box::new(AgentCollector { attachments: attachments.clone() }));
@@ -193,6 +219,12 @@ fn registry(
         unanswered,
         devices: devices.clone(),
         resolvers: Mutex::new(ResolverLabels::new(linklocal.clone())),
+    }));
+    registry.register_collector(Box::new(FlowsCollector {
+        created: programs::take_map(ebpf, "FLOWS_CREATED")?.try_into()?,
+        table_full: programs::take_map(ebpf, "FLOW_TABLE_FULL")?.try_into()?,
+        counts: flow_counts.clone(),
+        devices: devices.clone(),
     }));
     registry.register_collector(Box::new(LinkLocalCollector {
         packets: programs::take_map(ebpf, "LL_PACKETS")?.try_into()?,

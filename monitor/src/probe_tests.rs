@@ -28,7 +28,7 @@ fn root_or_skip(test: &str) -> bool {
 fn loaded() -> Ebpf {
     let tracefs = crate::tracefs::find_root(&[PathBuf::from("/sys/kernel/tracing")]).ok();
     let facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH), tracefs.as_deref()).unwrap();
-    let mut ebpf = programs::load(&facts).unwrap();
+    let mut ebpf = programs::load(&facts, 1024).unwrap();
     programs::load_classifiers(&mut ebpf).unwrap();
     let lo = Device { name: "lo".into(), ifindex: 1, eni: String::new(), slot: 0 };
     programs::set_monitored(&mut ebpf, &[lo]).unwrap();

@@ -19,9 +19,10 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-pub fn load(facts: &KernelFacts) -> Result<Ebpf> {
+pub fn load(facts: &KernelFacts, flow_table_size: u32) -> Result<Ebpf> {
     let globals = facts.globals();
     let mut loader = EbpfLoader::new();
+    loader.map_max_entries("FLOWS", flow_table_size);
     for (name, value) in &globals {
         loader.override_global(name, value, true);
     }
@@ -128,6 +129,14 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
 /// Takes a map out of the object for a collector to own.
 pub fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+}
+
+/// The raw data of a hash map, for the batch operations.
+pub fn take_hash_map(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
+    match take_map(ebpf, name)? {
+        Map::HashMap(data) => Ok(data),
+        _ => Err(anyhow!("map {name} is not a hash map")),
+    }
 }
 
 /// Makes the kernel's `MONITORED` set equal to `devices`.

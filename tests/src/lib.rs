@@ -7,6 +7,7 @@
 pub mod dns;
 pub mod floor;
 pub mod imds;
+pub mod servers;
 
 use std::{
     collections::BTreeMap,

@@ -1,5 +1,6 @@
 pub mod dns;
 pub mod drops;
+pub mod flows;
 pub mod linklocal;
 pub mod packet;
 pub mod tc;

@@ -105,3 +105,12 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     }
     Some(p)
 }
+
+/// The TCP flags byte, or 0 for anything else.
+#[inline(always)]
+pub fn tcp_flags(ctx: &TcContext, p: &Packet) -> u8 {
+    if p.proto != IPPROTO_TCP || p.l4 == 0 {
+        return 0;
+    }
+    read::<u8>(ctx, p.l4 + 13).unwrap_or(0)
+}

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-use super::{dns, linklocal, packet};
+use super::{dns, flows, linklocal, packet};
 
 const TC_ACT_UNSPEC: i32 = -1;
 
@@ -24,6 +24,7 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 fn handle(ctx: &TcContext, egress: bool) {
     let Some(p) = packet::parse(ctx) else { return };
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    flows::track(&p, packet::tcp_flags(ctx, &p), ifindex);
     if egress {
         linklocal::count(&p, ifindex);
     }

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod dns;
 pub mod drops;
+pub mod flows;
 pub mod linklocal;
 pub mod udp;
 

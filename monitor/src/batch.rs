@@ -1,0 +1,110 @@
+//! Batch map operations (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`), which aya 0.14
+//! lacks: a table of 100k flows is read in a few dozen syscalls, not 200k.
+
+use std::{
+    io,
+    mem::MaybeUninit,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid batch attribute whose pointers the caller keeps alive.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<BatchAttr>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn map_fd(fd: BorrowedFd<'_>) -> u32 {
+    u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
+}
+
+/// Calls `f` with every (key, value) of a hash map, `chunk` entries per syscall.
+///
+/// # Safety
+/// `K` and `V` must be the map's key and value types, plain data valid for any bytes.
+pub unsafe fn lookup_all<K: Copy, V: Copy>(fd: BorrowedFd<'_>, chunk: usize, mut f: impl FnMut(&K, &V)) -> io::Result<()> {
+    let mut chunk = chunk.max(1);
+    let mut keys: Vec<MaybeUninit<K>> = Vec::new();
+    let mut values: Vec<MaybeUninit<V>> = Vec::new();
+    // The hash map's batch token is a bucket index; room for a u64 either way.
+    let mut token_in = 0u64;
+    let mut token_out = 0u64;
+    let mut first = true;
+    loop {
+        keys.resize_with(chunk, MaybeUninit::uninit);
+        values.resize_with(chunk, MaybeUninit::uninit);
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { std::ptr::from_mut(&mut token_in) as u64 },
+            out_batch: std::ptr::from_mut(&mut token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(chunk).unwrap_or(u32::MAX),
+            map_fd: map_fd(fd),
+            ..BatchAttr::default()
+        };
+        let result = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let done = match &result {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // One bucket holds more entries than the buffer: grow it and ask again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                chunk *= 2;
+                continue;
+            }
+            Err(_) => return result,
+        };
+        let n = (attr.count as usize).min(chunk);
+        for i in 0..n {
+            // SAFETY: the kernel wrote `n` keys and values; the caller vouches for the types.
+            unsafe { f(keys[i].assume_init_ref(), values[i].assume_init_ref()) };
+        }
+        if done {
+            return Ok(());
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Deletes `keys`; returns how many were deleted. Keys already gone are skipped.
+///
+/// # Safety
+/// `K` must be the map's key type.
+pub unsafe fn delete_all<K: Copy>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: u32::try_from(rest.len()).unwrap_or(u32::MAX),
+            map_fd: map_fd(fd),
+            ..BatchAttr::default()
+        };
+        let result = bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr);
+        let n = (attr.count as usize).min(rest.len());
+        deleted += n;
+        match result {
+            Ok(()) => return Ok(deleted),
+            // The key at `n` vanished meanwhile: step over it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(n + 1).min(rest.len())..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,202 @@
+//! The EC2 connection-tracking model: flows in the classifiers' table that are still
+//! inside EC2's tracking timeouts. An expiry pass reads the whole table in batches,
+//! deletes what EC2 would have forgotten and publishes the counts; scrapes read the
+//! published counts and never walk the table.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, PerCpuArray};
+use monitor_common::{
+    FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_OTHER, FLOW_RST, FLOW_TCP, FLOW_UDP, Flow,
+    FlowKey,
+};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
+use super::{encode_counters, encode_gauges};
+use crate::{batch, devices::Devices};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// How long EC2 keeps tracking a TCP connection once it has closed (both FINs, or RST).
+pub const TCP_CLOSED_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub const CLASS_NAMES: [(u32, &str); 4] = [(FLOW_TCP, "tcp"), (FLOW_UDP, "udp"), (FLOW_ICMP, "icmp"), (FLOW_OTHER, "other")];
+
+/// EC2's idle tracking timeouts (`--tcp-established-timeout` and friends).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub tcp_established: Duration,
+    pub udp: Duration,
+    pub udp_stream: Duration,
+}
+
+impl Timeouts {
+    /// How long `flow` stays tracked after it was last seen.
+    pub fn for_flow(&self, key: &FlowKey, flow: &Flow) -> Duration {
+        let both_ways = flow.flags & (FLOW_AB | FLOW_BA) == (FLOW_AB | FLOW_BA);
+        match key.proto {
+            IPPROTO_TCP => {
+                let closed = flow.flags & FLOW_RST != 0 || flow.flags & (FLOW_FIN_AB | FLOW_FIN_BA) == (FLOW_FIN_AB | FLOW_FIN_BA);
+                if closed { TCP_CLOSED_TIMEOUT } else { self.tcp_established }
+            }
+            // UDP seen both ways is a stream; ICMP and the rest are treated as UDP.
+            _ if both_ways => self.udp_stream,
+            _ => self.udp,
+        }
+    }
+}
+
+fn class(proto: u8) -> u32 {
+    match proto {
+        IPPROTO_TCP => FLOW_TCP,
+        IPPROTO_UDP => FLOW_UDP,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => FLOW_ICMP,
+        _ => FLOW_OTHER,
+    }
+}
+
+/// What the last expiry pass found.
+#[derive(Clone, Debug, Default)]
+pub struct PassResult {
+    /// Tracked flows by (ifindex, class).
+    pub tracked: BTreeMap<(u32, u32), u64>,
+    pub expired: usize,
+    pub elapsed: Duration,
+}
+
+impl PassResult {
+    /// Tracked flows over all devices: the instance-wide estimate.
+    pub fn total(&self) -> u64 {
+        self.tracked.values().sum()
+    }
+}
+
+/// The last pass's result, shared with the collectors.
+#[derive(Clone, Debug, Default)]
+pub struct FlowCounts(Arc<Mutex<Option<PassResult>>>);
+
+impl FlowCounts {
+    pub fn get(&self) -> Option<PassResult> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set(&self, r: PassResult) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+    }
+}
+
+/// Owns the `FLOWS` map and runs the expiry passes.
+pub struct Expiry {
+    pub flows: MapData,
+    pub timeouts: Timeouts,
+    pub counts: FlowCounts,
+}
+
+impl Expiry {
+    /// One pass at `now` (`CLOCK_MONOTONIC` seconds).
+    pub fn pass(&mut self, now: u32) -> std::io::Result<PassResult> {
+        let started = Instant::now();
+        let mut result = PassResult::default();
+        let mut stale: Vec<FlowKey> = Vec::new();
+        let fd = std::os::fd::AsFd::as_fd(self.flows.fd());
+        let timeouts = self.timeouts;
+        // SAFETY: FLOWS maps FlowKey to Flow, both plain `#[repr(C)]` data.
+        unsafe {
+            batch::lookup_all::<FlowKey, Flow>(fd, 4096, |key, flow| {
+                let idle = u64::from(now.saturating_sub(flow.last_seen));
+                if idle >= timeouts.for_flow(key, flow).as_secs() {
+                    stale.push(*key);
+                } else {
+                    *result.tracked.entry((key.ifindex, class(key.proto))).or_default() += 1;
+                }
+            })?;
+            // SAFETY: as above.
+            result.expired = batch::delete_all(fd, &stale)?;
+        }
+        result.elapsed = started.elapsed();
+        self.counts.set(result.clone());
+        Ok(result)
+    }
+
+    /// How often to pass: often enough that the shortest timeout is honoured within a
+    /// couple of seconds, never more than once a second.
+    pub fn period(&self) -> Duration {
+        (self.timeouts.udp.min(TCP_CLOSED_TIMEOUT) / 2).clamp(Duration::from_secs(1), Duration::from_secs(5))
+    }
+}
+
+pub struct FlowsCollector {
+    pub created: PerCpuArray<MapData, u64>,
+    pub table_full: PerCpuArray<MapData, u64>,
+    pub counts: FlowCounts,
+    pub devices: Devices,
+}
+
+impl std::fmt::Debug for FlowsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowsCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for FlowsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let devices = self.devices.snapshot();
+        let pass = self.counts.get();
+        let mut tracked = Vec::new();
+        let mut created = Vec::new();
+        for d in devices.values() {
+            for (c, name) in CLASS_NAMES {
+                let labels = [("device", d.name.clone()), ("eni", d.eni.clone()), ("protocol", name.to_owned())];
+                if let Some(p) = &pass {
+                    let n = p.tracked.get(&(d.ifindex, c)).copied().unwrap_or(0);
+                    tracked.push((labels.clone(), i64::try_from(n).unwrap_or(i64::MAX)));
+                }
+                let n = self.created.get(&(d.slot * FLOW_CLASSES + c), 0).map_or(0, |v| v.iter().sum());
+                created.push((labels, n));
+            }
+        }
+        encode_gauges(&mut encoder, "tracked_flows", "Flows crossing the ENI still inside EC2's tracking timeouts (estimate).", tracked)?;
+        encode_counters(&mut encoder, "flows_created", "New flows seen on the ENI.", created)?;
+        let full = self.table_full.get(&0, 0).map_or(0, |v| v.iter().sum());
+        encode_counters(
+            &mut encoder,
+            "flow_table_evictions",
+            "Flows left out of a full flow table (the tracked estimate is then a lower bound).",
+            [([] as [(&'static str, String); 0], full)],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey { addr_a: [0; 16], addr_b: [1; 16], port_a: 1, port_b: 2, ifindex: 2, proto, pad: [0; 3] }
+    }
+
+    fn flow(flags: u8) -> Flow {
+        Flow { first_seen: 0, last_seen: 0, flags, pad: [0; 3] }
+    }
+
+    #[test]
+    fn ec2_timeouts_by_state() {
+        let t = Timeouts { tcp_established: Duration::from_secs(432_000), udp: Duration::from_secs(30), udp_stream: Duration::from_secs(180) };
+        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA)), Duration::from_secs(432_000));
+        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB)), Duration::from_secs(432_000));
+        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_RST)), TCP_CLOSED_TIMEOUT);
+        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_FIN_AB)), Duration::from_secs(432_000));
+        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_FIN_AB | FLOW_FIN_BA)), TCP_CLOSED_TIMEOUT);
+        assert_eq!(t.for_flow(&key(17), &flow(FLOW_AB)), Duration::from_secs(30));
+        assert_eq!(t.for_flow(&key(17), &flow(FLOW_BA)), Duration::from_secs(30));
+        assert_eq!(t.for_flow(&key(17), &flow(FLOW_AB | FLOW_BA)), Duration::from_secs(180));
+        assert_eq!(t.for_flow(&key(1), &flow(FLOW_AB)), Duration::from_secs(30));
+    }
+}

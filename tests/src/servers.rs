@@ -1,0 +1,106 @@
+//! Small servers for the far side of the simulated node: a UDP echo and a TCP listener
+//! that holds its connections. Stopped on drop.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::Netns;
+
+pub struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        let sock = ns.run(move || UdpSocket::bind(addr).unwrap());
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Accepts TCP connections and keeps them open until dropped.
+pub struct TcpHold {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpHold {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        let listener = ns.run(move || TcpListener::bind(addr).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+                // A peer that closed gets our FIN back at once.
+                held.retain(|s| {
+                    let mut b = [0u8; 1];
+                    s.set_nonblocking(true).ok();
+                    !matches!(s.peek(&mut b), Ok(0))
+                });
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for TcpHold {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `n` UDP flows from `ns` to `dst`, one datagram each from its own port, each answered.
+pub fn udp_flows(ns: &Netns, dst: SocketAddr, n: usize) -> usize {
+    ns.run(move || {
+        (0..n)
+            .filter(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                s.send_to(b"flow", dst).unwrap();
+                let mut b = [0u8; 16];
+                s.recv_from(&mut b).is_ok()
+            })
+            .count()
+    })
+}
+
+/// `n` TCP connections from `ns` to `dst`, kept open by the returned streams.
+pub fn tcp_connections(ns: &Netns, dst: SocketAddr, n: usize) -> Vec<TcpStream> {
+    ns.run(move || (0..n).map(|_| TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap()).collect())
+}

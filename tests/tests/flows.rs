@@ -1,0 +1,93 @@
+//! The EC2 connection-tracking model end to end: real UDP flows and TCP connections
+//! through the simulated ENIs, counted by the real flow table and expiry pass.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
+
+use std::net::SocketAddr;
+
+use integration_tests::{
+    Agent, SimNode, require_root,
+    servers::{TcpHold, UdpEcho, tcp_connections, udp_flows},
+};
+
+const TRACKED: &str = "eni_monitor_tracked_flows";
+const CREATED: &str = "eni_monitor_flows_created_total";
+
+fn on<'a>(device: &'a str, protocol: &'a str) -> [(&'a str, &'a str); 3] {
+    [("device", device), ("eni", ""), ("protocol", protocol)]
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+#[test]
+fn udp_flows_and_tcp_connections_are_tracked_then_expire() {
+    if !require_root("udp_flows_and_tcp_connections_are_tracked_then_expire") {
+        return;
+    }
+    // IPv4 only: IPv6 would add neighbour discovery and listener reports as ICMP flows.
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    let _echo = UdpEcho::start(&sim.vpc, addr(&eth0.vpc_v4, 7000));
+    let _hold = TcpHold::start(&sim.vpc, addr(&eth0.vpc_v4, 8000));
+    let agent = Agent::start(
+        &sim.node,
+        &["--device", "eth0", "--udp-timeout", "2s", "--udp-stream-timeout", "3s"],
+    );
+
+    assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 20), 20);
+    let conns = tcp_connections(&sim.node, addr(&eth0.vpc_v4, 8000), 5);
+    let s = agent.scrape_until(&sim.node, "20 UDP and 5 TCP flows", |s| {
+        s.get(TRACKED, &on("eth0", "udp")) == Some(20.0) && s.get(TRACKED, &on("eth0", "tcp")) == Some(5.0)
+    });
+    assert_eq!(s.get(CREATED, &on("eth0", "udp")), Some(20.0), "{}", s.text);
+    assert_eq!(s.get(CREATED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
+    assert_eq!(s.get(TRACKED, &on("eth0", "icmp")), Some(0.0), "{}", s.text);
+    assert_eq!(s.get("eni_monitor_flow_table_evictions_total", &[]), Some(0.0));
+
+    // The UDP flows went both ways: they leave after the stream timeout; TCP stays.
+    let s = agent.scrape_until(&sim.node, "UDP flows to expire", |s| s.get(TRACKED, &on("eth0", "udp")) == Some(0.0));
+    assert_eq!(s.get(TRACKED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
+
+    // Closed connections (FIN both ways) leave within the closed timeout.
+    drop(conns);
+    let s = agent.scrape_until(&sim.node, "closed TCP flows to leave", |s| s.get(TRACKED, &on("eth0", "tcp")) == Some(0.0));
+    assert_eq!(s.get(CREATED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
+}
+
+#[test]
+fn flows_through_a_second_eni_count_there_only() {
+    if !require_root("flows_through_a_second_eni_count_there_only") {
+        return;
+    }
+    let mut sim = SimNode::ipv4_only();
+    sim.add_eni("eth1");
+    let (eth0, eth1) = (sim.eni("eth0"), sim.eni("eth1"));
+    let _echo0 = UdpEcho::start(&sim.vpc, addr(&eth0.vpc_v4, 7000));
+    let _echo1 = UdpEcho::start(&sim.vpc, addr(&eth1.vpc_v4, 7000));
+    let agent = Agent::start(&sim.node, &["--device", "eth*"]);
+    assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 3), 3);
+    assert_eq!(udp_flows(&sim.node, addr(&eth1.vpc_v4, 7000), 11), 11);
+    let s = agent.scrape_until(&sim.node, "flows on both ENIs", |s| {
+        s.get(TRACKED, &on("eth0", "udp")) == Some(3.0) && s.get(TRACKED, &on("eth1", "udp")) == Some(11.0)
+    });
+    assert_eq!(s.get(CREATED, &on("eth1", "udp")), Some(11.0), "{}", s.text);
+    assert_eq!(s.get(CREATED, &on("eth0", "udp")), Some(3.0), "{}", s.text);
+}
+
+#[test]
+fn a_full_flow_table_counts_evictions_and_keeps_working() {
+    if !require_root("a_full_flow_table_counts_evictions_and_keeps_working") {
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    let _echo = UdpEcho::start(&sim.vpc, addr(&eth0.vpc_v4, 7000));
+    let agent = Agent::start(&sim.node, &["--device", "eth0", "--flow-table-size", "8"]);
+    assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 20), 20);
+    let s = agent.scrape_until(&sim.node, "a full table", |s| s.get(TRACKED, &on("eth0", "udp")) == Some(8.0));
+    assert_eq!(s.get(CREATED, &on("eth0", "udp")), Some(8.0), "{}", s.text);
+    // Each left-out flow was seen twice (request and reply) and counted each time.
+    assert_eq!(s.get("eni_monitor_flow_table_evictions_total", &[]), Some(24.0), "{}", s.text);
+    assert_eq!(agent.get(&sim.node, "/readyz").unwrap().0, 200);
+}
