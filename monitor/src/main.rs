@@ -30,6 +30,7 @@ use crate::{
     cli::Cli,
     collectors::{
         agent::{AgentCollector, Attachments},
+        conntrack::ConntrackCollector,
         dns::{DnsCollector, LinkLocalResolvers, ResolverLabels, Sweeper, Unanswered, monotonic_ns},
         drops::DropsCollector,
         flows::{Expiry, FlowCounts, FlowsCollector, Timeouts},
@@ -220,6 +221,7 @@ fn registry(
         devices: devices.clone(),
         resolvers: Mutex::new(ResolverLabels::new(linklocal.clone())),
     }));
+    registry.register_collector(Box::new(ConntrackCollector::new()));
     registry.register_collector(Box::new(FlowsCollector {
         created: programs::take_map(ebpf, "FLOWS_CREATED")?.try_into()?,
         table_full: programs::take_map(ebpf, "FLOW_TABLE_FULL")?.try_into()?,

@@ -2,6 +2,7 @@
 //! are read at scrape time, never copied on a timer.
 
 pub mod agent;
+pub mod conntrack;
 pub mod dns;
 pub mod drops;
 pub mod flows;
