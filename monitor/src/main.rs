@@ -6,6 +6,7 @@ mod btf;
 mod cli;
 mod collectors;
 mod devices;
+mod ethtool;
 mod http;
 mod imds;
 mod kernel;
@@ -33,6 +34,7 @@ use crate::{
         conntrack::ConntrackCollector,
         dns::{DnsCollector, LinkLocalResolvers, ResolverLabels, Sweeper, Unanswered, monotonic_ns},
         drops::DropsCollector,
+        ena::EnaCollector,
         flows::{Expiry, FlowCounts, FlowsCollector, Timeouts},
         linklocal::LinkLocalCollector,
         udp::UdpQueueCollector,
@@ -173,7 +175,7 @@ async fn run(cli: Cli) -> Result<()> {
         }))
     };
 
-    let registry = registry(&mut ebpf, &facts, &devices, &attachments, unanswered, &linklocal, &flow_counts)?;
+    let registry = registry(&mut ebpf, &facts, &devices, &attachments, unanswered, &linklocal, &flow_counts, cli.conntrack_allowance)?;
     let state = Arc::new(http::State { registry, started: AtomicBool::default(), attachments });
     let server = tokio::spawn(http::serve(listener, Arc::clone(&state)));
     state.started.store(true, Ordering::Release);
@@ -203,6 +205,7 @@ fn registry(
     unanswered: Unanswered,
     linklocal: &LinkLocalResolvers,
     flow_counts: &FlowCounts,
+    allowance: Option<u64>,
 ) -> Result<Registry> {
     let mut registry = Registry::with_prefix("eni_monitor");
     registry.register_collector(Box::new(AgentCollector { attachments: attachments.clone() }));
@@ -222,6 +225,12 @@ fn registry(
         resolvers: Mutex::new(ResolverLabels::new(linklocal.clone())),
     }));
     registry.register_collector(Box::new(ConntrackCollector::new()));
+    registry.register_collector(Box::new(EnaCollector {
+        devices: devices.clone(),
+        flows: flow_counts.clone(),
+        allowance,
+        monotonic: Mutex::default(),
+    }));
     registry.register_collector(Box::new(FlowsCollector {
         created: programs::take_map(ebpf, "FLOWS_CREATED")?.try_into()?,
         table_full: programs::take_map(ebpf, "FLOW_TABLE_FULL")?.try_into()?,

@@ -32,7 +32,7 @@ fn udp_flows_and_tcp_connections_are_tracked_then_expire() {
     let _hold = TcpHold::start(&sim.vpc, addr(&eth0.vpc_v4, 8000));
     let agent = Agent::start(
         &sim.node,
-        &["--device", "eth0", "--udp-timeout", "2s", "--udp-stream-timeout", "3s"],
+        &["--device", "eth0", "--udp-timeout", "2s", "--udp-stream-timeout", "3s", "--conntrack-allowance", "100"],
     );
 
     assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 20), 20);
@@ -44,6 +44,10 @@ fn udp_flows_and_tcp_connections_are_tracked_then_expire() {
     assert_eq!(s.get(CREATED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
     assert_eq!(s.get(TRACKED, &on("eth0", "icmp")), Some(0.0), "{}", s.text);
     assert_eq!(s.get("eni_monitor_flow_table_evictions_total", &[]), Some(0.0));
+    // 25 tracked of the 100 the flag allows; a veth has no ENA allowance statistics.
+    assert_eq!(s.get("eni_monitor_conntrack_allowance_utilization_ratio", &[("device", "eth0"), ("eni", "")]), Some(0.25));
+    assert_eq!(s.sum("eni_monitor_ena_allowance_exceeded_total", &[]), 0.0, "{}", s.text);
+    assert!(!s.text.contains("eni_monitor_ena_conntrack_allowance_available{"), "{}", s.text);
 
     // The UDP flows went both ways: they leave after the stream timeout; TCP stays.
     let s = agent.scrape_until(&sim.node, "UDP flows to expire", |s| s.get(TRACKED, &on("eth0", "udp")) == Some(0.0));

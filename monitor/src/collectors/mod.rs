@@ -5,6 +5,7 @@ pub mod agent;
 pub mod conntrack;
 pub mod dns;
 pub mod drops;
+pub mod ena;
 pub mod flows;
 pub mod linklocal;
 pub mod udp;
