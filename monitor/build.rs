@@ -6,9 +6,15 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("no workspace above {manifest_dir}"))?
         .join("monitor-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non UTF-8 path {}", root.display()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non UTF-8 path {}", root.display()))?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "monitor-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "monitor-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

@@ -39,33 +39,61 @@ pub fn global(v: &'static u32) -> u32 {
 pub mod layout {
     use super::*;
     #[inline(always)]
-    pub fn skb_head() -> u32 { global(&SKB_HEAD_OFF) }
+    pub fn skb_head() -> u32 {
+        global(&SKB_HEAD_OFF)
+    }
     #[inline(always)]
-    pub fn skb_network_header() -> u32 { global(&SKB_NETWORK_HEADER_OFF) }
+    pub fn skb_network_header() -> u32 {
+        global(&SKB_NETWORK_HEADER_OFF)
+    }
     #[inline(always)]
-    pub fn skb_transport_header() -> u32 { global(&SKB_TRANSPORT_HEADER_OFF) }
+    pub fn skb_transport_header() -> u32 {
+        global(&SKB_TRANSPORT_HEADER_OFF)
+    }
     #[inline(always)]
-    pub fn skb_dev() -> u32 { global(&SKB_DEV_OFF) }
+    pub fn skb_dev() -> u32 {
+        global(&SKB_DEV_OFF)
+    }
     #[inline(always)]
-    pub fn dev_ifindex() -> u32 { global(&DEV_IFINDEX_OFF) }
+    pub fn dev_ifindex() -> u32 {
+        global(&DEV_IFINDEX_OFF)
+    }
     #[inline(always)]
-    pub fn dev_net() -> u32 { global(&DEV_NET_OFF) }
+    pub fn dev_net() -> u32 {
+        global(&DEV_NET_OFF)
+    }
     #[inline(always)]
-    pub fn net_inum() -> u32 { global(&NET_INUM_OFF) }
+    pub fn net_inum() -> u32 {
+        global(&NET_INUM_OFF)
+    }
     #[inline(always)]
-    pub fn own_netns_inum() -> u32 { global(&OWN_NETNS_INUM) }
+    pub fn own_netns_inum() -> u32 {
+        global(&OWN_NETNS_INUM)
+    }
     #[inline(always)]
-    pub fn tp_kfree_skbaddr() -> u32 { global(&TP_KFREE_SKBADDR_OFF) }
+    pub fn tp_kfree_skbaddr() -> u32 {
+        global(&TP_KFREE_SKBADDR_OFF)
+    }
     #[inline(always)]
-    pub fn tp_kfree_protocol() -> u32 { global(&TP_KFREE_PROTOCOL_OFF) }
+    pub fn tp_kfree_protocol() -> u32 {
+        global(&TP_KFREE_PROTOCOL_OFF)
+    }
     #[inline(always)]
-    pub fn tp_kfree_reason() -> u32 { global(&TP_KFREE_REASON_OFF) }
+    pub fn tp_kfree_reason() -> u32 {
+        global(&TP_KFREE_REASON_OFF)
+    }
     #[inline(always)]
-    pub fn reason_not_specified() -> u32 { global(&REASON_NOT_SPECIFIED) }
+    pub fn reason_not_specified() -> u32 {
+        global(&REASON_NOT_SPECIFIED)
+    }
     #[inline(always)]
-    pub fn tp_udpfail_sport() -> u32 { global(&TP_UDPFAIL_SPORT_OFF) }
+    pub fn tp_udpfail_sport() -> u32 {
+        global(&TP_UDPFAIL_SPORT_OFF)
+    }
     #[inline(always)]
-    pub fn tp_udpfail_dport() -> u32 { global(&TP_UDPFAIL_DPORT_OFF) }
+    pub fn tp_udpfail_dport() -> u32 {
+        global(&TP_UDPFAIL_DPORT_OFF)
+    }
 }
 
 /// Reads a `T` at `base + off` in kernel memory.
@@ -86,36 +114,50 @@ const HEADER_UNSET: u16 = 0xffff;
 /// `protocol` is the host-order ethertype. Anything unreadable is not DNS.
 #[inline(always)]
 pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
-    let Ok(head) = read::<u64>(skb, layout::skb_head()) else { return false };
-    let Ok(nh) = read::<u16>(skb, layout::skb_network_header()) else { return false };
+    let Ok(head) = read::<u64>(skb, layout::skb_head()) else {
+        return false;
+    };
+    let Ok(nh) = read::<u16>(skb, layout::skb_network_header()) else {
+        return false;
+    };
     if nh == HEADER_UNSET || head == 0 {
         return false;
     }
     let l3 = head + u64::from(nh);
     let l4 = match protocol {
         ETH_P_IP => {
-            let Ok(vihl) = read::<u8>(l3, 0) else { return false };
+            let Ok(vihl) = read::<u8>(l3, 0) else {
+                return false;
+            };
             if vihl >> 4 != 4 {
                 return false;
             }
-            let Ok(proto) = read::<u8>(l3, 9) else { return false };
+            let Ok(proto) = read::<u8>(l3, 9) else {
+                return false;
+            };
             if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
                 return false;
             }
             // Only the first fragment carries ports.
-            let Ok(frag) = read::<[u8; 2]>(l3, 6) else { return false };
+            let Ok(frag) = read::<[u8; 2]>(l3, 6) else {
+                return false;
+            };
             if u16::from_be_bytes(frag) & 0x1fff != 0 {
                 return false;
             }
             l3 + u64::from(vihl & 0x0f) * 4
         }
         ETH_P_IPV6 => {
-            let Ok(next) = read::<u8>(l3, 6) else { return false };
+            let Ok(next) = read::<u8>(l3, 6) else {
+                return false;
+            };
             if next == IPPROTO_TCP || next == IPPROTO_UDP {
                 l3 + 40
             } else {
                 // Extension headers: trust the kernel's transport header when set.
-                let Ok(th) = read::<u16>(skb, layout::skb_transport_header()) else { return false };
+                let Ok(th) = read::<u16>(skb, layout::skb_transport_header()) else {
+                    return false;
+                };
                 if th == HEADER_UNSET || th <= nh {
                     return false;
                 }
@@ -124,7 +166,9 @@ pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
         }
         _ => return false,
     };
-    let Ok(ports) = read::<[u8; 4]>(l4, 0) else { return false };
+    let Ok(ports) = read::<[u8; 4]>(l4, 0) else {
+        return false;
+    };
     let sport = u16::from_be_bytes([ports[0], ports[1]]);
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     sport == DNS_PORT || dport == DNS_PORT

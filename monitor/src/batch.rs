@@ -26,8 +26,19 @@ struct BatchAttr {
 
 fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     // SAFETY: `attr` is a valid batch attribute whose pointers the caller keeps alive.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<BatchAttr>()) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn map_fd(fd: BorrowedFd<'_>) -> u32 {
@@ -38,7 +49,11 @@ fn map_fd(fd: BorrowedFd<'_>) -> u32 {
 ///
 /// # Safety
 /// `K` and `V` must be the map's key and value types, plain data valid for any bytes.
-pub unsafe fn lookup_all<K: Copy, V: Copy>(fd: BorrowedFd<'_>, chunk: usize, mut f: impl FnMut(&K, &V)) -> io::Result<()> {
+pub unsafe fn lookup_all<K: Copy, V: Copy>(
+    fd: BorrowedFd<'_>,
+    chunk: usize,
+    mut f: impl FnMut(&K, &V),
+) -> io::Result<()> {
     let mut chunk = chunk.max(1);
     let mut keys: Vec<MaybeUninit<K>> = Vec::new();
     let mut values: Vec<MaybeUninit<V>> = Vec::new();
@@ -50,7 +65,11 @@ pub unsafe fn lookup_all<K: Copy, V: Copy>(fd: BorrowedFd<'_>, chunk: usize, mut
         keys.resize_with(chunk, MaybeUninit::uninit);
         values.resize_with(chunk, MaybeUninit::uninit);
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { std::ptr::from_mut(&mut token_in) as u64 },
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_mut(&mut token_in) as u64
+            },
             out_batch: std::ptr::from_mut(&mut token_out) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -102,7 +121,9 @@ pub unsafe fn delete_all<K: Copy>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<
         match result {
             Ok(()) => return Ok(deleted),
             // The key at `n` vanished meanwhile: step over it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(n + 1).min(rest.len())..],
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                rest = &rest[(n + 1).min(rest.len())..]
+            }
             Err(e) => return Err(e),
         }
     }

@@ -44,12 +44,26 @@ struct Member {
 #[derive(Clone, Debug)]
 enum Kind {
     /// Types the reader only needs to step over or size.
-    Sized { size: u32 },
+    Sized {
+        size: u32,
+    },
     /// `PTR`, `TYPEDEF`, `VOLATILE`, `CONST`, `RESTRICT`, `TYPE_TAG`: refer to another type.
-    Ref { target: u32, is_ptr: bool },
-    Array { elem: u32, nelems: u32 },
-    Composite { size: u32, members: Vec<Member> },
-    Enum { size: u32, values: Vec<(u32, i64)> },
+    Ref {
+        target: u32,
+        is_ptr: bool,
+    },
+    Array {
+        elem: u32,
+        nelems: u32,
+    },
+    Composite {
+        size: u32,
+        members: Vec<Member>,
+    },
+    Enum {
+        size: u32,
+        values: Vec<(u32, i64)>,
+    },
     Other,
 }
 
@@ -94,22 +108,36 @@ impl Btf {
         }
         ensure!(magic == MAGIC, "not BTF data (magic {magic:#06x})");
         let hdr_len = u32_at(data, 4)? as usize;
-        ensure!(hdr_len >= HEADER_LEN, "BTF header too short ({hdr_len} bytes)");
+        ensure!(
+            hdr_len >= HEADER_LEN,
+            "BTF header too short ({hdr_len} bytes)"
+        );
         let type_off = u32_at(data, 8)? as usize;
         let type_len = u32_at(data, 12)? as usize;
         let str_off = u32_at(data, 16)? as usize;
         let str_len = u32_at(data, 20)? as usize;
         let section = |off: usize, len: usize, what: &str| {
-            let start = hdr_len.checked_add(off).ok_or_else(|| anyhow!("{what} offset overflows"))?;
-            let end = start.checked_add(len).ok_or_else(|| anyhow!("{what} length overflows"))?;
-            data.get(start..end)
-                .ok_or_else(|| anyhow!("{what} section [{start}, {end}) beyond {} bytes", data.len()))
+            let start = hdr_len
+                .checked_add(off)
+                .ok_or_else(|| anyhow!("{what} offset overflows"))?;
+            let end = start
+                .checked_add(len)
+                .ok_or_else(|| anyhow!("{what} length overflows"))?;
+            data.get(start..end).ok_or_else(|| {
+                anyhow!(
+                    "{what} section [{start}, {end}) beyond {} bytes",
+                    data.len()
+                )
+            })
         };
         let type_sec = section(type_off, type_len, "type")?;
         let strings = section(str_off, str_len, "string")?.to_vec();
 
         // Type id 0 is void.
-        let mut types = vec![Type { name_off: 0, kind: Kind::Other }];
+        let mut types = vec![Type {
+            name_off: 0,
+            kind: Kind::Other,
+        }];
         let mut pos = 0;
         while pos < type_sec.len() {
             let (ty, len) = Self::parse_type(type_sec, pos)
@@ -117,7 +145,11 @@ impl Btf {
             types.push(ty);
             pos += len;
         }
-        let mut btf = Btf { types, strings, by_name: HashMap::new() };
+        let mut btf = Btf {
+            types,
+            strings,
+            by_name: HashMap::new(),
+        };
         let mut by_name = HashMap::new();
         for (id, ty) in btf.types.iter().enumerate().skip(1) {
             let class = match ty.kind {
@@ -148,9 +180,13 @@ impl Btf {
         Ok(match kind {
             KIND_INT => (ty(Kind::Sized { size: size_or_type }), 16),
             KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
-            | KIND_TYPE_TAG => {
-                (ty(Kind::Ref { target: size_or_type, is_ptr: kind == KIND_PTR }), 12)
-            }
+            | KIND_TYPE_TAG => (
+                ty(Kind::Ref {
+                    target: size_or_type,
+                    is_ptr: kind == KIND_PTR,
+                }),
+                12,
+            ),
             KIND_ARRAY => {
                 let elem = u32_at(sec, body)?;
                 let nelems = u32_at(sec, body + 8)?;
@@ -161,8 +197,11 @@ impl Btf {
                 for i in 0..vlen {
                     let m = body + i * 12;
                     let raw = u32_at(sec, m + 8)?;
-                    let (bit_offset, bitfield_size) =
-                        if kind_flag { (raw & 0x00ff_ffff, raw >> 24) } else { (raw, 0) };
+                    let (bit_offset, bitfield_size) = if kind_flag {
+                        (raw & 0x00ff_ffff, raw >> 24)
+                    } else {
+                        (raw, 0)
+                    };
                     members.push(Member {
                         name_off: u32_at(sec, m)?,
                         type_id: u32_at(sec, m + 4)?,
@@ -170,7 +209,13 @@ impl Btf {
                         bitfield_size,
                     });
                 }
-                (ty(Kind::Composite { size: size_or_type, members }), 12 + vlen * 12)
+                (
+                    ty(Kind::Composite {
+                        size: size_or_type,
+                        members,
+                    }),
+                    12 + vlen * 12,
+                )
             }
             KIND_ENUM => {
                 let signed = kind_flag;
@@ -178,11 +223,24 @@ impl Btf {
                 for i in 0..vlen {
                     let e = body + i * 8;
                     let raw = u32_at(sec, e + 4)?;
-                    #[expect(clippy::cast_possible_wrap, reason = "BTF stores signed values as u32")]
-                    let v = if signed { i64::from(raw as i32) } else { i64::from(raw) };
+                    #[expect(
+                        clippy::cast_possible_wrap,
+                        reason = "BTF stores signed values as u32"
+                    )]
+                    let v = if signed {
+                        i64::from(raw as i32)
+                    } else {
+                        i64::from(raw)
+                    };
                     values.push((u32_at(sec, e)?, v));
                 }
-                (ty(Kind::Enum { size: size_or_type, values }), 12 + vlen * 8)
+                (
+                    ty(Kind::Enum {
+                        size: size_or_type,
+                        values,
+                    }),
+                    12 + vlen * 8,
+                )
             }
             KIND_ENUM64 => {
                 let mut values = Vec::with_capacity(vlen);
@@ -190,10 +248,19 @@ impl Btf {
                     let e = body + i * 12;
                     let lo = u64::from(u32_at(sec, e + 4)?);
                     let hi = u64::from(u32_at(sec, e + 8)?);
-                    #[expect(clippy::cast_possible_wrap, reason = "reinterpreting the 64 stored bits")]
+                    #[expect(
+                        clippy::cast_possible_wrap,
+                        reason = "reinterpreting the 64 stored bits"
+                    )]
                     values.push((u32_at(sec, e)?, ((hi << 32) | lo) as i64));
                 }
-                (ty(Kind::Enum { size: size_or_type, values }), 12 + vlen * 12)
+                (
+                    ty(Kind::Enum {
+                        size: size_or_type,
+                        values,
+                    }),
+                    12 + vlen * 12,
+                )
             }
             KIND_FWD | KIND_FUNC => (ty(Kind::Other), 12),
             KIND_FLOAT => (ty(Kind::Sized { size: size_or_type }), 12),
@@ -214,14 +281,19 @@ impl Btf {
     }
 
     fn get(&self, id: u32) -> Result<&Type> {
-        self.types.get(id as usize).ok_or_else(|| anyhow!("type id {id} out of range"))
+        self.types
+            .get(id as usize)
+            .ok_or_else(|| anyhow!("type id {id} out of range"))
     }
 
     /// Follows typedefs and modifiers (not pointers) to the underlying type.
     fn resolve(&self, mut id: u32) -> Result<u32> {
         for _ in 0..32 {
             match self.get(id)?.kind {
-                Kind::Ref { target, is_ptr: false } => id = target,
+                Kind::Ref {
+                    target,
+                    is_ptr: false,
+                } => id = target,
                 _ => return Ok(id),
             }
         }
@@ -277,7 +349,10 @@ impl Btf {
             size = self.size_of(id)?;
         }
         ensure!(bits.is_multiple_of(8), "{name}.{path} is not byte aligned");
-        Ok(Field { offset: bits / 8, size })
+        Ok(Field {
+            offset: bits / 8,
+            size,
+        })
     }
 
     /// The enumerators of enum `name` as (name, value).
@@ -289,7 +364,10 @@ impl Btf {
         let Kind::Enum { values, .. } = &self.get(id)?.kind else {
             bail!("{name} is not an enum");
         };
-        values.iter().map(|&(n, v)| Ok((self.str(n)?.to_owned(), v))).collect()
+        values
+            .iter()
+            .map(|&(n, v)| Ok((self.str(n)?.to_owned(), v)))
+            .collect()
     }
 }
 
@@ -301,7 +379,10 @@ mod tests {
 
     /// BTF of a 6.18 `x86_64` kernel, copied from `/sys/kernel/btf/vmlinux`.
     fn fixture() -> Btf {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/btf/vmlinux-6.18.btf.gz");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/btf/vmlinux-6.18.btf.gz"
+        );
         let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(file)
@@ -327,7 +408,11 @@ mod tests {
             ("net", "ns.inum", 176, 4),
         ];
         for (ty, path, offset, size) in cases {
-            assert_eq!(btf.member(ty, path).unwrap(), Field { offset, size }, "{ty}.{path}");
+            assert_eq!(
+                btf.member(ty, path).unwrap(),
+                Field { offset, size },
+                "{ty}.{path}"
+            );
         }
     }
 
@@ -346,7 +431,10 @@ mod tests {
     fn missing_names_are_errors() {
         let btf = fixture();
         let err = btf.member("sk_buff", "no_such_member").unwrap_err();
-        assert_eq!(err.to_string(), "struct sk_buff has no member no_such_member");
+        assert_eq!(
+            err.to_string(),
+            "struct sk_buff has no member no_such_member"
+        );
         assert!(btf.member("no_such_struct", "x").is_err());
         assert!(btf.enum_values("no_such_enum").is_err());
     }
@@ -356,7 +444,10 @@ mod tests {
         assert!(Btf::parse(&[]).is_err());
         assert!(Btf::parse(&[0x9f, 0xeb, 1, 0]).is_err());
         assert_eq!(
-            Btf::parse(&[0xeb, 0x9f, 1, 0, 24, 0, 0, 0]).err().unwrap().to_string(),
+            Btf::parse(&[0xeb, 0x9f, 1, 0, 24, 0, 0, 0])
+                .err()
+                .unwrap()
+                .to_string(),
             "big-endian BTF is not supported"
         );
         // A header pointing past the end of the data.

@@ -6,14 +6,23 @@ use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "monitor", version, about = "Warns before an ENI runs out of its EC2 allowances or DNS packets vanish")]
+#[command(
+    name = "monitor",
+    version,
+    about = "Warns before an ENI runs out of its EC2 allowances or DNS packets vanish"
+)]
 pub struct Cli {
     /// ENIs to watch, as globs over interface names (default: physical NICs).
     #[arg(long = "device", value_name = "GLOB", env = "MONITOR_DEVICE", value_delimiter = ',', value_parser = parse_glob)]
     pub devices: Vec<glob::Pattern>,
 
     /// Address for /metrics, /healthz and /readyz.
-    #[arg(long, value_name = "ADDR", env = "MONITOR_LISTEN", default_value = "0.0.0.0:9435")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "MONITOR_LISTEN",
+        default_value = "0.0.0.0:9435"
+    )]
     pub listen: SocketAddr,
 
     /// EC2 instance metadata service, for ENI ids (`IMDSv2`).
@@ -41,7 +50,12 @@ pub struct Cli {
     pub conntrack_allowance: Option<u64>,
 
     /// Extra addresses counted as the link-local DNS resolver (the VPC+2 address).
-    #[arg(long = "linklocal-resolver", value_name = "IP", env = "MONITOR_LINKLOCAL_RESOLVER", value_delimiter = ',')]
+    #[arg(
+        long = "linklocal-resolver",
+        value_name = "IP",
+        env = "MONITOR_LINKLOCAL_RESOLVER",
+        value_delimiter = ','
+    )]
     pub linklocal_resolvers: Vec<IpAddr>,
 
     /// Flows the per-ENI flow table holds.
@@ -54,7 +68,8 @@ pub struct Cli {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 2s, 500ms, 5m)"))?;
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 2s, 500ms, 5m)"))?;
     if d.is_zero() {
         return Err("must be greater than zero".to_owned());
     }
@@ -69,7 +84,9 @@ fn parse_glob(s: &str) -> Result<glob::Pattern, String> {
 }
 
 fn parse_http_url(s: &str) -> Result<String, String> {
-    let rest = s.strip_prefix("http://").ok_or("only http:// endpoints are supported")?;
+    let rest = s
+        .strip_prefix("http://")
+        .ok_or("only http:// endpoints are supported")?;
     if rest.trim_end_matches('/').is_empty() {
         return Err("no host".to_owned());
     }
@@ -82,11 +99,17 @@ impl Cli {
     pub fn parse_or_exit() -> Self {
         Self::try_parse_from(std::env::args_os()).unwrap_or_else(|err| {
             use clap::error::ErrorKind;
-            if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
                 err.exit();
             }
             let text = err.to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: invalid command line"));
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid command line")
+            );
             std::process::exit(2);
         })
     }
@@ -116,10 +139,21 @@ mod tests {
 
     #[test]
     fn repeated_and_comma_separated_values() {
-        let cli = parse(&["--device", "eth*", "--device", "ens5,ens6", "--linklocal-resolver", "10.0.0.2"]).unwrap();
+        let cli = parse(&[
+            "--device",
+            "eth*",
+            "--device",
+            "ens5,ens6",
+            "--linklocal-resolver",
+            "10.0.0.2",
+        ])
+        .unwrap();
         let globs: Vec<_> = cli.devices.iter().map(glob::Pattern::as_str).collect();
         assert_eq!(globs, ["eth*", "ens5", "ens6"]);
-        assert_eq!(cli.linklocal_resolvers, ["10.0.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            cli.linklocal_resolvers,
+            ["10.0.0.2".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]
@@ -132,7 +166,10 @@ mod tests {
             (&["--conntrack-allowance", "0"], "--conntrack-allowance"),
             (&["--conntrack-allowance", "many"], "--conntrack-allowance"),
             (&["--flow-table-size", "0"], "--flow-table-size"),
-            (&["--linklocal-resolver", "10.0.0.300"], "--linklocal-resolver"),
+            (
+                &["--linklocal-resolver", "10.0.0.300"],
+                "--linklocal-resolver",
+            ),
             (&["--imds-endpoint", "ftp://x"], "--imds-endpoint"),
             (&["--device", "eth[0"], "--device"),
         ] {
@@ -140,6 +177,10 @@ mod tests {
             assert!(err.starts_with("error: invalid value"), "{args:?}: {err}");
             assert!(err.contains(flag), "{args:?}: {err}");
         }
-        assert!(parse(&["--no-such-flag"]).unwrap_err().contains("--no-such-flag"));
+        assert!(
+            parse(&["--no-such-flag"])
+                .unwrap_err()
+                .contains("--no-such-flag")
+        );
     }
 }

@@ -29,17 +29,28 @@ pub struct Devices(Arc<RwLock<BTreeMap<u32, Device>>>);
 impl Devices {
     pub fn replace(&self, devices: impl IntoIterator<Item = Device>) {
         let map = devices.into_iter().map(|d| (d.ifindex, d)).collect();
-        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = map;
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
     }
 
     pub fn set_eni(&self, ifindex: u32, eni: &str) {
-        if let Some(d) = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&ifindex) {
+        if let Some(d) = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(&ifindex)
+        {
             eni.clone_into(&mut d.eni);
         }
     }
 
     pub fn snapshot(&self) -> BTreeMap<u32, Device> {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -49,12 +60,17 @@ pub fn interfaces() -> Result<Vec<(String, u32)>> {
     unsafe {
         let list = libc::if_nameindex();
         if list.is_null() {
-            return Err(anyhow!("listing network interfaces: {}", std::io::Error::last_os_error()));
+            return Err(anyhow!(
+                "listing network interfaces: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         let mut out = Vec::new();
         let mut cur = list;
         while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
-            let name = CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned();
+            let name = CStr::from_ptr((*cur).if_name)
+                .to_string_lossy()
+                .into_owned();
             out.push((name, (*cur).if_index));
             cur = cur.add(1);
         }
@@ -88,13 +104,20 @@ pub fn mac_address(name: &str) -> Result<String> {
             return Err(anyhow!("reading the MAC address of {name}: {err}"));
         }
         let mac = req.ifr_ifru.ifru_hwaddr.sa_data;
-        Ok(mac[..6].iter().map(|b| format!("{:02x}", (*b).cast_unsigned())).collect::<Vec<_>>().join(":"))
+        Ok(mac[..6]
+            .iter()
+            .map(|b| format!("{:02x}", (*b).cast_unsigned()))
+            .collect::<Vec<_>>()
+            .join(":"))
     }
 }
 
 /// A NIC backed by hardware (an ENA ENI on EC2) has a `device` link in sysfs.
 pub fn is_physical(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).join("device").exists()
+    Path::new("/sys/class/net")
+        .join(name)
+        .join("device")
+        .exists()
 }
 
 /// The interfaces matching `globs`, or the physical ones when `globs` is empty, each
@@ -106,16 +129,29 @@ pub fn select(
 ) -> Vec<Device> {
     let mut out: Vec<Device> = Vec::new();
     for (name, ifindex) in interfaces {
-        let wanted = if globs.is_empty() { is_physical(name) } else { globs.iter().any(|g| g.matches(name)) };
+        let wanted = if globs.is_empty() {
+            is_physical(name)
+        } else {
+            globs.iter().any(|g| g.matches(name))
+        };
         if !wanted {
             continue;
         }
-        let Ok(slot) = u32::try_from(out.len()) else { break };
+        let Ok(slot) = u32::try_from(out.len()) else {
+            break;
+        };
         if slot >= MAX_DEVICES {
-            log::warn!("more than {MAX_DEVICES} devices match; {name} and later ones are not monitored");
+            log::warn!(
+                "more than {MAX_DEVICES} devices match; {name} and later ones are not monitored"
+            );
             break;
         }
-        out.push(Device { name: name.clone(), ifindex: *ifindex, eni: String::new(), slot });
+        out.push(Device {
+            name: name.clone(),
+            ifindex: *ifindex,
+            eni: String::new(),
+            slot,
+        });
     }
     out
 }
@@ -125,23 +161,34 @@ mod tests {
     use super::*;
 
     fn ifs() -> Vec<(String, u32)> {
-        [("lo", 1), ("eth0", 2), ("eth1", 3), ("eni1a2b", 4), ("ens5", 5)]
-            .iter()
-            .map(|&(n, i)| (n.to_owned(), i))
-            .collect()
+        [
+            ("lo", 1),
+            ("eth0", 2),
+            ("eth1", 3),
+            ("eni1a2b", 4),
+            ("ens5", 5),
+        ]
+        .iter()
+        .map(|&(n, i)| (n.to_owned(), i))
+        .collect()
     }
 
     #[test]
     fn globs_select_by_name() {
         let globs = [glob::Pattern::new("eth*").unwrap()];
-        let names: Vec<_> = select(&ifs(), &globs, |_| false).into_iter().map(|d| (d.name, d.slot)).collect();
+        let names: Vec<_> = select(&ifs(), &globs, |_| false)
+            .into_iter()
+            .map(|d| (d.name, d.slot))
+            .collect();
         assert_eq!(names, [("eth0".to_owned(), 0), ("eth1".to_owned(), 1)]);
     }
 
     #[test]
     fn default_is_the_physical_nics() {
-        let names: Vec<_> =
-            select(&ifs(), &[], |n| n == "ens5").into_iter().map(|d| (d.name, d.ifindex, d.slot)).collect();
+        let names: Vec<_> = select(&ifs(), &[], |n| n == "ens5")
+            .into_iter()
+            .map(|d| (d.name, d.ifindex, d.slot))
+            .collect();
         assert_eq!(names, [("ens5".to_owned(), 5, 0)]);
     }
 

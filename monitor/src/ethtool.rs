@@ -27,7 +27,10 @@ pub fn parse(strings: &[u8], values: &[u64]) -> BTreeMap<String, u64> {
 /// Issues one ethtool command on `device`; `buf` starts with the command's struct.
 fn ioctl(device: &str, buf: &mut [u64]) -> io::Result<()> {
     if device.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
     }
     // SAFETY: an ifreq zeroed then given a NUL-terminated name and a pointer to `buf`,
     // which outlives the call; the socket is closed below.
@@ -71,7 +74,12 @@ pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
     strings[0] = u64::from(ETHTOOL_GSTRINGS) | (u64::from(ETH_SS_STATS) << 32);
     strings[1] = count as u64;
     ioctl(device, &mut strings)?;
-    let names: Vec<u8> = strings.iter().flat_map(|w| w.to_ne_bytes()).skip(12).take(count * ETH_GSTRING_LEN).collect();
+    let names: Vec<u8> = strings
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .skip(12)
+        .take(count * ETH_GSTRING_LEN)
+        .collect();
     // struct ethtool_stats { u32 cmd; u32 n_stats; u64 data[]; }
     let mut values = vec![0u64; 1 + count];
     values[0] = u64::from(ETHTOOL_GSTATS) | ((count as u64) << 32);
@@ -86,11 +94,18 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!("{}/tests/fixtures/ena/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read(format!(
+            "{}/tests/fixtures/ena/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     }
 
     fn u64s(bytes: &[u8]) -> Vec<u64> {
-        bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+        bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     #[test]
@@ -124,13 +139,24 @@ mod tests {
         }
         let name = format!("emv{}", std::process::id() % 100_000);
         let ok = std::process::Command::new("ip")
-            .args(["link", "add", &name, "type", "veth", "peer", "name", &format!("{name}p")])
+            .args([
+                "link",
+                "add",
+                &name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("{name}p"),
+            ])
             .status()
             .unwrap()
             .success();
         assert!(ok);
         let s = stats(&name);
-        let _ = std::process::Command::new("ip").args(["link", "del", &name]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &name])
+            .status();
         let s = s.unwrap();
         assert!(s.contains_key("peer_ifindex"), "{s:?}");
         assert!(s.contains_key("rx_queue_0_drops"), "{s:?}");

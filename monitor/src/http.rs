@@ -36,7 +36,10 @@ pub struct State {
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -49,10 +52,14 @@ fn handle(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let mut body = String::with_capacity(16 * 1024);
             if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
                 warn!("encoding metrics: {e}");
-                return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n");
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding metrics failed\n",
+                );
             }
             let mut r = text(StatusCode::OK, body);
-            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
             r
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -65,15 +72,27 @@ fn handle(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .snapshot()
                 .into_iter()
                 .filter(|a| !a.attached)
-                .map(|a| if a.device.is_empty() { a.hook } else { format!("{} on {}", a.hook, a.device) })
+                .map(|a| {
+                    if a.device.is_empty() {
+                        a.hook
+                    } else {
+                        format!("{} on {}", a.hook, a.device)
+                    }
+                })
                 .collect();
             if missing.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("not attached: {}\n", missing.join(", ")))
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not attached: {}\n", missing.join(", ")),
+                )
             }
         }
-        "/" => text(StatusCode::OK, "eni-monitor: see /metrics, /healthz, /readyz\n"),
+        "/" => text(
+            StatusCode::OK,
+            "eni-monitor: see /metrics, /healthz, /readyz\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -96,7 +115,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 let resp = handle(&state, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 debug!("connection from {peer}: {e}");
             }
         });

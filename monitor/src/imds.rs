@@ -35,24 +35,40 @@ pub struct Imds {
 impl Imds {
     /// `endpoint` is `http://host[:port]`, as `--imds-endpoint` takes it.
     pub fn new(endpoint: &str, timeout: Duration) -> Result<Self> {
-        let rest = endpoint.strip_prefix("http://").ok_or_else(|| anyhow!("{endpoint}: only http:// is supported"))?;
+        let rest = endpoint
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow!("{endpoint}: only http:// is supported"))?;
         let host = rest.split('/').next().unwrap_or_default();
         ensure!(!host.is_empty(), "{endpoint}: no host");
-        let has_port = host.rsplit_once(':').is_some_and(|(h, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')));
-        let authority = if has_port { host.to_owned() } else { format!("{host}:80") };
+        let has_port = host.rsplit_once(':').is_some_and(|(h, p)| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']'))
+        });
+        let authority = if has_port {
+            host.to_owned()
+        } else {
+            format!("{host}:80")
+        };
         Ok(Self { authority, timeout })
     }
 
     async fn request(&self, method: &str, path: &str, header: (&str, &str)) -> Result<String> {
         let exchange = async {
-            let mut stream = TcpStream::connect(&self.authority).await.context("connecting")?;
+            let mut stream = TcpStream::connect(&self.authority)
+                .await
+                .context("connecting")?;
             let req = format!(
                 "{method} {path} HTTP/1.1\r\nHost: {}\r\n{}: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 self.authority, header.0, header.1
             );
             stream.write_all(req.as_bytes()).await.context("sending")?;
             let mut buf = Vec::new();
-            stream.take(u64::try_from(MAX_RESPONSE).unwrap_or(u64::MAX)).read_to_end(&mut buf).await.context("reading")?;
+            stream
+                .take(u64::try_from(MAX_RESPONSE).unwrap_or(u64::MAX))
+                .read_to_end(&mut buf)
+                .await
+                .context("reading")?;
             parse_response(&buf)
         };
         tokio::time::timeout(self.timeout, exchange)
@@ -63,7 +79,13 @@ impl Imds {
 
     async fn token(&self) -> Result<String> {
         let ttl = TOKEN_TTL_SECONDS.to_string();
-        let token = self.request("PUT", "/latest/api/token", ("X-aws-ec2-metadata-token-ttl-seconds", &ttl)).await?;
+        let token = self
+            .request(
+                "PUT",
+                "/latest/api/token",
+                ("X-aws-ec2-metadata-token-ttl-seconds", &ttl),
+            )
+            .await?;
         Ok(token.trim().to_owned())
     }
 
@@ -73,10 +95,18 @@ impl Imds {
         let get = |leaf: &'static str| {
             let path = format!("/latest/meta-data/network/interfaces/macs/{mac}/{leaf}");
             let token = token.clone();
-            async move { self.request("GET", &path, ("X-aws-ec2-metadata-token", &token)).await }
+            async move {
+                self.request("GET", &path, ("X-aws-ec2-metadata-token", &token))
+                    .await
+            }
         };
         let id = get("interface-id").await?.trim().to_owned();
-        ensure!(id.starts_with("eni-") && id.len() < 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "unexpected interface-id {id:?}");
+        ensure!(
+            id.starts_with("eni-")
+                && id.len() < 64
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "unexpected interface-id {id:?}"
+        );
         // Some ENIs (EFA-only, say) have no VPC CIDR: the id alone is still worth having.
         let vpc_resolver = match get("vpc-ipv4-cidr-block").await {
             Ok(cidr) => Some(vpc_plus_two(cidr.trim())?),
@@ -89,7 +119,9 @@ impl Imds {
 /// The body of a 200 response; anything else is an error naming the status.
 fn parse_response(raw: &[u8]) -> Result<String> {
     let text = std::str::from_utf8(raw).context("response is not UTF-8")?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("incomplete response"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("incomplete response"))?;
     let status = head
         .lines()
         .next()
@@ -101,20 +133,34 @@ fn parse_response(raw: &[u8]) -> Result<String> {
     }
     let length = head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok()).flatten()
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())
+            .flatten()
     });
     Ok(match length {
-        Some(n) => body.get(..n).ok_or_else(|| anyhow!("body shorter than its Content-Length"))?.to_owned(),
+        Some(n) => body
+            .get(..n)
+            .ok_or_else(|| anyhow!("body shorter than its Content-Length"))?
+            .to_owned(),
         None => body.to_owned(),
     })
 }
 
 /// The base of an IPv4 CIDR plus two: where the Amazon-provided resolver answers.
 pub fn vpc_plus_two(cidr: &str) -> Result<Ipv4Addr> {
-    let (addr, len) = cidr.split_once('/').ok_or_else(|| anyhow!("{cidr:?} is not a CIDR"))?;
-    let addr: Ipv4Addr = addr.parse().with_context(|| format!("{cidr:?} is not a CIDR"))?;
-    let len: u32 = len.parse().with_context(|| format!("{cidr:?} is not a CIDR"))?;
-    ensure!((16..=28).contains(&len), "{cidr:?}: a VPC CIDR is /16 to /28");
+    let (addr, len) = cidr
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{cidr:?} is not a CIDR"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .with_context(|| format!("{cidr:?} is not a CIDR"))?;
+    let len: u32 = len
+        .parse()
+        .with_context(|| format!("{cidr:?} is not a CIDR"))?;
+    ensure!(
+        (16..=28).contains(&len),
+        "{cidr:?}: a VPC CIDR is /16 to /28"
+    );
     let base = u32::from(addr) & (u32::MAX << (32 - len));
     Ok(Ipv4Addr::from(base + 2))
 }
@@ -126,7 +172,11 @@ pub async fn label_enis(imds: Imds, devices: Devices, mut on_resolver: impl FnMu
     let mut backoff = Duration::from_secs(1);
     let mut warned = false;
     loop {
-        let pending: Vec<Device> = devices.snapshot().into_values().filter(|d| d.eni.is_empty()).collect();
+        let pending: Vec<Device> = devices
+            .snapshot()
+            .into_values()
+            .filter(|d| d.eni.is_empty())
+            .collect();
         let mut failed = false;
         for d in pending {
             let found = match crate::devices::mac_address(&d.name) {
@@ -135,7 +185,14 @@ pub async fn label_enis(imds: Imds, devices: Devices, mut on_resolver: impl FnMu
             };
             match found {
                 Ok(info) => {
-                    info!("{} is {}{}", d.name, info.id, info.vpc_resolver.map(|r| format!(", VPC resolver {r}")).unwrap_or_default());
+                    info!(
+                        "{} is {}{}",
+                        d.name,
+                        info.id,
+                        info.vpc_resolver
+                            .map(|r| format!(", VPC resolver {r}"))
+                            .unwrap_or_default()
+                    );
                     devices.set_eni(d.ifindex, &info.id);
                     if let Some(r) = info.vpc_resolver {
                         on_resolver(r);
@@ -146,7 +203,10 @@ pub async fn label_enis(imds: Imds, devices: Devices, mut on_resolver: impl FnMu
                     if warned {
                         debug!("IMDS: {}: {e:#}", d.name);
                     } else {
-                        warn!("IMDS: {}: {e:#}; eni labels stay empty, retrying in the background", d.name);
+                        warn!(
+                            "IMDS: {}: {e:#}; eni labels stay empty, retrying in the background",
+                            d.name
+                        );
                         warned = true;
                     }
                 }
@@ -169,9 +229,18 @@ mod tests {
 
     #[test]
     fn vpc_resolver_is_base_plus_two() {
-        assert_eq!(vpc_plus_two("10.0.0.0/16").unwrap(), Ipv4Addr::new(10, 0, 0, 2));
-        assert_eq!(vpc_plus_two("172.31.0.0/16").unwrap(), Ipv4Addr::new(172, 31, 0, 2));
-        assert_eq!(vpc_plus_two("10.1.2.3/24").unwrap(), Ipv4Addr::new(10, 1, 2, 2));
+        assert_eq!(
+            vpc_plus_two("10.0.0.0/16").unwrap(),
+            Ipv4Addr::new(10, 0, 0, 2)
+        );
+        assert_eq!(
+            vpc_plus_two("172.31.0.0/16").unwrap(),
+            Ipv4Addr::new(172, 31, 0, 2)
+        );
+        assert_eq!(
+            vpc_plus_two("10.1.2.3/24").unwrap(),
+            Ipv4Addr::new(10, 1, 2, 2)
+        );
         for bad in ["10.0.0.0", "10.0.0.0/8", "10.0.0.0/x", "x/16", ""] {
             assert!(vpc_plus_two(bad).is_err(), "{bad}");
         }
@@ -180,19 +249,44 @@ mod tests {
     #[test]
     fn endpoints() {
         let t = Duration::from_secs(1);
-        assert_eq!(Imds::new("http://169.254.169.254", t).unwrap().authority, "169.254.169.254:80");
-        assert_eq!(Imds::new("http://127.0.0.1:8080", t).unwrap().authority, "127.0.0.1:8080");
-        assert_eq!(Imds::new("http://[fd00:ec2::254]", t).unwrap().authority, "[fd00:ec2::254]:80");
-        assert_eq!(Imds::new("http://[fd00:ec2::254]:81/", t).unwrap().authority, "[fd00:ec2::254]:81");
+        assert_eq!(
+            Imds::new("http://169.254.169.254", t).unwrap().authority,
+            "169.254.169.254:80"
+        );
+        assert_eq!(
+            Imds::new("http://127.0.0.1:8080", t).unwrap().authority,
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            Imds::new("http://[fd00:ec2::254]", t).unwrap().authority,
+            "[fd00:ec2::254]:80"
+        );
+        assert_eq!(
+            Imds::new("http://[fd00:ec2::254]:81/", t)
+                .unwrap()
+                .authority,
+            "[fd00:ec2::254]:81"
+        );
         assert!(Imds::new("https://x", t).is_err());
         assert!(Imds::new("http://", t).is_err());
     }
 
     #[test]
     fn responses() {
-        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\neni-1trailing").unwrap(), "eni-1");
-        assert_eq!(parse_response(b"HTTP/1.0 200 OK\r\n\r\nabc").unwrap(), "abc");
-        assert_eq!(parse_response(b"HTTP/1.1 401 Unauthorized\r\n\r\n").unwrap_err().to_string(), "status 401");
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\neni-1trailing").unwrap(),
+            "eni-1"
+        );
+        assert_eq!(
+            parse_response(b"HTTP/1.0 200 OK\r\n\r\nabc").unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            parse_response(b"HTTP/1.1 401 Unauthorized\r\n\r\n")
+                .unwrap_err()
+                .to_string(),
+            "status 401"
+        );
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nabc").is_err());
         assert!(parse_response(b"garbage").is_err());
         assert!(parse_response(&[0xff, 0xfe]).is_err());

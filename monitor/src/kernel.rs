@@ -28,7 +28,11 @@ impl StructOffsets {
     pub fn from_btf(btf: &Btf) -> Result<Self> {
         let field = |ty: &str, path: &str, size: u32| -> Result<u32> {
             let f = btf.member(ty, path)?;
-            ensure!(f.size == size, "{ty}.{path} is {} bytes, expected {size}", f.size);
+            ensure!(
+                f.size == size,
+                "{ty}.{path} is {} bytes, expected {size}",
+                f.size
+            );
             Ok(f.offset)
         };
         Ok(Self {
@@ -79,7 +83,10 @@ pub struct UdpFailFields {
 impl UdpFailFields {
     pub fn from_format(format: &Format) -> Self {
         let port = |name: &str| format.require(name, 2).ok().map(|f| f.offset);
-        Self { sport: port("sport"), dport: port("dport").or_else(|| port("lport")) }
+        Self {
+            sport: port("sport"),
+            dport: port("dport").or_else(|| port("lport")),
+        }
     }
 }
 
@@ -123,7 +130,10 @@ impl DropReasons {
             .find(|(_, n)| *n == "NOT_SPECIFIED")
             .map(|(&v, _)| v)
             .ok_or_else(|| anyhow!("no NOT_SPECIFIED drop reason"))?;
-        Ok(Self { names, not_specified })
+        Ok(Self {
+            names,
+            not_specified,
+        })
     }
 
     /// The label for a reason value: the kernel's name, or `unknown`.
@@ -156,18 +166,25 @@ impl KernelFacts {
     /// format cannot be read leaves its fields `None`, and its program unattached.
     pub fn read(btf_path: &Path, tracefs: Option<&Path>) -> Result<Self> {
         let raw = std::fs::read(btf_path).with_context(|| {
-            format!("reading kernel BTF from {} (the kernel needs CONFIG_DEBUG_INFO_BTF)", btf_path.display())
+            format!(
+                "reading kernel BTF from {} (the kernel needs CONFIG_DEBUG_INFO_BTF)",
+                btf_path.display()
+            )
         })?;
         let btf = Btf::parse(&raw).with_context(|| format!("parsing {}", btf_path.display()))?;
         let offsets = StructOffsets::from_btf(&btf).context("reading struct offsets from BTF")?;
         let read_format = |category, name| {
-            tracefs.map(|root| Format::read(root, category, name)).transpose().unwrap_or_else(|e| {
-                warn!("{e:#}");
-                None
-            })
+            tracefs
+                .map(|root| Format::read(root, category, name))
+                .transpose()
+                .unwrap_or_else(|e| {
+                    warn!("{e:#}");
+                    None
+                })
         };
         let kfree_format = read_format("skb", "kfree_skb");
-        let udp_fail = read_format("udp", "udp_fail_queue_rcv_skb").map(|f| UdpFailFields::from_format(&f));
+        let udp_fail =
+            read_format("udp", "udp_fail_queue_rcv_skb").map(|f| UdpFailFields::from_format(&f));
         let kfree_skb = match &kfree_format {
             Some(f) => Some(KfreeSkbFields::from_format(f).context("skb:kfree_skb format")?),
             None => None,
@@ -176,12 +193,20 @@ impl KernelFacts {
             Ok(r) => r,
             Err(btf_err) => match &kfree_format {
                 Some(f) => DropReasons::from_format(f).with_context(|| {
-                    format!("drop reasons neither in BTF ({btf_err:#}) nor in the tracepoint format")
+                    format!(
+                        "drop reasons neither in BTF ({btf_err:#}) nor in the tracepoint format"
+                    )
                 })?,
                 None => DropReasons::default(),
             },
         };
-        Ok(Self { offsets, kfree_skb, udp_fail, reasons, netns_inum: own_netns_inum()? })
+        Ok(Self {
+            offsets,
+            kfree_skb,
+            udp_fail,
+            reasons,
+            netns_inum: own_netns_inum()?,
+        })
     }
 
     /// The program's load-time globals as (name, value).
@@ -216,29 +241,64 @@ mod tests {
     use super::*;
 
     fn format(name: &str) -> Format {
-        let path = format!("{}/tests/fixtures/tracefs/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/tracefs/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         Format::parse(&std::fs::read_to_string(&path).unwrap()).unwrap()
     }
 
     #[test]
     fn kfree_skb_fields_by_kernel() {
         let new = KfreeSkbFields::from_format(&format("kfree_skb-6.18.format")).unwrap();
-        assert_eq!(new, KfreeSkbFields { skbaddr: 8, protocol: 32, reason: Some(36) });
+        assert_eq!(
+            new,
+            KfreeSkbFields {
+                skbaddr: 8,
+                protocol: 32,
+                reason: Some(36)
+            }
+        );
         let old = KfreeSkbFields::from_format(&format("kfree_skb-5.10.format")).unwrap();
-        assert_eq!(old, KfreeSkbFields { skbaddr: 8, protocol: 24, reason: None });
+        assert_eq!(
+            old,
+            KfreeSkbFields {
+                skbaddr: 8,
+                protocol: 24,
+                reason: None
+            }
+        );
     }
 
     #[test]
     fn udp_fail_ports_by_kernel() {
         let new = UdpFailFields::from_format(&format("udp_fail_queue_rcv_skb-6.18.format"));
-        assert_eq!(new, UdpFailFields { sport: Some(12), dport: Some(14) });
+        assert_eq!(
+            new,
+            UdpFailFields {
+                sport: Some(12),
+                dport: Some(14)
+            }
+        );
         let old = Format::parse(
             "\tfield:int rc;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:__u16 lport;\toffset:12;\tsize:2;\tsigned:0;\n",
         )
         .unwrap();
-        assert_eq!(UdpFailFields::from_format(&old), UdpFailFields { sport: None, dport: Some(12) });
+        assert_eq!(
+            UdpFailFields::from_format(&old),
+            UdpFailFields {
+                sport: None,
+                dport: Some(12)
+            }
+        );
         let none = Format::parse("\tfield:int rc;\toffset:8;\tsize:4;\tsigned:1;\n").unwrap();
-        assert_eq!(UdpFailFields::from_format(&none), UdpFailFields { sport: None, dport: None });
+        assert_eq!(
+            UdpFailFields::from_format(&none),
+            UdpFailFields {
+                sport: None,
+                dport: None
+            }
+        );
     }
 
     #[test]
@@ -255,7 +315,10 @@ mod tests {
 
     #[test]
     fn reason_names_agree_between_btf_and_format() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/btf/vmlinux-6.18.btf.gz");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/btf/vmlinux-6.18.btf.gz"
+        );
         let mut raw = Vec::new();
         std::io::Read::read_to_end(
             &mut flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap()),

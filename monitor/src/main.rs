@@ -12,18 +12,24 @@ mod imds;
 mod kernel;
 mod probe_tests;
 mod programs;
+mod slots;
 mod tracefs;
+mod watch;
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
-    sync::{Arc, Mutex, atomic::{AtomicBool, Ordering}},
 };
 
 use anyhow::{Context as _, Result};
 use log::{error, info, warn};
-use monitor_common::{LL_DNS, LL_IMDS, LL_NTP};
+use monitor_common::{FLOW_CLASSES, LL_DNS, LL_IMDS, LL_NTP, LL_SERVICES, LL_WINDOW};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -32,7 +38,9 @@ use crate::{
     collectors::{
         agent::{AgentCollector, Attachments},
         conntrack::ConntrackCollector,
-        dns::{DnsCollector, LinkLocalResolvers, ResolverLabels, Sweeper, Unanswered, monotonic_ns},
+        dns::{
+            DnsCollector, LinkLocalResolvers, ResolverLabels, Sweeper, Unanswered, monotonic_ns,
+        },
         drops::DropsCollector,
         ena::EnaCollector,
         flows::{Expiry, FlowCounts, FlowsCollector, Timeouts},
@@ -42,6 +50,8 @@ use crate::{
     devices::Devices,
     imds::Imds,
     kernel::KernelFacts,
+    slots::SlotArray,
+    watch::{SlotArrays, Watcher},
 };
 
 /// EC2's link-local service addresses.
@@ -57,7 +67,10 @@ const LINKLOCAL_SERVICES: [(&str, u32); 6] = [
 fn main() {
     let cli = Cli::parse_or_exit();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -81,67 +94,63 @@ async fn run(cli: Cli) -> Result<()> {
             Some(p) => vec![p.clone()],
             None => tracefs::DEFAULT_ROOTS.iter().map(PathBuf::from).collect(),
         };
-        tracefs::find_root(&candidates).map_err(|e| error!("{e}")).ok()
+        tracefs::find_root(&candidates)
+            .map_err(|e| error!("{e}"))
+            .ok()
     };
     let facts = KernelFacts::read(Path::new(kernel::BTF_PATH), tracefs.as_deref())?;
     let mut ebpf = programs::load(&facts, cli.flow_table_size)?;
 
     let all = devices::interfaces()?;
-    let selected = devices::select(&all, &cli.devices, devices::is_physical);
     for glob in &cli.devices {
         if !all.iter().any(|(name, _)| glob.matches(name)) {
             warn!("--device {glob}: no such interface in this network namespace");
         }
     }
-    if selected.is_empty() {
-        warn!("no devices to monitor; drops are counted as device=\"other\"");
-    }
-    info!("monitoring {}", selected.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "));
-    programs::set_monitored(&mut ebpf, &selected)?;
 
-    let linklocal = LinkLocalResolvers::default();
-    let mut ll_map: programs::LinkLocalMap = programs::take_map(&mut ebpf, "LINKLOCAL")?.try_into()?;
-    for (addr, service) in LINKLOCAL_SERVICES {
-        let ip: IpAddr = addr.parse().context("a built-in link-local address")?;
-        if service == LL_DNS {
-            linklocal.add(ip);
-        }
-        programs::add_linklocal(&mut ll_map, ip, service)?;
-    }
-    for ip in &cli.linklocal_resolvers {
-        linklocal.add(*ip);
-        programs::add_linklocal(&mut ll_map, *ip, LL_DNS)?;
-    }
+    let (linklocal, mut ll_map) = linklocal_services(&mut ebpf, &cli.linklocal_resolvers)?;
 
     let attachments = Attachments::default();
     programs::attach_tracepoints(&mut ebpf, &facts, &attachments);
-    match programs::load_classifiers(&mut ebpf) {
-        Ok(()) => {
-            for device in &selected {
-                programs::attach_classifiers(&mut ebpf, device, &attachments);
-            }
-        }
-        Err(e) => error!("{e:#}"),
-    }
-    let devices = Devices::default();
-    devices.replace(selected);
+    let classifiers_loaded = programs::load_classifiers(&mut ebpf)
+        .map_err(|e| error!("{e:#}"))
+        .is_ok();
 
+    let devices = Devices::default();
+    let slots = SlotArrays {
+        linklocal_packets: SlotArray::new(
+            programs::take_map(&mut ebpf, "LL_PACKETS")?.try_into()?,
+            LL_SERVICES,
+        ),
+        linklocal_seconds: SlotArray::new(
+            programs::take_map(&mut ebpf, "LL_SECONDS")?.try_into()?,
+            LL_WINDOW,
+        ),
+        flows_created: SlotArray::new(
+            programs::take_map(&mut ebpf, "FLOWS_CREATED")?.try_into()?,
+            FLOW_CLASSES,
+        ),
+    };
     let unanswered = Unanswered::default();
+    let flow_counts = FlowCounts::default();
+    let shared = Shared {
+        devices: devices.clone(),
+        attachments: attachments.clone(),
+        unanswered: unanswered.clone(),
+        flow_counts: flow_counts.clone(),
+        linklocal: linklocal.clone(),
+    };
+    let registry = registry(&mut ebpf, &facts, &shared, &slots, cli.conntrack_allowance)?;
+
+    let mut tasks = Vec::new();
     let mut sweeper = Sweeper {
         inflight: programs::take_map(&mut ebpf, "DNS_INFLIGHT")?.try_into()?,
         timeout: cli.dns_timeout,
-        unanswered: unanswered.clone(),
+        unanswered,
     };
-    let sweep = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(sweeper.period());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            sweeper.sweep(monotonic_ns());
-        }
-    });
-
-    let flow_counts = FlowCounts::default();
+    tasks.push(every(sweeper.period(), move || {
+        sweeper.sweep(monotonic_ns());
+    }));
     let mut expiry = Expiry {
         flows: programs::take_hash_map(&mut ebpf, "FLOWS")?,
         timeouts: Timeouts {
@@ -149,35 +158,54 @@ async fn run(cli: Cli) -> Result<()> {
             udp: cli.udp_timeout,
             udp_stream: cli.udp_stream_timeout,
         },
-        counts: flow_counts.clone(),
+        counts: flow_counts,
+        devices: devices.clone(),
     };
-    let expire = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(expiry.period());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let now = u32::try_from(monotonic_ns() / 1_000_000_000).unwrap_or(u32::MAX);
-            if let Err(e) = expiry.pass(now) {
-                warn!("expiring flows: {e}");
-            }
+    tasks.push(every(expiry.period(), move || {
+        let now = u32::try_from(monotonic_ns() / 1_000_000_000).unwrap_or(u32::MAX);
+        if let Err(e) = expiry.pass(now) {
+            warn!("expiring flows: {e}");
         }
-    });
+    }));
+
+    let mut watcher = Watcher {
+        ebpf,
+        globs: cli.devices.clone(),
+        devices: devices.clone(),
+        attachments: attachments.clone(),
+        slots,
+        links: HashMap::new(),
+        classifiers_loaded,
+    };
+    watcher.reconcile()?;
+    if devices.snapshot().is_empty() {
+        warn!("no devices to monitor yet; drops are counted as device=\"other\"");
+    }
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = watch::run(watcher).await {
+            error!("watching for devices: {e:#}");
+        }
+    }));
 
     let imds = Imds::new(&cli.imds_endpoint, Duration::from_secs(1))?;
-    let labeller = {
-        let linklocal = linklocal.clone();
-        tokio::spawn(imds::label_enis(imds, devices.clone(), move |resolver| {
+    tasks.push(tokio::spawn(imds::label_enis(
+        imds,
+        devices,
+        move |resolver| {
             if linklocal.add(IpAddr::V4(resolver))
                 && let Err(e) = programs::add_linklocal(&mut ll_map, IpAddr::V4(resolver), LL_DNS)
             {
                 warn!("{e:#}");
             }
-        }))
-    };
+        },
+    )));
 
-    let registry = registry(&mut ebpf, &facts, &devices, &attachments, unanswered, &linklocal, &flow_counts, cli.conntrack_allowance)?;
-    let state = Arc::new(http::State { registry, started: AtomicBool::default(), attachments });
-    let server = tokio::spawn(http::serve(listener, Arc::clone(&state)));
+    let state = Arc::new(http::State {
+        registry,
+        started: AtomicBool::default(),
+        attachments,
+    });
+    tasks.push(tokio::spawn(http::serve(listener, Arc::clone(&state))));
     state.started.store(true, Ordering::Release);
     info!("serving /metrics on {}", cli.listen);
 
@@ -187,31 +215,73 @@ async fn run(cli: Cli) -> Result<()> {
         _ = term.recv() => info!("SIGTERM: detaching and exiting"),
         _ = int.recv() => info!("SIGINT: detaching and exiting"),
     }
-    server.abort();
-    sweep.abort();
-    labeller.abort();
-    expire.abort();
-    // Dropping the object closes every link, which detaches the programs.
-    drop(ebpf);
+    // The watcher owns the object: ending its task drops every link, which detaches
+    // the programs.
+    for task in tasks {
+        task.abort();
+        let _ = task.await;
+    }
     Ok(())
+}
+
+/// The link-local service addresses, and the resolvers the command line adds, in the
+/// kernel's `LINKLOCAL` map and in the resolver labels.
+fn linklocal_services(
+    ebpf: &mut aya::Ebpf,
+    extra: &[IpAddr],
+) -> Result<(LinkLocalResolvers, programs::LinkLocalMap)> {
+    let linklocal = LinkLocalResolvers::default();
+    let mut map: programs::LinkLocalMap = programs::take_map(ebpf, "LINKLOCAL")?.try_into()?;
+    for (addr, service) in LINKLOCAL_SERVICES {
+        let ip: IpAddr = addr.parse().context("a built-in link-local address")?;
+        if service == LL_DNS {
+            linklocal.add(ip);
+        }
+        programs::add_linklocal(&mut map, ip, service)?;
+    }
+    for ip in extra {
+        linklocal.add(*ip);
+        programs::add_linklocal(&mut map, *ip, LL_DNS)?;
+    }
+    Ok((linklocal, map))
+}
+
+/// Runs `f` every `period` on the runtime.
+fn every(period: Duration, mut f: impl FnMut() + Send + 'static) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            f();
+        }
+    })
+}
+
+/// State the collectors share with the agent's tasks.
+struct Shared {
+    devices: Devices,
+    attachments: Attachments,
+    unanswered: Unanswered,
+    flow_counts: FlowCounts,
+    linklocal: LinkLocalResolvers,
 }
 
 /// One collector per source, each owning the maps it reads.
 fn registry(
     ebpf: &mut aya::Ebpf,
     facts: &KernelFacts,
-    devices: &Devices,
-    attachments: &Attachments,
-    unanswered: Unanswered,
-    linklocal: &LinkLocalResolvers,
-    flow_counts: &FlowCounts,
+    shared: &Shared,
+    slots: &SlotArrays,
     allowance: Option<u64>,
 ) -> Result<Registry> {
     let mut registry = Registry::with_prefix("eni_monitor");
-    registry.register_collector(Box::new(AgentCollector { attachments: attachments.clone() }));
+    registry.register_collector(Box::new(AgentCollector {
+        attachments: shared.attachments.clone(),
+    }));
     registry.register_collector(Box::new(DropsCollector {
         map: programs::take_map(ebpf, "DROPS")?.try_into()?,
-        devices: devices.clone(),
+        devices: shared.devices.clone(),
         reasons: facts.reasons.clone(),
     }));
     registry.register_collector(Box::new(UdpQueueCollector {
@@ -220,27 +290,27 @@ fn registry(
     registry.register_collector(Box::new(DnsCollector {
         counts: programs::take_map(ebpf, "DNS_COUNTS")?.try_into()?,
         latency: programs::take_map(ebpf, "DNS_LATENCY")?.try_into()?,
-        unanswered,
-        devices: devices.clone(),
-        resolvers: Mutex::new(ResolverLabels::new(linklocal.clone())),
+        unanswered: shared.unanswered.clone(),
+        devices: shared.devices.clone(),
+        resolvers: Mutex::new(ResolverLabels::new(shared.linklocal.clone())),
     }));
     registry.register_collector(Box::new(ConntrackCollector::new()));
     registry.register_collector(Box::new(EnaCollector {
-        devices: devices.clone(),
-        flows: flow_counts.clone(),
+        devices: shared.devices.clone(),
+        flows: shared.flow_counts.clone(),
         allowance,
         monotonic: Mutex::default(),
     }));
     registry.register_collector(Box::new(FlowsCollector {
-        created: programs::take_map(ebpf, "FLOWS_CREATED")?.try_into()?,
+        created: slots.flows_created.clone(),
         table_full: programs::take_map(ebpf, "FLOW_TABLE_FULL")?.try_into()?,
-        counts: flow_counts.clone(),
-        devices: devices.clone(),
+        counts: shared.flow_counts.clone(),
+        devices: shared.devices.clone(),
     }));
     registry.register_collector(Box::new(LinkLocalCollector {
-        packets: programs::take_map(ebpf, "LL_PACKETS")?.try_into()?,
-        seconds: programs::take_map(ebpf, "LL_SECONDS")?.try_into()?,
-        devices: devices.clone(),
+        packets: slots.linklocal_packets.clone(),
+        seconds: slots.linklocal_seconds.clone(),
+        devices: shared.devices.clone(),
     }));
     Ok(registry)
 }

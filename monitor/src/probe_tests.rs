@@ -9,7 +9,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use monitor_common::{DNS_QUERY, DNS_RESPONSE, DnsCountKey, DnsFlight, DnsFlightKey, LL_DNS, LL_SERVICES};
+use monitor_common::{
+    DNS_QUERY, DNS_RESPONSE, DnsCountKey, DnsFlight, DnsFlightKey, LL_DNS, LL_SERVICES,
+};
 
 use crate::{devices::Device, kernel::KernelFacts, programs};
 
@@ -18,7 +20,10 @@ fn root_or_skip(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "{test} needs root, and CI must run it");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root, and CI must run it"
+    );
     eprintln!("skipping {test}: needs root (loads eBPF programs)");
     false
 }
@@ -30,9 +35,17 @@ fn loaded() -> Ebpf {
     let facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH), tracefs.as_deref()).unwrap();
     let mut ebpf = programs::load(&facts, 1024).unwrap();
     programs::load_classifiers(&mut ebpf).unwrap();
-    let lo = Device { name: "lo".into(), ifindex: 1, eni: String::new(), slot: 0 };
+    let lo = Device {
+        name: "lo".into(),
+        ifindex: 1,
+        eni: String::new(),
+        slot: 0,
+    };
     programs::set_monitored(&mut ebpf, &[lo]).unwrap();
-    let mut ll: programs::LinkLocalMap = programs::take_map(&mut ebpf, "LINKLOCAL").unwrap().try_into().unwrap();
+    let mut ll: programs::LinkLocalMap = programs::take_map(&mut ebpf, "LINKLOCAL")
+        .unwrap()
+        .try_into()
+        .unwrap();
     programs::add_linklocal(&mut ll, "169.254.169.253".parse().unwrap(), LL_DNS).unwrap();
     ebpf
 }
@@ -41,7 +54,9 @@ fn run(ebpf: &Ebpf, program: &str, packet: &[u8]) -> u32 {
     let prog: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
-    prog.test_run(opts).unwrap_or_else(|e| panic!("test run of {program} on {} bytes: {e:?}", packet.len())).return_value
+    prog.test_run(opts)
+        .unwrap_or_else(|e| panic!("test run of {program} on {} bytes: {e:?}", packet.len()))
+        .return_value
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -53,7 +68,8 @@ struct Counts {
 }
 
 fn counts(ebpf: &Ebpf) -> Counts {
-    let dns: PerCpuHashMap<&MapData, DnsCountKey, u64> = ebpf.map("DNS_COUNTS").unwrap().try_into().unwrap();
+    let dns: PerCpuHashMap<&MapData, DnsCountKey, u64> =
+        ebpf.map("DNS_COUNTS").unwrap().try_into().unwrap();
     let mut c = Counts::default();
     for (key, per_cpu) in dns.iter().map(Result::unwrap) {
         let n: u64 = per_cpu.iter().sum();
@@ -63,17 +79,27 @@ fn counts(ebpf: &Ebpf) -> Counts {
             _ => panic!("unknown kind {}", key.kind),
         }
     }
-    let inflight: HashMap<&MapData, DnsFlightKey, DnsFlight> = ebpf.map("DNS_INFLIGHT").unwrap().try_into().unwrap();
+    let inflight: HashMap<&MapData, DnsFlightKey, DnsFlight> =
+        ebpf.map("DNS_INFLIGHT").unwrap().try_into().unwrap();
     c.inflight = inflight.keys().count();
     let ll: PerCpuArray<&MapData, u64> = ebpf.map("LL_PACKETS").unwrap().try_into().unwrap();
-    c.linklocal = (0..LL_SERVICES).map(|s| ll.get(&s, 0).unwrap().iter().sum::<u64>()).sum();
+    c.linklocal = (0..LL_SERVICES)
+        .map(|s| ll.get(&s, 0).unwrap().iter().sum::<u64>())
+        .sum();
     c
 }
 
 const SRC4: [u8; 4] = [10, 0, 0, 5];
 const DST4: [u8; 4] = [10, 0, 0, 2];
 
-fn ipv4_udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, frag: u16, payload: &[u8]) -> Vec<u8> {
+fn ipv4_udp(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    frag: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut p = vec![0u8; 12];
     p.extend_from_slice(&[0x08, 0x00]);
     let total = u16::try_from(20 + 8 + payload.len()).unwrap();
@@ -129,24 +155,95 @@ fn a_query_and_its_response_are_matched() {
     let ebpf = loaded();
     let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(7, 0x0100, 1, QUESTION));
     assert_eq!(run(&ebpf, "tc_egress", &query), TC_ACT_UNSPEC);
-    assert_eq!(counts(&ebpf), Counts { queries: 1, responses: 0, inflight: 1, linklocal: 0 });
+    assert_eq!(
+        counts(&ebpf),
+        Counts {
+            queries: 1,
+            responses: 0,
+            inflight: 1,
+            linklocal: 0
+        }
+    );
     // The same query again is a retransmission: still one in flight.
     run(&ebpf, "tc_egress", &query);
-    assert_eq!(counts(&ebpf), Counts { queries: 2, responses: 0, inflight: 1, linklocal: 0 });
+    assert_eq!(
+        counts(&ebpf),
+        Counts {
+            queries: 2,
+            responses: 0,
+            inflight: 1,
+            linklocal: 0
+        }
+    );
     // A response with another id, or from another port, matches nothing.
-    run(&ebpf, "tc_ingress", &ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(8, 0x8180, 1, QUESTION)));
-    run(&ebpf, "tc_ingress", &ipv4_udp(DST4, SRC4, 53, 40001, 0, &dns(7, 0x8180, 1, QUESTION)));
-    assert_eq!(counts(&ebpf), Counts { queries: 2, responses: 0, inflight: 1, linklocal: 0 });
+    run(
+        &ebpf,
+        "tc_ingress",
+        &ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(8, 0x8180, 1, QUESTION)),
+    );
+    run(
+        &ebpf,
+        "tc_ingress",
+        &ipv4_udp(DST4, SRC4, 53, 40001, 0, &dns(7, 0x8180, 1, QUESTION)),
+    );
+    assert_eq!(
+        counts(&ebpf),
+        Counts {
+            queries: 2,
+            responses: 0,
+            inflight: 1,
+            linklocal: 0
+        }
+    );
     let response = ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(7, 0x8183, 1, QUESTION));
     assert_eq!(run(&ebpf, "tc_ingress", &response), TC_ACT_UNSPEC);
-    assert_eq!(counts(&ebpf), Counts { queries: 2, responses: 1, inflight: 0, linklocal: 0 });
+    assert_eq!(
+        counts(&ebpf),
+        Counts {
+            queries: 2,
+            responses: 1,
+            inflight: 0,
+            linklocal: 0
+        }
+    );
     // A duplicate response is not a second answer.
     run(&ebpf, "tc_ingress", &response);
-    assert_eq!(counts(&ebpf), Counts { queries: 2, responses: 1, inflight: 0, linklocal: 0 });
+    assert_eq!(
+        counts(&ebpf),
+        Counts {
+            queries: 2,
+            responses: 1,
+            inflight: 0,
+            linklocal: 0
+        }
+    );
     // IPv6, and the link-local resolver.
-    run(&ebpf, "tc_egress", &ipv6_udp(40000, 53, &dns(9, 0x0100, 1, QUESTION)));
-    run(&ebpf, "tc_egress", &ipv4_udp(SRC4, [169, 254, 169, 253], 40000, 53, 0, &dns(10, 0x0100, 1, QUESTION)));
-    assert_eq!(counts(&ebpf), Counts { queries: 4, responses: 1, inflight: 2, linklocal: 1 });
+    run(
+        &ebpf,
+        "tc_egress",
+        &ipv6_udp(40000, 53, &dns(9, 0x0100, 1, QUESTION)),
+    );
+    run(
+        &ebpf,
+        "tc_egress",
+        &ipv4_udp(
+            SRC4,
+            [169, 254, 169, 253],
+            40000,
+            53,
+            0,
+            &dns(10, 0x0100, 1, QUESTION),
+        ),
+    );
+    assert_eq!(
+        counts(&ebpf),
+        Counts {
+            queries: 4,
+            responses: 1,
+            inflight: 2,
+            linklocal: 1
+        }
+    );
 }
 
 #[test]
@@ -158,14 +255,35 @@ fn malformed_dns_moves_no_count() {
     let good = dns(1, 0x0100, 1, QUESTION);
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("no payload", ipv4_udp(SRC4, DST4, 40000, 53, 0, &[])),
-        ("1-byte payload", ipv4_udp(SRC4, DST4, 40000, 53, 0, &[0x42])),
-        ("11-byte header", ipv4_udp(SRC4, DST4, 40000, 53, 0, &good[..11])),
-        ("qdcount 0", ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(2, 0x0100, 0, &[]))),
-        ("opcode NOTIFY", ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(3, 0x2000, 1, QUESTION))),
-        ("query from port 53 to elsewhere", ipv4_udp(SRC4, DST4, 53, 40000, 0, &good)),
-        ("later fragment", ipv4_udp(SRC4, DST4, 40000, 53, 0x0010, &good)),
+        (
+            "1-byte payload",
+            ipv4_udp(SRC4, DST4, 40000, 53, 0, &[0x42]),
+        ),
+        (
+            "11-byte header",
+            ipv4_udp(SRC4, DST4, 40000, 53, 0, &good[..11]),
+        ),
+        (
+            "qdcount 0",
+            ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(2, 0x0100, 0, &[])),
+        ),
+        (
+            "opcode NOTIFY",
+            ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(3, 0x2000, 1, QUESTION)),
+        ),
+        (
+            "query from port 53 to elsewhere",
+            ipv4_udp(SRC4, DST4, 53, 40000, 0, &good),
+        ),
+        (
+            "later fragment",
+            ipv4_udp(SRC4, DST4, 40000, 53, 0x0010, &good),
+        ),
         ("IPv6 short header", ipv6_udp(40000, 53, &good[..5])),
-        ("IPv6 qdcount 0", ipv6_udp(40000, 53, &dns(4, 0x0100, 0, &[]))),
+        (
+            "IPv6 qdcount 0",
+            ipv6_udp(40000, 53, &dns(4, 0x0100, 0, &[])),
+        ),
         ("not DNS", ipv4_udp(SRC4, DST4, 40000, 5353, 0, &good)),
     ];
     // Packets that end inside the UDP or DNS header. (A test run refuses frames that
@@ -192,9 +310,32 @@ fn malformed_dns_moves_no_count() {
     }
     // A first fragment carries the header, so a fragmented query is still a query;
     // a name that loops through compression pointers is never parsed, so cannot loop.
-    run(&ebpf, "tc_egress", &ipv4_udp(SRC4, DST4, 40000, 53, 0x2000, &good));
-    run(&ebpf, "tc_egress", &ipv4_udp(SRC4, DST4, 40001, 53, 0, &dns(5, 0x0100, 1, b"\xc0\x0c\x00\x01\x00\x01")));
-    assert_eq!(counts(&ebpf), Counts { queries: 2, responses: 0, inflight: 2, linklocal: 0 });
+    run(
+        &ebpf,
+        "tc_egress",
+        &ipv4_udp(SRC4, DST4, 40000, 53, 0x2000, &good),
+    );
+    run(
+        &ebpf,
+        "tc_egress",
+        &ipv4_udp(
+            SRC4,
+            DST4,
+            40001,
+            53,
+            0,
+            &dns(5, 0x0100, 1, b"\xc0\x0c\x00\x01\x00\x01"),
+        ),
+    );
+    assert_eq!(
+        counts(&ebpf),
+        Counts {
+            queries: 2,
+            responses: 0,
+            inflight: 2,
+            linklocal: 0
+        }
+    );
 }
 
 #[test]
@@ -214,8 +355,14 @@ fn random_dns_headers_count_only_standard_queries() {
     let mut expected = 0;
     for i in 0..2000u16 {
         let len = usize::try_from(next() % 40).unwrap();
-        let payload: Vec<u8> = (0..len).map(|_| u8::try_from(next() & 0xff).unwrap()).collect();
-        let dport = if next() % 2 == 0 { 53 } else { u16::try_from(next() & 0xffff).unwrap() };
+        let payload: Vec<u8> = (0..len)
+            .map(|_| u8::try_from(next() & 0xff).unwrap())
+            .collect();
+        let dport = if next() % 2 == 0 {
+            53
+        } else {
+            u16::try_from(next() & 0xffff).unwrap()
+        };
         // Distinct client ports: every counted query is a new one in flight.
         let packet = ipv4_udp(SRC4, DST4, 1024 + i, dport, 0, &payload);
         run(&ebpf, "tc_egress", &packet);
@@ -227,7 +374,10 @@ fn random_dns_headers_count_only_standard_queries() {
             expected += 1;
         }
     }
-    assert!(expected > 10, "the generator should produce some valid queries");
+    assert!(
+        expected > 10,
+        "the generator should produce some valid queries"
+    );
     let c = counts(&ebpf);
     assert_eq!((c.queries, c.responses, c.linklocal), (expected, 0, 0));
     assert_eq!(c.inflight, usize::try_from(expected).unwrap());
@@ -235,7 +385,9 @@ fn random_dns_headers_count_only_standard_queries() {
     // only frames that happen to be valid could count (checked to be none here).
     for _ in 0..2000 {
         let len = 15 + usize::try_from(next() % 120).unwrap();
-        let frame: Vec<u8> = (0..len).map(|_| u8::try_from(next() & 0xff).unwrap()).collect();
+        let frame: Vec<u8> = (0..len)
+            .map(|_| u8::try_from(next() & 0xff).unwrap())
+            .collect();
         assert_eq!(run(&ebpf, "tc_ingress", &frame), TC_ACT_UNSPEC);
     }
     assert_eq!(counts(&ebpf).queries, expected);

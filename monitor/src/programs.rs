@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData},
-    programs::{SchedClassifier, TcAttachType, TracePoint},
+    programs::{SchedClassifier, TcAttachType, TracePoint, tc::SchedClassifierLinkId},
 };
 use log::{error, info, warn};
 use monitor_common::Addr;
@@ -43,8 +43,18 @@ pub fn addr_from_bytes(bytes: Addr) -> IpAddr {
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
-fn record(attachments: &Attachments, program: &'static str, hook: &str, device: &str, result: &Result<()>) {
-    let on = if device.is_empty() { String::new() } else { format!(" on {device}") };
+fn record(
+    attachments: &Attachments,
+    program: &'static str,
+    hook: &str,
+    device: &str,
+    result: &Result<()>,
+) {
+    let on = if device.is_empty() {
+        String::new()
+    } else {
+        format!(" on {device}")
+    };
     match result {
         Ok(()) => info!("attached {hook}{on}"),
         Err(e) => error!("not attaching {hook}{on}: {e:#}"),
@@ -64,23 +74,46 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf, facts: &KernelFacts, attachments: &At
         None => Err(anyhow!("the skb:kfree_skb format could not be read")),
         Some(fields) => {
             if fields.reason.is_none() {
-                warn!("skb:kfree_skb has no reason field on this kernel (before 5.17); drops are exported with reason=\"unknown\"");
+                warn!(
+                    "skb:kfree_skb has no reason field on this kernel (before 5.17); drops are exported with reason=\"unknown\""
+                );
             }
             attach_tracepoint(ebpf, "kfree_skb", "skb", "kfree_skb")
         }
     };
-    record(attachments, "kfree_skb", "tracepoint/skb/kfree_skb", "", &result);
+    record(
+        attachments,
+        "kfree_skb",
+        "tracepoint/skb/kfree_skb",
+        "",
+        &result,
+    );
 
     let result = match facts.udp_fail {
-        None => Err(anyhow!("the udp:udp_fail_queue_rcv_skb format could not be read")),
+        None => Err(anyhow!(
+            "the udp:udp_fail_queue_rcv_skb format could not be read"
+        )),
         Some(fields) => {
             if fields.sport.is_none() && fields.dport.is_none() {
-                warn!("udp:udp_fail_queue_rcv_skb has no port fields on this kernel; overflows count as port=\"other\"");
+                warn!(
+                    "udp:udp_fail_queue_rcv_skb has no port fields on this kernel; overflows count as port=\"other\""
+                );
             }
-            attach_tracepoint(ebpf, "udp_fail_queue_rcv_skb", "udp", "udp_fail_queue_rcv_skb")
+            attach_tracepoint(
+                ebpf,
+                "udp_fail_queue_rcv_skb",
+                "udp",
+                "udp_fail_queue_rcv_skb",
+            )
         }
     };
-    record(attachments, "udp_fail_queue_rcv_skb", "tracepoint/udp/udp_fail_queue_rcv_skb", "", &result);
+    record(
+        attachments,
+        "udp_fail_queue_rcv_skb",
+        "tracepoint/udp/udp_fail_queue_rcv_skb",
+        "",
+        &result,
+    );
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<()> {
@@ -89,7 +122,8 @@ fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str)
         .ok_or_else(|| anyhow!("program {program} missing from the object"))?
         .try_into()?;
     prog.load().with_context(|| format!("loading {program}"))?;
-    prog.attach(category, name).with_context(|| format!("attaching {program} to {category}:{name}"))?;
+    prog.attach(category, name)
+        .with_context(|| format!("attaching {program} to {category}:{name}"))?;
     Ok(())
 }
 
@@ -105,30 +139,64 @@ pub fn load_classifiers(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// The classifiers attached to one device.
+pub type ClassifierLinks = Vec<(&'static str, SchedClassifierLinkId)>;
+
+const CLASSIFIERS: [&str; 2] = ["tc_ingress", "tc_egress"];
+
 /// Attaches both classifiers to `device` (TCX where the kernel has it, else clsact).
-pub fn attach_classifiers(ebpf: &mut Ebpf, device: &Device, attachments: &Attachments) {
-    for (name, attach_type, hook) in
-        [("tc_ingress", TcAttachType::Ingress, "tc/ingress"), ("tc_egress", TcAttachType::Egress, "tc/egress")]
-    {
-        let result = (|| -> Result<()> {
+pub fn attach_classifiers(
+    ebpf: &mut Ebpf,
+    device: &Device,
+    attachments: &Attachments,
+) -> ClassifierLinks {
+    let mut links = Vec::new();
+    for (name, attach_type, hook) in [
+        (CLASSIFIERS[0], TcAttachType::Ingress, "tc/ingress"),
+        (CLASSIFIERS[1], TcAttachType::Egress, "tc/egress"),
+    ] {
+        let result = (|| -> Result<SchedClassifierLinkId> {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
                 .try_into()?;
-            prog.attach(&device.name, attach_type)?;
-            Ok(())
+            Ok(prog.attach(&device.name, attach_type)?)
         })();
-        record(attachments, name, hook, &device.name, &result);
+        record(
+            attachments,
+            name,
+            hook,
+            &device.name,
+            &result.as_ref().map(|_| ()).map_err(|e| anyhow!("{e:#}")),
+        );
+        if let Ok(id) = result {
+            links.push((name, id));
+        }
+    }
+    links
+}
+
+/// Detaches what [`attach_classifiers`] attached. A device that is gone took its
+/// links with it, so failures are expected and ignored.
+pub fn detach_classifiers(ebpf: &mut Ebpf, links: ClassifierLinks) {
+    for (name, id) in links {
+        if let Some(prog) = ebpf.program_mut(name)
+            && let Ok(prog) = <&mut SchedClassifier>::try_from(prog)
+        {
+            let _ = prog.detach(id);
+        }
     }
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
-    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
 /// Takes a map out of the object for a collector to own.
 pub fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
-    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
 /// The raw data of a hash map, for the batch operations.
@@ -140,15 +208,23 @@ pub fn take_hash_map(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
 }
 
 /// Makes the kernel's `MONITORED` set equal to `devices`.
-pub fn set_monitored(ebpf: &mut Ebpf, devices: &[Device]) -> Result<()> {
+pub fn set_monitored<'a>(
+    ebpf: &mut Ebpf,
+    devices: impl IntoIterator<Item = &'a Device> + Clone,
+) -> Result<()> {
     let mut map: HashMap<&mut MapData, u32, u32> = map_mut(ebpf, "MONITORED")?.try_into()?;
-    let stale: Vec<u32> =
-        map.keys().filter_map(Result::ok).filter(|i| !devices.iter().any(|d| d.ifindex == *i)).collect();
+    let stale: Vec<u32> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|i| !devices.clone().into_iter().any(|d| d.ifindex == *i))
+        .collect();
     for ifindex in stale {
-        map.remove(&ifindex).with_context(|| format!("removing ifindex {ifindex} from MONITORED"))?;
+        map.remove(&ifindex)
+            .with_context(|| format!("removing ifindex {ifindex} from MONITORED"))?;
     }
     for d in devices {
-        map.insert(d.ifindex, d.slot, 0).with_context(|| format!("adding {} to MONITORED", d.name))?;
+        map.insert(d.ifindex, d.slot, 0)
+            .with_context(|| format!("adding {} to MONITORED", d.name))?;
     }
     Ok(())
 }
@@ -157,5 +233,6 @@ pub fn set_monitored(ebpf: &mut Ebpf, devices: &[Device]) -> Result<()> {
 pub type LinkLocalMap = HashMap<MapData, Addr, u32>;
 
 pub fn add_linklocal(map: &mut LinkLocalMap, ip: IpAddr, service: u32) -> Result<()> {
-    map.insert(addr_bytes(ip), service, 0).with_context(|| format!("adding {ip} to LINKLOCAL"))
+    map.insert(addr_bytes(ip), service, 0)
+        .with_context(|| format!("adding {ip} to LINKLOCAL"))
 }

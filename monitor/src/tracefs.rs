@@ -79,7 +79,9 @@ impl Format {
     /// The `{ value, "NAME" }` pairs of the first `__print_symbolic` over `REC->field`.
     pub fn symbols(&self, field: &str) -> Vec<(i64, String)> {
         let needle = format!("__print_symbolic(REC->{field},");
-        let Some(start) = self.print_fmt.find(&needle) else { return Vec::new() };
+        let Some(start) = self.print_fmt.find(&needle) else {
+            return Vec::new();
+        };
         let mut rest = &self.print_fmt[start + needle.len()..];
         let mut out = Vec::new();
         while let Some(open) = rest.find('{') {
@@ -87,10 +89,14 @@ impl Format {
             if rest[..open].contains(')') {
                 break;
             }
-            let Some(close) = rest[open..].find('}') else { break };
+            let Some(close) = rest[open..].find('}') else {
+                break;
+            };
             let entry = &rest[open + 1..open + close];
             rest = &rest[open + close + 1..];
-            let Some((value, name)) = entry.split_once(',') else { continue };
+            let Some((value, name)) = entry.split_once(',') else {
+                continue;
+            };
             let name = name.trim().trim_matches('"');
             if let Ok(v) = value.trim().parse::<i64>() {
                 out.push((v, name.to_owned()));
@@ -116,7 +122,9 @@ fn parse_field(line: &str) -> Result<FormatField> {
     }
     let decl = decl.ok_or_else(|| anyhow!("no declaration"))?;
     // "unsigned char saddr[28]": the name is the last word, without any array suffix.
-    let (type_name, name) = decl.rsplit_once([' ', '*']).ok_or_else(|| anyhow!("no type"))?;
+    let (type_name, name) = decl
+        .rsplit_once([' ', '*'])
+        .ok_or_else(|| anyhow!("no type"))?;
     let name = name.split('[').next().unwrap_or(name);
     Ok(FormatField {
         name: name.to_owned(),
@@ -131,7 +139,10 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Format {
-        let path = format!("{}/tests/fixtures/tracefs/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/tracefs/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         Format::parse(&text).unwrap_or_else(|e| panic!("{path}: {e:#}"))
     }
@@ -159,7 +170,10 @@ mod tests {
         assert_eq!(f.field("protocol").map(|x| x.offset), Some(24));
         assert!(f.field("reason").is_none());
         assert!(f.symbols("reason").is_empty());
-        assert_eq!(f.require("reason", 4).unwrap_err().to_string(), "no field reason");
+        assert_eq!(
+            f.require("reason", 4).unwrap_err().to_string(),
+            "no field reason"
+        );
     }
 
     #[test]
@@ -169,8 +183,14 @@ mod tests {
         assert_eq!(f.require("sport", 2).unwrap().offset, 12);
         assert_eq!(f.require("dport", 2).unwrap().offset, 14);
         let saddr = f.field("saddr").unwrap();
-        assert_eq!((saddr.offset, saddr.size, saddr.type_name.as_str()), (18, 28, "__u8"));
-        assert_eq!(f.require("dport", 4).unwrap_err().to_string(), "field dport is 2 bytes, expected 4");
+        assert_eq!(
+            (saddr.offset, saddr.size, saddr.type_name.as_str()),
+            (18, 28, "__u8")
+        );
+        assert_eq!(
+            f.require("dport", 4).unwrap_err().to_string(),
+            "field dport is 2 bytes, expected 4"
+        );
     }
 
     #[test]
@@ -184,7 +204,9 @@ mod tests {
 
     #[test]
     fn missing_tracefs_names_what_to_do() {
-        let err = find_root(&[PathBuf::from("/nonexistent/tracing")]).unwrap_err().to_string();
+        let err = find_root(&[PathBuf::from("/nonexistent/tracing")])
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "tracefs not found (tried /nonexistent/tracing); mount it with `mount -t tracefs nodev /sys/kernel/tracing`"

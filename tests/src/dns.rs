@@ -27,7 +27,9 @@ impl Resolver {
     pub fn start(ns: &Netns, addresses: &[IpAddr]) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-resolver", ns.name));
         std::fs::create_dir_all(&dir).unwrap();
-        let interfaces = addresses.iter().fold(String::new(), |acc, a| acc + &format!("  interface: {a}\n"));
+        let interfaces = addresses
+            .iter()
+            .fold(String::new(), |acc, a| acc + &format!("  interface: {a}\n"));
         let conf = format!(
             "server:\n{interfaces}  port: 53\n  do-daemonize: no\n  use-syslog: no\n  logfile: \"\"\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  verbosity: 0\n  access-control: 0.0.0.0/0 allow\n  access-control: ::/0 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  num-threads: 1\n  local-zone: \"ok.sim.\" static\n  local-data: \"{OK_NAME}. 60 IN A 10.1.2.3\"\n  local-zone: \"nx.sim.\" always_nxdomain\n  local-zone: \"refused.sim.\" always_refuse\nforward-zone:\n  name: \"fail.sim.\"\n  forward-addr: 127.0.0.1@5353\n",
             dir = dir.display()
@@ -37,7 +39,13 @@ impl Resolver {
         // dnsmasq with no upstream refuses everything; unbound turns that into SERVFAIL.
         let upstream = ns
             .command("dnsmasq")
-            .args(["--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .args([
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+            ])
             .args(["--listen-address=127.0.0.1", "--port=5353", "--pid-file="])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -50,12 +58,19 @@ impl Resolver {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting unbound");
-        let resolver = Self { unbound, upstream, dir };
+        let resolver = Self {
+            unbound,
+            upstream,
+            dir,
+        };
         let server = SocketAddr::new(addresses[0], 53);
         let deadline = Instant::now() + Duration::from_secs(10);
         // Ask from inside the VPC, so that the agent on the node sees nothing of it.
         while query(ns, server, OK_NAME, 1, Duration::from_millis(200)).is_none() {
-            assert!(Instant::now() < deadline, "unbound did not answer on {server} within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "unbound did not answer on {server} within 10 s"
+            );
         }
         resolver
     }
@@ -85,7 +100,13 @@ pub fn query_packet(name: &str, id: u16) -> Vec<u8> {
 }
 
 fn bind_for(server: SocketAddr) -> UdpSocket {
-    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
     UdpSocket::bind(bind).unwrap()
 }
 
@@ -99,7 +120,9 @@ pub fn query(ns: &Netns, server: SocketAddr, name: &str, id: u16, timeout: Durat
         let mut buf = [0u8; 512];
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            let Ok((n, _)) = sock.recv_from(&mut buf) else { return None };
+            let Ok((n, _)) = sock.recv_from(&mut buf) else {
+                return None;
+            };
             if n >= 12 && buf[..2] == id.to_be_bytes() {
                 return Some(buf[3] & 0x0f);
             }
@@ -111,7 +134,9 @@ pub fn query(ns: &Netns, server: SocketAddr, name: &str, id: u16, timeout: Durat
 /// `count` queries one after another, each waiting for its answer; returns how many
 /// were answered.
 pub fn queries(ns: &Netns, server: SocketAddr, name: &str, count: u16, timeout: Duration) -> usize {
-    (0..count).filter(|i| query(ns, server, name, 1000 + i, timeout).is_some()).count()
+    (0..count)
+        .filter(|i| query(ns, server, name, 1000 + i, timeout).is_some())
+        .count()
 }
 
 /// `count` queries sent back to back from one socket, then the answers collected.

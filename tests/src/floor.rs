@@ -63,11 +63,20 @@ impl FloorClassifier {
     pub fn attach(ifindex: u32, attach_type: u32) -> io::Result<Self> {
         let prog = load(BPF_PROG_TYPE_SCHED_CLS, "floor_tc", -1)?;
         let mut attr = [0u8; 64];
-        put(&mut attr, 0, &u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&prog)).map_err(io::Error::other)?.to_ne_bytes());
+        put(
+            &mut attr,
+            0,
+            &u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&prog))
+                .map_err(io::Error::other)?
+                .to_ne_bytes(),
+        );
         put(&mut attr, 4, &ifindex.to_ne_bytes());
         put(&mut attr, 8, &attach_type.to_ne_bytes());
         let link = bpf(BPF_LINK_CREATE, &attr)?;
-        Ok(Self { _prog: prog, _link: link })
+        Ok(Self {
+            _prog: prog,
+            _link: link,
+        })
     }
 }
 
@@ -93,19 +102,36 @@ impl FloorTracepoint {
         put(&mut pea, 16, &1u64.to_ne_bytes());
         put(&mut pea, 48, &1u32.to_ne_bytes());
         // SAFETY: a perf_event_attr of the size it declares.
-        let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, pea.as_ptr(), -1, 0, -1, PERF_FLAG_FD_CLOEXEC) };
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                pea.as_ptr(),
+                -1,
+                0,
+                -1,
+                PERF_FLAG_FD_CLOEXEC,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a new file descriptor the kernel just returned.
         let event = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) };
-        let (efd, pfd) = (std::os::fd::AsRawFd::as_raw_fd(&event), std::os::fd::AsRawFd::as_raw_fd(&prog));
+        let (efd, pfd) = (
+            std::os::fd::AsRawFd::as_raw_fd(&event),
+            std::os::fd::AsRawFd::as_raw_fd(&prog),
+        );
         // SAFETY: valid perf event and program descriptors.
         unsafe {
-            if libc::ioctl(efd, PERF_EVENT_IOC_SET_BPF, pfd) < 0 || libc::ioctl(efd, PERF_EVENT_IOC_ENABLE, 0) < 0 {
+            if libc::ioctl(efd, PERF_EVENT_IOC_SET_BPF, pfd) < 0
+                || libc::ioctl(efd, PERF_EVENT_IOC_ENABLE, 0) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
         }
-        Ok(Self { _prog: prog, _event: event })
+        Ok(Self {
+            _prog: prog,
+            _event: event,
+        })
     }
 }

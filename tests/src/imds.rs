@@ -55,7 +55,11 @@ impl FakeImds {
                 }
             }
         });
-        Self { addr, stop, thread: Some(thread) }
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -73,7 +77,9 @@ impl Drop for FakeImds {
 }
 
 fn answer(stream: TcpStream, behaviour: &Behaviour) {
-    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {
@@ -89,7 +95,12 @@ fn answer(stream: TcpStream, behaviour: &Behaviour) {
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
         }
     }
-    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, body) = match behaviour {
@@ -97,7 +108,11 @@ fn answer(stream: TcpStream, behaviour: &Behaviour) {
         Behaviour::Hang => unreachable!("hanging connections are held, not answered"),
         Behaviour::Serve(enis) => {
             if method == "PUT" && path == "/latest/api/token" {
-                if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() { (200, TOKEN.to_owned()) } else { (400, String::new()) }
+                if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() {
+                    (200, TOKEN.to_owned())
+                } else {
+                    (400, String::new())
+                }
             } else if header("x-aws-ec2-metadata-token") != Some(TOKEN) {
                 (401, String::new())
             } else {
@@ -116,5 +131,9 @@ fn answer(stream: TcpStream, behaviour: &Behaviour) {
         }
     };
     let mut stream = stream;
-    let _ = write!(stream, "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }

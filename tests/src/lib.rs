@@ -2,7 +2,12 @@
 //! its ENIs and the VPC behind them, with helpers to run the real `monitor` binary
 //! inside the node namespace and scrape it. Everything created is removed on drop,
 //! also when a test fails.
-#![allow(clippy::missing_panics_doc, clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
+#![allow(
+    clippy::missing_panics_doc,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::float_cmp
+)]
 
 pub mod dns;
 pub mod floor;
@@ -28,14 +33,19 @@ pub fn require_root(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "{test} needs root, and CI must run it");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root, and CI must run it"
+    );
     eprintln!("skipping {test}: needs root (network namespaces, eBPF)");
     false
 }
 
 /// Runs `cmd`, panicking with its output when it fails.
 pub fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -59,7 +69,11 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(role: &str) -> Self {
-        let name = format!("em-{role}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "em-{role}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         ip(&format!("netns add {name}"));
         let ns = Self { name };
         ns.ip("link set lo up");
@@ -76,7 +90,9 @@ impl Netns {
     /// mounts stay the host's, as for a `DaemonSet` pod with `hostNetwork`.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.name)).arg("--").arg(program);
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -85,10 +101,17 @@ impl Netns {
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = PathBuf::from("/run/netns").join(&self.name);
         std::thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            let file =
+                File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
             // SAFETY: a valid namespace fd; setns affects only this thread.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                0,
+                "setns {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
             f()
         })
         .join()
@@ -104,7 +127,12 @@ impl Netns {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("starting nft");
-        child.stdin.take().unwrap().write_all(ruleset.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ruleset.as_bytes())
+            .unwrap();
         assert!(child.wait().unwrap().success(), "nft rejected:\n{ruleset}");
     }
 
@@ -113,25 +141,35 @@ impl Netns {
         let text = sh(self.command("cat").arg("/proc/net/snmp"));
         let mut lines = text.lines().filter(|l| l.starts_with(&format!("{group}:")));
         let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-        let i = names.split_whitespace().position(|n| n == field).unwrap_or_else(|| panic!("no {group} {field}"));
+        let i = names
+            .split_whitespace()
+            .position(|n| n == field)
+            .unwrap_or_else(|| panic!("no {group} {field}"));
         values.split_whitespace().nth(i).unwrap().parse().unwrap()
     }
 
     /// The MAC address of `device` in this namespace.
     pub fn mac(&self, device: &str) -> String {
         let out = self.ip(&format!("-o link show dev {device}"));
-        let after = out.split("link/ether ").nth(1).unwrap_or_else(|| panic!("no MAC in {out:?}"));
+        let after = out
+            .split("link/ether ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no MAC in {out:?}"));
         after.split_whitespace().next().unwrap().to_owned()
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
-        sh(self.command("sysctl").args(["-q", "-w", &format!("{key}={value}")]));
+        sh(self
+            .command("sysctl")
+            .args(["-q", "-w", &format!("{key}={value}")]));
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -176,7 +214,12 @@ impl SimNode {
                 ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
             }
         }
-        let mut sim = Self { node, vpc, enis: Vec::new(), ipv6 };
+        let mut sim = Self {
+            node,
+            vpc,
+            enis: Vec::new(),
+            ipv6,
+        };
         sim.add_eni("eth0");
         sim
     }
@@ -185,7 +228,10 @@ impl SimNode {
     pub fn add_eni(&mut self, device: &str) -> &Eni {
         let n = self.enis.len();
         let peer = format!("vpc{n}");
-        self.node.ip(&format!("link add {device} type veth peer name {peer} netns {}", self.vpc.name));
+        self.node.ip(&format!(
+            "link add {device} type veth peer name {peer} netns {}",
+            self.vpc.name
+        ));
         let eni = Eni {
             device: device.to_owned(),
             node_v4: format!("10.{}.0.2", 200 + n),
@@ -193,11 +239,15 @@ impl SimNode {
             node_v6: format!("fd00:{}::2", 200 + n),
             vpc_v6: format!("fd00:{}::1", 200 + n),
         };
-        self.node.ip(&format!("addr add {}/24 dev {device}", eni.node_v4));
-        self.vpc.ip(&format!("addr add {}/24 dev {peer}", eni.vpc_v4));
+        self.node
+            .ip(&format!("addr add {}/24 dev {device}", eni.node_v4));
+        self.vpc
+            .ip(&format!("addr add {}/24 dev {peer}", eni.vpc_v4));
         if self.ipv6 {
-            self.node.ip(&format!("addr add {}/64 dev {device} nodad", eni.node_v6));
-            self.vpc.ip(&format!("addr add {}/64 dev {peer} nodad", eni.vpc_v6));
+            self.node
+                .ip(&format!("addr add {}/64 dev {device} nodad", eni.node_v6));
+            self.vpc
+                .ip(&format!("addr add {}/64 dev {peer} nodad", eni.vpc_v6));
         }
         self.node.ip(&format!("link set {device} up"));
         self.vpc.ip(&format!("link set {peer} up"));
@@ -206,7 +256,10 @@ impl SimNode {
     }
 
     pub fn eni(&self, device: &str) -> &Eni {
-        self.enis.iter().find(|e| e.device == device).unwrap_or_else(|| panic!("no ENI {device}"))
+        self.enis
+            .iter()
+            .find(|e| e.device == device)
+            .unwrap_or_else(|| panic!("no ENI {device}"))
     }
 }
 
@@ -237,8 +290,11 @@ impl Agent {
     /// Unless `args` name one, IMDS is a closed port on the namespace's loopback, so
     /// that no test ever sends a packet toward a real metadata service.
     pub fn start(ns: &Netns, args: &[&str]) -> Self {
-        let imds: &[&str] =
-            if args.contains(&"--imds-endpoint") { &[] } else { &["--imds-endpoint", "http://127.0.0.1:1"] };
+        let imds: &[&str] = if args.contains(&"--imds-endpoint") {
+            &[]
+        } else {
+            &["--imds-endpoint", "http://127.0.0.1:1"]
+        };
         let listen: SocketAddr = "127.0.0.1:9435".parse().unwrap();
         let log = std::env::temp_dir().join(format!("{}.log", ns.name));
         let out = File::create(&log).unwrap();
@@ -252,16 +308,31 @@ impl Agent {
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", monitor_bin().display()));
-        let mut agent = Self { child: Some(child), ns_name: ns.name.clone(), log, listen };
+        let mut agent = Self {
+            child: Some(child),
+            ns_name: ns.name.clone(),
+            log,
+            listen,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("monitor exited with {status} at start:\n{}", agent.log_text());
+                panic!(
+                    "monitor exited with {status} at start:\n{}",
+                    agent.log_text()
+                );
             }
-            if agent.get(ns, "/healthz").is_some_and(|(code, _)| code == 200) {
+            if agent
+                .get(ns, "/healthz")
+                .is_some_and(|(code, _)| code == 200)
+            {
                 return agent;
             }
-            assert!(Instant::now() < deadline, "monitor not healthy in 20s:\n{}", agent.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "monitor not healthy in 20s:\n{}",
+                agent.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -282,7 +353,9 @@ impl Agent {
     }
 
     pub fn scrape(&self, ns: &Netns) -> Scrape {
-        let (code, body) = self.get(ns, "/metrics").unwrap_or_else(|| panic!("no answer from /metrics:\n{}", self.log_text()));
+        let (code, body) = self
+            .get(ns, "/metrics")
+            .unwrap_or_else(|| panic!("no answer from /metrics:\n{}", self.log_text()));
         assert_eq!(code, 200, "{body}");
         Scrape::parse(&body)
     }
@@ -295,7 +368,11 @@ impl Agent {
             if done(&s) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; last scrape:\n{}", s.text);
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last scrape:\n{}",
+                s.text
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -314,7 +391,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("monitor did not exit within 10 s of SIGTERM:\n{}", self.log_text());
+                panic!(
+                    "monitor did not exit within 10 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -333,10 +413,16 @@ impl Drop for Agent {
 
 /// `CLOCK_MONOTONIC`, the clock the agent's per-second counts use.
 pub fn monotonic() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid timespec to write into.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    Duration::new(u64::try_from(ts.tv_sec).unwrap(), u32::try_from(ts.tv_nsec).unwrap())
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap(),
+        u32::try_from(ts.tv_nsec).unwrap(),
+    )
 }
 
 /// Asks for a receive buffer of `bytes` (the kernel rounds small values up).
@@ -373,10 +459,13 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Option<(u16, String
 pub fn send_udp(ns: &Netns, dst: SocketAddr, count: usize, payload: &[u8]) {
     let payload = payload.to_vec();
     ns.run(move || {
-        let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+        let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+            .parse()
+            .unwrap();
         let sock = std::net::UdpSocket::bind(bind).unwrap();
         for _ in 0..count {
-            sock.send_to(&payload, dst).unwrap_or_else(|e| panic!("sending to {dst}: {e}"));
+            sock.send_to(&payload, dst)
+                .unwrap_or_else(|e| panic!("sending to {dst}: {e}"));
         }
     });
 }
@@ -390,16 +479,26 @@ pub struct Scrape {
 impl Scrape {
     pub fn parse(text: &str) -> Self {
         let mut samples = Vec::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
             let (name, labels) = match series.split_once('{') {
                 Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
                 None => (series, BTreeMap::new()),
             };
             samples.push((name.to_owned(), labels, value));
         }
-        Self { text: text.to_owned(), samples }
+        Self {
+            text: text.to_owned(),
+            samples,
+        }
     }
 
     /// Sum of the samples of `name` whose labels include all of `labels`.
@@ -411,15 +510,30 @@ impl Scrape {
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.samples
             .iter()
-            .find(|(n, l, _)| n == name && l.len() == labels.len() && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v)))
+            .find(|(n, l, _)| {
+                n == name
+                    && l.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            })
             .map(|(_, _, v)| *v)
     }
 
     /// Samples of `name` whose labels include all of `labels`.
-    pub fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> + 'a {
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> + 'a {
         self.samples
             .iter()
-            .filter(move |(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v)))
+            .filter(move |(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            })
             .map(|(_, l, v)| (l, *v))
     }
 }
@@ -463,10 +577,16 @@ mod tests {
         let s = Scrape::parse(
             "# TYPE x counter\nx_total{device=\"eth0\",reason=\"NO_SOCKET\"} 3\nx_total{device=\"other\",reason=\"a,b\\\"c\"} 4\nup 1\n# EOF\n",
         );
-        assert_eq!(s.get("x_total", &[("device", "eth0"), ("reason", "NO_SOCKET")]), Some(3.0));
+        assert_eq!(
+            s.get("x_total", &[("device", "eth0"), ("reason", "NO_SOCKET")]),
+            Some(3.0)
+        );
         assert_eq!(s.get("x_total", &[("device", "eth0")]), None);
         assert_eq!(s.sum("x_total", &[]), 7.0);
-        assert_eq!(s.get("x_total", &[("device", "other"), ("reason", "a,b\"c")]), Some(4.0));
+        assert_eq!(
+            s.get("x_total", &[("device", "other"), ("reason", "a,b\"c")]),
+            Some(4.0)
+        );
         assert_eq!(s.get("up", &[]), Some(1.0));
     }
 }

@@ -21,7 +21,8 @@ pub struct UdpEcho {
 impl UdpEcho {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
         let sock = ns.run(move || UdpSocket::bind(addr).unwrap());
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -32,7 +33,10 @@ impl UdpEcho {
                 }
             }
         });
-        Self { stop, thread: Some(thread) }
+        Self {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -72,7 +76,10 @@ impl TcpHold {
                 });
             }
         });
-        Self { stop, thread: Some(thread) }
+        Self {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -102,5 +109,9 @@ pub fn udp_flows(ns: &Netns, dst: SocketAddr, n: usize) -> usize {
 
 /// `n` TCP connections from `ns` to `dst`, kept open by the returned streams.
 pub fn tcp_connections(ns: &Netns, dst: SocketAddr, n: usize) -> Vec<TcpStream> {
-    ns.run(move || (0..n).map(|_| TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap()).collect())
+    ns.run(move || {
+        (0..n)
+            .map(|_| TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap())
+            .collect()
+    })
 }

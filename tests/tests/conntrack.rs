@@ -1,10 +1,19 @@
 //! The node's netfilter conntrack table: the agent's figures against the kernel's own,
 //! read through ctnetlink by conntrack(8), for the agent's namespace.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp, clippy::cast_precision_loss)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::float_cmp,
+    clippy::cast_precision_loss
+)]
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use integration_tests::{Agent, SimNode, require_root, servers::{UdpEcho, udp_flows}, sh};
+use integration_tests::{
+    Agent, SimNode, require_root,
+    servers::{UdpEcho, udp_flows},
+    sh,
+};
 
 #[test]
 fn nf_conntrack_figures_equal_the_kernels() {
@@ -22,10 +31,22 @@ fn nf_conntrack_figures_equal_the_kernels() {
     std::thread::sleep(Duration::from_millis(200));
 
     let s = agent.scrape(&sim.node);
-    let count: f64 = sh(sim.node.command("conntrack").arg("-C")).trim().parse().unwrap();
+    let count: f64 = sh(sim.node.command("conntrack").arg("-C"))
+        .trim()
+        .parse()
+        .unwrap();
     assert!(count >= 6.0, "{count}");
-    assert_eq!(s.get("eni_monitor_nf_conntrack_entries", &[]), Some(count), "{}", s.text);
-    let max: f64 = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").unwrap().trim().parse().unwrap();
+    assert_eq!(
+        s.get("eni_monitor_nf_conntrack_entries", &[]),
+        Some(count),
+        "{}",
+        s.text
+    );
+    let max: f64 = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(s.get("eni_monitor_nf_conntrack_limit", &[]), Some(max));
 
     // conntrack -S: "cpu=0 found=0 invalid=3 insert=0 ..." per CPU, from ctnetlink.

@@ -1,6 +1,11 @@
 //! DNS end to end: a real resolver (unbound) in the VPC namespace, real queries from the
 //! node, counted by the real classifiers on eth0.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp, clippy::cast_precision_loss)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::float_cmp,
+    clippy::cast_precision_loss
+)]
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -18,7 +23,11 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn on(device: &str, resolver: &str) -> [(&'static str, String); 3] {
-    [("device", device.to_owned()), ("eni", String::new()), ("resolver", resolver.to_owned())]
+    [
+        ("device", device.to_owned()),
+        ("eni", String::new()),
+        ("resolver", resolver.to_owned()),
+    ]
 }
 
 fn labels<'a>(l: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
@@ -74,11 +83,16 @@ fn answered_queries_are_counted_exactly_by_rcode() {
     assert_eq!(s.get(LATENCY_COUNT, &labels(&l4)), Some(46.0), "{}", s.text);
     assert_eq!(s.get(LATENCY_COUNT, &labels(&l6)), Some(10.0), "{}", s.text);
     // Every answer took under 5 s; the sum is positive and below count * 5 s.
-    let sum = s.get("eni_monitor_dns_latency_seconds_sum", &labels(&l4)).unwrap();
+    let sum = s
+        .get("eni_monitor_dns_latency_seconds_sum", &labels(&l4))
+        .unwrap();
     assert!(sum > 0.0 && sum < 46.0 * 5.0, "{sum}");
     let mut inf = labels(&l4);
     inf.push(("le", "+Inf"));
-    assert_eq!(s.get("eni_monitor_dns_latency_seconds_bucket", &inf), Some(46.0));
+    assert_eq!(
+        s.get("eni_monitor_dns_latency_seconds_bucket", &inf),
+        Some(46.0)
+    );
     assert_eq!(s.sum(UNANSWERED, &[]), 0.0, "{}", s.text);
     drop(resolver);
 }
@@ -96,18 +110,28 @@ fn queries_dropped_beyond_the_node_are_unanswered_once() {
     let agent = Agent::start(&sim.node, &["--device", "eth0", "--dns-timeout", "1s"]);
     let server = SocketAddr::new(ip(&eth0.vpc_v4), 53);
 
-    assert_eq!(dns::queries(&sim.node, server, OK_NAME, 5, Duration::from_millis(100)), 0);
+    assert_eq!(
+        dns::queries(&sim.node, server, OK_NAME, 5, Duration::from_millis(100)),
+        0
+    );
     // One client query retransmitted three times with the same id is one loss.
     dns::retransmit(&sim.node, server, OK_NAME, 3);
 
     let l = on("eth0", &eth0.vpc_v4);
-    let s = agent.scrape_until(&sim.node, "6 unanswered", |s| s.get(UNANSWERED, &labels(&l)) >= Some(6.0));
+    let s = agent.scrape_until(&sim.node, "6 unanswered", |s| {
+        s.get(UNANSWERED, &labels(&l)) >= Some(6.0)
+    });
     std::thread::sleep(Duration::from_millis(1500));
     let s2 = agent.scrape(&sim.node);
     assert_eq!(s2.get(UNANSWERED, &labels(&l)), Some(6.0), "{}", s.text);
     assert_eq!(s2.get(QUERIES, &labels(&l)), Some(8.0), "{}", s2.text);
     assert_eq!(s2.sum(RESPONSES, &[]), 0.0, "{}", s2.text);
-    assert_eq!(s2.sum("eni_monitor_dns_drops_total", &[("device", "eth0")]), 0.0, "{}", s2.text);
+    assert_eq!(
+        s2.sum("eni_monitor_dns_drops_total", &[("device", "eth0")]),
+        0.0,
+        "{}",
+        s2.text
+    );
 }
 
 #[test]
@@ -122,14 +146,34 @@ fn responses_dropped_by_netfilter_on_the_node_are_kernel_drops() {
     let agent = Agent::start(&sim.node, &["--device", "eth0", "--dns-timeout", "1s"]);
     let server = SocketAddr::new(ip(&eth0.vpc_v4), 53);
 
-    assert_eq!(dns::queries(&sim.node, server, OK_NAME, 4, Duration::from_millis(200)), 0);
-    let dropped = [("device", "eth0"), ("eni", ""), ("reason", "NETFILTER_DROP")];
+    assert_eq!(
+        dns::queries(&sim.node, server, OK_NAME, 4, Duration::from_millis(200)),
+        0
+    );
+    let dropped = [
+        ("device", "eth0"),
+        ("eni", ""),
+        ("reason", "NETFILTER_DROP"),
+    ];
     let l = on("eth0", &eth0.vpc_v4);
-    agent.scrape_until(&sim.node, "4 drops", |s| s.get("eni_monitor_dns_drops_total", &dropped) >= Some(4.0));
+    agent.scrape_until(&sim.node, "4 drops", |s| {
+        s.get("eni_monitor_dns_drops_total", &dropped) >= Some(4.0)
+    });
     std::thread::sleep(Duration::from_millis(1500));
     let s = agent.scrape(&sim.node);
-    assert_eq!(s.get("eni_monitor_dns_drops_total", &dropped), Some(4.0), "{}", s.text);
-    assert_eq!(s.get("eni_monitor_drops_total", &[("device", "eth0"), ("reason", "NETFILTER_DROP")]), Some(4.0));
+    assert_eq!(
+        s.get("eni_monitor_dns_drops_total", &dropped),
+        Some(4.0),
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.get(
+            "eni_monitor_drops_total",
+            &[("device", "eth0"), ("reason", "NETFILTER_DROP")]
+        ),
+        Some(4.0)
+    );
     // The classifier saw the responses arrive before netfilter dropped them: they
     // matched their queries, so these are not also counted unanswered.
     assert_eq!(s.get(UNANSWERED, &labels(&l)), None, "{}", s.text);
@@ -153,7 +197,9 @@ fn a_burst_to_the_link_local_resolver_shows_its_peak() {
 
     // Start right after a second boundary so the whole burst falls in one second.
     let now = integration_tests::monotonic();
-    std::thread::sleep(Duration::from_secs(1).saturating_sub(Duration::from_nanos(u64::from(now.subsec_nanos()))));
+    std::thread::sleep(
+        Duration::from_secs(1).saturating_sub(Duration::from_nanos(u64::from(now.subsec_nanos()))),
+    );
     // The resolver's socket may overflow under the burst; every query still left the node.
     let answered = dns::burst(&sim.node, server, OK_NAME, 300);
     assert!(answered > 0);
@@ -162,20 +208,48 @@ fn a_burst_to_the_link_local_resolver_shows_its_peak() {
     let s = agent.scrape_until(&sim.node, "300 link-local packets", |s| {
         s.get("eni_monitor_linklocal_packets_total", &ll) >= Some(300.0)
     });
-    assert_eq!(s.get("eni_monitor_linklocal_packets_total", &ll), Some(300.0), "{}", s.text);
     assert_eq!(
-        s.get("eni_monitor_linklocal_packets_total", &[("device", "eth0"), ("eni", ""), ("service", "imds")]),
+        s.get("eni_monitor_linklocal_packets_total", &ll),
+        Some(300.0),
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.get(
+            "eni_monitor_linklocal_packets_total",
+            &[("device", "eth0"), ("eni", ""), ("service", "imds")]
+        ),
         Some(0.0)
     );
-    assert_eq!(s.get("eni_monitor_linklocal_peak_packets_per_second", &[("device", "eth0"), ("eni", "")]), Some(300.0), "{}", s.text);
+    assert_eq!(
+        s.get(
+            "eni_monitor_linklocal_peak_packets_per_second",
+            &[("device", "eth0"), ("eni", "")]
+        ),
+        Some(300.0),
+        "{}",
+        s.text
+    );
     let l = on("eth0", "linklocal");
     assert_eq!(s.get(QUERIES, &labels(&l)), Some(300.0), "{}", s.text);
     let mut noerror = labels(&l);
     noerror.push(("rcode", "NOERROR"));
     // Every response that reached the node was either read by the client or dropped
     // by the kernel at its full socket, and the agent accounts for both.
-    let at_socket = s.get("eni_monitor_dns_drops_total", &[("device", "eth0"), ("eni", ""), ("reason", "SOCKET_RCVBUFF")]);
-    assert_eq!(s.get(RESPONSES, &noerror), Some(answered as f64 + at_socket.unwrap_or(0.0)), "{}", s.text);
+    let at_socket = s.get(
+        "eni_monitor_dns_drops_total",
+        &[
+            ("device", "eth0"),
+            ("eni", ""),
+            ("reason", "SOCKET_RCVBUFF"),
+        ],
+    );
+    assert_eq!(
+        s.get(RESPONSES, &noerror),
+        Some(answered as f64 + at_socket.unwrap_or(0.0)),
+        "{}",
+        s.text
+    );
 }
 
 #[test]
@@ -186,12 +260,36 @@ fn a_vpc_plus_two_resolver_given_on_the_command_line_is_linklocal() {
     let sim = SimNode::new();
     let eth0 = sim.eni("eth0");
     let _resolver = Resolver::start(&sim.vpc, &[ip(&eth0.vpc_v4)]);
-    let agent = Agent::start(&sim.node, &["--device", "eth0", "--linklocal-resolver", &eth0.vpc_v4]);
-    assert_eq!(dns::queries(&sim.node, SocketAddr::new(ip(&eth0.vpc_v4), 53), OK_NAME, 7, Duration::from_secs(2)), 7);
+    let agent = Agent::start(
+        &sim.node,
+        &["--device", "eth0", "--linklocal-resolver", &eth0.vpc_v4],
+    );
+    assert_eq!(
+        dns::queries(
+            &sim.node,
+            SocketAddr::new(ip(&eth0.vpc_v4), 53),
+            OK_NAME,
+            7,
+            Duration::from_secs(2)
+        ),
+        7
+    );
     let ll = [("device", "eth0"), ("eni", ""), ("service", "dns")];
-    let s = agent.scrape_until(&sim.node, "7 link-local packets", |s| s.get("eni_monitor_linklocal_packets_total", &ll) >= Some(7.0));
-    assert_eq!(s.get("eni_monitor_linklocal_packets_total", &ll), Some(7.0), "{}", s.text);
-    assert_eq!(s.get(QUERIES, &labels(&on("eth0", "linklocal"))), Some(7.0), "{}", s.text);
+    let s = agent.scrape_until(&sim.node, "7 link-local packets", |s| {
+        s.get("eni_monitor_linklocal_packets_total", &ll) >= Some(7.0)
+    });
+    assert_eq!(
+        s.get("eni_monitor_linklocal_packets_total", &ll),
+        Some(7.0),
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.get(QUERIES, &labels(&on("eth0", "linklocal"))),
+        Some(7.0),
+        "{}",
+        s.text
+    );
 }
 
 #[test]
@@ -202,7 +300,13 @@ fn a_dns_socket_that_never_reads_overflows_and_is_counted() {
     let sim = SimNode::new();
     let eth0 = sim.eni("eth0");
     let agent = Agent::start(&sim.node, &["--device", "eth0"]);
-    let before = agent.scrape(&sim.node).get("eni_monitor_udp_receive_queue_drops_total", &[("port", "dns")]).unwrap();
+    let before = agent
+        .scrape(&sim.node)
+        .get(
+            "eni_monitor_udp_receive_queue_drops_total",
+            &[("port", "dns")],
+        )
+        .unwrap();
     let errors_before = sim.node.snmp("Udp", "RcvbufErrors");
     // A DNS server socket that never reads, with the smallest receive buffer.
     let addr = SocketAddr::new(ip(&eth0.node_v4), 53);
@@ -217,10 +321,23 @@ fn a_dns_socket_that_never_reads_overflows_and_is_counted() {
     assert!(overflowed > 300, "only {overflowed} of 400 overflowed");
     let s = agent.scrape(&sim.node);
     drop(sock);
-    let counted = s.get("eni_monitor_udp_receive_queue_drops_total", &[("port", "dns")]).unwrap() - before;
+    let counted = s
+        .get(
+            "eni_monitor_udp_receive_queue_drops_total",
+            &[("port", "dns")],
+        )
+        .unwrap()
+        - before;
     assert_eq!(counted, overflowed as f64, "{}", s.text);
     assert_eq!(
-        s.get("eni_monitor_dns_drops_total", &[("device", "eth0"), ("eni", ""), ("reason", "SOCKET_RCVBUFF")]),
+        s.get(
+            "eni_monitor_dns_drops_total",
+            &[
+                ("device", "eth0"),
+                ("eni", ""),
+                ("reason", "SOCKET_RCVBUFF")
+            ]
+        ),
         Some(overflowed as f64),
         "{}",
         s.text

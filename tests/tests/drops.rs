@@ -19,8 +19,13 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 /// A TCP connection attempt from inside `ns`; a closed port answers with a reset.
 fn tcp_connect_refused(ns: &Netns, dst: SocketAddr) {
     ns.run(move || {
-        let err = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).expect_err("port should be closed");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{dst}: {err}");
+        let err = TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+            .expect_err("port should be closed");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{dst}: {err}"
+        );
     });
 }
 
@@ -34,7 +39,12 @@ fn closed_port_drops_are_counted_on_the_eni() {
     let eth0 = sim.eni("eth0");
 
     send_udp(&sim.vpc, addr(&eth0.node_v4, 9999), 7, b"not dns");
-    send_udp(&sim.vpc, addr(&eth0.node_v4, 53), 3, b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00");
+    send_udp(
+        &sim.vpc,
+        addr(&eth0.node_v4, 53),
+        3,
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00",
+    );
     send_udp(&sim.vpc, addr(&eth0.node_v6, 53), 2, b"v6 dns");
     send_udp(&sim.vpc, addr(&eth0.node_v6, 5353), 4, b"v6 not dns");
     tcp_connect_refused(&sim.vpc, addr(&eth0.node_v4, 53));
@@ -42,7 +52,9 @@ fn closed_port_drops_are_counted_on_the_eni() {
 
     let all = [("device", "eth0"), ("reason", "NO_SOCKET")];
     let dns = [("device", "eth0"), ("eni", ""), ("reason", "NO_SOCKET")];
-    let s = agent.scrape_until(&sim.node, "18 drops on eth0", |s| s.get(DROPS, &all) >= Some(18.0));
+    let s = agent.scrape_until(&sim.node, "18 drops on eth0", |s| {
+        s.get(DROPS, &all) >= Some(18.0)
+    });
     // Let any stragglers arrive before asserting exact figures.
     std::thread::sleep(Duration::from_millis(300));
     let s2 = agent.scrape(&sim.node);
@@ -50,14 +62,30 @@ fn closed_port_drops_are_counted_on_the_eni() {
     assert_eq!(s2.get(DNS_DROPS, &dns), Some(6.0), "{}", s2.text);
     // Nothing else on eth0 was dropped, and drops carry only monitored devices or other.
     for (labels, _) in s2.matching(DROPS, &[]) {
-        assert!(["eth0", "other"].contains(&labels["device"].as_str()), "{labels:?}");
+        assert!(
+            ["eth0", "other"].contains(&labels["device"].as_str()),
+            "{labels:?}"
+        );
     }
     assert_eq!(s2.sum(DROPS, &[("device", "eth0")]), 18.0, "{}", s2.text);
     assert_eq!(
-        s2.get("eni_monitor_program_attached", &[("program", "kfree_skb"), ("hook", "tracepoint/skb/kfree_skb"), ("device", "")]),
+        s2.get(
+            "eni_monitor_program_attached",
+            &[
+                ("program", "kfree_skb"),
+                ("hook", "tracepoint/skb/kfree_skb"),
+                ("device", "")
+            ]
+        ),
         Some(1.0)
     );
-    assert_eq!(s2.get("eni_monitor_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert_eq!(
+        s2.get(
+            "eni_monitor_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
 }
 
 #[test]
@@ -70,7 +98,12 @@ fn drops_in_other_namespaces_never_count_on_the_eni() {
     let pod = SimNode::new();
     let agent = Agent::start(&sim.node, &["--device", "eth0"]);
 
-    send_udp(&pod.vpc, addr(&pod.eni("eth0").node_v4, 53), 5, b"elsewhere");
+    send_udp(
+        &pod.vpc,
+        addr(&pod.eni("eth0").node_v4, 53),
+        5,
+        b"elsewhere",
+    );
     send_udp(&sim.vpc, addr(&sim.eni("eth0").node_v4, 53), 2, b"here");
 
     let dns = [("device", "eth0"), ("eni", ""), ("reason", "NO_SOCKET")];
@@ -94,17 +127,25 @@ fn a_kernel_without_drop_reasons_exports_unknown() {
     let dir = root.join("events/skb/kfree_skb");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../monitor/tests/fixtures/tracefs/kfree_skb-5.10.format"),
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../monitor/tests/fixtures/tracefs/kfree_skb-5.10.format"
+        ),
         dir.join("format"),
     )
     .unwrap();
 
     // Without reasons every freed packet counts, so the node carries only the test's.
     let sim = SimNode::ipv4_only();
-    let mut agent = Agent::start(&sim.node, &["--device", "eth0", "--tracefs", root.to_str().unwrap()]);
+    let mut agent = Agent::start(
+        &sim.node,
+        &["--device", "eth0", "--tracefs", root.to_str().unwrap()],
+    );
     send_udp(&sim.vpc, addr(&sim.eni("eth0").node_v4, 9), 4, b"x");
     let unknown = [("device", "eth0"), ("reason", "unknown")];
-    agent.scrape_until(&sim.node, "4 unknown drops", |s| s.get(DROPS, &unknown) >= Some(4.0));
+    agent.scrape_until(&sim.node, "4 unknown drops", |s| {
+        s.get(DROPS, &unknown) >= Some(4.0)
+    });
     std::thread::sleep(Duration::from_millis(300));
     let s = agent.scrape(&sim.node);
     assert_eq!(s.get(DROPS, &unknown), Some(4.0), "{}", s.text);
@@ -121,10 +162,20 @@ fn a_missing_tracefs_is_one_line_and_the_agent_stays_up() {
         return;
     }
     let sim = SimNode::new();
-    let mut agent = Agent::start(&sim.node, &["--device", "eth0", "--tracefs", "/nonexistent/tracing"]);
+    let mut agent = Agent::start(
+        &sim.node,
+        &["--device", "eth0", "--tracefs", "/nonexistent/tracing"],
+    );
     let s = agent.scrape(&sim.node);
     assert_eq!(
-        s.get("eni_monitor_program_attached", &[("program", "kfree_skb"), ("hook", "tracepoint/skb/kfree_skb"), ("device", "")]),
+        s.get(
+            "eni_monitor_program_attached",
+            &[
+                ("program", "kfree_skb"),
+                ("hook", "tracepoint/skb/kfree_skb"),
+                ("device", "")
+            ]
+        ),
         Some(0.0),
         "{}",
         s.text
@@ -132,12 +183,20 @@ fn a_missing_tracefs_is_one_line_and_the_agent_stays_up() {
     let (code, body) = agent.get(&sim.node, "/readyz").unwrap();
     assert_eq!(
         (code, body.as_str()),
-        (503, "not attached: tracepoint/skb/kfree_skb, tracepoint/udp/udp_fail_queue_rcv_skb\n")
+        (
+            503,
+            "not attached: tracepoint/skb/kfree_skb, tracepoint/udp/udp_fail_queue_rcv_skb\n"
+        )
     );
     assert_eq!(agent.get(&sim.node, "/healthz").unwrap().0, 200);
     assert!(agent.stop().success());
     let log = agent.log_text();
-    assert_eq!(log.matches("tracefs not found (tried /nonexistent/tracing)").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("tracefs not found (tried /nonexistent/tracing)")
+            .count(),
+        1,
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
 }
 
@@ -151,7 +210,11 @@ fn a_device_that_does_not_exist_is_one_warning() {
     assert_eq!(agent.get(&sim.node, "/readyz").unwrap().0, 200);
     assert!(agent.stop().success());
     let log = agent.log_text();
-    assert_eq!(log.matches("--device eth9: no such interface").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("--device eth9: no such interface").count(),
+        1,
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
 }
 
@@ -162,7 +225,10 @@ fn sigterm_detaches_and_exits_cleanly() {
     }
     let sim = SimNode::new();
     let mut agent = Agent::start(&sim.node, &["--device", "eth0"]);
-    assert_eq!(agent.get(&sim.node, "/readyz").unwrap(), (200, "ready\n".to_owned()));
+    assert_eq!(
+        agent.get(&sim.node, "/readyz").unwrap(),
+        (200, "ready\n".to_owned())
+    );
     let status = agent.stop();
     assert!(status.success(), "{status}");
     assert!(agent.log_text().contains("SIGTERM: detaching and exiting"));
@@ -176,16 +242,25 @@ fn bad_flags_are_one_line_naming_the_flag() {
         (&["--listen", "nowhere"][..], "--listen"),
         (&["--dns-timeout", "0s"], "--dns-timeout"),
         (&["--flow-table-size=-3"], "--flow-table-size"),
-        (&["--linklocal-resolver", "not-an-ip"], "--linklocal-resolver"),
+        (
+            &["--linklocal-resolver", "not-an-ip"],
+            "--linklocal-resolver",
+        ),
     ] {
-        let out = std::process::Command::new(monitor_bin()).args(args).output().unwrap();
+        let out = std::process::Command::new(monitor_bin())
+            .args(args)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
     }
     // The same through the environment.
-    let out = std::process::Command::new(monitor_bin()).env("MONITOR_DNS_TIMEOUT", "soon").output().unwrap();
+    let out = std::process::Command::new(monitor_bin())
+        .env("MONITOR_DNS_TIMEOUT", "soon")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -208,6 +283,12 @@ fn a_listen_address_in_use_is_one_line() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("listening on 127.0.0.1:9435 (--listen)"), "{stderr}");
-    assert!(stderr.contains("Address in use") || stderr.contains("in use"), "{stderr}");
+    assert!(
+        stderr.contains("listening on 127.0.0.1:9435 (--listen)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Address in use") || stderr.contains("in use"),
+        "{stderr}"
+    );
 }

@@ -32,30 +32,63 @@ fn udp_flows_and_tcp_connections_are_tracked_then_expire() {
     let _hold = TcpHold::start(&sim.vpc, addr(&eth0.vpc_v4, 8000));
     let agent = Agent::start(
         &sim.node,
-        &["--device", "eth0", "--udp-timeout", "2s", "--udp-stream-timeout", "3s", "--conntrack-allowance", "100"],
+        &[
+            "--device",
+            "eth0",
+            "--udp-timeout",
+            "2s",
+            "--udp-stream-timeout",
+            "3s",
+            "--conntrack-allowance",
+            "100",
+        ],
     );
 
     assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 20), 20);
     let conns = tcp_connections(&sim.node, addr(&eth0.vpc_v4, 8000), 5);
     let s = agent.scrape_until(&sim.node, "20 UDP and 5 TCP flows", |s| {
-        s.get(TRACKED, &on("eth0", "udp")) == Some(20.0) && s.get(TRACKED, &on("eth0", "tcp")) == Some(5.0)
+        s.get(TRACKED, &on("eth0", "udp")) == Some(20.0)
+            && s.get(TRACKED, &on("eth0", "tcp")) == Some(5.0)
     });
     assert_eq!(s.get(CREATED, &on("eth0", "udp")), Some(20.0), "{}", s.text);
     assert_eq!(s.get(CREATED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
     assert_eq!(s.get(TRACKED, &on("eth0", "icmp")), Some(0.0), "{}", s.text);
-    assert_eq!(s.get("eni_monitor_flow_table_evictions_total", &[]), Some(0.0));
+    assert_eq!(
+        s.get("eni_monitor_flow_table_evictions_total", &[]),
+        Some(0.0)
+    );
     // 25 tracked of the 100 the flag allows; a veth has no ENA allowance statistics.
-    assert_eq!(s.get("eni_monitor_conntrack_allowance_utilization_ratio", &[("device", "eth0"), ("eni", "")]), Some(0.25));
-    assert_eq!(s.sum("eni_monitor_ena_allowance_exceeded_total", &[]), 0.0, "{}", s.text);
-    assert!(!s.text.contains("eni_monitor_ena_conntrack_allowance_available{"), "{}", s.text);
+    assert_eq!(
+        s.get(
+            "eni_monitor_conntrack_allowance_utilization_ratio",
+            &[("device", "eth0"), ("eni", "")]
+        ),
+        Some(0.25)
+    );
+    assert_eq!(
+        s.sum("eni_monitor_ena_allowance_exceeded_total", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
+    assert!(
+        !s.text
+            .contains("eni_monitor_ena_conntrack_allowance_available{"),
+        "{}",
+        s.text
+    );
 
     // The UDP flows went both ways: they leave after the stream timeout; TCP stays.
-    let s = agent.scrape_until(&sim.node, "UDP flows to expire", |s| s.get(TRACKED, &on("eth0", "udp")) == Some(0.0));
+    let s = agent.scrape_until(&sim.node, "UDP flows to expire", |s| {
+        s.get(TRACKED, &on("eth0", "udp")) == Some(0.0)
+    });
     assert_eq!(s.get(TRACKED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
 
     // Closed connections (FIN both ways) leave within the closed timeout.
     drop(conns);
-    let s = agent.scrape_until(&sim.node, "closed TCP flows to leave", |s| s.get(TRACKED, &on("eth0", "tcp")) == Some(0.0));
+    let s = agent.scrape_until(&sim.node, "closed TCP flows to leave", |s| {
+        s.get(TRACKED, &on("eth0", "tcp")) == Some(0.0)
+    });
     assert_eq!(s.get(CREATED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
 }
 
@@ -73,7 +106,8 @@ fn flows_through_a_second_eni_count_there_only() {
     assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 3), 3);
     assert_eq!(udp_flows(&sim.node, addr(&eth1.vpc_v4, 7000), 11), 11);
     let s = agent.scrape_until(&sim.node, "flows on both ENIs", |s| {
-        s.get(TRACKED, &on("eth0", "udp")) == Some(3.0) && s.get(TRACKED, &on("eth1", "udp")) == Some(11.0)
+        s.get(TRACKED, &on("eth0", "udp")) == Some(3.0)
+            && s.get(TRACKED, &on("eth1", "udp")) == Some(11.0)
     });
     assert_eq!(s.get(CREATED, &on("eth1", "udp")), Some(11.0), "{}", s.text);
     assert_eq!(s.get(CREATED, &on("eth0", "udp")), Some(3.0), "{}", s.text);
@@ -89,9 +123,62 @@ fn a_full_flow_table_counts_evictions_and_keeps_working() {
     let _echo = UdpEcho::start(&sim.vpc, addr(&eth0.vpc_v4, 7000));
     let agent = Agent::start(&sim.node, &["--device", "eth0", "--flow-table-size", "8"]);
     assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 20), 20);
-    let s = agent.scrape_until(&sim.node, "a full table", |s| s.get(TRACKED, &on("eth0", "udp")) == Some(8.0));
+    let s = agent.scrape_until(&sim.node, "a full table", |s| {
+        s.get(TRACKED, &on("eth0", "udp")) == Some(8.0)
+    });
     assert_eq!(s.get(CREATED, &on("eth0", "udp")), Some(8.0), "{}", s.text);
     // Each left-out flow was seen twice (request and reply) and counted each time.
-    assert_eq!(s.get("eni_monitor_flow_table_evictions_total", &[]), Some(24.0), "{}", s.text);
+    assert_eq!(
+        s.get("eni_monitor_flow_table_evictions_total", &[]),
+        Some(24.0),
+        "{}",
+        s.text
+    );
+    assert_eq!(agent.get(&sim.node, "/readyz").unwrap().0, 200);
+}
+
+#[test]
+fn devices_that_come_and_go_are_attached_and_let_go() {
+    if !require_root("devices_that_come_and_go_are_attached_and_let_go") {
+        return;
+    }
+    let mut sim = SimNode::ipv4_only();
+    let agent = Agent::start(&sim.node, &["--device", "eth*"]);
+    let attached = |device: &'static str| {
+        move |s: &integration_tests::Scrape| {
+            s.get(
+                "eni_monitor_program_attached",
+                &[
+                    ("program", "tc_egress"),
+                    ("hook", "tc/egress"),
+                    ("device", device),
+                ],
+            ) == Some(1.0)
+        }
+    };
+    agent.scrape_until(&sim.node, "eth0 attached", attached("eth0"));
+
+    // EKS attaches an ENI at run time.
+    let started = std::time::Instant::now();
+    sim.add_eni("eth1");
+    agent.scrape_until(&sim.node, "eth1 attached", attached("eth1"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    let eth1 = sim.eni("eth1");
+    let _echo = UdpEcho::start(&sim.vpc, addr(&eth1.vpc_v4, 7000));
+    assert_eq!(udp_flows(&sim.node, addr(&eth1.vpc_v4, 7000), 4), 4);
+    agent.scrape_until(&sim.node, "flows on the new ENI", |s| {
+        s.get(TRACKED, &on("eth1", "udp")) == Some(4.0)
+    });
+
+    // And detaches it: its series go.
+    sim.node.ip("link del eth1");
+    let s = agent.scrape_until(&sim.node, "eth1 gone", |s| {
+        !s.text.contains("device=\"eth1\"")
+    });
+    assert!(attached("eth0")(&s), "{}", s.text);
     assert_eq!(agent.get(&sim.node, "/readyz").unwrap().0, 200);
 }

@@ -25,38 +25,80 @@ fn eni_ids_and_the_vpc_resolver_come_from_imds() {
     let _resolver = Resolver::start(&sim.vpc, &["10.250.0.2".parse().unwrap()]);
     let imds = FakeImds::start(
         &sim.node,
-        Behaviour::Serve(vec![(sim.node.mac("eth0"), ENI.to_owned(), "10.250.0.0/16".to_owned())]),
+        Behaviour::Serve(vec![(
+            sim.node.mac("eth0"),
+            ENI.to_owned(),
+            "10.250.0.0/16".to_owned(),
+        )]),
     );
-    let agent = Agent::start(&sim.node, &["--device", "eth0", "--imds-endpoint", &imds.endpoint()]);
+    let agent = Agent::start(
+        &sim.node,
+        &["--device", "eth0", "--imds-endpoint", &imds.endpoint()],
+    );
     let labelled = [("device", "eth0"), ("eni", ENI)];
     agent.scrape_until(&sim.node, "the eni label", |s| {
-        s.get("eni_monitor_linklocal_peak_packets_per_second", &labelled).is_some()
+        s.get("eni_monitor_linklocal_peak_packets_per_second", &labelled)
+            .is_some()
     });
 
     let server = SocketAddr::new("10.250.0.2".parse().unwrap(), 53);
-    assert_eq!(dns::queries(&sim.node, server, OK_NAME, 5, Duration::from_secs(2)), 5);
-    let s = agent.scrape_until(&sim.node, "5 responses", |s| s.sum("eni_monitor_dns_responses_total", &[]) >= 5.0);
+    assert_eq!(
+        dns::queries(&sim.node, server, OK_NAME, 5, Duration::from_secs(2)),
+        5
+    );
+    let s = agent.scrape_until(&sim.node, "5 responses", |s| {
+        s.sum("eni_monitor_dns_responses_total", &[]) >= 5.0
+    });
     let q = [("device", "eth0"), ("eni", ENI), ("resolver", "linklocal")];
-    assert_eq!(s.get("eni_monitor_dns_queries_total", &q), Some(5.0), "{}", s.text);
+    assert_eq!(
+        s.get("eni_monitor_dns_queries_total", &q),
+        Some(5.0),
+        "{}",
+        s.text
+    );
     let ll = [("device", "eth0"), ("eni", ENI), ("service", "dns")];
-    assert_eq!(s.get("eni_monitor_linklocal_packets_total", &ll), Some(5.0), "{}", s.text);
+    assert_eq!(
+        s.get("eni_monitor_linklocal_packets_total", &ll),
+        Some(5.0),
+        "{}",
+        s.text
+    );
 }
 
 fn stays_healthy(behaviour: Behaviour, what: &str) {
     let sim = SimNode::new();
     let imds = FakeImds::start(&sim.node, behaviour);
     let started = std::time::Instant::now();
-    let mut agent = Agent::start(&sim.node, &["--device", "eth0", "--imds-endpoint", &imds.endpoint()]);
-    assert!(started.elapsed() < Duration::from_secs(5), "{what}: start took {:?}", started.elapsed());
+    let mut agent = Agent::start(
+        &sim.node,
+        &["--device", "eth0", "--imds-endpoint", &imds.endpoint()],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{what}: start took {:?}",
+        started.elapsed()
+    );
     assert_eq!(agent.get(&sim.node, "/readyz").unwrap().0, 200, "{what}");
     // Past a few lookups and their time-outs.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(agent.get(&sim.node, "/healthz").unwrap().0, 200, "{what}");
     let s = agent.scrape(&sim.node);
-    assert_eq!(s.get("eni_monitor_linklocal_peak_packets_per_second", &[("device", "eth0"), ("eni", "")]), Some(0.0), "{what}: {}", s.text);
+    assert_eq!(
+        s.get(
+            "eni_monitor_linklocal_peak_packets_per_second",
+            &[("device", "eth0"), ("eni", "")]
+        ),
+        Some(0.0),
+        "{what}: {}",
+        s.text
+    );
     assert!(agent.stop().success(), "{what}");
     let log = agent.log_text();
-    assert_eq!(log.matches("IMDS: eth0:").count(), 1, "{what}: one warning, then quiet retries:\n{log}");
+    assert_eq!(
+        log.matches("IMDS: eth0:").count(),
+        1,
+        "{what}: one warning, then quiet retries:\n{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
 }
 

@@ -68,7 +68,10 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             let bin = workspace_root()?.join("target/release/monitor");
-            let status = Command::new(&bin).args(&args).status().with_context(|| format!("running {}", bin.display()))?;
+            let status = Command::new(&bin)
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Bench => {
@@ -77,7 +80,15 @@ fn main() -> Result<()> {
             let root = workspace_root()?;
             run(Command::new(cargo())
                 .current_dir(&root)
-                .args(["run", "--release", "--quiet", "--package", "integration-tests", "--bin", "bench"])
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "--package",
+                    "integration-tests",
+                    "--bin",
+                    "bench",
+                ])
                 .env("MONITOR_BIN", root.join("target/release/monitor")))
         }
         Cmd::Test { args } => {
@@ -99,7 +110,10 @@ fn cargo() -> String {
 
 fn workspace_root() -> Result<PathBuf> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(Path::to_path_buf).context("xtask has no parent directory")
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -111,7 +125,12 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn build() -> Result<()> {
-    run(Command::new(cargo()).current_dir(workspace_root()?).args(["build", "--release", "--package", "monitor"]))
+    run(Command::new(cargo()).current_dir(workspace_root()?).args([
+        "build",
+        "--release",
+        "--package",
+        "monitor",
+    ]))
 }
 
 fn setup() -> Result<()> {
@@ -150,7 +169,10 @@ fn rust_src() -> Result<()> {
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("running rustup")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "rust-src") {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == "rust-src")
+    {
         return Ok(());
     }
     eprintln!("setup: adding rust-src to the nightly toolchain");
@@ -160,14 +182,24 @@ fn rust_src() -> Result<()> {
 fn bpf_linker() -> Result<()> {
     let version = Command::new("bpf-linker").arg("--version").output();
     if let Ok(out) = version
-        && String::from_utf8_lossy(&out.stdout).contains(&format!("bpf-linker {BPF_LINKER_VERSION}"))
+        && String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("bpf-linker {BPF_LINKER_VERSION}"))
     {
         return Ok(());
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
-    let path = format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{LLVM_PREFIX}/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
     run(Command::new(cargo())
-        .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            &format!("~{BPF_LINKER_VERSION}"),
+        ])
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("PATH", path))

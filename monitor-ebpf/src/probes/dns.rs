@@ -19,7 +19,8 @@ const UDP_HLEN: usize = 8;
 const BPF_NOEXIST: u64 = 1;
 
 #[map]
-static DNS_COUNTS: PerCpuHashMap<DnsCountKey, u64> = PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, 0);
+static DNS_COUNTS: PerCpuHashMap<DnsCountKey, u64> =
+    PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, 0);
 
 #[map]
 static DNS_LATENCY: PerCpuHashMap<DnsServerKey, DnsLatency> =
@@ -29,12 +30,15 @@ static DNS_LATENCY: PerCpuHashMap<DnsServerKey, DnsLatency> =
 /// and counts them unanswered; whoever deletes an entry first counts it, so a query is
 /// either answered or unanswered, never both.
 #[map]
-static DNS_INFLIGHT: HashMap<DnsFlightKey, DnsFlight> = HashMap::with_max_entries(DNS_INFLIGHT_MAX_ENTRIES, 0);
+static DNS_INFLIGHT: HashMap<DnsFlightKey, DnsFlight> =
+    HashMap::with_max_entries(DNS_INFLIGHT_MAX_ENTRIES, 0);
 
 #[inline(always)]
 pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
     // The DNS header may lie beyond the linear data: load it rather than point at it.
-    let Ok(hdr) = ctx.load::<[u8; 12]>(p.l4 + UDP_HLEN) else { return };
+    let Ok(hdr) = ctx.load::<[u8; 12]>(p.l4 + UDP_HLEN) else {
+        return;
+    };
     let id = u16::from_be_bytes([hdr[0], hdr[1]]);
     let flags = u16::from_be_bytes([hdr[2], hdr[3]]);
     let qdcount = u16::from_be_bytes([hdr[4], hdr[5]]);
@@ -48,16 +52,44 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
         if p.dport != PORT {
             return;
         }
-        count(DnsCountKey { ifindex, kind: DNS_QUERY, rcode: 0, pad: [0; 2], server: p.dst });
-        let key = DnsFlightKey { client: p.src, server: p.dst, client_port: p.sport, id, pad: 0 };
+        count(DnsCountKey {
+            ifindex,
+            kind: DNS_QUERY,
+            rcode: 0,
+            pad: [0; 2],
+            server: p.dst,
+        });
+        let key = DnsFlightKey {
+            client: p.src,
+            server: p.dst,
+            client_port: p.sport,
+            id,
+            pad: 0,
+        };
         // A retransmission keeps the first copy's time: one query in flight, not two.
-        let _ = DNS_INFLIGHT.insert(&key, &DnsFlight { start_ns: now_ns(), ifindex, pad: 0 }, BPF_NOEXIST);
+        let _ = DNS_INFLIGHT.insert(
+            &key,
+            &DnsFlight {
+                start_ns: now_ns(),
+                ifindex,
+                pad: 0,
+            },
+            BPF_NOEXIST,
+        );
     } else {
         if p.sport != PORT {
             return;
         }
-        let key = DnsFlightKey { client: p.dst, server: p.src, client_port: p.dport, id, pad: 0 };
-        let Some(flight) = (unsafe { DNS_INFLIGHT.get(&key) }) else { return };
+        let key = DnsFlightKey {
+            client: p.dst,
+            server: p.src,
+            client_port: p.dport,
+            id,
+            pad: 0,
+        };
+        let Some(flight) = (unsafe { DNS_INFLIGHT.get(&key) }) else {
+            return;
+        };
         let start = flight.start_ns;
         // Only the deleter counts: a duplicate response or the agent's timeout sweep
         // racing with this one loses.
@@ -65,8 +97,20 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             return;
         }
         let rcode = (flags & 0x0f) as u8;
-        count(DnsCountKey { ifindex, kind: DNS_RESPONSE, rcode, pad: [0; 2], server: p.src });
-        observe(DnsServerKey { ifindex, server: p.src }, now_ns().saturating_sub(start));
+        count(DnsCountKey {
+            ifindex,
+            kind: DNS_RESPONSE,
+            rcode,
+            pad: [0; 2],
+            server: p.src,
+        });
+        observe(
+            DnsServerKey {
+                ifindex,
+                server: p.src,
+            },
+            now_ns().saturating_sub(start),
+        );
     }
 }
 
@@ -80,7 +124,10 @@ fn count(key: DnsCountKey) {
     }
 }
 
-static ZERO_LATENCY: DnsLatency = DnsLatency { buckets: [0; DNS_LATENCY_BUCKETS], sum_ns: 0 };
+static ZERO_LATENCY: DnsLatency = DnsLatency {
+    buckets: [0; DNS_LATENCY_BUCKETS],
+    sum_ns: 0,
+};
 
 #[inline(always)]
 fn observe(key: DnsServerKey, latency_ns: u64) {

@@ -35,13 +35,19 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
         r
     };
     let skb: u64 = unsafe { ctx.read_at(layout::tp_kfree_skbaddr() as usize) }.map_err(|_| ())?;
-    let protocol: u16 = unsafe { ctx.read_at(layout::tp_kfree_protocol() as usize) }.map_err(|_| ())?;
+    let protocol: u16 =
+        unsafe { ctx.read_at(layout::tp_kfree_protocol() as usize) }.map_err(|_| ())?;
 
     let ifindex = match skb_dev_in_own_netns(skb) {
         Some(i) if MONITORED.get_ptr(i).is_some() => i,
         _ => DEVICE_OTHER,
     };
-    let key = DropKey { ifindex, reason, dns: u32::from(skb_is_dns(skb, protocol)), pad: 0 };
+    let key = DropKey {
+        ifindex,
+        reason,
+        dns: u32::from(skb_is_dns(skb, protocol)),
+        pad: 0,
+    };
     match DROPS.get_ptr_mut(&key) {
         // Per-CPU value: no other writer, a plain add is exact.
         Some(count) => unsafe { *count += 1 },

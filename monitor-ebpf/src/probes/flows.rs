@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use monitor_common::{
-    FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_OTHER, FLOW_RST, FLOW_TCP, FLOW_UDP,
-    Flow, FlowKey, MAX_DEVICES,
+    FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_OTHER, FLOW_RST,
+    FLOW_TCP, FLOW_UDP, Flow, FlowKey, MAX_DEVICES,
 };
 
 use super::packet::{IPPROTO_TCP, IPPROTO_UDP, Packet};
@@ -27,7 +27,8 @@ static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, 0);
 
 /// New flows per (device slot, protocol class).
 #[map]
-static FLOWS_CREATED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DEVICES * FLOW_CLASSES, 0);
+static FLOWS_CREATED: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_DEVICES * FLOW_CLASSES, 0);
 
 /// Flows that found the table full and were not tracked.
 #[map]
@@ -60,9 +61,25 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
     let dst = (halves(&p.dst), p.dport);
     let forward = src <= dst;
     let key = if forward {
-        FlowKey { addr_a: p.src, addr_b: p.dst, port_a: p.sport, port_b: p.dport, ifindex, proto: p.proto, pad: [0; 3] }
+        FlowKey {
+            addr_a: p.src,
+            addr_b: p.dst,
+            port_a: p.sport,
+            port_b: p.dport,
+            ifindex,
+            proto: p.proto,
+            pad: [0; 3],
+        }
     } else {
-        FlowKey { addr_a: p.dst, addr_b: p.src, port_a: p.dport, port_b: p.sport, ifindex, proto: p.proto, pad: [0; 3] }
+        FlowKey {
+            addr_a: p.dst,
+            addr_b: p.src,
+            port_a: p.dport,
+            port_b: p.sport,
+            ifindex,
+            proto: p.proto,
+            pad: [0; 3],
+        }
     };
     let mut bits = if forward { FLOW_AB } else { FLOW_BA };
     if p.proto == IPPROTO_TCP {
@@ -85,10 +102,17 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
         }
         return;
     }
-    let flow = Flow { first_seen: now, last_seen: now, flags: bits, pad: [0; 3] };
+    let flow = Flow {
+        first_seen: now,
+        last_seen: now,
+        flags: bits,
+        pad: [0; 3],
+    };
     match FLOWS.insert(&key, &flow, BPF_NOEXIST) {
         Ok(()) => {
-            let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else { return };
+            let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else {
+                return;
+            };
             if let Some(n) = FLOWS_CREATED.get_ptr_mut(slot * FLOW_CLASSES + class(p.proto)) {
                 unsafe { *n += 1 };
             }

@@ -21,7 +21,8 @@ static LL_PACKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DEVICES 
 
 /// Packets per (device slot, second modulo the window).
 #[map]
-static LL_SECONDS: PerCpuArray<LinkLocalSecond> = PerCpuArray::with_max_entries(MAX_DEVICES * LL_WINDOW, 0);
+static LL_SECONDS: PerCpuArray<LinkLocalSecond> =
+    PerCpuArray::with_max_entries(MAX_DEVICES * LL_WINDOW, 0);
 
 #[inline(always)]
 fn maybe_link_local(p: &Packet) -> bool {
@@ -38,8 +39,12 @@ pub fn count(p: &Packet, ifindex: u32) {
     if !maybe_link_local(p) {
         return;
     }
-    let Some(&service) = (unsafe { LINKLOCAL.get(&p.dst) }) else { return };
-    let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else { return };
+    let Some(&service) = (unsafe { LINKLOCAL.get(&p.dst) }) else {
+        return;
+    };
+    let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else {
+        return;
+    };
     if slot >= MAX_DEVICES || service >= LL_SERVICES {
         return;
     }

@@ -43,7 +43,9 @@ pub struct Packet {
 
 #[inline(always)]
 fn mapped(v4: [u8; 4]) -> Addr {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
 }
 
 /// Parses Ethernet (one VLAN tag at most), IPv4 or IPv6, and the TCP or UDP ports.

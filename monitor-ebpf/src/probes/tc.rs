@@ -28,7 +28,8 @@ fn handle(ctx: &TcContext, egress: bool) {
     if egress {
         linklocal::count(&p, ifindex);
     }
-    if p.proto == packet::IPPROTO_UDP && p.l4 != 0 && (p.sport == dns::PORT || p.dport == dns::PORT) {
+    if p.proto == packet::IPPROTO_UDP && p.l4 != 0 && (p.sport == dns::PORT || p.dport == dns::PORT)
+    {
         dns::handle(ctx, &p, ifindex);
     }
 }

@@ -23,7 +23,8 @@ fn port(ctx: &TracePointContext, off: u32) -> u16 {
 
 #[tracepoint]
 pub fn udp_fail_queue_rcv_skb(ctx: TracePointContext) -> u32 {
-    let dns = port(&ctx, layout::tp_udpfail_sport()) == 53 || port(&ctx, layout::tp_udpfail_dport()) == 53;
+    let dns = port(&ctx, layout::tp_udpfail_sport()) == 53
+        || port(&ctx, layout::tp_udpfail_dport()) == 53;
     let index = if dns { UDP_QUEUE_DNS } else { UDP_QUEUE_OTHER };
     if let Some(n) = UDP_QUEUE_DROPS.get_ptr_mut(index) {
         unsafe { *n += 1 };

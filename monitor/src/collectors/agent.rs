@@ -22,13 +22,27 @@ pub struct Attachments(Arc<RwLock<Vec<Attachment>>>);
 
 impl Attachments {
     pub fn record(&self, attachment: Attachment) {
-        let mut all = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         all.retain(|a| !(a.program == attachment.program && a.device == attachment.device));
         all.push(attachment);
     }
 
+    /// Forgets every attachment on `device`.
+    pub fn forget_device(&self, device: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|a| a.device != device);
+    }
+
     pub fn snapshot(&self) -> Vec<Attachment> {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -51,7 +65,11 @@ impl Collector for AgentCollector {
             "1 when the eBPF program is attached to its hook, 0 when attaching failed.",
             self.attachments.snapshot().into_iter().map(|a| {
                 (
-                    [("program", a.program.to_owned()), ("hook", a.hook), ("device", a.device)],
+                    [
+                        ("program", a.program.to_owned()),
+                        ("hook", a.hook),
+                        ("device", a.device),
+                    ],
                     i64::from(a.attached),
                 )
             }),

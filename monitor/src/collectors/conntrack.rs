@@ -1,7 +1,11 @@
 //! The node's netfilter connection tracking (`nf_conntrack`) for the agent's network
 //! namespace: entries, the table's size, and the per-CPU statistics summed.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::atomic::{AtomicBool, Ordering}};
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use log::info;
@@ -13,18 +17,28 @@ use super::{encode_counters, encode_gauges};
 /// out: it is the table's fill, exported as a gauge from `nf_conntrack_count`.
 pub fn parse_stats(text: &str) -> Result<BTreeMap<String, u64>> {
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().ok_or_else(|| anyhow!("empty statistics"))?.split_whitespace().collect();
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| anyhow!("empty statistics"))?
+        .split_whitespace()
+        .collect();
     let mut sums: BTreeMap<String, u64> = BTreeMap::new();
     for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let values: Vec<&str> = line.split_whitespace().collect();
         if values.len() != header.len() {
-            return Err(anyhow!("CPU line {} has {} columns, the header {}", n + 1, values.len(), header.len()));
+            return Err(anyhow!(
+                "CPU line {} has {} columns, the header {}",
+                n + 1,
+                values.len(),
+                header.len()
+            ));
         }
         for (name, v) in header.iter().zip(values) {
             if *name == "entries" {
                 continue;
             }
-            let v = u64::from_str_radix(v, 16).with_context(|| format!("{name} = {v:?} is not hexadecimal"))?;
+            let v = u64::from_str_radix(v, 16)
+                .with_context(|| format!("{name} = {v:?} is not hexadecimal"))?;
             *sums.entry((*name).to_owned()).or_default() += v;
         }
     }
@@ -40,11 +54,18 @@ pub struct ConntrackCollector {
 
 impl ConntrackCollector {
     pub fn new() -> Self {
-        Self { proc_root: PathBuf::from("/proc"), absent_logged: AtomicBool::new(false) }
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            absent_logged: AtomicBool::new(false),
+        }
     }
 
     fn read_number(&self, path: &str) -> Option<i64> {
-        std::fs::read_to_string(self.proc_root.join(path)).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.proc_root.join(path))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
@@ -54,13 +75,25 @@ impl Collector for ConntrackCollector {
         let limit = self.read_number("sys/net/netfilter/nf_conntrack_max");
         let (Some(count), Some(limit)) = (count, limit) else {
             if !self.absent_logged.swap(true, Ordering::Relaxed) {
-                info!("nf_conntrack is not loaded in this network namespace; its metrics appear once it is");
+                info!(
+                    "nf_conntrack is not loaded in this network namespace; its metrics appear once it is"
+                );
             }
             return Ok(());
         };
         let none: [(&'static str, String); 0] = [];
-        encode_gauges(&mut encoder, "nf_conntrack_entries", "Entries in the node's netfilter conntrack table.", [(none.clone(), count)])?;
-        encode_gauges(&mut encoder, "nf_conntrack_limit", "Size of the node's netfilter conntrack table (nf_conntrack_max).", [(none, limit)])?;
+        encode_gauges(
+            &mut encoder,
+            "nf_conntrack_entries",
+            "Entries in the node's netfilter conntrack table.",
+            [(none.clone(), count)],
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "nf_conntrack_limit",
+            "Size of the node's netfilter conntrack table (nf_conntrack_max).",
+            [(none, limit)],
+        )?;
         let stats = std::fs::read_to_string(self.proc_root.join("net/stat/nf_conntrack"))
             .map_err(|e| anyhow!("{e}"))
             .and_then(|t| parse_stats(&t));
@@ -84,7 +117,11 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> String {
-        std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read_to_string(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     }
 
     #[test]

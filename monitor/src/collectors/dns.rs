@@ -11,8 +11,8 @@ use std::{
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use log::warn;
 use monitor_common::{
-    Addr, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_QUERY, DNS_RESPONSE, DnsCountKey, DnsFlight,
-    DnsFlightKey, DnsLatency, DnsServerKey,
+    Addr, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_QUERY, DNS_RESPONSE, DnsCountKey,
+    DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey,
 };
 use prometheus_client::{
     collector::Collector,
@@ -53,11 +53,17 @@ pub struct LinkLocalResolvers(Arc<RwLock<HashSet<IpAddr>>>);
 
 impl LinkLocalResolvers {
     pub fn add(&self, ip: IpAddr) -> bool {
-        self.0.write().unwrap_or_else(PoisonError::into_inner).insert(ip)
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(ip)
     }
 
     pub fn contains(&self, ip: &IpAddr) -> bool {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).contains(ip)
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(ip)
     }
 }
 
@@ -71,7 +77,10 @@ pub struct ResolverLabels {
 
 impl ResolverLabels {
     pub fn new(linklocal: LinkLocalResolvers) -> Self {
-        Self { linklocal, named: Vec::new() }
+        Self {
+            linklocal,
+            named: Vec::new(),
+        }
     }
 
     pub fn label(&mut self, ip: IpAddr) -> String {
@@ -95,17 +104,28 @@ pub struct Unanswered(Arc<Mutex<BTreeMap<(u32, Addr), u64>>>);
 
 impl Unanswered {
     fn add(&self, ifindex: u32, server: Addr) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner).entry((ifindex, server)).or_default() += 1;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((ifindex, server))
+            .or_default() += 1;
     }
 
     fn snapshot(&self) -> BTreeMap<(u32, Addr), u64> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid timespec to write into.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
@@ -169,18 +189,28 @@ struct Histogram {
 }
 
 impl DnsCollector {
-    fn labels(&self, ifindex: u32, server: Addr, devices: &BTreeMap<u32, crate::devices::Device>) -> Labels3 {
-        let (device, eni) = devices.get(&ifindex).map_or_else(
-            || ("other".to_owned(), String::new()),
-            |d| (d.name.clone(), d.eni.clone()),
-        );
-        let resolver = self.resolvers.lock().unwrap_or_else(PoisonError::into_inner).label(addr_from_bytes(server));
-        (device, eni, resolver)
+    /// Labels for a key, or `None` for a device no longer monitored (its series go).
+    fn labels(
+        &self,
+        ifindex: u32,
+        server: Addr,
+        devices: &BTreeMap<u32, crate::devices::Device>,
+    ) -> Option<Labels3> {
+        let d = devices.get(&ifindex)?;
+        let resolver = self
+            .resolvers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .label(addr_from_bytes(server));
+        Some((d.name.clone(), d.eni.clone(), resolver))
     }
 }
 
 fn encode_histogram(family: &mut MetricEncoder, h: &Histogram) -> Result<(), std::fmt::Error> {
-    #[expect(clippy::cast_precision_loss, reason = "nanoseconds to seconds for display")]
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "nanoseconds to seconds for display"
+    )]
     let secs = |ns: u64| ns as f64 / 1e9;
     let buckets: Vec<(f64, u64)> = DNS_LATENCY_BOUNDS_NS
         .iter()
@@ -205,21 +235,32 @@ impl Collector for DnsCollector {
                 }
             };
             let n: u64 = per_cpu.iter().sum();
-            let labels = self.labels(key.ifindex, key.server, &devices);
+            let Some(labels) = self.labels(key.ifindex, key.server, &devices) else {
+                continue;
+            };
             match key.kind {
                 DNS_QUERY => *queries.entry(labels).or_default() += n,
-                DNS_RESPONSE => *responses.entry((labels, rcode_name(key.rcode))).or_default() += n,
+                DNS_RESPONSE => {
+                    *responses
+                        .entry((labels, rcode_name(key.rcode)))
+                        .or_default() += n
+                }
                 _ => {}
             }
         }
         let mut unanswered: BTreeMap<Labels3, u64> = BTreeMap::new();
         for ((ifindex, server), n) in self.unanswered.snapshot() {
-            *unanswered.entry(self.labels(ifindex, server, &devices)).or_default() += n;
+            if let Some(labels) = self.labels(ifindex, server, &devices) {
+                *unanswered.entry(labels).or_default() += n;
+            }
         }
         let mut latency: BTreeMap<Labels3, Histogram> = BTreeMap::new();
         for entry in &self.latency {
             let Ok((key, per_cpu)) = entry else { continue };
-            let h = latency.entry(self.labels(key.ifindex, key.server, &devices)).or_default();
+            let Some(labels) = self.labels(key.ifindex, key.server, &devices) else {
+                continue;
+            };
+            let h = latency.entry(labels).or_default();
             for cpu in per_cpu.iter() {
                 for (sum, b) in h.buckets.iter_mut().zip(cpu.buckets) {
                     *sum += b;
@@ -228,7 +269,9 @@ impl Collector for DnsCollector {
             }
         }
 
-        let with = |(device, eni, resolver): Labels3| [("device", device), ("eni", eni), ("resolver", resolver)];
+        let with = |(device, eni, resolver): Labels3| {
+            [("device", device), ("eni", eni), ("resolver", resolver)]
+        };
         encode_counters(
             &mut encoder,
             "dns_queries",
@@ -284,7 +327,10 @@ mod tests {
         }
         linklocal.add("10.0.0.2".parse().unwrap());
         let mut labels = ResolverLabels::new(linklocal.clone());
-        assert_eq!(labels.label("169.254.169.253".parse().unwrap()), "linklocal");
+        assert_eq!(
+            labels.label("169.254.169.253".parse().unwrap()),
+            "linklocal"
+        );
         assert_eq!(labels.label("fd00:ec2::253".parse().unwrap()), "linklocal");
         assert_eq!(labels.label("10.0.0.2".parse().unwrap()), "linklocal");
         for i in 0..MAX_NAMED_RESOLVERS {

@@ -32,8 +32,8 @@ pub struct DropTotals {
 }
 
 impl DropTotals {
-    /// Folds per-key counts into label sets. Keys of devices no longer monitored fold
-    /// into `other`, so every label set stays bounded.
+    /// Folds per-key counts into label sets. Keys of devices no longer monitored are
+    /// left out: their series go with them.
     pub fn fold(
         entries: impl IntoIterator<Item = (DropKey, u64)>,
         devices: &Devices,
@@ -44,10 +44,15 @@ impl DropTotals {
         for (key, count) in entries {
             let (device, eni) = match devices.get(&key.ifindex) {
                 Some(d) if key.ifindex != DEVICE_OTHER => (d.name.clone(), d.eni.clone()),
+                // A device that went away takes its series with it.
+                Some(_) | None if key.ifindex != DEVICE_OTHER => continue,
                 _ => ("other".to_owned(), String::new()),
             };
             let reason = reasons.name(key.reason).to_owned();
-            *totals.all.entry((device.clone(), reason.clone())).or_default() += count;
+            *totals
+                .all
+                .entry((device.clone(), reason.clone()))
+                .or_default() += count;
             if key.dns != 0 {
                 *totals.dns.entry((device, eni, reason)).or_default() += count;
             }
@@ -70,16 +75,18 @@ impl Collector for DropsCollector {
             &mut encoder,
             "drops",
             "Packets the kernel dropped, by device and the kernel's drop reason (NOT_SPECIFIED excluded).",
-            totals.all.into_iter().map(|((device, reason), v)| ([("device", device), ("reason", reason)], v)),
+            totals
+                .all
+                .into_iter()
+                .map(|((device, reason), v)| ([("device", device), ("reason", reason)], v)),
         )?;
         encode_counters(
             &mut encoder,
             "dns_drops",
             "DNS packets (port 53, UDP or TCP) the kernel dropped, by device and the kernel's drop reason.",
-            totals
-                .dns
-                .into_iter()
-                .map(|((device, eni, reason), v)| ([("device", device), ("eni", eni), ("reason", reason)], v)),
+            totals.dns.into_iter().map(|((device, eni, reason), v)| {
+                ([("device", device), ("eni", eni), ("reason", reason)], v)
+            }),
         )
     }
 }
@@ -91,26 +98,63 @@ mod tests {
 
     #[test]
     fn folds_keys_into_bounded_label_sets() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tracefs/kfree_skb-6.18.format");
-        let reasons = DropReasons::from_format(&Format::parse(&std::fs::read_to_string(path).unwrap()).unwrap()).unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tracefs/kfree_skb-6.18.format"
+        );
+        let reasons = DropReasons::from_format(
+            &Format::parse(&std::fs::read_to_string(path).unwrap()).unwrap(),
+        )
+        .unwrap();
         let devices = Devices::default();
-        devices.replace([Device { name: "eth0".into(), ifindex: 2, eni: "eni-0abc".into(), slot: 0 }]);
-        let key = |ifindex, reason, dns| DropKey { ifindex, reason, dns, pad: 0 };
+        devices.replace([Device {
+            name: "eth0".into(),
+            ifindex: 2,
+            eni: "eni-0abc".into(),
+            slot: 0,
+        }]);
+        let key = |ifindex, reason, dns| DropKey {
+            ifindex,
+            reason,
+            dns,
+            pad: 0,
+        };
         let totals = DropTotals::fold(
             [
                 (key(2, 3, 0), 5),
                 (key(2, 3, 1), 2),
                 (key(0, 3, 1), 7),
-                // A device no longer monitored folds into other.
+                // A device no longer monitored is left out.
                 (key(9, 3, 1), 1),
                 (key(2, 12, 0), 4),
             ],
             &devices,
             &reasons,
         );
-        let all: Vec<_> = totals.all.iter().map(|((d, r), v)| (d.as_str(), r.as_str(), *v)).collect();
-        assert_eq!(all, [("eth0", "NETFILTER_DROP", 4), ("eth0", "NO_SOCKET", 7), ("other", "NO_SOCKET", 8)]);
-        let dns: Vec<_> = totals.dns.iter().map(|((d, e, r), v)| (d.as_str(), e.as_str(), r.as_str(), *v)).collect();
-        assert_eq!(dns, [("eth0", "eni-0abc", "NO_SOCKET", 2), ("other", "", "NO_SOCKET", 8)]);
+        let all: Vec<_> = totals
+            .all
+            .iter()
+            .map(|((d, r), v)| (d.as_str(), r.as_str(), *v))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                ("eth0", "NETFILTER_DROP", 4),
+                ("eth0", "NO_SOCKET", 7),
+                ("other", "NO_SOCKET", 7)
+            ]
+        );
+        let dns: Vec<_> = totals
+            .dns
+            .iter()
+            .map(|((d, e, r), v)| (d.as_str(), e.as_str(), r.as_str(), *v))
+            .collect();
+        assert_eq!(
+            dns,
+            [
+                ("eth0", "eni-0abc", "NO_SOCKET", 2),
+                ("other", "", "NO_SOCKET", 7)
+            ]
+        );
     }
 }

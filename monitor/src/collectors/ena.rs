@@ -68,12 +68,15 @@ pub fn utilization(estimate: u64, available: Option<u64>, configured: Option<u64
 impl Collector for EnaCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
-        let estimate = self.flows.get().map(|p| p.total());
+        let estimate = self.flows.get().map(|p| p.total(&devices));
         let mut available = Vec::new();
         let mut exceeded = Vec::new();
         let mut ratios = Vec::new();
         {
-            let mut mono = self.monotonic.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut mono = self
+                .monotonic
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             mono.retain(|i| devices.contains_key(&i));
             for d in devices.values() {
                 let stats: BTreeMap<String, u64> = ethtool::stats(&d.name).unwrap_or_default();
@@ -85,7 +88,10 @@ impl Collector for EnaCollector {
                 for (stat, allowance) in EXCEEDED {
                     if let Some(&raw) = stats.get(stat) {
                         let [dev, eni] = labels();
-                        exceeded.push(([dev, eni, ("allowance", allowance.to_owned())], mono.update(d.ifindex, stat, raw)));
+                        exceeded.push((
+                            [dev, eni, ("allowance", allowance.to_owned())],
+                            mono.update(d.ifindex, stat, raw),
+                        ));
                     }
                 }
                 if let Some(r) = estimate.and_then(|e| utilization(e, avail, self.allowance)) {
@@ -119,16 +125,23 @@ mod tests {
     use super::*;
 
     fn u64s(name: &str) -> Vec<u64> {
-        std::fs::read(format!("{}/tests/fixtures/ena/{name}", env!("CARGO_MANIFEST_DIR")))
-            .unwrap()
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
+        std::fs::read(format!(
+            "{}/tests/fixtures/ena/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
     }
 
     #[test]
     fn counters_stay_monotonic_across_a_driver_reset() {
-        let strings = std::fs::read(format!("{}/tests/fixtures/ena/gstrings.bin", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let strings = std::fs::read(format!(
+            "{}/tests/fixtures/ena/gstrings.bin",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
         let before = ethtool::parse(&strings, &u64s("gstats-1.bin"));
         let after = ethtool::parse(&strings, &u64s("gstats-2-after-reset.bin"));
         let mut m = Monotonic::default();

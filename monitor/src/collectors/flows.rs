@@ -11,13 +11,13 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray};
 use monitor_common::{
-    FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_OTHER, FLOW_RST, FLOW_TCP, FLOW_UDP, Flow,
-    FlowKey,
+    FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_OTHER, FLOW_RST, FLOW_TCP,
+    FLOW_UDP, Flow, FlowKey,
 };
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{encode_counters, encode_gauges};
-use crate::{batch, devices::Devices};
+use crate::{batch, devices::Devices, slots::SlotArray};
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -27,7 +27,12 @@ const IPPROTO_ICMPV6: u8 = 58;
 /// How long EC2 keeps tracking a TCP connection once it has closed (both FINs, or RST).
 pub const TCP_CLOSED_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub const CLASS_NAMES: [(u32, &str); 4] = [(FLOW_TCP, "tcp"), (FLOW_UDP, "udp"), (FLOW_ICMP, "icmp"), (FLOW_OTHER, "other")];
+pub const CLASS_NAMES: [(u32, &str); 4] = [
+    (FLOW_TCP, "tcp"),
+    (FLOW_UDP, "udp"),
+    (FLOW_ICMP, "icmp"),
+    (FLOW_OTHER, "other"),
+];
 
 /// EC2's idle tracking timeouts (`--tcp-established-timeout` and friends).
 #[derive(Clone, Copy, Debug)]
@@ -43,8 +48,13 @@ impl Timeouts {
         let both_ways = flow.flags & (FLOW_AB | FLOW_BA) == (FLOW_AB | FLOW_BA);
         match key.proto {
             IPPROTO_TCP => {
-                let closed = flow.flags & FLOW_RST != 0 || flow.flags & (FLOW_FIN_AB | FLOW_FIN_BA) == (FLOW_FIN_AB | FLOW_FIN_BA);
-                if closed { TCP_CLOSED_TIMEOUT } else { self.tcp_established }
+                let closed = flow.flags & FLOW_RST != 0
+                    || flow.flags & (FLOW_FIN_AB | FLOW_FIN_BA) == (FLOW_FIN_AB | FLOW_FIN_BA);
+                if closed {
+                    TCP_CLOSED_TIMEOUT
+                } else {
+                    self.tcp_established
+                }
             }
             // UDP seen both ways is a stream; ICMP and the rest are treated as UDP.
             _ if both_ways => self.udp_stream,
@@ -72,9 +82,13 @@ pub struct PassResult {
 }
 
 impl PassResult {
-    /// Tracked flows over all devices: the instance-wide estimate.
-    pub fn total(&self) -> u64 {
-        self.tracked.values().sum()
+    /// Tracked flows over the monitored devices: the instance-wide estimate.
+    pub fn total(&self, devices: &BTreeMap<u32, crate::devices::Device>) -> u64 {
+        self.tracked
+            .iter()
+            .filter(|((i, _), _)| devices.contains_key(i))
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
@@ -84,7 +98,10 @@ pub struct FlowCounts(Arc<Mutex<Option<PassResult>>>);
 
 impl FlowCounts {
     pub fn get(&self) -> Option<PassResult> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn set(&self, r: PassResult) {
@@ -97,6 +114,8 @@ pub struct Expiry {
     pub flows: MapData,
     pub timeouts: Timeouts,
     pub counts: FlowCounts,
+    /// Flows of devices no longer monitored are deleted.
+    pub devices: Devices,
 }
 
 impl Expiry {
@@ -107,14 +126,20 @@ impl Expiry {
         let mut stale: Vec<FlowKey> = Vec::new();
         let fd = std::os::fd::AsFd::as_fd(self.flows.fd());
         let timeouts = self.timeouts;
+        let devices = self.devices.snapshot();
         // SAFETY: FLOWS maps FlowKey to Flow, both plain `#[repr(C)]` data.
         unsafe {
             batch::lookup_all::<FlowKey, Flow>(fd, 4096, |key, flow| {
                 let idle = u64::from(now.saturating_sub(flow.last_seen));
-                if idle >= timeouts.for_flow(key, flow).as_secs() {
+                if idle >= timeouts.for_flow(key, flow).as_secs()
+                    || !devices.contains_key(&key.ifindex)
+                {
                     stale.push(*key);
                 } else {
-                    *result.tracked.entry((key.ifindex, class(key.proto))).or_default() += 1;
+                    *result
+                        .tracked
+                        .entry((key.ifindex, class(key.proto)))
+                        .or_default() += 1;
                 }
             })?;
             // SAFETY: as above.
@@ -128,12 +153,14 @@ impl Expiry {
     /// How often to pass: often enough that the shortest timeout is honoured within a
     /// couple of seconds, never more than once a second.
     pub fn period(&self) -> Duration {
-        (self.timeouts.udp.min(TCP_CLOSED_TIMEOUT) / 2).clamp(Duration::from_secs(1), Duration::from_secs(5))
+        (self.timeouts.udp.min(TCP_CLOSED_TIMEOUT) / 2)
+            .clamp(Duration::from_secs(1), Duration::from_secs(5))
     }
 }
 
 pub struct FlowsCollector {
-    pub created: PerCpuArray<MapData, u64>,
+    /// New flows per (slot, protocol class).
+    pub created: SlotArray<u64>,
     pub table_full: PerCpuArray<MapData, u64>,
     pub counts: FlowCounts,
     pub devices: Devices,
@@ -153,17 +180,31 @@ impl Collector for FlowsCollector {
         let mut created = Vec::new();
         for d in devices.values() {
             for (c, name) in CLASS_NAMES {
-                let labels = [("device", d.name.clone()), ("eni", d.eni.clone()), ("protocol", name.to_owned())];
+                let labels = [
+                    ("device", d.name.clone()),
+                    ("eni", d.eni.clone()),
+                    ("protocol", name.to_owned()),
+                ];
                 if let Some(p) = &pass {
                     let n = p.tracked.get(&(d.ifindex, c)).copied().unwrap_or(0);
                     tracked.push((labels.clone(), i64::try_from(n).unwrap_or(i64::MAX)));
                 }
-                let n = self.created.get(&(d.slot * FLOW_CLASSES + c), 0).map_or(0, |v| v.iter().sum());
+                let n = self.created.get(d.slot, c).iter().sum();
                 created.push((labels, n));
             }
         }
-        encode_gauges(&mut encoder, "tracked_flows", "Flows crossing the ENI still inside EC2's tracking timeouts (estimate).", tracked)?;
-        encode_counters(&mut encoder, "flows_created", "New flows seen on the ENI.", created)?;
+        encode_gauges(
+            &mut encoder,
+            "tracked_flows",
+            "Flows crossing the ENI still inside EC2's tracking timeouts (estimate).",
+            tracked,
+        )?;
+        encode_counters(
+            &mut encoder,
+            "flows_created",
+            "New flows seen on the ENI.",
+            created,
+        )?;
         let full = self.table_full.get(&0, 0).map_or(0, |v| v.iter().sum());
         encode_counters(
             &mut encoder,
@@ -179,24 +220,68 @@ mod tests {
     use super::*;
 
     fn key(proto: u8) -> FlowKey {
-        FlowKey { addr_a: [0; 16], addr_b: [1; 16], port_a: 1, port_b: 2, ifindex: 2, proto, pad: [0; 3] }
+        FlowKey {
+            addr_a: [0; 16],
+            addr_b: [1; 16],
+            port_a: 1,
+            port_b: 2,
+            ifindex: 2,
+            proto,
+            pad: [0; 3],
+        }
     }
 
     fn flow(flags: u8) -> Flow {
-        Flow { first_seen: 0, last_seen: 0, flags, pad: [0; 3] }
+        Flow {
+            first_seen: 0,
+            last_seen: 0,
+            flags,
+            pad: [0; 3],
+        }
     }
 
     #[test]
     fn ec2_timeouts_by_state() {
-        let t = Timeouts { tcp_established: Duration::from_secs(432_000), udp: Duration::from_secs(30), udp_stream: Duration::from_secs(180) };
-        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA)), Duration::from_secs(432_000));
-        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB)), Duration::from_secs(432_000));
-        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_RST)), TCP_CLOSED_TIMEOUT);
-        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_FIN_AB)), Duration::from_secs(432_000));
-        assert_eq!(t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_FIN_AB | FLOW_FIN_BA)), TCP_CLOSED_TIMEOUT);
-        assert_eq!(t.for_flow(&key(17), &flow(FLOW_AB)), Duration::from_secs(30));
-        assert_eq!(t.for_flow(&key(17), &flow(FLOW_BA)), Duration::from_secs(30));
-        assert_eq!(t.for_flow(&key(17), &flow(FLOW_AB | FLOW_BA)), Duration::from_secs(180));
+        let t = Timeouts {
+            tcp_established: Duration::from_hours(120),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_mins(3),
+        };
+        assert_eq!(
+            t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA)),
+            Duration::from_hours(120)
+        );
+        assert_eq!(
+            t.for_flow(&key(6), &flow(FLOW_AB)),
+            Duration::from_hours(120)
+        );
+        assert_eq!(
+            t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_RST)),
+            TCP_CLOSED_TIMEOUT
+        );
+        assert_eq!(
+            t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_FIN_AB)),
+            Duration::from_hours(120)
+        );
+        assert_eq!(
+            t.for_flow(
+                &key(6),
+                &flow(FLOW_AB | FLOW_BA | FLOW_FIN_AB | FLOW_FIN_BA)
+            ),
+            TCP_CLOSED_TIMEOUT
+        );
+        assert_eq!(
+            t.for_flow(&key(17), &flow(FLOW_AB)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            t.for_flow(&key(17), &flow(FLOW_BA)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            t.for_flow(&key(17), &flow(FLOW_AB | FLOW_BA)),
+            Duration::from_mins(3)
+        );
         assert_eq!(t.for_flow(&key(1), &flow(FLOW_AB)), Duration::from_secs(30));
     }
 }

@@ -2,16 +2,17 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{MapData, PerCpuArray};
-use monitor_common::{LL_DNS, LL_IMDS, LL_NTP, LL_SERVICES, LL_WINDOW, LinkLocalSecond};
+use monitor_common::{LL_DNS, LL_IMDS, LL_NTP, LL_WINDOW, LinkLocalSecond};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{dns::monotonic_ns, encode_counters, encode_gauges};
-use crate::devices::Devices;
+use crate::{devices::Devices, slots::SlotArray};
 
 pub struct LinkLocalCollector {
-    pub packets: PerCpuArray<MapData, u64>,
-    pub seconds: PerCpuArray<MapData, LinkLocalSecond>,
+    /// Packets per (slot, service).
+    pub packets: SlotArray<u64>,
+    /// Per-second counts per (slot, second in the window).
+    pub seconds: SlotArray<LinkLocalSecond>,
     pub devices: Devices,
 }
 
@@ -41,16 +42,26 @@ impl Collector for LinkLocalCollector {
         let mut peaks = Vec::new();
         for d in devices.values() {
             for (service, name) in [(LL_DNS, "dns"), (LL_IMDS, "imds"), (LL_NTP, "ntp")] {
-                let n = self.packets.get(&(d.slot * LL_SERVICES + service), 0).map_or(0, |v| v.iter().sum());
-                totals.push(([("device", d.name.clone()), ("eni", d.eni.clone()), ("service", name.to_owned())], n));
+                let n = self.packets.get(d.slot, service).iter().sum();
+                totals.push((
+                    [
+                        ("device", d.name.clone()),
+                        ("eni", d.eni.clone()),
+                        ("service", name.to_owned()),
+                    ],
+                    n,
+                ));
             }
-            let slots = (0..LL_WINDOW)
-                .filter_map(|i| self.seconds.get(&(d.slot * LL_WINDOW + i), 0).ok())
-                .flat_map(|per_cpu| per_cpu.iter().copied().collect::<Vec<_>>());
+            let slots = (0..LL_WINDOW).flat_map(|i| self.seconds.get(d.slot, i));
             let p = i64::try_from(peak(slots, now_second)).unwrap_or(i64::MAX);
             peaks.push(([("device", d.name.clone()), ("eni", d.eni.clone())], p));
         }
-        encode_counters(&mut encoder, "linklocal_packets", "Packets sent to EC2 link-local services (resolver, IMDS, time sync).", totals)?;
+        encode_counters(
+            &mut encoder,
+            "linklocal_packets",
+            "Packets sent to EC2 link-local services (resolver, IMDS, time sync).",
+            totals,
+        )?;
         encode_gauges(
             &mut encoder,
             "linklocal_peak_packets_per_second",

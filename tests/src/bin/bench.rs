@@ -1,6 +1,13 @@
 //! `cargo xtask bench`: what the agent costs, measured on the simulated node. Every
 //! figure is the median of several runs, with min and max; the machine is shared.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::similar_names)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::similar_names
+)]
 
 use std::{
     collections::BTreeMap,
@@ -30,8 +37,16 @@ fn stat(mut v: Vec<f64>) -> Stat {
     assert!(!v.is_empty());
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { f64::midpoint(v[n / 2 - 1], v[n / 2]) };
-    Stat { median, min: v[0], max: v[n - 1] }
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    };
+    Stat {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    }
 }
 
 /// One line of the report.
@@ -49,9 +64,26 @@ struct Report {
 }
 
 impl Report {
-    fn add(&mut self, section: &'static str, name: impl Into<String>, unit: &'static str, stat: Stat, target: Option<(String, bool)>) {
-        let row = Row { section, name: name.into(), unit, stat, target };
-        let t = row.target.as_ref().map(|(t, met)| format!("  [{t}: {}]", if *met { "met" } else { "NOT met" })).unwrap_or_default();
+    fn add(
+        &mut self,
+        section: &'static str,
+        name: impl Into<String>,
+        unit: &'static str,
+        stat: Stat,
+        target: Option<(String, bool)>,
+    ) {
+        let row = Row {
+            section,
+            name: name.into(),
+            unit,
+            stat,
+            target,
+        };
+        let t = row
+            .target
+            .as_ref()
+            .map(|(t, met)| format!("  [{t}: {}]", if *met { "met" } else { "NOT met" }))
+            .unwrap_or_default();
         println!(
             "{:<10} {:<52} {:>12.2} {:<8} (min {:.2}, max {:.2}){t}",
             row.section, row.name, row.stat.median, row.unit, row.stat.min, row.stat.max
@@ -61,7 +93,11 @@ impl Report {
 }
 
 fn runs() -> usize {
-    std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1)
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1)
 }
 
 /// (`run_time_ns`, `run_cnt`) of every loaded program, by name; needs `kernel.bpf_stats_enabled`.
@@ -70,7 +106,9 @@ fn prog_stats() -> BTreeMap<String, (u64, u64)> {
     let progs: Value = serde_json::from_str(&out).unwrap();
     let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for p in progs.as_array().unwrap() {
-        let Some(name) = p["name"].as_str() else { continue };
+        let Some(name) = p["name"].as_str() else {
+            continue;
+        };
         let e = m.entry(name.to_owned()).or_default();
         e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
         e.1 += p["run_cnt"].as_u64().unwrap_or(0);
@@ -84,7 +122,10 @@ fn blast(ns: &Netns, dst: SocketAddr, dur: Duration) -> std::thread::JoinHandle<
     std::thread::spawn(move || {
         let f = std::fs::File::open(&path).unwrap();
         // SAFETY: a namespace fd; only this thread changes namespace.
-        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
+            0
+        );
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
         let payload = [0u8; 22]; // 14 + 20 + 8 + 22 = 64 bytes on the wire
         let end = Instant::now() + dur;
@@ -101,7 +142,11 @@ fn blast(ns: &Netns, dst: SocketAddr, dur: Duration) -> std::thread::JoinHandle<
 }
 
 fn bpf_stats(on: bool) {
-    sh(Command::new("sysctl").args(["-q", "-w", &format!("kernel.bpf_stats_enabled={}", u8::from(on))]));
+    sh(Command::new("sysctl").args([
+        "-q",
+        "-w",
+        &format!("kernel.bpf_stats_enabled={}", u8::from(on)),
+    ]));
 }
 
 /// 1. Cost per event of every attached program, and of the empty floor programs.
@@ -110,22 +155,47 @@ fn program_cost(report: &mut Report) {
     let eth0 = sim.eni("eth0");
     let _agent = Agent::start(&sim.node, &["--device", "eth0"]);
     // "N: eth0@ifM: ..." from the namespace's own view.
-    let ifindex: u32 = sim.node.ip("-o link show dev eth0").split(':').next().unwrap().trim().parse().unwrap();
+    let ifindex: u32 = sim
+        .node
+        .ip("-o link show dev eth0")
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let floor = sim.node.run(move || {
         (
-            FloorClassifier::attach(ifindex, BPF_TCX_INGRESS).expect("attaching the floor classifier"),
-            FloorClassifier::attach(ifindex, BPF_TCX_EGRESS).expect("attaching the floor classifier"),
-            FloorTracepoint::attach("/sys/kernel/tracing", "skb", "kfree_skb").expect("attaching the floor tracepoint"),
+            FloorClassifier::attach(ifindex, BPF_TCX_INGRESS)
+                .expect("attaching the floor classifier"),
+            FloorClassifier::attach(ifindex, BPF_TCX_EGRESS)
+                .expect("attaching the floor classifier"),
+            FloorTracepoint::attach("/sys/kernel/tracing", "skb", "kfree_skb")
+                .expect("attaching the floor tracepoint"),
         )
     });
     bpf_stats(true);
-    let names = ["tc_ingress", "tc_egress", "kfree_skb", "floor_tc", "floor_tp"];
+    let names = [
+        "tc_ingress",
+        "tc_egress",
+        "kfree_skb",
+        "floor_tc",
+        "floor_tp",
+    ];
     let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for _ in 0..runs() {
         let before = prog_stats();
         // Both ways to closed ports: ingress, egress and a drop for every packet.
-        let a = blast(&sim.vpc, SocketAddr::new(eth0.node_v4.parse().unwrap(), 9), Duration::from_secs(2));
-        let b = blast(&sim.node, SocketAddr::new(eth0.vpc_v4.parse().unwrap(), 9), Duration::from_secs(2));
+        let a = blast(
+            &sim.vpc,
+            SocketAddr::new(eth0.node_v4.parse().unwrap(), 9),
+            Duration::from_secs(2),
+        );
+        let b = blast(
+            &sim.node,
+            SocketAddr::new(eth0.vpc_v4.parse().unwrap(), 9),
+            Duration::from_secs(2),
+        );
         a.join().unwrap();
         b.join().unwrap();
         let after = prog_stats();
@@ -133,7 +203,9 @@ fn program_cost(report: &mut Report) {
             let (t0, c0) = before.get(n).copied().unwrap_or_default();
             let (t1, c1) = after.get(n).copied().unwrap_or_default();
             if c1 > c0 {
-                per.entry(n).or_default().push((t1 - t0) as f64 / (c1 - c0) as f64);
+                per.entry(n)
+                    .or_default()
+                    .push((t1 - t0) as f64 / (c1 - c0) as f64);
             }
         }
     }
@@ -141,22 +213,46 @@ fn program_cost(report: &mut Report) {
     drop(floor);
     let tc_floor = stat(per.get("floor_tc").cloned().unwrap_or_else(|| vec![0.0]));
     let tp_floor = stat(per.get("floor_tp").cloned().unwrap_or_else(|| vec![0.0]));
-    report.add("programs", "floor: empty classifier", "ns/pkt", tc_floor, None);
-    report.add("programs", "floor: empty tracepoint (kfree_skb)", "ns/event", tp_floor, None);
+    report.add(
+        "programs",
+        "floor: empty classifier",
+        "ns/pkt",
+        tc_floor,
+        None,
+    );
+    report.add(
+        "programs",
+        "floor: empty tracepoint (kfree_skb)",
+        "ns/event",
+        tp_floor,
+        None,
+    );
     // The classifiers run for every packet: held to 25 ns over the floor. kfree_skb runs
     // once per dropped packet, never on the forwarding path of a healthy one.
-    for (n, floor, per_packet) in [("tc_ingress", tc_floor, true), ("tc_egress", tc_floor, true), ("kfree_skb", tp_floor, false)] {
+    for (n, floor, per_packet) in [
+        ("tc_ingress", tc_floor, true),
+        ("tc_egress", tc_floor, true),
+        ("kfree_skb", tp_floor, false),
+    ] {
         let Some(v) = per.get(n) else { continue };
         let s = stat(v.clone());
         report.add("programs", n, "ns/event", s, None);
         let over = stat(v.iter().map(|x| x - floor.median).collect());
         let target = per_packet.then(|| ("<= 25 ns".to_owned(), over.median <= 25.0));
-        report.add("programs", format!("{n} minus floor"), "ns/event", over, target);
+        report.add(
+            "programs",
+            format!("{n} minus floor"),
+            "ns/event",
+            over,
+            target,
+        );
     }
 }
 
 fn iperf_pps(node: &Netns, server: &str) -> f64 {
-    let out = sh(node.command("iperf3").args(["-c", server, "-u", "-l", "22", "-b", "0", "-t", "3", "-J"]));
+    let out = sh(node
+        .command("iperf3")
+        .args(["-c", server, "-u", "-l", "22", "-b", "0", "-t", "3", "-J"]));
     let v: Value = serde_json::from_str(&out).unwrap();
     let sum = &v["end"]["sum"];
     let packets = sum["packets"].as_f64().unwrap_or(0.0);
@@ -168,7 +264,13 @@ fn iperf_pps(node: &Netns, server: &str) -> f64 {
 fn packet_rate(report: &mut Report) {
     let sim = SimNode::ipv4_only();
     let eth0 = sim.eni("eth0");
-    let mut server = sim.vpc.command("iperf3").args(["-s", "-B", &eth0.vpc_v4]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut server = sim
+        .vpc
+        .command("iperf3")
+        .args(["-s", "-B", &eth0.vpc_v4])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..runs() {
@@ -180,20 +282,50 @@ fn packet_rate(report: &mut Report) {
     let _ = server.kill();
     let _ = server.wait();
     let ratios: Vec<f64> = with.iter().zip(&without).map(|(w, o)| w / o).collect();
-    report.add("rate", "64-byte UDP without the agent", "pkt/s", stat(without), None);
-    report.add("rate", "64-byte UDP with the agent", "pkt/s", stat(with), None);
+    report.add(
+        "rate",
+        "64-byte UDP without the agent",
+        "pkt/s",
+        stat(without),
+        None,
+    );
+    report.add(
+        "rate",
+        "64-byte UDP with the agent",
+        "pkt/s",
+        stat(with),
+        None,
+    );
     let r = stat(ratios);
-    report.add("rate", "with / without", "ratio", r, Some((">= 0.97".into(), r.median >= 0.97)));
+    report.add(
+        "rate",
+        "with / without",
+        "ratio",
+        r,
+        Some((">= 0.97".into(), r.median >= 0.97)),
+    );
 }
 
 fn dnsperf(node: &Netns, server: &str, queryfile: &str) -> BTreeMap<String, f64> {
-    let out = sh(node.command("dnsperf").args(["-s", server, "-d", queryfile, "-l", "5", "-q", "500", "-t", "2"]));
+    let out = sh(node.command("dnsperf").args([
+        "-s", server, "-d", queryfile, "-l", "5", "-q", "500", "-t", "2",
+    ]));
     let mut m = BTreeMap::new();
     for line in out.lines() {
         let line = line.trim();
-        for key in ["Queries sent", "Queries completed", "Queries lost", "Queries per second"] {
+        for key in [
+            "Queries sent",
+            "Queries completed",
+            "Queries lost",
+            "Queries per second",
+        ] {
             if let Some(rest) = line.strip_prefix(key).and_then(|r| r.strip_prefix(':')) {
-                let n = rest.split_whitespace().next().unwrap_or("0").parse().unwrap_or(0.0);
+                let n = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0.0);
                 m.insert(key.to_owned(), n);
             }
         }
@@ -219,28 +351,50 @@ fn dns_load(report: &mut Report) -> f64 {
         // Past the agent's timeout, so that every lost query has been swept.
         std::thread::sleep(Duration::from_millis(2500));
         let after = agent.scrape(&sim.node);
-        let delta = |name: &str| after.sum(name, &[("device", "eth0")]) - before.sum(name, &[("device", "eth0")]);
+        let delta = |name: &str| {
+            after.sum(name, &[("device", "eth0")]) - before.sum(name, &[("device", "eth0")])
+        };
         // A response that reached the ENI but was dropped by this kernel (dnsperf's
         // socket full, say) is matched at the ENI and counted as a DNS drop: dnsperf
         // calls it lost, the agent says where it was lost.
         let kernel_drops = delta("eni_monitor_dns_drops_total");
         rates.push(d["Queries per second"]);
         sent_diff.push(delta("eni_monitor_dns_queries_total") - d["Queries sent"]);
-        answered_diff.push(delta("eni_monitor_dns_responses_total") - kernel_drops - d["Queries completed"]);
-        unanswered_diff.push(delta("eni_monitor_dns_unanswered_total") + kernel_drops - d["Queries lost"]);
+        answered_diff
+            .push(delta("eni_monitor_dns_responses_total") - kernel_drops - d["Queries completed"]);
+        unanswered_diff
+            .push(delta("eni_monitor_dns_unanswered_total") + kernel_drops - d["Queries lost"]);
         drops.push(kernel_drops);
     }
     let cpu = (cpu_seconds(agent.pid()) - cpu_before) / started.elapsed().as_secs_f64() * 60.0;
     let rate = stat(rates);
     report.add("dns", "dnsperf rate reached", "q/s", rate, None);
-    report.add("dns", "responses dropped by the node's kernel", "queries", stat(drops), None);
+    report.add(
+        "dns",
+        "responses dropped by the node's kernel",
+        "queries",
+        stat(drops),
+        None,
+    );
     for (what, v) in [
         ("queries: agent - dnsperf sent", sent_diff),
-        ("responses - kernel drops: agent - dnsperf completed", answered_diff),
-        ("unanswered + kernel drops: agent - dnsperf lost", unanswered_diff),
+        (
+            "responses - kernel drops: agent - dnsperf completed",
+            answered_diff,
+        ),
+        (
+            "unanswered + kernel drops: agent - dnsperf lost",
+            unanswered_diff,
+        ),
     ] {
         let s = stat(v);
-        report.add("dns", what, "queries", s, Some(("0 (exact)".into(), s.min == 0.0 && s.max == 0.0)));
+        report.add(
+            "dns",
+            what,
+            "queries",
+            s,
+            Some(("0 (exact)".into(), s.min == 0.0 && s.max == 0.0)),
+        );
     }
     let _ = std::fs::remove_file(queryfile);
     cpu
@@ -248,7 +402,12 @@ fn dns_load(report: &mut Report) -> f64 {
 
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     // utime and stime are fields 14 and 15; here counted from field 3.
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no preconditions.
@@ -257,7 +416,15 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     kb / 1024.0
 }
 
@@ -267,7 +434,8 @@ fn agent_itself(report: &mut Report, cpu_under_dns_load: f64) {
     for i in 1..16 {
         sim.add_eni(&format!("eth{i}"));
     }
-    let (mut rss, mut idle_cpu, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rss, mut idle_cpu, mut p50, mut p99) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs() {
         let agent = Agent::start(&sim.node, &["--device", "eth*"]);
         std::thread::sleep(Duration::from_millis(500));
@@ -294,26 +462,65 @@ fn agent_itself(report: &mut Report, cpu_under_dns_load: f64) {
         p99.push(lat[lat.len() * 99 / 100]);
     }
     let r = stat(rss);
-    report.add("agent", "RSS after start (16 devices)", "MiB", r, Some(("<= 30 MiB".into(), r.median <= 30.0)));
+    report.add(
+        "agent",
+        "RSS after start (16 devices)",
+        "MiB",
+        r,
+        Some(("<= 30 MiB".into(), r.median <= 30.0)),
+    );
     report.add("agent", "CPU idle", "s/min", stat(idle_cpu), None);
-    report.add("agent", "CPU under the DNS load", "s/min", stat(vec![cpu_under_dns_load]), None);
-    report.add("agent", "/metrics scrape p50 (16 devices)", "ms", stat(p50), None);
+    report.add(
+        "agent",
+        "CPU under the DNS load",
+        "s/min",
+        stat(vec![cpu_under_dns_load]),
+        None,
+    );
+    report.add(
+        "agent",
+        "/metrics scrape p50 (16 devices)",
+        "ms",
+        stat(p50),
+        None,
+    );
     let s = stat(p99);
-    report.add("agent", "/metrics scrape p99 (16 devices)", "ms", s, Some(("<= 5 ms".into(), s.median <= 5.0)));
+    report.add(
+        "agent",
+        "/metrics scrape p99 (16 devices)",
+        "ms",
+        s,
+        Some(("<= 5 ms".into(), s.median <= 5.0)),
+    );
 }
 
 fn machine() -> Vec<(&'static str, String)> {
-    let first = |cmd: &mut Command| String::from_utf8_lossy(&cmd.output().map(|o| o.stdout).unwrap_or_default()).trim().to_owned();
+    let first = |cmd: &mut Command| {
+        String::from_utf8_lossy(&cmd.output().map(|o| o.stdout).unwrap_or_default())
+            .trim()
+            .to_owned()
+    };
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
     vec![
         ("kernel", first(Command::new("uname").arg("-r"))),
         ("cpu", cpu),
-        ("cores", std::thread::available_parallelism().map(|n| n.to_string()).unwrap_or_default()),
-        ("commit", first(Command::new("git").args(["rev-parse", "--short", "HEAD"]))),
+        (
+            "cores",
+            std::thread::available_parallelism()
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+        ),
+        (
+            "commit",
+            first(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
+        ),
         ("runs", runs().to_string()),
     ]
 }
@@ -332,17 +539,32 @@ fn write_reports(report: &Report, machine: &[(&str, String)]) {
             })
         })
         .collect();
-    let m: serde_json::Map<String, Value> = machine.iter().map(|(k, v)| ((*k).to_owned(), Value::from(v.as_str()))).collect();
+    let m: serde_json::Map<String, Value> = machine
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::from(v.as_str())))
+        .collect();
     let json = serde_json::json!({ "machine": m, "results": rows });
-    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
     let mut md = String::from("# eni-monitor benchmark\n\n");
     for (k, v) in machine {
         let _ = writeln!(md, "- {k}: {v}");
     }
     md.push_str("\n| section | measure | median | unit | min | max | target |\n|---|---|---:|---|---:|---:|---|\n");
     for r in &report.rows {
-        let t = r.target.as_ref().map(|(t, met)| format!("{t}: {}", if *met { "met" } else { "not met" })).unwrap_or_default();
-        let _ = writeln!(md, "| {} | {} | {:.2} | {} | {:.2} | {:.2} | {t} |", r.section, r.name, r.stat.median, r.unit, r.stat.min, r.stat.max);
+        let t = r
+            .target
+            .as_ref()
+            .map(|(t, met)| format!("{t}: {}", if *met { "met" } else { "not met" }))
+            .unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {} | {:.2} | {:.2} | {t} |",
+            r.section, r.name, r.stat.median, r.unit, r.stat.min, r.stat.max
+        );
     }
     std::fs::write(dir.join("report.md"), md).unwrap();
     println!("\nwrote {}/report.json and report.md", dir.display());
@@ -368,7 +590,11 @@ fn main() {
     if want("rate") {
         packet_rate(&mut report);
     }
-    let cpu = if want("dns") { dns_load(&mut report) } else { 0.0 };
+    let cpu = if want("dns") {
+        dns_load(&mut report)
+    } else {
+        0.0
+    };
     if want("agent") {
         agent_itself(&mut report, cpu);
     }

@@ -1,0 +1,217 @@
+//! Devices come and go (EKS attaches ENIs at run time): rtnetlink link events trigger a
+//! reconcile that attaches to new matching devices and lets go of vanished ones.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use aya::Ebpf;
+use log::{info, warn};
+use monitor_common::{LinkLocalSecond, MAX_DEVICES};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    collectors::agent::Attachments,
+    devices::{self, Device, Devices},
+    programs::{self, ClassifierLinks},
+    slots::SlotArray,
+};
+
+/// The per-slot arrays zeroed when a slot changes hands.
+pub struct SlotArrays {
+    pub linklocal_packets: SlotArray<u64>,
+    pub linklocal_seconds: SlotArray<LinkLocalSecond>,
+    pub flows_created: SlotArray<u64>,
+}
+
+impl SlotArrays {
+    fn reset(&self, slot: u32) -> Result<()> {
+        self.linklocal_packets.reset(slot)?;
+        self.linklocal_seconds.reset(slot)?;
+        self.flows_created.reset(slot)
+    }
+}
+
+pub struct Watcher {
+    pub ebpf: Ebpf,
+    pub globs: Vec<glob::Pattern>,
+    pub devices: Devices,
+    pub attachments: Attachments,
+    pub slots: SlotArrays,
+    pub links: HashMap<u32, ClassifierLinks>,
+    pub classifiers_loaded: bool,
+}
+
+/// Keeps the devices still present (and their slots), adds new ones in free slots.
+fn plan(current: &BTreeMap<u32, Device>, wanted: &[(String, u32)]) -> Vec<Device> {
+    let mut used: Vec<u32> = wanted
+        .iter()
+        .filter_map(|(_, i)| current.get(i).map(|d| d.slot))
+        .collect();
+    let mut out = Vec::new();
+    for (name, ifindex) in wanted {
+        if let Some(d) = current.get(ifindex).filter(|d| &d.name == name) {
+            out.push(d.clone());
+            continue;
+        }
+        let Some(slot) = (0..MAX_DEVICES).find(|s| !used.contains(s)) else {
+            warn!("more than {MAX_DEVICES} devices; {name} is not monitored");
+            continue;
+        };
+        used.push(slot);
+        out.push(Device {
+            name: name.clone(),
+            ifindex: *ifindex,
+            eni: String::new(),
+            slot,
+        });
+    }
+    out
+}
+
+impl Watcher {
+    /// Makes the monitored set equal to the matching interfaces of this namespace.
+    pub fn reconcile(&mut self) -> Result<()> {
+        let interfaces = devices::interfaces()?;
+        let wanted: Vec<(String, u32)> =
+            devices::select(&interfaces, &self.globs, devices::is_physical)
+                .into_iter()
+                .map(|d| (d.name, d.ifindex))
+                .collect();
+        let current = self.devices.snapshot();
+        let next = plan(&current, &wanted);
+
+        for (ifindex, old) in &current {
+            if !next.iter().any(|d| d.ifindex == *ifindex) {
+                info!("{} is gone; no longer monitored", old.name);
+                if let Some(links) = self.links.remove(ifindex) {
+                    programs::detach_classifiers(&mut self.ebpf, links);
+                }
+                self.attachments.forget_device(&old.name);
+            }
+        }
+        let added: Vec<Device> = next
+            .iter()
+            .filter(|d| !current.contains_key(&d.ifindex))
+            .cloned()
+            .collect();
+        for d in &added {
+            self.slots
+                .reset(d.slot)
+                .with_context(|| format!("preparing slot {} for {}", d.slot, d.name))?;
+        }
+        programs::set_monitored(&mut self.ebpf, &next)?;
+        self.devices.replace(next);
+        for d in &added {
+            info!("monitoring {}", d.name);
+            if self.classifiers_loaded {
+                let links = programs::attach_classifiers(&mut self.ebpf, d, &self.attachments);
+                self.links.insert(d.ifindex, links);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A netlink socket subscribed to link events.
+fn link_events() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket calls with a zeroed, filled sockaddr_nl.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = u16::try_from(libc::AF_NETLINK).unwrap_or_default();
+        addr.nl_groups = u32::try_from(libc::RTMGRP_LINK).unwrap_or_default();
+        let len = u32::try_from(size_of::<libc::sockaddr_nl>()).unwrap_or_default();
+        if libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
+
+/// Reads whatever is queued; the content does not matter, only that links changed.
+fn drain(fd: &OwnedFd) -> io::Result<()> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        // SAFETY: reading into a buffer of the length given.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(()),
+                // Events were lost: a reconcile covers them anyway.
+                _ if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(()),
+                _ => Err(e),
+            };
+        }
+    }
+}
+
+/// Reconciles on every burst of link events, for as long as the agent runs.
+pub async fn run(mut watcher: Watcher) -> Result<()> {
+    let socket = link_events().context("subscribing to rtnetlink link events")?;
+    // SAFETY: the AsyncFd owns the socket, which stays open for its whole life.
+    let events = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the netlink socket: {e}"))?;
+    loop {
+        let mut ready = events.readable().await?;
+        ready.clear_ready();
+        drain(events.get_ref())?;
+        // A device arrives as a burst of events (create, rename, up): take them together.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drain(events.get_ref())?;
+        if let Err(e) = watcher.reconcile() {
+            warn!("updating monitored devices: {e:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(name: &str, ifindex: u32, slot: u32) -> Device {
+        Device {
+            name: name.into(),
+            ifindex,
+            eni: format!("eni-{ifindex}"),
+            slot,
+        }
+    }
+
+    #[test]
+    fn slots_are_kept_and_freed_ones_reused() {
+        let current: BTreeMap<u32, Device> =
+            [dev("eth0", 2, 0), dev("eth1", 3, 1), dev("eth2", 4, 2)]
+                .into_iter()
+                .map(|d| (d.ifindex, d))
+                .collect();
+        // eth1 went away, eth3 arrived.
+        let wanted = vec![
+            ("eth0".to_owned(), 2),
+            ("eth2".to_owned(), 4),
+            ("eth3".to_owned(), 7),
+        ];
+        let next = plan(&current, &wanted);
+        let view: Vec<_> = next
+            .iter()
+            .map(|d| (d.name.as_str(), d.slot, d.eni.as_str()))
+            .collect();
+        assert_eq!(
+            view,
+            [("eth0", 0, "eni-2"), ("eth2", 2, "eni-4"), ("eth3", 1, "")]
+        );
+    }
+}
