@@ -470,6 +470,19 @@ pub fn send_udp(ns: &Netns, dst: SocketAddr, count: usize, payload: &[u8]) {
     });
 }
 
+/// Every PromQL expression of a Grafana dashboard, in panel order.
+pub fn dashboard_queries(dash: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = target["expr"].as_str() {
+                out.push(e.to_owned());
+            }
+        }
+    }
+    out
+}
+
 /// One scrape of `/metrics`, parsed.
 pub struct Scrape {
     pub text: String,

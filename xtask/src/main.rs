@@ -25,10 +25,25 @@ const APT_PACKAGES: &[&str] = &[
     // The benchmark's load generators.
     "iperf3",
     "dnsperf",
+    // Alert rules: promtool, and Prometheus and Alertmanager end to end.
+    "prometheus",
+    "prometheus-alertmanager",
 ];
+/// PyPI packages the tests use: an offline validator carrying Kubernetes' schemas.
+const PIP_PACKAGES: &[&str] = &["kubernetes-validate"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
 const TRACEFS: &str = "/sys/kernel/tracing";
+const PROMETHEUS_RULE_HEADER: &str = "# Written by `cargo xtask rules` from rules.yml: edit that file, not this one.
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: eni-monitor
+  namespace: eni-monitor
+  labels:
+    app.kubernetes.io/name: eni-monitor
+spec:
+";
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Development tasks for eni-monitor")]
@@ -55,6 +70,8 @@ enum Cmd {
     },
     /// Measure the agent's cost on the simulated node; writes target/bench/report.{json,md}.
     Bench,
+    /// Write deploy/alerts/prometheusrule.yaml from deploy/alerts/rules.yml.
+    Rules,
 }
 
 fn main() -> Result<()> {
@@ -73,6 +90,18 @@ fn main() -> Result<()> {
                 .status()
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Rules => {
+            let dir = workspace_root()?.join("deploy/alerts");
+            let rules = std::fs::read_to_string(dir.join("rules.yml")).context("reading rules.yml")?;
+            let body: String = rules
+                .lines()
+                .skip_while(|l| l.starts_with('#'))
+                .map(|l| if l.is_empty() { "\n".to_owned() } else { format!("  {l}\n") })
+                .collect();
+            let out = format!("{PROMETHEUS_RULE_HEADER}{body}");
+            std::fs::write(dir.join("prometheusrule.yaml"), out).context("writing prometheusrule.yaml")?;
+            Ok(())
         }
         Cmd::Bench => {
             setup()?;
@@ -135,6 +164,7 @@ fn build() -> Result<()> {
 
 fn setup() -> Result<()> {
     apt_packages()?;
+    pip_packages()?;
     rust_src()?;
     bpf_linker()?;
     tracefs()
@@ -155,6 +185,19 @@ fn apt_packages() -> Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn pip_packages() -> Result<()> {
+    let missing: Vec<&str> = PIP_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !Command::new("python3").args(["-m", "pip", "show", "-q", p]).output().is_ok_and(|o| o.status.success()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {} from PyPI", missing.join(" "));
+    run(Command::new("python3").args(["-m", "pip", "install", "-q", "--root-user-action=ignore"]).args(&missing))
 }
 
 fn installed(package: &str) -> bool {
