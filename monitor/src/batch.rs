@@ -122,7 +122,7 @@ pub unsafe fn delete_all<K: Copy>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<
             Ok(()) => return Ok(deleted),
             // The key at `n` vanished meanwhile: step over it.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                rest = &rest[(n + 1).min(rest.len())..]
+                rest = &rest[(n + 1).min(rest.len())..];
             }
             Err(e) => return Err(e),
         }

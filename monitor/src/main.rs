@@ -89,17 +89,7 @@ async fn run(cli: Cli) -> Result<()> {
         .await
         .with_context(|| format!("listening on {} (--listen)", cli.listen))?;
 
-    let tracefs = {
-        let candidates: Vec<PathBuf> = match &cli.tracefs {
-            Some(p) => vec![p.clone()],
-            None => tracefs::DEFAULT_ROOTS.iter().map(PathBuf::from).collect(),
-        };
-        tracefs::find_root(&candidates)
-            .map_err(|e| error!("{e}"))
-            .ok()
-    };
-    let facts = KernelFacts::read(Path::new(kernel::BTF_PATH), tracefs.as_deref())?;
-    let mut ebpf = programs::load(&facts, cli.flow_table_size)?;
+    let (facts, mut ebpf) = load(&cli)?;
 
     let all = devices::interfaces()?;
     for glob in &cli.devices {
@@ -142,31 +132,7 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let registry = registry(&mut ebpf, &facts, &shared, &slots, cli.conntrack_allowance)?;
 
-    let mut tasks = Vec::new();
-    let mut sweeper = Sweeper {
-        inflight: programs::take_map(&mut ebpf, "DNS_INFLIGHT")?.try_into()?,
-        timeout: cli.dns_timeout,
-        unanswered,
-    };
-    tasks.push(every(sweeper.period(), move || {
-        sweeper.sweep(monotonic_ns());
-    }));
-    let mut expiry = Expiry {
-        flows: programs::take_hash_map(&mut ebpf, "FLOWS")?,
-        timeouts: Timeouts {
-            tcp_established: cli.tcp_established_timeout,
-            udp: cli.udp_timeout,
-            udp_stream: cli.udp_stream_timeout,
-        },
-        counts: flow_counts,
-        devices: devices.clone(),
-    };
-    tasks.push(every(expiry.period(), move || {
-        let now = u32::try_from(monotonic_ns() / 1_000_000_000).unwrap_or(u32::MAX);
-        if let Err(e) = expiry.pass(now) {
-            warn!("expiring flows: {e}");
-        }
-    }));
+    let mut tasks = housekeeping(&mut ebpf, &cli, unanswered, flow_counts, &devices)?;
 
     let mut watcher = Watcher {
         ebpf,
@@ -244,6 +210,58 @@ fn linklocal_services(
         programs::add_linklocal(&mut map, *ip, LL_DNS)?;
     }
     Ok((linklocal, map))
+}
+
+/// Reads the kernel's layout and loads the programs with it.
+fn load(cli: &Cli) -> Result<(KernelFacts, aya::Ebpf)> {
+    let tracefs = {
+        let candidates: Vec<PathBuf> = match &cli.tracefs {
+            Some(p) => vec![p.clone()],
+            None => tracefs::DEFAULT_ROOTS.iter().map(PathBuf::from).collect(),
+        };
+        tracefs::find_root(&candidates)
+            .map_err(|e| error!("{e}"))
+            .ok()
+    };
+    let facts = KernelFacts::read(Path::new(kernel::BTF_PATH), tracefs.as_deref())?;
+    let ebpf = programs::load(&facts, cli.flow_table_size)?;
+    Ok((facts, ebpf))
+}
+
+/// The periodic work: timing out DNS queries and expiring flows.
+fn housekeeping(
+    ebpf: &mut aya::Ebpf,
+    cli: &Cli,
+    unanswered: Unanswered,
+    flow_counts: FlowCounts,
+    devices: &Devices,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    let mut sweeper = Sweeper {
+        inflight: programs::take_map(ebpf, "DNS_INFLIGHT")?.try_into()?,
+        timeout: cli.dns_timeout,
+        unanswered,
+    };
+    tasks.push(every(sweeper.period(), move || {
+        sweeper.sweep(monotonic_ns());
+    }));
+    let mut expiry = Expiry {
+        flows: programs::take_hash_map(ebpf, "FLOWS")?,
+        timeouts: Timeouts {
+            tcp_established: cli.tcp_established_timeout,
+            udp: cli.udp_timeout,
+            udp_stream: cli.udp_stream_timeout,
+        },
+        counts: flow_counts,
+        devices: devices.clone(),
+    };
+    tasks.push(every(expiry.period(), move || {
+        let now = u32::try_from(monotonic_ns() / 1_000_000_000).unwrap_or(u32::MAX);
+        if let Err(e) = expiry.pass(now) {
+            warn!("expiring flows: {e}");
+        }
+    }));
+    Ok(tasks)
 }
 
 /// Runs `f` every `period` on the runtime.

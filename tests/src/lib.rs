@@ -470,7 +470,7 @@ pub fn send_udp(ns: &Netns, dst: SocketAddr, count: usize, payload: &[u8]) {
     });
 }
 
-/// Every PromQL expression of a Grafana dashboard, in panel order.
+/// Every `PromQL` expression of a Grafana dashboard, in panel order.
 pub fn dashboard_queries(dash: &serde_json::Value) -> Vec<String> {
     let mut out = Vec::new();
     for panel in dash["panels"].as_array().into_iter().flatten() {

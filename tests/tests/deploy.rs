@@ -1,7 +1,12 @@
 //! What ships for deployment: alert rules (checked and unit-tested by promtool), the
 //! PrometheusRule kept equal to them, the DaemonSet against Kubernetes' schemas, and
 //! the dashboard's queries against the metric contract.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::doc_markdown,
+    clippy::format_collect,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
@@ -10,8 +15,14 @@ fn root() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
@@ -47,7 +58,9 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     let mut rest = text;
     while let Some(i) = rest.find("eni_monitor_") {
         let tail = &rest[i..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
         names.insert(tail[..end].to_owned());
         rest = &tail[end..];
     }
@@ -57,9 +70,13 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 #[test]
 fn alert_rules_pass_promtool_check_and_unit_tests() {
     let dir = root().join("deploy/alerts");
-    let out = run(Command::new("promtool").args(["check", "rules", "rules.yml"]).current_dir(&dir));
+    let out = run(Command::new("promtool")
+        .args(["check", "rules", "rules.yml"])
+        .current_dir(&dir));
     assert!(out.contains("SUCCESS: 12 rules found"), "{out}");
-    let out = run(Command::new("promtool").args(["test", "rules", "rules.test.yml"]).current_dir(&dir));
+    let out = run(Command::new("promtool")
+        .args(["test", "rules", "rules.test.yml"])
+        .current_dir(&dir));
     assert!(out.contains("SUCCESS"), "{out}");
 }
 
@@ -69,18 +86,42 @@ fn every_alert_is_unit_tested_both_ways_and_documented() {
     let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
     let tests = std::fs::read_to_string(dir.join("rules.test.yml")).unwrap();
     let runbook = std::fs::read_to_string(root().join("RUNBOOK.md")).unwrap();
-    let alerts: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).collect();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
     assert_eq!(alerts.len(), 12);
     for a in alerts {
         // One firing case (exp_labels carries the alertname) and one silent case.
-        let cases: Vec<&str> = tests.split("- eval_time:").filter(|c| c.contains(&format!("alertname: {a}\n"))).collect();
-        assert!(cases.iter().any(|c| c.contains("exp_alerts: []")), "{a} has no silent case");
-        assert!(cases.iter().any(|c| c.contains(&format!("alertname: {a}\n      severity:")) || c.contains("exp_labels")), "{a} has no firing case");
-        assert!(runbook.contains(&format!("## {a}\n")), "{a} has no runbook section");
-        assert!(rules.contains(&format!("RUNBOOK.md#{}\"", a.to_lowercase())), "{a} has no runbook_url");
+        let cases: Vec<&str> = tests
+            .split("- eval_time:")
+            .filter(|c| c.contains(&format!("alertname: {a}\n")))
+            .collect();
+        assert!(
+            cases.iter().any(|c| c.contains("exp_alerts: []")),
+            "{a} has no silent case"
+        );
+        assert!(
+            cases
+                .iter()
+                .any(|c| c.contains(&format!("alertname: {a}\n      severity:"))
+                    || c.contains("exp_labels")),
+            "{a} has no firing case"
+        );
+        assert!(
+            runbook.contains(&format!("## {a}\n")),
+            "{a} has no runbook section"
+        );
+        assert!(
+            rules.contains(&format!("RUNBOOK.md#{}\"", a.to_lowercase())),
+            "{a} has no runbook_url"
+        );
     }
     for name in metric_names(&rules) {
-        assert!(METRICS.contains(&name.as_str()), "rules use {name}, which the agent does not export");
+        assert!(
+            METRICS.contains(&name.as_str()),
+            "rules use {name}, which the agent does not export"
+        );
     }
 }
 
@@ -90,17 +131,37 @@ fn the_prometheus_rule_carries_the_same_rules() {
     let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
     let crd = std::fs::read_to_string(dir.join("prometheusrule.yaml")).unwrap();
     let spec = crd.split_once("\nspec:\n").expect("a spec").1;
-    let dedented: String = spec.lines().map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l))).collect();
-    let body: String = rules.lines().skip_while(|l| l.starts_with('#')).map(|l| format!("{l}\n")).collect();
-    assert_eq!(dedented, body, "prometheusrule.yaml is stale: run `cargo xtask rules`");
+    let dedented: String = spec
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
+        .collect();
+    let body: String = rules
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        dedented, body,
+        "prometheusrule.yaml is stale: run `cargo xtask rules`"
+    );
     assert!(crd.contains("kind: PrometheusRule"));
 }
 
 #[test]
 fn the_daemonset_is_valid_kubernetes() {
-    let out = run(Command::new("python3").args(["-m", "kubernetes_validate", "--strict", "daemonset.yaml"]).current_dir(root()));
-    for resource in ["namespace/eni-monitor", "serviceaccount/eni-monitor", "daemonset/eni-monitor", "service/eni-monitor"] {
-        assert!(out.contains(&format!("passed for resource {resource}")), "{resource}:\n{out}");
+    let out = run(Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "daemonset.yaml"])
+        .current_dir(root()));
+    for resource in [
+        "namespace/eni-monitor",
+        "serviceaccount/eni-monitor",
+        "daemonset/eni-monitor",
+        "service/eni-monitor",
+    ] {
+        assert!(
+            out.contains(&format!("passed for resource {resource}")),
+            "{resource}:\n{out}"
+        );
     }
     let text = std::fs::read_to_string(root().join("daemonset.yaml")).unwrap();
     for must in [
@@ -139,11 +200,27 @@ fn the_dashboard_queries_only_exported_metrics() {
     assert!(exprs.len() >= 18, "{}", exprs.len());
     let used: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
     for name in &used {
-        assert!(METRICS.contains(&name.as_str()), "the dashboard uses {name}, which the agent does not export");
+        assert!(
+            METRICS.contains(&name.as_str()),
+            "the dashboard uses {name}, which the agent does not export"
+        );
     }
-    for must in ["eni_monitor_conntrack_allowance_utilization_ratio", "eni_monitor_linklocal_peak_packets_per_second", "eni_monitor_dns_unanswered_total", "eni_monitor_nf_conntrack_entries"] {
+    for must in [
+        "eni_monitor_conntrack_allowance_utilization_ratio",
+        "eni_monitor_linklocal_peak_packets_per_second",
+        "eni_monitor_dns_unanswered_total",
+        "eni_monitor_nf_conntrack_entries",
+    ] {
         assert!(used.contains(must), "no panel shows {must}");
     }
-    let vars: Vec<&str> = dash["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
-    assert!(vars.contains(&"node") && vars.contains(&"device"), "{vars:?}");
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(
+        vars.contains(&"node") && vars.contains(&"device"),
+        "{vars:?}"
+    );
 }

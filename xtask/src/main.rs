@@ -29,12 +29,13 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
 ];
-/// PyPI packages the tests use: an offline validator carrying Kubernetes' schemas.
+/// `PyPI` packages the tests use: an offline validator carrying Kubernetes' schemas.
 const PIP_PACKAGES: &[&str] = &["kubernetes-validate"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
 const TRACEFS: &str = "/sys/kernel/tracing";
-const PROMETHEUS_RULE_HEADER: &str = "# Written by `cargo xtask rules` from rules.yml: edit that file, not this one.
+const PROMETHEUS_RULE_HEADER: &str =
+    "# Written by `cargo xtask rules` from rules.yml: edit that file, not this one.
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:
@@ -93,14 +94,22 @@ fn main() -> Result<()> {
         }
         Cmd::Rules => {
             let dir = workspace_root()?.join("deploy/alerts");
-            let rules = std::fs::read_to_string(dir.join("rules.yml")).context("reading rules.yml")?;
+            let rules =
+                std::fs::read_to_string(dir.join("rules.yml")).context("reading rules.yml")?;
             let body: String = rules
                 .lines()
                 .skip_while(|l| l.starts_with('#'))
-                .map(|l| if l.is_empty() { "\n".to_owned() } else { format!("  {l}\n") })
+                .map(|l| {
+                    if l.is_empty() {
+                        "\n".to_owned()
+                    } else {
+                        format!("  {l}\n")
+                    }
+                })
                 .collect();
             let out = format!("{PROMETHEUS_RULE_HEADER}{body}");
-            std::fs::write(dir.join("prometheusrule.yaml"), out).context("writing prometheusrule.yaml")?;
+            std::fs::write(dir.join("prometheusrule.yaml"), out)
+                .context("writing prometheusrule.yaml")?;
             Ok(())
         }
         Cmd::Bench => {
@@ -191,13 +200,20 @@ fn pip_packages() -> Result<()> {
     let missing: Vec<&str> = PIP_PACKAGES
         .iter()
         .copied()
-        .filter(|p| !Command::new("python3").args(["-m", "pip", "show", "-q", p]).output().is_ok_and(|o| o.status.success()))
+        .filter(|p| {
+            !Command::new("python3")
+                .args(["-m", "pip", "show", "-q", p])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("setup: installing {} from PyPI", missing.join(" "));
-    run(Command::new("python3").args(["-m", "pip", "install", "-q", "--root-user-action=ignore"]).args(&missing))
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "-q", "--root-user-action=ignore"])
+        .args(&missing))
 }
 
 fn installed(package: &str) -> bool {

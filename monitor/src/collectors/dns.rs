@@ -243,7 +243,7 @@ impl Collector for DnsCollector {
                 DNS_RESPONSE => {
                     *responses
                         .entry((labels, rcode_name(key.rcode)))
-                        .or_default() += n
+                        .or_default() += n;
                 }
                 _ => {}
             }
