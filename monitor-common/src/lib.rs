@@ -27,8 +27,33 @@ pub const DROPS_MAX_ENTRIES: u32 = 4096;
 /// Maximum number of monitored devices; `MONITORED` maps an ifindex to a slot below it.
 pub const MAX_DEVICES: u32 = 64;
 
-/// An address as 16 bytes: IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`).
-pub type Addr = [u8; 16];
+/// An address as 16 bytes in network order, IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`),
+/// held as four words so the classifiers copy and compare it a word at a time.
+pub type Addr = [u32; 4];
+
+/// The address of `octets` (network order).
+pub const fn addr_from_octets(o: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The octets (network order) of `a`.
+pub const fn addr_octets(a: &Addr) -> [u8; 16] {
+    let (w0, w1, w2, w3) = (
+        a[0].to_ne_bytes(),
+        a[1].to_ne_bytes(),
+        a[2].to_ne_bytes(),
+        a[3].to_ne_bytes(),
+    );
+    [
+        w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0],
+        w3[1], w3[2], w3[3],
+    ]
+}
 
 /// `DNS_COUNTS` kinds.
 pub const DNS_QUERY: u8 = 0;
@@ -163,6 +188,17 @@ pub const FLOW_UDP: u32 = 1;
 pub const FLOW_ICMP: u32 = 2;
 pub const FLOW_OTHER: u32 = 3;
 pub const FLOW_CLASSES: u32 = 4;
+
+/// The protocol class of an IP protocol number.
+#[inline]
+pub fn flow_class(proto: u8) -> u32 {
+    match proto {
+        6 => FLOW_TCP,
+        17 => FLOW_UDP,
+        1 | 58 => FLOW_ICMP,
+        _ => FLOW_OTHER,
+    }
+}
 
 /// `UDP_QUEUE_DROPS` indexes.
 pub const UDP_QUEUE_DNS: u32 = 0;

@@ -199,3 +199,10 @@ pub fn skb_dev_in_own_netns(skb: u64) -> Option<u32> {
 pub fn now_ns() -> u64 {
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
+
+/// `CLOCK_MONOTONIC` seconds from the coarse clock: no clock-source read, which is what
+/// costs on the per-packet path; a tick's lag is nothing at one-second resolution.
+#[inline(always)]
+pub fn now_coarse_s() -> u32 {
+    (unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}

@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
-use monitor_common::MAX_DEVICES;
 
 /// A monitored device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,40 +119,23 @@ pub fn is_physical(name: &str) -> bool {
         .exists()
 }
 
-/// The interfaces matching `globs`, or the physical ones when `globs` is empty, each
-/// given a slot. Beyond `MAX_DEVICES` devices the rest are left out, with a warning.
+/// The interfaces matching `globs`, or the physical ones when `globs` is empty.
 pub fn select(
     interfaces: &[(String, u32)],
     globs: &[glob::Pattern],
     is_physical: impl Fn(&str) -> bool,
-) -> Vec<Device> {
-    let mut out: Vec<Device> = Vec::new();
-    for (name, ifindex) in interfaces {
-        let wanted = if globs.is_empty() {
-            is_physical(name)
-        } else {
-            globs.iter().any(|g| g.matches(name))
-        };
-        if !wanted {
-            continue;
-        }
-        let Ok(slot) = u32::try_from(out.len()) else {
-            break;
-        };
-        if slot >= MAX_DEVICES {
-            log::warn!(
-                "more than {MAX_DEVICES} devices match; {name} and later ones are not monitored"
-            );
-            break;
-        }
-        out.push(Device {
-            name: name.clone(),
-            ifindex: *ifindex,
-            eni: String::new(),
-            slot,
-        });
-    }
-    out
+) -> Vec<(String, u32)> {
+    interfaces
+        .iter()
+        .filter(|(name, _)| {
+            if globs.is_empty() {
+                is_physical(name)
+            } else {
+                globs.iter().any(|g| g.matches(name))
+            }
+        })
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -178,18 +160,17 @@ mod tests {
         let globs = [glob::Pattern::new("eth*").unwrap()];
         let names: Vec<_> = select(&ifs(), &globs, |_| false)
             .into_iter()
-            .map(|d| (d.name, d.slot))
+            .map(|(n, _)| n)
             .collect();
-        assert_eq!(names, [("eth0".to_owned(), 0), ("eth1".to_owned(), 1)]);
+        assert_eq!(names, ["eth0", "eth1"]);
     }
 
     #[test]
     fn default_is_the_physical_nics() {
-        let names: Vec<_> = select(&ifs(), &[], |n| n == "ens5")
-            .into_iter()
-            .map(|d| (d.name, d.ifindex, d.slot))
-            .collect();
-        assert_eq!(names, [("ens5".to_owned(), 5, 0)]);
+        assert_eq!(
+            select(&ifs(), &[], |n| n == "ens5"),
+            [("ens5".to_owned(), 5)]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, TracePoint, tc::SchedClassifierLinkId},
 };
 use log::{error, info, warn};
-use monitor_common::Addr;
+use monitor_common::{Addr, addr_from_octets, addr_octets};
 
 use crate::{
     collectors::agent::{Attachment, Attachments},
@@ -31,15 +31,15 @@ pub fn load(facts: &KernelFacts, flow_table_size: u32) -> Result<Ebpf> {
 
 /// An address as the programs key it: IPv6 as is, IPv4 mapped.
 pub fn addr_bytes(ip: IpAddr) -> Addr {
-    match ip {
+    addr_from_octets(match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
-    }
+    })
 }
 
 /// The address the programs recorded, IPv4 unmapped.
-pub fn addr_from_bytes(bytes: Addr) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(bytes);
+pub fn addr_from_bytes(addr: Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr_octets(&addr));
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 

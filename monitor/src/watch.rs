@@ -77,11 +77,7 @@ impl Watcher {
     /// Makes the monitored set equal to the matching interfaces of this namespace.
     pub fn reconcile(&mut self) -> Result<()> {
         let interfaces = devices::interfaces()?;
-        let wanted: Vec<(String, u32)> =
-            devices::select(&interfaces, &self.globs, devices::is_physical)
-                .into_iter()
-                .map(|d| (d.name, d.ifindex))
-                .collect();
+        let wanted = devices::select(&interfaces, &self.globs, devices::is_physical);
         let current = self.devices.snapshot();
         let next = plan(&current, &wanted);
 

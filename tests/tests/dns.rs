@@ -330,7 +330,11 @@ fn a_dns_socket_that_never_reads_overflows_and_is_counted() {
         - before;
     // The tracepoint sees every namespace (CoreDNS runs in a pod's): other tests'
     // overflows may add to it, never take away. The per-device count is exact.
-    assert!(counted >= overflowed as f64, "{counted} < {overflowed}: {}", s.text);
+    assert!(
+        counted >= overflowed as f64,
+        "{counted} < {overflowed}: {}",
+        s.text
+    );
     assert_eq!(
         s.get(
             "eni_monitor_dns_drops_total",

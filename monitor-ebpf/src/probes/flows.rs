@@ -8,15 +8,13 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use monitor_common::{
-    FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_OTHER, FLOW_RST,
-    FLOW_TCP, FLOW_UDP, Flow, FlowKey, MAX_DEVICES,
+    FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_RST, Flow, FlowKey, MAX_DEVICES,
+    flow_class,
 };
 
 use super::packet::{IPPROTO_TCP, IPPROTO_UDP, Packet};
-use crate::{kernel::now_ns, maps::MONITORED};
+use crate::{kernel::now_coarse_s, maps::MONITORED};
 
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 const BPF_NOEXIST: u64 = 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
@@ -30,26 +28,23 @@ static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, 0);
 static FLOWS_CREATED: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_DEVICES * FLOW_CLASSES, 0);
 
+/// The flow each CPU refreshed last, and when: back-to-back packets of one flow (a bulk
+/// transfer, a burst) skip the hash lookup while nothing would change in the table.
+#[map]
+static LAST_FLOW: PerCpuArray<LastFlow> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LastFlow {
+    key: FlowKey,
+    second: u32,
+    flags: u8,
+    pad: [u8; 3],
+}
+
 /// Flows that found the table full and were not tracked.
 #[map]
 static FLOW_TABLE_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-#[inline(always)]
-fn halves(a: &[u8; 16]) -> (u64, u64) {
-    let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
-    let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
-    (hi, lo)
-}
-
-#[inline(always)]
-fn class(proto: u8) -> u32 {
-    match proto {
-        IPPROTO_TCP => FLOW_TCP,
-        IPPROTO_UDP => FLOW_UDP,
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => FLOW_ICMP,
-        _ => FLOW_OTHER,
-    }
-}
 
 #[inline(always)]
 pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
@@ -57,9 +52,8 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
     if p.l4 == 0 && (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
         return;
     }
-    let src = (halves(&p.src), p.sport);
-    let dst = (halves(&p.dst), p.dport);
-    let forward = src <= dst;
+    // Any total order will do to pick side a; words as they lie in memory are cheapest.
+    let forward = (p.src, p.sport) <= (p.dst, p.dport);
     let key = if forward {
         FlowKey {
             addr_a: p.src,
@@ -90,7 +84,14 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
             bits |= if forward { FLOW_FIN_AB } else { FLOW_FIN_BA };
         }
     }
-    let now = (now_ns() / 1_000_000_000) as u32;
+    let now = now_coarse_s();
+    let last = LAST_FLOW.get_ptr_mut(0);
+    if let Some(last) = last {
+        let l = unsafe { &*last };
+        if l.second == now && l.flags & bits == bits && l.key == key {
+            return;
+        }
+    }
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
         unsafe {
             if (*flow).last_seen != now {
@@ -98,6 +99,14 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
             }
             if (*flow).flags & bits != bits {
                 (*flow).flags |= bits;
+            }
+            if let Some(last) = last {
+                *last = LastFlow {
+                    key,
+                    second: now,
+                    flags: (*flow).flags,
+                    pad: [0; 3],
+                };
             }
         }
         return;
@@ -113,7 +122,7 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
             let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else {
                 return;
             };
-            if let Some(n) = FLOWS_CREATED.get_ptr_mut(slot * FLOW_CLASSES + class(p.proto)) {
+            if let Some(n) = FLOWS_CREATED.get_ptr_mut(slot * FLOW_CLASSES + flow_class(p.proto)) {
                 unsafe { *n += 1 };
             }
         }

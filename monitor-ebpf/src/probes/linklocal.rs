@@ -9,7 +9,7 @@ use aya_ebpf::{
 use monitor_common::{Addr, LL_SERVICES, LL_WINDOW, LinkLocalSecond, MAX_DEVICES};
 
 use super::{dns, packet::Packet};
-use crate::{kernel::now_ns, maps::MONITORED};
+use crate::{kernel::now_coarse_s, maps::MONITORED};
 
 /// Link-local service addresses (and the VPC+2 resolvers) to their service.
 #[map]
@@ -26,10 +26,10 @@ static LL_SECONDS: PerCpuArray<LinkLocalSecond> =
 
 #[inline(always)]
 fn maybe_link_local(p: &Packet) -> bool {
-    let d = &p.dst;
-    let v4_link_local = !p.is_v6 && d[12] == 169 && d[13] == 254;
+    let last = p.dst[3].to_ne_bytes();
+    let v4_link_local = !p.is_v6 && last[0] == 169 && last[1] == 254;
     // fd00:ec2::/32
-    let v6_ec2 = p.is_v6 && d[0] == 0xfd && d[1] == 0 && d[2] == 0x0e && d[3] == 0xc2;
+    let v6_ec2 = p.is_v6 && p.dst[0] == u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]);
     // A VPC+2 resolver can be any address, but only DNS goes there.
     v4_link_local || v6_ec2 || p.dport == dns::PORT
 }
@@ -51,7 +51,7 @@ pub fn count(p: &Packet, ifindex: u32) {
     if let Some(n) = LL_PACKETS.get_ptr_mut(slot * LL_SERVICES + service) {
         unsafe { *n += 1 };
     }
-    let second = now_ns() / 1_000_000_000;
+    let second = u64::from(now_coarse_s());
     let index = slot * LL_WINDOW + (second % u64::from(LL_WINDOW)) as u32;
     if let Some(s) = LL_SECONDS.get_ptr_mut(index) {
         unsafe {

@@ -41,12 +41,8 @@ pub struct Packet {
     pub dport: u16,
 }
 
-#[inline(always)]
-fn mapped(v4: [u8; 4]) -> Addr {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
-    ]
-}
+/// `::ffff:0:0/96`, the third word of an IPv4-mapped address.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Parses Ethernet (one VLAN tag at most), IPv4 or IPv6, and the TCP or UDP ports.
 #[inline(always)]
@@ -68,9 +64,11 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                 return None;
             }
             let frag = u16::from_be(read::<u16>(ctx, l3 + 6)?);
+            // Both addresses in one copy into aligned words.
+            let a = ctx.load::<[u32; 2]>(l3 + 12).ok()?;
             Packet {
-                src: mapped(read::<[u8; 4]>(ctx, l3 + 12)?),
-                dst: mapped(read::<[u8; 4]>(ctx, l3 + 16)?),
+                src: [0, 0, V4_MAPPED, a[0]],
+                dst: [0, 0, V4_MAPPED, a[1]],
                 proto: read::<u8>(ctx, l3 + 9)?,
                 is_v6: false,
                 // Only the first fragment carries the transport header.
@@ -84,9 +82,10 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                 return None;
             }
             // Extension headers are not followed: DNS and flows use the fixed header.
+            let a = ctx.load::<[u32; 8]>(l3 + 8).ok()?;
             Packet {
-                src: read::<Addr>(ctx, l3 + 8)?,
-                dst: read::<Addr>(ctx, l3 + 24)?,
+                src: [a[0], a[1], a[2], a[3]],
+                dst: [a[4], a[5], a[6], a[7]],
                 proto: read::<u8>(ctx, l3 + 6)?,
                 is_v6: true,
                 l4: l3 + 40,

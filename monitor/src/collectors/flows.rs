@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{MapData, PerCpuArray};
 use monitor_common::{
     FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_OTHER, FLOW_RST, FLOW_TCP,
-    FLOW_UDP, Flow, FlowKey,
+    FLOW_UDP, Flow, FlowKey, flow_class,
 };
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
@@ -20,9 +20,6 @@ use super::{encode_counters, encode_gauges};
 use crate::{batch, devices::Devices, slots::SlotArray};
 
 const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// How long EC2 keeps tracking a TCP connection once it has closed (both FINs, or RST).
 pub const TCP_CLOSED_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,15 +57,6 @@ impl Timeouts {
             _ if both_ways => self.udp_stream,
             _ => self.udp,
         }
-    }
-}
-
-fn class(proto: u8) -> u32 {
-    match proto {
-        IPPROTO_TCP => FLOW_TCP,
-        IPPROTO_UDP => FLOW_UDP,
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => FLOW_ICMP,
-        _ => FLOW_OTHER,
     }
 }
 
@@ -138,7 +126,7 @@ impl Expiry {
                 } else {
                     *result
                         .tracked
-                        .entry((key.ifindex, class(key.proto)))
+                        .entry((key.ifindex, flow_class(key.proto)))
                         .or_default() += 1;
                 }
             })?;
@@ -221,8 +209,8 @@ mod tests {
 
     fn key(proto: u8) -> FlowKey {
         FlowKey {
-            addr_a: [0; 16],
-            addr_b: [1; 16],
+            addr_a: [0; 4],
+            addr_b: [1; 4],
             port_a: 1,
             port_b: 2,
             ifindex: 2,
