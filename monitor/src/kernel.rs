@@ -240,13 +240,7 @@ impl KernelFacts {
 mod tests {
     use super::*;
 
-    fn format(name: &str) -> Format {
-        let path = format!(
-            "{}/tests/fixtures/tracefs/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        Format::parse(&std::fs::read_to_string(&path).unwrap()).unwrap()
-    }
+    use crate::tracefs::tests::fixture as format;
 
     #[test]
     fn kfree_skb_fields_by_kernel() {

@@ -15,19 +15,6 @@ use monitor_common::{
 
 use crate::{devices::Device, kernel::KernelFacts, programs};
 
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI must run it"
-    );
-    eprintln!("skipping {test}: needs root (loads eBPF programs)");
-    false
-}
-
 /// The object loaded against this kernel, classifiers loaded, loopback (where test runs
 /// happen) monitored in slot 0.
 fn loaded() -> Ebpf {
@@ -149,7 +136,7 @@ const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 #[test]
 fn a_query_and_its_response_are_matched() {
-    if !root_or_skip("a_query_and_its_response_are_matched") {
+    if !integration_tests::require_root("a_query_and_its_response_are_matched") {
         return;
     }
     let ebpf = loaded();
@@ -248,7 +235,7 @@ fn a_query_and_its_response_are_matched() {
 
 #[test]
 fn malformed_dns_moves_no_count() {
-    if !root_or_skip("malformed_dns_moves_no_count") {
+    if !integration_tests::require_root("malformed_dns_moves_no_count") {
         return;
     }
     let ebpf = loaded();
@@ -340,7 +327,7 @@ fn malformed_dns_moves_no_count() {
 
 #[test]
 fn random_dns_headers_count_only_standard_queries() {
-    if !root_or_skip("random_dns_headers_count_only_standard_queries") {
+    if !integration_tests::require_root("random_dns_headers_count_only_standard_queries") {
         return;
     }
     let ebpf = loaded();

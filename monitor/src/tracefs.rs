@@ -135,10 +135,11 @@ fn parse_field(line: &str) -> Result<FormatField> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Format {
+    /// A format file of `tests/fixtures/tracefs`, copied from a real kernel.
+    pub(crate) fn fixture(name: &str) -> Format {
         let path = format!(
             "{}/tests/fixtures/tracefs/{name}",
             env!("CARGO_MANIFEST_DIR")

@@ -94,18 +94,11 @@ impl Collector for DropsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{devices::Device, tracefs::Format};
+    use crate::{devices::Device, tracefs::tests::fixture};
 
     #[test]
     fn folds_keys_into_bounded_label_sets() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/tracefs/kfree_skb-6.18.format"
-        );
-        let reasons = DropReasons::from_format(
-            &Format::parse(&std::fs::read_to_string(path).unwrap()).unwrap(),
-        )
-        .unwrap();
+        let reasons = DropReasons::from_format(&fixture("kfree_skb-6.18.format")).unwrap();
         let devices = Devices::default();
         devices.replace([Device {
             name: "eth0".into(),

@@ -123,27 +123,13 @@ impl Collector for EnaCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn u64s(name: &str) -> Vec<u64> {
-        std::fs::read(format!(
-            "{}/tests/fixtures/ena/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap()
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-    }
+    use crate::ethtool::tests::{fixture, u64s};
 
     #[test]
     fn counters_stay_monotonic_across_a_driver_reset() {
-        let strings = std::fs::read(format!(
-            "{}/tests/fixtures/ena/gstrings.bin",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap();
-        let before = ethtool::parse(&strings, &u64s("gstats-1.bin"));
-        let after = ethtool::parse(&strings, &u64s("gstats-2-after-reset.bin"));
+        let strings = fixture("gstrings.bin");
+        let before = ethtool::parse(&strings, &u64s(&fixture("gstats-1.bin")));
+        let after = ethtool::parse(&strings, &u64s(&fixture("gstats-2-after-reset.bin")));
         let mut m = Monotonic::default();
         let ct = "conntrack_allowance_exceeded";
         assert_eq!(m.update(2, ct, before[ct]), 12);
