@@ -345,9 +345,20 @@ fn dns_load(report: &mut Report) -> f64 {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let cpu_before = cpu_seconds(agent.pid());
     let started = Instant::now();
+    let mut per_dns_packet: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    bpf_stats(true);
     for _ in 0..runs() {
         let before = agent.scrape(&sim.node);
+        let progs_before = prog_stats();
         let d = dnsperf(&sim.node, &eth0.vpc_v4, queryfile.to_str().unwrap());
+        let progs_after = prog_stats();
+        for n in ["tc_ingress", "tc_egress"] {
+            let (t0, c0) = progs_before.get(n).copied().unwrap_or_default();
+            let (t1, c1) = progs_after.get(n).copied().unwrap_or_default();
+            if c1 > c0 {
+                per_dns_packet.entry(n).or_default().push((t1 - t0) as f64 / (c1 - c0) as f64);
+            }
+        }
         // Past the agent's timeout, so that every lost query has been swept.
         std::thread::sleep(Duration::from_millis(2500));
         let after = agent.scrape(&sim.node);
@@ -366,7 +377,12 @@ fn dns_load(report: &mut Report) -> f64 {
             .push(delta("eni_monitor_dns_unanswered_total") + kernel_drops - d["Queries lost"]);
         drops.push(kernel_drops);
     }
+    bpf_stats(false);
     let cpu = (cpu_seconds(agent.pid()) - cpu_before) / started.elapsed().as_secs_f64() * 60.0;
+    for (n, v) in per_dns_packet {
+        let s = stat(v);
+        report.add("dns", format!("{n} per DNS packet (all work)"), "ns", s, Some(("<= 80 ns".into(), s.median <= 80.0)));
+    }
     let rate = stat(rates);
     report.add("dns", "dnsperf rate reached", "q/s", rate, None);
     report.add(
