@@ -147,11 +147,7 @@ async fn run(cli: Cli) -> Result<()> {
     if devices.snapshot().is_empty() {
         warn!("no devices to monitor yet; drops are counted as device=\"other\"");
     }
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = watch::run(watcher).await {
-            error!("watching for devices: {e:#}");
-        }
-    }));
+    tasks.push(tokio::spawn(watch::run(watcher)));
 
     let imds = Imds::new(&cli.imds_endpoint, Duration::from_secs(1))?;
     tasks.push(tokio::spawn(imds::label_enis(

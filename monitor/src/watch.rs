@@ -155,19 +155,39 @@ fn drain(fd: &OwnedFd) -> io::Result<()> {
     }
 }
 
-/// Reconciles on every burst of link events, for as long as the agent runs.
-pub async fn run(mut watcher: Watcher) -> Result<()> {
-    let socket = link_events().context("subscribing to rtnetlink link events")?;
-    // SAFETY: the AsyncFd owns the socket, which stays open for its whole life.
-    let events = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("registering the netlink socket: {e}"))?;
+/// Reconciles on every burst of link events, for as long as the agent runs. The watcher
+/// owns the programs: this never returns, so nothing is detached before shutdown, even
+/// when link events cannot be had (devices that appear later are then not picked up).
+pub async fn run(mut watcher: Watcher) {
+    let events = link_events()
+        .map_err(anyhow::Error::from)
+        .and_then(|socket| {
+            // SAFETY: the AsyncFd owns the socket, which stays open for its whole life.
+            unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        });
+    let events = match events {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(
+                "subscribing to rtnetlink link events: {e:#}; devices that appear later are not monitored"
+            );
+            return std::future::pending().await;
+        }
+    };
     loop {
-        let mut ready = events.readable().await?;
-        ready.clear_ready();
-        drain(events.get_ref())?;
-        // A device arrives as a burst of events (create, rename, up): take them together.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        drain(events.get_ref())?;
+        let waited = async {
+            let mut ready = events.readable().await?;
+            ready.clear_ready();
+            drain(events.get_ref())?;
+            // A device arrives as a burst of events (create, rename, up): take them together.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drain(events.get_ref())
+        };
+        if let Err(e) = waited.await {
+            warn!("reading link events: {e}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         if let Err(e) = watcher.reconcile() {
             warn!("updating monitored devices: {e:#}");
         }

@@ -356,7 +356,10 @@ fn dns_load(report: &mut Report) -> f64 {
             let (t0, c0) = progs_before.get(n).copied().unwrap_or_default();
             let (t1, c1) = progs_after.get(n).copied().unwrap_or_default();
             if c1 > c0 {
-                per_dns_packet.entry(n).or_default().push((t1 - t0) as f64 / (c1 - c0) as f64);
+                per_dns_packet
+                    .entry(n)
+                    .or_default()
+                    .push((t1 - t0) as f64 / (c1 - c0) as f64);
             }
         }
         // Past the agent's timeout, so that every lost query has been swept.
@@ -381,7 +384,13 @@ fn dns_load(report: &mut Report) -> f64 {
     let cpu = (cpu_seconds(agent.pid()) - cpu_before) / started.elapsed().as_secs_f64() * 60.0;
     for (n, v) in per_dns_packet {
         let s = stat(v);
-        report.add("dns", format!("{n} per DNS packet (all work)"), "ns", s, Some(("<= 80 ns".into(), s.median <= 80.0)));
+        report.add(
+            "dns",
+            format!("{n} per DNS packet (all work)"),
+            "ns",
+            s,
+            Some(("<= 80 ns".into(), s.median <= 80.0)),
+        );
     }
     let rate = stat(rates);
     report.add("dns", "dnsperf rate reached", "q/s", rate, None);
