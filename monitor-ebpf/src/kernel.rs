@@ -126,23 +126,16 @@ pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
     let l3 = head + u64::from(nh);
     let l4 = match protocol {
         ETH_P_IP => {
-            let Ok(vihl) = read::<u8>(l3, 0) else {
+            // The fixed header in one read: each probe read costs more than its bytes.
+            let Ok(h) = read::<[u8; 20]>(l3, 0) else {
                 return false;
             };
-            if vihl >> 4 != 4 {
-                return false;
-            }
-            let Ok(proto) = read::<u8>(l3, 9) else {
-                return false;
-            };
-            if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            let vihl = h[0];
+            if vihl >> 4 != 4 || (h[9] != IPPROTO_TCP && h[9] != IPPROTO_UDP) {
                 return false;
             }
             // Only the first fragment carries ports.
-            let Ok(frag) = read::<[u8; 2]>(l3, 6) else {
-                return false;
-            };
-            if u16::from_be_bytes(frag) & 0x1fff != 0 {
+            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
                 return false;
             }
             l3 + u64::from(vihl & 0x0f) * 4
