@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     ffi::CStr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
     sync::{Arc, RwLock},
 };
@@ -81,34 +82,50 @@ pub fn interfaces() -> Result<Vec<(String, u32)>> {
 /// The MAC address of `name` in this network namespace, as IMDS spells it
 /// (`0e:1a:2b:3c:4d:5e`).
 pub fn mac_address(name: &str) -> Result<String> {
-    let bytes = name.as_bytes();
-    if bytes.len() >= libc::IFNAMSIZ {
-        return Err(anyhow!("interface name {name:?} too long"));
+    let sock = control_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: a valid socket and an ifreq naming the device; the kernel fills the
+    // hardware address on success.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) } < 0 {
+        return Err(anyhow!(
+            "reading the MAC address of {name}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
-    // SAFETY: an ifreq zeroed then given a NUL-terminated name; the ioctl fills the
-    // hardware address on success; the socket is closed below.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(anyhow!("socket: {}", std::io::Error::last_os_error()));
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-            *dst = (*src).cast_signed();
-        }
-        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut req);
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if rc < 0 {
-            return Err(anyhow!("reading the MAC address of {name}: {err}"));
-        }
-        let mac = req.ifr_ifru.ifru_hwaddr.sa_data;
-        Ok(mac[..6]
-            .iter()
-            .map(|b| format!("{:02x}", (*b).cast_unsigned()))
-            .collect::<Vec<_>>()
-            .join(":"))
+    // SAFETY: SIOCGIFHWADDR filled the hardware-address member of the union.
+    let mac = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    Ok(mac[..6]
+        .iter()
+        .map(|b| format!("{:02x}", (*b).cast_unsigned()))
+        .collect::<Vec<_>>()
+        .join(":"))
+}
+
+/// A socket to issue interface ioctls on (`SIOCGIFHWADDR`, `SIOCETHTOOL`).
+pub fn control_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket creation; the descriptor is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A zeroed `ifreq` naming `device`.
+pub fn ifreq(device: &str) -> std::io::Result<libc::ifreq> {
+    if device.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("interface name {device:?} too long"),
+        ));
+    }
+    // SAFETY: ifreq is plain data, valid zeroed.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(device.as_bytes()) {
+        *dst = (*src).cast_signed();
+    }
+    Ok(req)
 }
 
 /// A NIC backed by hardware (an ENA ENI on EC2) has a `device` link in sysfs.

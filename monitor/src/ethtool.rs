@@ -2,7 +2,13 @@
 //! driver statistics): `ETHTOOL_GSSET_INFO` for the count, `ETHTOOL_GSTRINGS` for the
 //! names, `ETHTOOL_GSTATS` for the values. Never by position: drivers add statistics.
 
-use std::{collections::BTreeMap, io};
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsRawFd as _, OwnedFd},
+};
+
+use crate::devices::{control_socket, ifreq};
 
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_GSTRINGS: u32 = 0x1b;
@@ -25,39 +31,24 @@ pub fn parse(strings: &[u8], values: &[u64]) -> BTreeMap<String, u64> {
 }
 
 /// Issues one ethtool command on `device`; `buf` starts with the command's struct.
-fn ioctl(device: &str, buf: &mut [u64]) -> io::Result<()> {
-    if device.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
+fn ioctl(sock: &OwnedFd, device: &str, buf: &mut [u64]) -> io::Result<()> {
+    let mut req = ifreq(device)?;
+    req.ifr_ifru.ifru_data = buf.as_mut_ptr().cast();
+    // SAFETY: a valid socket and an ifreq pointing at `buf`, which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &raw mut req) } < 0 {
+        return Err(io::Error::last_os_error());
     }
-    // SAFETY: an ifreq zeroed then given a NUL-terminated name and a pointer to `buf`,
-    // which outlives the call; the socket is closed below.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(device.as_bytes()) {
-            *dst = (*src).cast_signed();
-        }
-        req.ifr_ifru.ifru_data = buf.as_mut_ptr().cast();
-        let rc = libc::ioctl(fd, SIOCETHTOOL, &raw mut req);
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if rc < 0 { Err(err) } else { Ok(()) }
-    }
+    Ok(())
 }
 
 /// The statistics of `device`; empty when the driver has none.
 pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
+    let sock = control_socket()?;
     // struct ethtool_sset_info { u32 cmd; u32 reserved; u64 sset_mask; u32 data[1]; }
     let mut info = [0u64; 3];
     info[0] = u64::from(ETHTOOL_GSSET_INFO);
     info[1] = 1 << ETH_SS_STATS;
-    match ioctl(device, &mut info) {
+    match ioctl(&sock, device, &mut info) {
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(BTreeMap::new()),
         r => r?,
     }
@@ -73,7 +64,7 @@ pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
     let mut strings = vec![0u64; 2 + (count * ETH_GSTRING_LEN).div_ceil(8)];
     strings[0] = u64::from(ETHTOOL_GSTRINGS) | (u64::from(ETH_SS_STATS) << 32);
     strings[1] = count as u64;
-    ioctl(device, &mut strings)?;
+    ioctl(&sock, device, &mut strings)?;
     let names: Vec<u8> = strings
         .iter()
         .flat_map(|w| w.to_ne_bytes())
@@ -83,7 +74,7 @@ pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
     // struct ethtool_stats { u32 cmd; u32 n_stats; u64 data[]; }
     let mut values = vec![0u64; 1 + count];
     values[0] = u64::from(ETHTOOL_GSTATS) | ((count as u64) << 32);
-    ioctl(device, &mut values)?;
+    ioctl(&sock, device, &mut values)?;
     // The driver may report fewer than asked if it shrank in between.
     let returned = ((values[0] >> 32) as usize).min(count);
     Ok(parse(&names, &values[1..=returned]))

@@ -43,12 +43,12 @@ pub fn addr_from_bytes(addr: Addr) -> IpAddr {
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
-fn record(
+fn record<T>(
     attachments: &Attachments,
     program: &'static str,
     hook: &str,
     device: &str,
-    result: &Result<()>,
+    result: &Result<T>,
 ) {
     let on = if device.is_empty() {
         String::new()
@@ -56,7 +56,7 @@ fn record(
         format!(" on {device}")
     };
     match result {
-        Ok(()) => info!("attached {hook}{on}"),
+        Ok(_) => info!("attached {hook}{on}"),
         Err(e) => error!("not attaching {hook}{on}: {e:#}"),
     }
     attachments.record(Attachment {
@@ -162,13 +162,7 @@ pub fn attach_classifiers(
                 .try_into()?;
             Ok(prog.attach(&device.name, attach_type)?)
         })();
-        record(
-            attachments,
-            name,
-            hook,
-            &device.name,
-            &result.as_ref().map(|_| ()).map_err(|e| anyhow!("{e:#}")),
-        );
+        record(attachments, name, hook, &device.name, &result);
         if let Ok(id) = result {
             links.push((name, id));
         }

@@ -4,15 +4,11 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    sync::atomic::Ordering,
     time::Duration,
 };
 
-use crate::Netns;
+use crate::{Background, Netns};
 
 const TOKEN: &str = "AQAEAStandInToken==";
 
@@ -29,8 +25,7 @@ pub enum Behaviour {
 
 pub struct FakeImds {
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 impl FakeImds {
@@ -38,11 +33,9 @@ impl FakeImds {
         let listener = ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let server = Background::spawn(move |stop| {
             let mut held = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         stream.set_nonblocking(false).unwrap();
@@ -57,22 +50,12 @@ impl FakeImds {
         });
         Self {
             addr,
-            stop,
-            thread: Some(thread),
+            _server: server,
         }
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for FakeImds {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -62,6 +62,33 @@ pub fn ip(args: &str) -> String {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// A thread that runs until dropped: `work` is handed the stop flag to poll.
+pub struct Background {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    pub fn spawn(work: impl FnOnce(&std::sync::atomic::AtomicBool) + Send + 'static) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || work(&flag));
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A named network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,

@@ -3,19 +3,15 @@
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    sync::atomic::Ordering,
     time::Duration,
 };
 
-use crate::Netns;
+use crate::{Background, Netns};
 
+/// Answers every datagram with itself.
 pub struct UdpEcho {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 impl UdpEcho {
@@ -23,47 +19,30 @@ impl UdpEcho {
         let sock = ns.run(move || UdpSocket::bind(addr).unwrap());
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let server = Background::spawn(move |stop| {
             let mut buf = [0u8; 2048];
-            while !flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&buf[..n], peer);
                 }
             }
         });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Self { _server: server }
     }
 }
 
 /// Accepts TCP connections and keeps them open until dropped.
 pub struct TcpHold {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 impl TcpHold {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
         let listener = ns.run(move || TcpListener::bind(addr).unwrap());
         listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let server = Background::spawn(move |stop| {
             let mut held: Vec<TcpStream> = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((s, _)) => held.push(s),
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -76,19 +55,7 @@ impl TcpHold {
                 });
             }
         });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for TcpHold {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Self { _server: server }
     }
 }
 

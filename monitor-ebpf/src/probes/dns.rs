@@ -12,7 +12,7 @@ use monitor_common::{
 };
 
 use super::packet::Packet;
-use crate::kernel::now_ns;
+use crate::{kernel::now_ns, maps::increment};
 
 pub const PORT: u16 = 53;
 const UDP_HLEN: usize = 8;
@@ -52,13 +52,16 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
         if p.dport != PORT {
             return;
         }
-        count(DnsCountKey {
-            ifindex,
-            kind: DNS_QUERY,
-            rcode: 0,
-            pad: [0; 2],
-            server: p.dst,
-        });
+        increment(
+            &DNS_COUNTS,
+            &DnsCountKey {
+                ifindex,
+                kind: DNS_QUERY,
+                rcode: 0,
+                pad: [0; 2],
+                server: p.dst,
+            },
+        );
         let key = DnsFlightKey {
             client: p.src,
             server: p.dst,
@@ -97,13 +100,16 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             return;
         }
         let rcode = (flags & 0x0f) as u8;
-        count(DnsCountKey {
-            ifindex,
-            kind: DNS_RESPONSE,
-            rcode,
-            pad: [0; 2],
-            server: p.src,
-        });
+        increment(
+            &DNS_COUNTS,
+            &DnsCountKey {
+                ifindex,
+                kind: DNS_RESPONSE,
+                rcode,
+                pad: [0; 2],
+                server: p.src,
+            },
+        );
         observe(
             DnsServerKey {
                 ifindex,
@@ -111,16 +117,6 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             },
             now_ns().saturating_sub(start),
         );
-    }
-}
-
-#[inline(always)]
-fn count(key: DnsCountKey) {
-    match DNS_COUNTS.get_ptr_mut(&key) {
-        Some(v) => unsafe { *v += 1 },
-        None => {
-            let _ = DNS_COUNTS.insert(&key, &1, 0);
-        }
     }
 }
 

@@ -9,7 +9,7 @@ use monitor_common::{DEVICE_OTHER, DROPS_MAX_ENTRIES, DropKey, REASON_UNKNOWN};
 
 use crate::{
     kernel::{layout, skb_dev_in_own_netns, skb_is_dns},
-    maps::MONITORED,
+    maps::{MONITORED, increment},
 };
 
 /// Drop counts by (device, reason, dns).
@@ -48,13 +48,6 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
         dns: u32::from(skb_is_dns(skb, protocol)),
         pad: 0,
     };
-    match DROPS.get_ptr_mut(&key) {
-        // Per-CPU value: no other writer, a plain add is exact.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            // A full map drops the new key; the count is lost rather than misattributed.
-            let _ = DROPS.insert(&key, &1, 0);
-        }
-    }
+    increment(&DROPS, &key);
     Ok(())
 }

@@ -139,8 +139,8 @@ pub struct Sweeper {
 }
 
 impl Sweeper {
-    /// One pass; returns how many queries it counted unanswered.
-    pub fn sweep(&mut self, now_ns: u64) -> usize {
+    /// One pass.
+    pub fn sweep(&mut self, now_ns: u64) {
         let timeout = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX);
         let expired: Vec<(DnsFlightKey, DnsFlight)> = self
             .inflight
@@ -148,15 +148,12 @@ impl Sweeper {
             .filter_map(Result::ok)
             .filter(|(_, f)| now_ns.saturating_sub(f.start_ns) >= timeout)
             .collect();
-        let mut n = 0;
         for (key, flight) in expired {
             // A response that matched in the meantime deleted it first.
             if self.inflight.remove(&key).is_ok() {
                 self.unanswered.add(flight.ifindex, key.server);
-                n += 1;
             }
         }
-        n
     }
 
     /// How often to sweep: often enough that a query is declared unanswered soon after

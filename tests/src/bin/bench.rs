@@ -101,7 +101,7 @@ fn runs() -> usize {
 }
 
 /// (`run_time_ns`, `run_cnt`) of every loaded program, by name; needs `kernel.bpf_stats_enabled`.
-fn prog_stats() -> BTreeMap<String, (u64, u64)> {
+fn prog_stats() -> ProgStats {
     let out = sh(Command::new("bpftool").args(["prog", "show", "-j"]));
     let progs: Value = serde_json::from_str(&out).unwrap();
     let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
@@ -114,6 +114,26 @@ fn prog_stats() -> BTreeMap<String, (u64, u64)> {
         e.1 += p["run_cnt"].as_u64().unwrap_or(0);
     }
     m
+}
+
+type ProgStats = BTreeMap<String, (u64, u64)>;
+
+/// Adds each program's nanoseconds per run between two `prog_stats` readings.
+fn record_cost<'a>(
+    per: &mut BTreeMap<&'a str, Vec<f64>>,
+    names: &[&'a str],
+    before: &ProgStats,
+    after: &ProgStats,
+) {
+    for &n in names {
+        let (t0, c0) = before.get(n).copied().unwrap_or_default();
+        let (t1, c1) = after.get(n).copied().unwrap_or_default();
+        if c1 > c0 {
+            per.entry(n)
+                .or_default()
+                .push((t1 - t0) as f64 / (c1 - c0) as f64);
+        }
+    }
 }
 
 /// Sends 64-byte datagrams from `ns` to `dst` as fast as one thread can, for `secs`.
@@ -199,15 +219,7 @@ fn program_cost(report: &mut Report) {
         a.join().unwrap();
         b.join().unwrap();
         let after = prog_stats();
-        for n in names {
-            let (t0, c0) = before.get(n).copied().unwrap_or_default();
-            let (t1, c1) = after.get(n).copied().unwrap_or_default();
-            if c1 > c0 {
-                per.entry(n)
-                    .or_default()
-                    .push((t1 - t0) as f64 / (c1 - c0) as f64);
-            }
-        }
+        record_cost(&mut per, &names, &before, &after);
     }
     bpf_stats(false);
     drop(floor);
@@ -352,16 +364,12 @@ fn dns_load(report: &mut Report) -> f64 {
         let progs_before = prog_stats();
         let d = dnsperf(&sim.node, &eth0.vpc_v4, queryfile.to_str().unwrap());
         let progs_after = prog_stats();
-        for n in ["tc_ingress", "tc_egress"] {
-            let (t0, c0) = progs_before.get(n).copied().unwrap_or_default();
-            let (t1, c1) = progs_after.get(n).copied().unwrap_or_default();
-            if c1 > c0 {
-                per_dns_packet
-                    .entry(n)
-                    .or_default()
-                    .push((t1 - t0) as f64 / (c1 - c0) as f64);
-            }
-        }
+        record_cost(
+            &mut per_dns_packet,
+            &["tc_ingress", "tc_egress"],
+            &progs_before,
+            &progs_after,
+        );
         // Past the agent's timeout, so that every lost query has been swept.
         std::thread::sleep(Duration::from_millis(2500));
         let after = agent.scrape(&sim.node);
