@@ -205,26 +205,28 @@ pub const UDP_QUEUE_DNS: u32 = 0;
 pub const UDP_QUEUE_OTHER: u32 = 1;
 
 /// Kernel layout facts handed to the programs as load-time globals. Names of the
-/// globals in the eBPF object; the agent fills them from BTF and tracefs.
+/// globals in the eBPF object; the agent fills them from BTF and probes at start.
 pub mod globals {
     pub const SKB_HEAD: &str = "SKB_HEAD_OFF";
     pub const SKB_NETWORK_HEADER: &str = "SKB_NETWORK_HEADER_OFF";
     pub const SKB_TRANSPORT_HEADER: &str = "SKB_TRANSPORT_HEADER_OFF";
+    pub const SKB_PROTOCOL: &str = "SKB_PROTOCOL_OFF";
     pub const SKB_DEV: &str = "SKB_DEV_OFF";
     pub const DEV_IFINDEX: &str = "DEV_IFINDEX_OFF";
     pub const DEV_NET: &str = "DEV_NET_OFF";
     pub const NET_INUM: &str = "NET_INUM_OFF";
+    /// `sock.__sk_common.skc_num` (local port, host order) and `skc_dport` (remote port,
+    /// network order).
+    pub const SK_NUM: &str = "SK_NUM_OFF";
+    pub const SK_DPORT: &str = "SK_DPORT_OFF";
     pub const OWN_NETNS_INUM: &str = "OWN_NETNS_INUM";
-    pub const TP_KFREE_SKBADDR: &str = "TP_KFREE_SKBADDR_OFF";
-    pub const TP_KFREE_PROTOCOL: &str = "TP_KFREE_PROTOCOL_OFF";
-    /// Offset of `reason`, or `u32::MAX` when the tracepoint has no such field.
-    pub const TP_KFREE_REASON: &str = "TP_KFREE_REASON_OFF";
-    /// Offsets of the port fields of `udp:udp_fail_queue_rcv_skb`, or `u32::MAX`.
-    pub const TP_UDPFAIL_SPORT: &str = "TP_UDPFAIL_SPORT_OFF";
-    pub const TP_UDPFAIL_DPORT: &str = "TP_UDPFAIL_DPORT_OFF";
+    /// 1 when the `kfree_skb` raw tracepoint's third argument is the drop reason (5.17+).
+    pub const KFREE_SKB_HAS_REASON: &str = "KFREE_SKB_HAS_REASON";
     /// Reasons at or below this value (`NOT_SPECIFIED` and the non-drops before it)
     /// are not counted.
     pub const REASON_NOT_SPECIFIED: &str = "REASON_NOT_SPECIFIED";
+    /// 1 when the kernel has `bpf_ktime_get_coarse_ns` (5.11+).
+    pub const HAVE_COARSE_CLOCK: &str = "HAVE_COARSE_CLOCK";
 }
 
 #[cfg(feature = "user")]

@@ -17,83 +17,58 @@ layout_globals!(
     SKB_HEAD_OFF,
     SKB_NETWORK_HEADER_OFF,
     SKB_TRANSPORT_HEADER_OFF,
+    SKB_PROTOCOL_OFF,
     SKB_DEV_OFF,
     DEV_IFINDEX_OFF,
     DEV_NET_OFF,
     NET_INUM_OFF,
+    SK_NUM_OFF,
+    SK_DPORT_OFF,
     OWN_NETNS_INUM,
-    TP_KFREE_SKBADDR_OFF,
-    TP_KFREE_PROTOCOL_OFF,
-    TP_KFREE_REASON_OFF,
-    TP_UDPFAIL_SPORT_OFF,
-    TP_UDPFAIL_DPORT_OFF,
+    KFREE_SKB_HAS_REASON,
     REASON_NOT_SPECIFIED,
+    HAVE_COARSE_CLOCK,
 );
 
 /// Reads a load-time global; volatile so the compiler keeps the load the loader patched.
+/// The globals live in a frozen read-only map, so the verifier knows their values and
+/// does not walk a branch they rule out (a helper or argument the kernel lacks).
 #[inline(always)]
 pub fn global(v: &'static u32) -> u32 {
+    // SAFETY: a plain read of a static the loader initialised.
     unsafe { core::ptr::read_volatile(v) }
 }
 
 pub mod layout {
     use super::*;
-    #[inline(always)]
-    pub fn skb_head() -> u32 {
-        global(&SKB_HEAD_OFF)
+
+    macro_rules! getters {
+        ($($fn_name:ident => $global:ident),* $(,)?) => {
+            $(
+                #[inline(always)]
+                pub fn $fn_name() -> u32 {
+                    global(&$global)
+                }
+            )*
+        };
     }
-    #[inline(always)]
-    pub fn skb_network_header() -> u32 {
-        global(&SKB_NETWORK_HEADER_OFF)
-    }
-    #[inline(always)]
-    pub fn skb_transport_header() -> u32 {
-        global(&SKB_TRANSPORT_HEADER_OFF)
-    }
-    #[inline(always)]
-    pub fn skb_dev() -> u32 {
-        global(&SKB_DEV_OFF)
-    }
-    #[inline(always)]
-    pub fn dev_ifindex() -> u32 {
-        global(&DEV_IFINDEX_OFF)
-    }
-    #[inline(always)]
-    pub fn dev_net() -> u32 {
-        global(&DEV_NET_OFF)
-    }
-    #[inline(always)]
-    pub fn net_inum() -> u32 {
-        global(&NET_INUM_OFF)
-    }
-    #[inline(always)]
-    pub fn own_netns_inum() -> u32 {
-        global(&OWN_NETNS_INUM)
-    }
-    #[inline(always)]
-    pub fn tp_kfree_skbaddr() -> u32 {
-        global(&TP_KFREE_SKBADDR_OFF)
-    }
-    #[inline(always)]
-    pub fn tp_kfree_protocol() -> u32 {
-        global(&TP_KFREE_PROTOCOL_OFF)
-    }
-    #[inline(always)]
-    pub fn tp_kfree_reason() -> u32 {
-        global(&TP_KFREE_REASON_OFF)
-    }
-    #[inline(always)]
-    pub fn reason_not_specified() -> u32 {
-        global(&REASON_NOT_SPECIFIED)
-    }
-    #[inline(always)]
-    pub fn tp_udpfail_sport() -> u32 {
-        global(&TP_UDPFAIL_SPORT_OFF)
-    }
-    #[inline(always)]
-    pub fn tp_udpfail_dport() -> u32 {
-        global(&TP_UDPFAIL_DPORT_OFF)
-    }
+
+    getters!(
+        skb_head => SKB_HEAD_OFF,
+        skb_network_header => SKB_NETWORK_HEADER_OFF,
+        skb_transport_header => SKB_TRANSPORT_HEADER_OFF,
+        skb_protocol => SKB_PROTOCOL_OFF,
+        skb_dev => SKB_DEV_OFF,
+        dev_ifindex => DEV_IFINDEX_OFF,
+        dev_net => DEV_NET_OFF,
+        net_inum => NET_INUM_OFF,
+        sk_num => SK_NUM_OFF,
+        sk_dport => SK_DPORT_OFF,
+        own_netns_inum => OWN_NETNS_INUM,
+        kfree_skb_has_reason => KFREE_SKB_HAS_REASON,
+        reason_not_specified => REASON_NOT_SPECIFIED,
+        have_coarse_clock => HAVE_COARSE_CLOCK,
+    );
 }
 
 /// Reads a `T` at `base + off` in kernel memory.
@@ -193,9 +168,16 @@ pub fn now_ns() -> u64 {
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
 
-/// `CLOCK_MONOTONIC` seconds from the coarse clock: no clock-source read, which is what
-/// costs on the per-packet path; a tick's lag is nothing at one-second resolution.
+/// `CLOCK_MONOTONIC` seconds from the coarse clock where the kernel has it (5.11+): no
+/// clock-source read, which is what costs on the per-packet path; a tick's lag is
+/// nothing at one-second resolution. Older kernels read the precise clock.
 #[inline(always)]
 pub fn now_coarse_s() -> u32 {
-    (unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+    let ns = if layout::have_coarse_clock() != 0 {
+        // SAFETY: a helper without arguments; only reached where the kernel has it.
+        unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() }
+    } else {
+        now_ns()
+    };
+    (ns / 1_000_000_000) as u32
 }

@@ -1,6 +1,6 @@
 //! A small reader of the kernel's BTF (`Documentation/bpf/btf.rst`), limited to what the
 //! agent needs: struct and union members (through anonymous members, typedefs and
-//! modifiers) and enum values. Rust eBPF has no CO-RE, so offsets are read here at start
+//! modifiers), enum values, and tracepoint prototypes (`btf_trace_<name>`). Rust eBPF has no CO-RE, so offsets are read here at start
 //! and handed to the programs as load-time globals.
 
 use std::collections::HashMap;
@@ -64,12 +64,18 @@ enum Kind {
         size: u32,
         values: Vec<(u32, i64)>,
     },
+    /// A function prototype: its parameters' type ids.
+    FuncProto {
+        params: Vec<u32>,
+    },
     Other,
 }
 
 #[derive(Clone, Debug)]
 struct Type {
     name_off: u32,
+    /// The BTF kind number (`KIND_*`).
+    btf_kind: u32,
     kind: Kind,
 }
 
@@ -136,6 +142,7 @@ impl Btf {
         // Type id 0 is void.
         let mut types = vec![Type {
             name_off: 0,
+            btf_kind: 0,
             kind: Kind::Other,
         }];
         let mut pos = 0;
@@ -152,9 +159,10 @@ impl Btf {
         };
         let mut by_name = HashMap::new();
         for (id, ty) in btf.types.iter().enumerate().skip(1) {
-            let class = match ty.kind {
-                Kind::Composite { .. } => 0,
-                Kind::Enum { .. } => 1,
+            let class = match ty.btf_kind {
+                KIND_STRUCT | KIND_UNION => 0,
+                KIND_ENUM | KIND_ENUM64 => 1,
+                KIND_TYPEDEF => 2,
                 _ => continue,
             };
             if ty.name_off != 0 {
@@ -176,7 +184,11 @@ impl Btf {
         let kind = (info >> 24) & 0x1f;
         let kind_flag = info >> 31 == 1;
         let body = pos + 12;
-        let ty = |kind| Type { name_off, kind };
+        let ty = |k| Type {
+            name_off,
+            btf_kind: kind,
+            kind: k,
+        };
         Ok(match kind {
             KIND_INT => (ty(Kind::Sized { size: size_or_type }), 16),
             KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
@@ -192,31 +204,13 @@ impl Btf {
                 let nelems = u32_at(sec, body + 8)?;
                 (ty(Kind::Array { elem, nelems }), 24)
             }
-            KIND_STRUCT | KIND_UNION => {
-                let mut members = Vec::with_capacity(vlen);
-                for i in 0..vlen {
-                    let m = body + i * 12;
-                    let raw = u32_at(sec, m + 8)?;
-                    let (bit_offset, bitfield_size) = if kind_flag {
-                        (raw & 0x00ff_ffff, raw >> 24)
-                    } else {
-                        (raw, 0)
-                    };
-                    members.push(Member {
-                        name_off: u32_at(sec, m)?,
-                        type_id: u32_at(sec, m + 4)?,
-                        bit_offset,
-                        bitfield_size,
-                    });
-                }
-                (
-                    ty(Kind::Composite {
-                        size: size_or_type,
-                        members,
-                    }),
-                    12 + vlen * 12,
-                )
-            }
+            KIND_STRUCT | KIND_UNION => (
+                ty(Kind::Composite {
+                    size: size_or_type,
+                    members: Self::parse_members(sec, body, vlen, kind_flag)?,
+                }),
+                12 + vlen * 12,
+            ),
             KIND_ENUM => {
                 let signed = kind_flag;
                 let mut values = Vec::with_capacity(vlen);
@@ -264,11 +258,36 @@ impl Btf {
             }
             KIND_FWD | KIND_FUNC => (ty(Kind::Other), 12),
             KIND_FLOAT => (ty(Kind::Sized { size: size_or_type }), 12),
-            KIND_FUNC_PROTO => (ty(Kind::Other), 12 + vlen * 8),
+            KIND_FUNC_PROTO => {
+                let params = (0..vlen)
+                    .map(|i| u32_at(sec, body + i * 8 + 4))
+                    .collect::<Result<_>>()?;
+                (ty(Kind::FuncProto { params }), 12 + vlen * 8)
+            }
             KIND_VAR | KIND_DECL_TAG => (ty(Kind::Other), 16),
             KIND_DATASEC => (ty(Kind::Other), 12 + vlen * 12),
             other => bail!("unknown BTF kind {other}"),
         })
+    }
+
+    fn parse_members(sec: &[u8], body: usize, vlen: usize, kind_flag: bool) -> Result<Vec<Member>> {
+        (0..vlen)
+            .map(|i| {
+                let m = body + i * 12;
+                let raw = u32_at(sec, m + 8)?;
+                let (bit_offset, bitfield_size) = if kind_flag {
+                    (raw & 0x00ff_ffff, raw >> 24)
+                } else {
+                    (raw, 0)
+                };
+                Ok(Member {
+                    name_off: u32_at(sec, m)?,
+                    type_id: u32_at(sec, m + 4)?,
+                    bit_offset,
+                    bitfield_size,
+                })
+            })
+            .collect()
     }
 
     fn str(&self, off: u32) -> Result<&str> {
@@ -306,7 +325,9 @@ impl Btf {
             Kind::Sized { size } | Kind::Composite { size, .. } | Kind::Enum { size, .. } => *size,
             Kind::Ref { is_ptr: true, .. } => 8,
             Kind::Array { elem, nelems } => self.size_of(*elem)?.saturating_mul(*nelems),
-            Kind::Ref { .. } | Kind::Other => bail!("type id {id} has no size"),
+            Kind::Ref { .. } | Kind::FuncProto { .. } | Kind::Other => {
+                bail!("type id {id} has no size")
+            }
         })
     }
 
@@ -371,14 +392,66 @@ impl Btf {
     }
 }
 
+impl Btf {
+    /// The parameter types of raw tracepoint `name`, from the typedef the kernel declares
+    /// for it (`btf_trace_<name>`, a pointer to `void (void *__data, <TP_PROTO>)`), without
+    /// that first `__data`: index i is the raw tracepoint's argument i.
+    pub fn tracepoint_params(&self, name: &str) -> Result<Vec<String>> {
+        let typedef = format!("btf_trace_{name}");
+        let id = *self
+            .by_name
+            .get(&(2, typedef.clone()))
+            .ok_or_else(|| anyhow!("tracepoint {name} not in BTF (no typedef {typedef})"))?;
+        let Kind::Ref { target, .. } = self.get(id)?.kind else {
+            bail!("{typedef} is not a typedef");
+        };
+        let Kind::Ref {
+            target: proto,
+            is_ptr: true,
+        } = self.get(self.resolve(target)?)?.kind
+        else {
+            bail!("{typedef} is not a function pointer");
+        };
+        let Kind::FuncProto { params } = &self.get(self.resolve(proto)?)?.kind else {
+            bail!("{typedef} does not point to a function prototype");
+        };
+        params
+            .iter()
+            .skip(1)
+            .map(|&p| self.describe(p, 0))
+            .collect()
+    }
+
+    /// A type as C spells it, modifiers left out: `struct sk_buff *`, `enum x`, `int`.
+    fn describe(&self, id: u32, depth: u32) -> Result<String> {
+        ensure!(depth < 32, "type chain from id {id} too deep");
+        if id == 0 {
+            return Ok("void".to_owned());
+        }
+        let ty = self.get(id)?;
+        let name = self.str(ty.name_off)?;
+        Ok(match (ty.btf_kind, &ty.kind) {
+            (KIND_PTR, Kind::Ref { target, .. }) => {
+                format!("{} *", self.describe(*target, depth + 1)?)
+            }
+            (KIND_TYPEDEF, _) => name.to_owned(),
+            (_, Kind::Ref { target, .. }) => self.describe(*target, depth + 1)?,
+            (KIND_STRUCT, _) => format!("struct {name}"),
+            (KIND_UNION, _) => format!("union {name}"),
+            (KIND_ENUM | KIND_ENUM64, _) => format!("enum {name}"),
+            _ => name.to_owned(),
+        })
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Read as _;
 
     use super::*;
 
     /// BTF of a 6.18 `x86_64` kernel, copied from `/sys/kernel/btf/vmlinux`.
-    fn fixture() -> Btf {
+    pub(crate) fn fixture() -> Btf {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/btf/vmlinux-6.18.btf.gz"
@@ -425,6 +498,30 @@ mod tests {
         assert_eq!(find("SKB_DROP_REASON_NOT_SPECIFIED"), Some(2));
         assert_eq!(find("SKB_DROP_REASON_NO_SOCKET"), Some(3));
         assert_eq!(find("SKB_DROP_REASON_NETFILTER_DROP"), Some(12));
+    }
+
+    #[test]
+    fn tracepoint_prototypes() {
+        let btf = fixture();
+        assert_eq!(
+            btf.tracepoint_params("kfree_skb").unwrap(),
+            [
+                "struct sk_buff *",
+                "void *",
+                "enum skb_drop_reason",
+                "struct sock *"
+            ]
+        );
+        assert_eq!(
+            btf.tracepoint_params("udp_fail_queue_rcv_skb").unwrap(),
+            ["int", "struct sock *", "struct sk_buff *"]
+        );
+        assert_eq!(
+            btf.tracepoint_params("no_such_tracepoint")
+                .unwrap_err()
+                .to_string(),
+            "tracepoint no_such_tracepoint not in BTF (no typedef btf_trace_no_such_tracepoint)"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The command line (a contract: tests and tooling use it). Every flag also reads an
 //! environment variable; a bad value is one line naming the flag.
 
-use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
 use clap::Parser;
 
@@ -61,10 +61,6 @@ pub struct Cli {
     /// Flows the per-ENI flow table holds.
     #[arg(long, value_name = "N", env = "MONITOR_FLOW_TABLE_SIZE", default_value = "262144", value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_table_size: u32,
-
-    /// Where tracefs is mounted (default: /sys/kernel/tracing, then /sys/kernel/debug/tracing).
-    #[arg(long, value_name = "PATH", env = "MONITOR_TRACEFS")]
-    pub tracefs: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

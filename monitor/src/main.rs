@@ -13,13 +13,12 @@ mod kernel;
 mod probe_tests;
 mod programs;
 mod slots;
-mod tracefs;
 mod watch;
 
 use std::{
     collections::HashMap,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -210,16 +209,7 @@ fn linklocal_services(
 
 /// Reads the kernel's layout and loads the programs with it.
 fn load(cli: &Cli) -> Result<(KernelFacts, aya::Ebpf)> {
-    let tracefs = {
-        let candidates: Vec<PathBuf> = match &cli.tracefs {
-            Some(p) => vec![p.clone()],
-            None => tracefs::DEFAULT_ROOTS.iter().map(PathBuf::from).collect(),
-        };
-        tracefs::find_root(&candidates)
-            .map_err(|e| error!("{e}"))
-            .ok()
-    };
-    let facts = KernelFacts::read(Path::new(kernel::BTF_PATH), tracefs.as_deref())?;
+    let facts = KernelFacts::read(Path::new(kernel::BTF_PATH))?;
     let ebpf = programs::load(&facts, cli.flow_table_size)?;
     Ok((facts, ebpf))
 }

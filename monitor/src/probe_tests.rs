@@ -2,7 +2,7 @@
 //! the real programs in the real kernel, with their maps read back.
 #![cfg(test)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::{
     Ebpf,
@@ -18,8 +18,7 @@ use crate::{devices::Device, kernel::KernelFacts, programs};
 /// The object loaded against this kernel, classifiers loaded, loopback (where test runs
 /// happen) monitored in slot 0.
 fn loaded() -> Ebpf {
-    let tracefs = crate::tracefs::find_root(&[PathBuf::from("/sys/kernel/tracing")]).ok();
-    let facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH), tracefs.as_deref()).unwrap();
+    let facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH)).unwrap();
     let mut ebpf = programs::load(&facts, 1024).unwrap();
     programs::load_classifiers(&mut ebpf).unwrap();
     let lo = Device {

@@ -6,7 +6,10 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData},
-    programs::{SchedClassifier, TcAttachType, TracePoint, tc::SchedClassifierLinkId},
+    programs::{
+        LinkOrder, RawTracePoint, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
+    },
 };
 use log::{error, info, warn};
 use monitor_common::{Addr, addr_from_octets, addr_octets};
@@ -67,63 +70,45 @@ fn record<T>(
     });
 }
 
-/// Attaches the tracepoints. A failure is logged once and recorded, not fatal: the
+/// Attaches the raw tracepoints. A failure is logged once and recorded, not fatal: the
 /// agent keeps serving what it can, and `program_attached` says what is missing.
 pub fn attach_tracepoints(ebpf: &mut Ebpf, facts: &KernelFacts, attachments: &Attachments) {
-    let result = match facts.kfree_skb {
-        None => Err(anyhow!("the skb:kfree_skb format could not be read")),
-        Some(fields) => {
-            if fields.reason.is_none() {
+    let result = match &facts.kfree_skb {
+        Err(e) => Err(anyhow!("{e}")),
+        Ok(args) => {
+            if !args.has_reason {
                 warn!(
-                    "skb:kfree_skb has no reason field on this kernel (before 5.17); drops are exported with reason=\"unknown\""
+                    "kfree_skb passes no drop reason on this kernel (before 5.17); drops are exported with reason=\"unknown\""
                 );
             }
-            attach_tracepoint(ebpf, "kfree_skb", "skb", "kfree_skb")
+            attach_raw_tracepoint(ebpf, "kfree_skb")
         }
     };
-    record(
-        attachments,
-        "kfree_skb",
-        "tracepoint/skb/kfree_skb",
-        "",
-        &result,
-    );
+    record(attachments, "kfree_skb", "raw_tp/kfree_skb", "", &result);
 
-    let result = match facts.udp_fail {
-        None => Err(anyhow!(
-            "the udp:udp_fail_queue_rcv_skb format could not be read"
-        )),
-        Some(fields) => {
-            if fields.sport.is_none() && fields.dport.is_none() {
-                warn!(
-                    "udp:udp_fail_queue_rcv_skb has no port fields on this kernel; overflows count as port=\"other\""
-                );
-            }
-            attach_tracepoint(
-                ebpf,
-                "udp_fail_queue_rcv_skb",
-                "udp",
-                "udp_fail_queue_rcv_skb",
-            )
-        }
+    let name = "udp_fail_queue_rcv_skb";
+    let result = match &facts.udp_fail {
+        Err(e) => Err(anyhow!("{e}")),
+        Ok(()) => attach_raw_tracepoint(ebpf, name),
     };
     record(
         attachments,
-        "udp_fail_queue_rcv_skb",
-        "tracepoint/udp/udp_fail_queue_rcv_skb",
+        name,
+        "raw_tp/udp_fail_queue_rcv_skb",
         "",
         &result,
     );
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<()> {
-    let prog: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("program {program} missing from the object"))?
+/// Attaches program `name` to the raw tracepoint of the same name.
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
         .try_into()?;
-    prog.load().with_context(|| format!("loading {program}"))?;
-    prog.attach(category, name)
-        .with_context(|| format!("attaching {program} to {category}:{name}"))?;
+    prog.load().with_context(|| format!("loading {name}"))?;
+    prog.attach(name)
+        .with_context(|| format!("attaching {name} to raw tracepoint {name}"))?;
     Ok(())
 }
 
@@ -144,30 +129,78 @@ pub type ClassifierLinks = Vec<(&'static str, SchedClassifierLinkId)>;
 
 const CLASSIFIERS: [&str; 2] = ["tc_ingress", "tc_egress"];
 
-/// Attaches both classifiers to `device` (TCX where the kernel has it, else clsact).
+/// Attaches both classifiers to `device`: TCX where the kernel has it (6.6+), first in
+/// order, so that a CNI's program never redirects a packet before we see it; else
+/// `cls_bpf` under clsact. Both programs return "next" (`TC_ACT_UNSPEC`), so no verdict of
+/// ours changes a packet's path. When `loaded` is false the programs failed to load, and
+/// each is recorded as not attached.
 pub fn attach_classifiers(
     ebpf: &mut Ebpf,
     device: &Device,
     attachments: &Attachments,
+    loaded: bool,
 ) -> ClassifierLinks {
     let mut links = Vec::new();
     for (name, attach_type, hook) in [
         (CLASSIFIERS[0], TcAttachType::Ingress, "tc/ingress"),
         (CLASSIFIERS[1], TcAttachType::Egress, "tc/egress"),
     ] {
-        let result = (|| -> Result<SchedClassifierLinkId> {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            Ok(prog.attach(&device.name, attach_type)?)
-        })();
+        let result = if loaded {
+            attach_classifier(ebpf, name, &device.name, attach_type)
+        } else {
+            Err(anyhow!("{name} did not load"))
+        };
         record(attachments, name, hook, &device.name, &result);
         if let Ok(id) = result {
             links.push((name, id));
         }
     }
     links
+}
+
+fn attach_classifier(
+    ebpf: &mut Ebpf,
+    name: &str,
+    device: &str,
+    attach_type: TcAttachType,
+) -> Result<SchedClassifierLinkId> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()?;
+    let tcx = match prog.attach_with_options(
+        device,
+        attach_type,
+        TcAttachOptions::TcxOrder(LinkOrder::first()),
+    ) {
+        Ok(id) => return Ok(id),
+        Err(e) => e,
+    };
+    // No TCX (before 6.6): the clsact qdisc, added when absent and never removed (a CNI
+    // may hang its own filters there), and cls_bpf filters, which outlive a killed agent:
+    // ours left behind are recognised by name and replaced rather than stacked.
+    match tc::qdisc_add_clsact(device) {
+        Ok(()) => info!("added the clsact qdisc to {device}"),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => {
+            return Err(anyhow!(e))
+                .with_context(|| format!("adding clsact to {device} (TCX refused too: {tcx})"));
+        }
+    }
+    match tc::qdisc_detach_program(device, attach_type, name) {
+        Ok(()) => info!("removed a {name} filter a previous agent left on {device}"),
+        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("looking for {name} filters left on {device}: {e}"),
+    }
+    prog.attach_with_options(
+        device,
+        attach_type,
+        TcAttachOptions::Netlink(NlOptions {
+            priority: 1,
+            ..NlOptions::default()
+        }),
+    )
+    .with_context(|| format!("attaching {name} to {device} with cls_bpf (TCX refused: {tcx})"))
 }
 
 /// Detaches what [`attach_classifiers`] attached. A device that is gone took its

@@ -104,10 +104,13 @@ impl Watcher {
         self.devices.replace(next);
         for d in &added {
             info!("monitoring {}", d.name);
-            if self.classifiers_loaded {
-                let links = programs::attach_classifiers(&mut self.ebpf, d, &self.attachments);
-                self.links.insert(d.ifindex, links);
-            }
+            let links = programs::attach_classifiers(
+                &mut self.ebpf,
+                d,
+                &self.attachments,
+                self.classifiers_loaded,
+            );
+            self.links.insert(d.ifindex, links);
         }
         Ok(())
     }

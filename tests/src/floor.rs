@@ -1,4 +1,4 @@
-//! The physical floor of the benchmark: an empty classifier and an empty tracepoint
+//! The physical floor of the benchmark: an empty classifier and an empty raw tracepoint
 //! program, two instructions each, loaded and attached with the raw `bpf` syscall so
 //! that their cost is the kernel's own per-event overhead and nothing of ours.
 
@@ -10,13 +10,10 @@ use std::{
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
-const PERF_TYPE_TRACEPOINT: u32 = 2;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
-const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
 
 /// `r0 = imm; exit`
 fn return_imm(imm: i32) -> [u64; 2] {
@@ -80,58 +77,30 @@ impl FloorClassifier {
     }
 }
 
-/// An empty tracepoint program on `category:name`; detached on drop.
+/// An empty raw tracepoint program on `name`; detached on drop.
 pub struct FloorTracepoint {
     _prog: OwnedFd,
-    _event: OwnedFd,
+    _link: OwnedFd,
 }
 
 impl FloorTracepoint {
-    pub fn attach(tracefs: &str, category: &str, name: &str) -> io::Result<Self> {
-        let prog = load(BPF_PROG_TYPE_TRACEPOINT, "floor_tp", 0)?;
-        let id: u64 = std::fs::read_to_string(format!("{tracefs}/events/{category}/{name}/id"))?
-            .trim()
-            .parse()
-            .map_err(io::Error::other)?;
-        // perf_event_attr, version 5 (112 bytes): type, size, config, sample_period,
-        // wakeup_events; the rest zero.
-        let mut pea = [0u8; 112];
-        put(&mut pea, 0, &PERF_TYPE_TRACEPOINT.to_ne_bytes());
-        put(&mut pea, 4, &112u32.to_ne_bytes());
-        put(&mut pea, 8, &id.to_ne_bytes());
-        put(&mut pea, 16, &1u64.to_ne_bytes());
-        put(&mut pea, 48, &1u32.to_ne_bytes());
-        // SAFETY: a perf_event_attr of the size it declares.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                pea.as_ptr(),
-                -1,
-                0,
-                -1,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new file descriptor the kernel just returned.
-        let event = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) };
-        let (efd, pfd) = (
-            std::os::fd::AsRawFd::as_raw_fd(&event),
-            std::os::fd::AsRawFd::as_raw_fd(&prog),
+    pub fn attach(name: &str) -> io::Result<Self> {
+        let prog = load(BPF_PROG_TYPE_RAW_TRACEPOINT, "floor_tp", 0)?;
+        let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+        // raw_tracepoint: { u64 name; u32 prog_fd; }
+        let mut attr = [0u8; 16];
+        put(&mut attr, 0, &(name.as_ptr() as u64).to_ne_bytes());
+        put(
+            &mut attr,
+            8,
+            &u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&prog))
+                .map_err(io::Error::other)?
+                .to_ne_bytes(),
         );
-        // SAFETY: valid perf event and program descriptors.
-        unsafe {
-            if libc::ioctl(efd, PERF_EVENT_IOC_SET_BPF, pfd) < 0
-                || libc::ioctl(efd, PERF_EVENT_IOC_ENABLE, 0) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &attr)?;
         Ok(Self {
             _prog: prog,
-            _event: event,
+            _link: link,
         })
     }
 }

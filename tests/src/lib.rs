@@ -112,9 +112,8 @@ impl Netns {
         ip(&format!("-n {} {args}", self.name))
     }
 
-    /// A command that runs inside the namespace. Only the network namespace changes:
-    /// unlike `ip netns exec`, which mounts a fresh sysfs that hides tracefs, the
-    /// mounts stay the host's, as for a `DaemonSet` pod with `hostNetwork`.
+    /// A command that runs inside the namespace. Only the network namespace changes;
+    /// the mounts stay the host's.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.name))
@@ -325,8 +324,11 @@ impl Agent {
         let listen: SocketAddr = "127.0.0.1:9435".parse().unwrap();
         let log = std::env::temp_dir().join(format!("{}.log", ns.name));
         let out = File::create(&log).unwrap();
-        let child = ns
-            .command(monitor_bin().to_str().unwrap())
+        // `ip netns exec` mounts a fresh sysfs, as a container has: no tracefs, no
+        // debugfs. It execs the agent, so the child's pid is the agent's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(monitor_bin())
             .args(["--listen", &listen.to_string()])
             .args(imds)
             .args(args)
@@ -407,7 +409,6 @@ impl Agent {
     /// Sends SIGTERM and waits for the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("agent already stopped");
-        // nsenter execs the agent, so the child's pid is the agent's.
         let pid = libc::pid_t::try_from(child.id()).unwrap();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(pid, libc::SIGTERM) };

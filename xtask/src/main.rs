@@ -33,7 +33,6 @@ const APT_PACKAGES: &[&str] = &[
 const PIP_PACKAGES: &[&str] = &["kubernetes-validate"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
-const TRACEFS: &str = "/sys/kernel/tracing";
 const PROMETHEUS_RULE_HEADER: &str =
     "# Written by `cargo xtask rules` from rules.yml: edit that file, not this one.
 apiVersion: monitoring.coreos.com/v1
@@ -55,7 +54,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what a fresh machine lacks (apt packages, rust-src, bpf-linker), mount tracefs.
+    /// Install what a fresh machine lacks (apt packages, rust-src, bpf-linker, qemu, kernels).
     Setup,
     /// Build the agent (release), with its eBPF programs embedded.
     Build,
@@ -175,8 +174,7 @@ fn setup() -> Result<()> {
     apt_packages()?;
     pip_packages()?;
     rust_src()?;
-    bpf_linker()?;
-    tracefs()
+    bpf_linker()
 }
 
 fn apt_packages() -> Result<()> {
@@ -262,12 +260,4 @@ fn bpf_linker() -> Result<()> {
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("PATH", path))
-}
-
-fn tracefs() -> Result<()> {
-    if Path::new(TRACEFS).join("events").is_dir() {
-        return Ok(());
-    }
-    eprintln!("setup: mounting tracefs on {TRACEFS}");
-    run(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]))
 }

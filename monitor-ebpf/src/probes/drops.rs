@@ -1,14 +1,16 @@
-//! `skb:kfree_skb`: every packet the kernel drops, by device and drop reason.
+//! `kfree_skb` (raw tracepoint): every packet the kernel drops, by device and drop reason.
+//! The arguments are the tracepoint's prototype: `skb` first, the reason third where the
+//! kernel has one (5.17+), which the agent learns from BTF and hands over at load.
 
 use aya_ebpf::{
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::PerCpuHashMap,
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use monitor_common::{DEVICE_OTHER, DROPS_MAX_ENTRIES, DropKey, REASON_UNKNOWN};
 
 use crate::{
-    kernel::{layout, skb_dev_in_own_netns, skb_is_dns},
+    kernel::{layout, read, skb_dev_in_own_netns, skb_is_dns},
     maps::{MONITORED, increment},
 };
 
@@ -16,27 +18,27 @@ use crate::{
 #[map]
 static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(DROPS_MAX_ENTRIES, 0);
 
-#[tracepoint]
-pub fn kfree_skb(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
     let _ = try_kfree_skb(&ctx);
     0
 }
 
 #[inline(always)]
-fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
-    let reason_off = layout::tp_kfree_reason();
-    let reason = if reason_off == u32::MAX {
-        REASON_UNKNOWN
-    } else {
-        let r: u32 = unsafe { ctx.read_at(reason_off as usize) }.map_err(|_| ())?;
+fn try_kfree_skb(ctx: &RawTracePointContext) -> Result<(), ()> {
+    // A constant at load: on kernels without the argument the verifier never walks the
+    // read of a third argument, which the attach would refuse.
+    let reason = if layout::kfree_skb_has_reason() != 0 {
+        let r = ctx.arg::<u64>(2) as u32;
         if r <= layout::reason_not_specified() {
             return Ok(());
         }
         r
+    } else {
+        REASON_UNKNOWN
     };
-    let skb: u64 = unsafe { ctx.read_at(layout::tp_kfree_skbaddr() as usize) }.map_err(|_| ())?;
-    let protocol: u16 =
-        unsafe { ctx.read_at(layout::tp_kfree_protocol() as usize) }.map_err(|_| ())?;
+    let skb: u64 = ctx.arg(0);
+    let protocol = u16::from_be(read::<u16>(skb, layout::skb_protocol())?);
 
     let ifindex = match skb_dev_in_own_netns(skb) {
         Some(i) if MONITORED.get_ptr(i).is_some() => i,

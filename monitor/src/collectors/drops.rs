@@ -94,11 +94,11 @@ impl Collector for DropsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{devices::Device, tracefs::tests::fixture};
+    use crate::{btf::tests::fixture, devices::Device};
 
     #[test]
     fn folds_keys_into_bounded_label_sets() {
-        let reasons = DropReasons::from_format(&fixture("kfree_skb-6.18.format")).unwrap();
+        let reasons = DropReasons::from_btf(&fixture()).unwrap();
         let devices = Devices::default();
         devices.replace([Device {
             name: "eth0".into(),

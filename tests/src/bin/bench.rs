@@ -190,8 +190,7 @@ fn program_cost(report: &mut Report) {
                 .expect("attaching the floor classifier"),
             FloorClassifier::attach(ifindex, BPF_TCX_EGRESS)
                 .expect("attaching the floor classifier"),
-            FloorTracepoint::attach("/sys/kernel/tracing", "skb", "kfree_skb")
-                .expect("attaching the floor tracepoint"),
+            FloorTracepoint::attach("kfree_skb").expect("attaching the floor tracepoint"),
         )
     });
     bpf_stats(true);
