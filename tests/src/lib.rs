@@ -13,6 +13,7 @@ pub mod dns;
 pub mod floor;
 pub mod imds;
 pub mod servers;
+pub mod vm;
 
 use std::{
     collections::BTreeMap,

@@ -28,7 +28,23 @@ const APT_PACKAGES: &[&str] = &[
     // Alert rules: promtool, and Prometheus and Alertmanager end to end.
     "prometheus",
     "prometheus-alertmanager",
+    // The kernel matrix: the booted kernels' userland, and their compressed modules.
+    "busybox-static",
+    "xz-utils",
 ];
+/// Debian's mirror, for the suites the kernel matrix needs beyond the machine's own.
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+/// The kernels of DESIGN.md's table: (directory under `target/kernels`, suite of
+/// Debian's cloud kernel). qemu 10 comes from bookworm-backports: 7.2's TCG cannot boot
+/// 6.12.
+pub const KERNELS: [(&str, &str); 3] = [
+    ("5.10", "bullseye"),
+    ("6.1", "bookworm"),
+    ("6.12", "bookworm-backports"),
+];
+const QEMU_MAJOR: &str = "QEMU emulator version 10.";
+/// The modules the scenario loads from its initramfs.
+const KERNEL_MODULES: [&str; 3] = ["veth", "sch_ingress", "cls_bpf"];
 /// `PyPI` packages the tests use: an offline validator carrying Kubernetes' schemas.
 const PIP_PACKAGES: &[&str] = &["kubernetes-validate"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -174,7 +190,163 @@ fn setup() -> Result<()> {
     apt_packages()?;
     pip_packages()?;
     rust_src()?;
-    bpf_linker()
+    bpf_linker()?;
+    qemu()?;
+    kernels()
+}
+
+/// apt with a sources list and state of its own under `target/apt/<name>`, so that the
+/// machine's own configuration stays untouched.
+fn private_apt(name: &str, suites: &[&str]) -> Result<Vec<String>> {
+    let dir = workspace_root()?.join("target/apt").join(name);
+    for sub in ["lists/partial", "cache/archives/partial"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    let list = dir.join("sources.list");
+    let text: Vec<String> = suites
+        .iter()
+        .map(|s| format!("deb {DEBIAN_MIRROR} {s} main"))
+        .collect();
+    let text = text.join("\n") + "\n";
+    std::fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
+    let opts = vec![
+        format!("-oDir::Etc::SourceList={}", list.display()),
+        "-oDir::Etc::SourceParts=/nonexistent".to_owned(),
+        format!("-oDir::State::Lists={}", dir.join("lists").display()),
+        format!("-oDir::Cache={}", dir.join("cache").display()),
+        "-oAPT::Sandbox::User=root".to_owned(),
+        "-q".to_owned(),
+    ];
+    run(Command::new("apt-get").args(&opts).arg("update"))?;
+    Ok(opts)
+}
+
+fn qemu() -> Result<()> {
+    let version = Command::new("qemu-system-x86_64").arg("--version").output();
+    if let Ok(out) = version
+        && String::from_utf8_lossy(&out.stdout).contains(QEMU_MAJOR)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing qemu 10 from bookworm-backports");
+    let apt = private_apt(
+        "host",
+        &["bookworm", "bookworm-updates", "bookworm-backports"],
+    )?;
+    run(Command::new("apt-get")
+        .args(&apt)
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(["-t", "bookworm-backports", "qemu-system-x86"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Debian's cloud kernels of the matrix, each as `target/kernels/<name>/vmlinuz` and
+/// `modules/*.ko` (decompressed), fetched once.
+fn kernels() -> Result<()> {
+    let root = workspace_root()?.join("target/kernels");
+    let missing: Vec<_> = KERNELS
+        .iter()
+        .filter(|(name, _)| !root.join(name).join("vmlinuz").is_file())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let apt = private_apt("kernels", &["bullseye", "bookworm", "bookworm-backports"])?;
+    for (name, suite) in missing {
+        eprintln!("setup: fetching the {name} cloud kernel from {suite}");
+        let dir = root.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let debs = dir.join("debs");
+        std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+        run(Command::new("apt-get")
+            .current_dir(&debs)
+            .args(&apt)
+            .args(["download", &format!("linux-image-cloud-amd64/{suite}")]))?;
+        let meta = only_file(&debs, "linux-image-cloud-amd64_")?;
+        // The meta package depends on exactly one versioned image package.
+        let depends = output(
+            Command::new("dpkg-deb")
+                .args(["-f"])
+                .arg(&meta)
+                .arg("Depends"),
+        )?;
+        let image = depends
+            .split(',')
+            .map(str::trim)
+            .find(|d| d.starts_with("linux-image-") && d.contains("(= "))
+            .and_then(|d| {
+                let (pkg, rest) = d.split_once(" (= ")?;
+                Some(format!("{pkg}={}", rest.trim_end_matches(')')))
+            })
+            .with_context(|| format!("no image package in {depends:?}"))?;
+        run(Command::new("apt-get")
+            .current_dir(&debs)
+            .args(&apt)
+            .args(["download", &image]))?;
+        let pkg = image.split('=').next().unwrap_or_default().to_owned();
+        let deb = only_file(&debs, &format!("{pkg}_"))?;
+        let tree = dir.join("tree");
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+        let release = pkg.trim_start_matches("linux-image-");
+        let modules = dir.join("modules");
+        std::fs::create_dir_all(&modules)?;
+        for module in KERNEL_MODULES {
+            let found = output(
+                Command::new("find")
+                    .arg(tree.join("lib/modules").join(release))
+                    .args(["-name", &format!("{module}.ko*")]),
+            )?;
+            let path = found
+                .lines()
+                .next()
+                .with_context(|| format!("{module} not in {pkg}"))?;
+            let dest = modules.join(format!("{module}.ko"));
+            if Path::new(path).extension().is_some_and(|e| e == "xz") {
+                let plain = output_bytes(Command::new("xz").args(["-dc", path]))?;
+                std::fs::write(&dest, plain)?;
+            } else {
+                std::fs::copy(path, &dest)?;
+            }
+        }
+        std::fs::copy(
+            tree.join("boot").join(format!("vmlinuz-{release}")),
+            dir.join("vmlinuz"),
+        )
+        .with_context(|| format!("copying the {release} kernel"))?;
+        std::fs::write(dir.join("release"), format!("{release}\n"))?;
+        std::fs::remove_dir_all(&tree)?;
+    }
+    Ok(())
+}
+
+/// The one file in `dir` whose name starts with `prefix`.
+fn only_file(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .with_context(|| format!("no {prefix}* in {}", dir.display()))
+}
+
+fn output_bytes(cmd: &mut Command) -> Result<Vec<u8>> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    Ok(String::from_utf8_lossy(&output_bytes(cmd)?).into_owned())
 }
 
 fn apt_packages() -> Result<()> {

@@ -1,0 +1,194 @@
+//! Known traffic for the kernel matrix: the small tool the booted kernels' scenario runs
+//! inside its network namespaces. Every subcommand prints what it did, so the host test
+//! compares the agent's counts with the traffic that was really sent and answered.
+//!
+//! ```text
+//! nettool dns-server ADDR             answer every query: NXDOMAIN for names under nx., else NOERROR
+//! nettool dns-query SERVER NAME N     N queries, one socket each; prints how many were answered
+//! nettool udp-send ADDR N             N datagrams from one socket
+//! nettool udp-flows ADDR N            one datagram from each of N sockets (N flows)
+//! nettool udp-sink ADDR               read and discard
+//! nettool tcp-server ADDR             accept and hold every connection
+//! nettool tcp-hold ADDR N             open N connections, print "held N", hold until killed
+//! nettool http-get ADDR PATH          print the status code, then the body
+//! ```
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match run(&words) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nettool: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|e| format!("{s}: {e}"))
+}
+
+fn count(s: &str) -> Result<usize, String> {
+    s.parse().map_err(|e| format!("{s}: {e}"))
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
+    match args {
+        ["dns-server", a] => dns_server(addr(a)?).map_err(io),
+        ["dns-query", server, name, n] => {
+            let answered = dns_query(addr(server)?, name, count(n)?).map_err(io)?;
+            println!("answered {answered}");
+            Ok(())
+        }
+        ["udp-send", a, n] => {
+            let sock = UdpSocket::bind("0.0.0.0:0").map_err(io)?;
+            for _ in 0..count(n)? {
+                sock.send_to(b"x", addr(a)?).map_err(io)?;
+            }
+            Ok(())
+        }
+        ["udp-flows", a, n] => {
+            let to = addr(a)?;
+            for _ in 0..count(n)? {
+                UdpSocket::bind("0.0.0.0:0")
+                    .and_then(|s| s.send_to(b"x", to))
+                    .map_err(io)?;
+            }
+            Ok(())
+        }
+        ["udp-sink", a] => {
+            let sock = UdpSocket::bind(addr(a)?).map_err(io)?;
+            let mut buf = [0u8; 2048];
+            loop {
+                sock.recv_from(&mut buf).map_err(io)?;
+            }
+        }
+        ["tcp-server", a] => {
+            let listener = TcpListener::bind(addr(a)?).map_err(io)?;
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                held.push(conn.map_err(io)?);
+            }
+            Ok(())
+        }
+        ["tcp-hold", a, n] => {
+            let held: Vec<TcpStream> = (0..count(n)?)
+                .map(|_| TcpStream::connect(addr(a)?).map_err(io))
+                .collect::<Result<_, _>>()?;
+            println!("held {}", held.len());
+            loop {
+                std::thread::sleep(Duration::from_hours(1));
+            }
+        }
+        ["http-get", a, path] => {
+            let (code, body) = http_get(addr(a)?, path).map_err(io)?;
+            println!("{code}");
+            print!("{body}");
+            Ok(())
+        }
+        _ => Err(format!("usage: see the source; got {args:?}")),
+    }
+}
+
+fn http_get(at: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = TcpStream::connect_timeout(&at, Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {at}\r\n\r\n")?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {head:?}")))?;
+    Ok((code, body.to_owned()))
+}
+
+/// A standard query for `name`, type A, class IN.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(32 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(u8::try_from(label.len()).unwrap_or(63).min(63));
+        q.extend_from_slice(&label.as_bytes()[..label.len().min(63)]);
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+fn dns_query(server: SocketAddr, name: &str, n: usize) -> std::io::Result<usize> {
+    let mut answered = 0;
+    for i in 0..n {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let id = u16::try_from(i % 65536).unwrap_or(0) ^ 0x5a5a;
+        sock.send_to(&query(id, name), server)?;
+        let mut buf = [0u8; 512];
+        if let Ok((len, _)) = sock.recv_from(&mut buf)
+            && len >= 12
+            && buf[..2] == id.to_be_bytes()
+        {
+            answered += 1;
+        }
+    }
+    Ok(answered)
+}
+
+fn dns_server(bind: SocketAddr) -> std::io::Result<()> {
+    let sock = UdpSocket::bind(bind)?;
+    let mut buf = [0u8; 512];
+    loop {
+        let (len, peer) = sock.recv_from(&mut buf)?;
+        if len < 13 {
+            continue;
+        }
+        // The first label of the question.
+        let first = usize::from(buf[12]);
+        let nx = buf.get(13..13 + first) == Some(b"nx".as_slice());
+        let mut reply = buf[..len].to_vec();
+        reply[2] = 0x81; // QR, RD
+        reply[3] = if nx { 0x83 } else { 0x80 }; // RA, rcode
+        sock.send_to(&reply, peer)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_is_a_well_formed_dns_message() {
+        let q = query(0x1234, "nx.example");
+        assert_eq!(&q[..12], &[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&q[12..], b"\x02nx\x07example\x00\x00\x01\x00\x01");
+    }
+
+    #[test]
+    fn the_server_answers_by_name_on_loopback() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = server.local_addr().unwrap();
+        drop(server);
+        std::thread::spawn(move || dns_server(at));
+        std::thread::sleep(Duration::from_millis(100));
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 512];
+        for (name, rcode) in [("a.example", 0), ("nx.example", 3)] {
+            sock.send_to(&query(7, name), at).unwrap();
+            let (len, _) = sock.recv_from(&mut buf).unwrap();
+            assert_eq!(len, query(7, name).len());
+            assert_eq!((buf[2] & 0x80, buf[3] & 0x0f), (0x80, rcode), "{name}");
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The kernel matrix: every kernel of DESIGN.md's table, booted under qemu with the
+//! release agent and `tests/vm/scenario.sh`, must hold every scenario exactly.
+#![allow(clippy::float_cmp)]
+
+use integration_tests::{
+    Scrape, require_root,
+    vm::{Console, Kernel},
+};
+
+const ATTACHED: &str = "eni_monitor_program_attached";
+const DROPS: &str = "eni_monitor_drops_total";
+const DNS_DROPS: &str = "eni_monitor_dns_drops_total";
+const TRACKED: &str = "eni_monitor_tracked_flows";
+const CREATED: &str = "eni_monitor_flows_created_total";
+const QUERIES: &str = "eni_monitor_dns_queries_total";
+const RESPONSES: &str = "eni_monitor_dns_responses_total";
+const UNANSWERED: &str = "eni_monitor_dns_unanswered_total";
+
+/// What a kernel has, as the scenario should find it.
+struct Expect {
+    kernel: Kernel,
+    /// The kernel's version string starts with this.
+    release: &'static str,
+    /// TCX (6.6+): classifiers attach without clsact and die with the agent.
+    tcx: bool,
+    /// The drop reason the kernel gives a datagram to a closed port.
+    no_socket: &'static str,
+}
+
+fn boot(expect: &Expect) -> Option<Console> {
+    let name = expect.kernel.name;
+    if !require_root(&format!("kernel {name}")) {
+        return None;
+    }
+    if !expect.kernel.available() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kernel {name} or qemu missing: `cargo xtask setup` fetches them"
+        );
+        eprintln!("skipping kernel {name}: not fetched (run `cargo xtask setup`)");
+        return None;
+    }
+    let nettool = env!("CARGO_BIN_EXE_nettool");
+    let console = expect.kernel.boot(std::path::Path::new(nettool));
+    eprintln!(
+        "kernel {name}: boot and scenario took {:?}",
+        console.elapsed
+    );
+    Some(console)
+}
+
+fn attached(s: &Scrape, program: &str, device: &str) -> Option<f64> {
+    s.matching(ATTACHED, &[("program", program), ("device", device)])
+        .map(|(_, v)| v)
+        .next()
+}
+
+/// The console of one boot, with the kernel's expectations.
+struct Run<'a> {
+    c: &'a Console,
+    expect: &'a Expect,
+}
+
+impl Run<'_> {
+    fn fail(&self, what: &str) -> String {
+        format!("kernel {}: {what}\n{}", self.c.kernel, self.c.text)
+    }
+
+    fn scrape(&self, block: &str) -> Scrape {
+        Scrape::parse(&self.c.block(block))
+    }
+
+    fn by_reason(&self) -> [(&'static str, &'static str); 2] {
+        [("device", "eth0"), ("reason", self.expect.no_socket)]
+    }
+
+    fn kernel(&self) {
+        let release = self.c.mark("KERNEL").unwrap_or_default();
+        assert!(
+            release.starts_with(self.expect.release),
+            "{}",
+            self.fail("not the kernel expected")
+        );
+        if self.expect.kernel.lockdown {
+            let lockdown = self.c.mark("LOCKDOWN").unwrap_or_default();
+            assert!(
+                lockdown.contains("[integrity]"),
+                "{}",
+                self.fail("lockdown")
+            );
+        }
+    }
+
+    /// Without `sch_ingress` and `cls_bpf` a kernel before TCX cannot take a classifier: the
+    /// agent says so in `program_attached` and `/readyz`. On TCX nothing is missing.
+    fn without_modules(&self) {
+        let s = self.scrape("no-modules");
+        for program in ["kfree_skb", "udp_fail_queue_rcv_skb"] {
+            assert_eq!(
+                attached(&s, program, ""),
+                Some(1.0),
+                "{}",
+                self.fail(program)
+            );
+        }
+        let tc = if self.expect.tcx { 1.0 } else { 0.0 };
+        for program in ["tc_ingress", "tc_egress"] {
+            assert_eq!(
+                attached(&s, program, "eth0"),
+                Some(tc),
+                "{}",
+                self.fail(program)
+            );
+        }
+        let expected = if self.expect.tcx {
+            "200\nready"
+        } else {
+            "503\nnot attached: tc/ingress on eth0, tc/egress on eth0"
+        };
+        assert_eq!(
+            self.c.block("no-modules-readyz"),
+            expected,
+            "{}",
+            self.fail("readyz")
+        );
+    }
+
+    /// With the modules every hook attaches, nothing prepared by hand, and the drops
+    /// through eth0 are exact: 5 plain and 3 DNS datagrams to closed ports.
+    fn drops(&self) {
+        let s = self.scrape("drops");
+        assert_eq!(
+            self.c.block("drops-readyz"),
+            "200\nready",
+            "{}",
+            self.fail("readyz")
+        );
+        for (program, device) in [
+            ("kfree_skb", ""),
+            ("udp_fail_queue_rcv_skb", ""),
+            ("tc_ingress", "eth0"),
+            ("tc_egress", "eth0"),
+        ] {
+            assert_eq!(
+                attached(&s, program, device),
+                Some(1.0),
+                "{}",
+                self.fail(program)
+            );
+        }
+        let by_reason = self.by_reason();
+        assert_eq!(
+            s.sum(DROPS, &[("device", "eth0")]),
+            8.0,
+            "{}",
+            self.fail("drops")
+        );
+        assert_eq!(
+            s.sum(DROPS, &by_reason),
+            8.0,
+            "{}",
+            self.fail("drop reason")
+        );
+        assert_eq!(
+            s.sum(DNS_DROPS, &by_reason),
+            3.0,
+            "{}",
+            self.fail("DNS drops")
+        );
+    }
+
+    /// Flows leaving through eth0: 20 UDP flows and 5 held TCP connections.
+    fn flows(&self) {
+        assert_eq!(
+            self.c.block("tcp-hold"),
+            "held 5",
+            "{}",
+            self.fail("tcp-hold")
+        );
+        let before = self.scrape("drops");
+        let s = self.scrape("flows");
+        let on_eth0 = |s: &Scrape, metric, protocol| {
+            s.sum(metric, &[("device", "eth0"), ("protocol", protocol)])
+        };
+        assert_eq!(
+            on_eth0(&s, TRACKED, "tcp"),
+            5.0,
+            "{}",
+            self.fail("tcp tracked")
+        );
+        assert_eq!(
+            on_eth0(&s, CREATED, "tcp"),
+            5.0,
+            "{}",
+            self.fail("tcp created")
+        );
+        assert_eq!(
+            on_eth0(&s, CREATED, "udp") - on_eth0(&before, CREATED, "udp"),
+            20.0,
+            "{}",
+            self.fail("udp created")
+        );
+        // With 600 s UDP timeouts nothing expires during the scenario: every flow created
+        // is still tracked.
+        assert_eq!(
+            on_eth0(&s, TRACKED, "udp"),
+            on_eth0(&s, CREATED, "udp"),
+            "{}",
+            self.fail("udp tracked")
+        );
+    }
+
+    /// DNS through eth0: 10 NOERROR and 3 NXDOMAIN, all answered.
+    fn dns(&self) {
+        assert_eq!(
+            self.c.block("dns-client"),
+            "answered 10\nanswered 3",
+            "{}",
+            self.fail("dns client")
+        );
+        let s = self.scrape("dns");
+        let server = [("device", "eth0"), ("resolver", "10.0.0.2")];
+        assert_eq!(s.sum(QUERIES, &server), 13.0, "{}", self.fail("queries"));
+        for (rcode, n) in [("NOERROR", 10.0), ("NXDOMAIN", 3.0)] {
+            let labels = [server[0], server[1], ("rcode", rcode)];
+            assert_eq!(s.sum(RESPONSES, &labels), n, "{}", self.fail(rcode));
+        }
+        let eth0 = [("device", "eth0")];
+        assert_eq!(s.sum(RESPONSES, &eth0), 13.0, "{}", self.fail("responses"));
+        assert_eq!(s.sum(UNANSWERED, &eth0), 0.0, "{}", self.fail("unanswered"));
+    }
+
+    /// SIGKILL: TCX links die with the agent; `cls_bpf` filters stay behind, and the
+    /// restarted agent replaces them: one classifier per hook, never two.
+    fn restart(&self) {
+        let count = |block: &str, kind: &str, program: &str| {
+            self.c
+                .block(block)
+                .lines()
+                .filter(|l| l.starts_with(kind) && l.ends_with(program))
+                .count()
+        };
+        let netlink = usize::from(!self.expect.tcx);
+        for (dir, program) in [("ingress", "tc_ingress"), ("egress", "tc_egress")] {
+            let filter = format!("filter {dir}");
+            for (block, kind, n) in [
+                ("classifiers-attached", filter.as_str(), netlink),
+                ("classifiers-attached", "loaded", 1),
+                ("classifiers-killed", filter.as_str(), netlink),
+                ("classifiers-restarted", filter.as_str(), netlink),
+                ("classifiers-restarted", "loaded", 1),
+            ] {
+                assert_eq!(
+                    count(block, kind, program),
+                    n,
+                    "{}",
+                    self.fail(&format!("{block}: {kind} {program}"))
+                );
+            }
+        }
+        let s = self.scrape("restarted");
+        assert_eq!(
+            self.c.block("restarted-readyz"),
+            "200\nready",
+            "{}",
+            self.fail("readyz")
+        );
+        assert_eq!(
+            s.sum(DROPS, &self.by_reason()),
+            4.0,
+            "{}",
+            self.fail("drops")
+        );
+        let log = self.c.block("agent-log");
+        assert!(!log.contains("panicked"), "{}", self.fail("panic"));
+        let replaced = if self.expect.tcx { 0 } else { 2 };
+        assert_eq!(
+            log.matches("a previous agent left on eth0").count(),
+            replaced,
+            "{}",
+            self.fail("stale filters replaced")
+        );
+        // A kernel without drop reasons is said once.
+        let unknown = usize::from(self.expect.no_socket == "unknown");
+        assert_eq!(
+            log.matches("passes no drop reason on this kernel").count(),
+            unknown,
+            "{}",
+            self.fail("no drop reason said once")
+        );
+        assert_eq!(
+            self.c.marks("AGENT-EXIT"),
+            ["0", "0"],
+            "{}",
+            self.fail("exit status")
+        );
+    }
+}
+
+fn check(expect: &Expect) {
+    let Some(c) = boot(expect) else { return };
+    let run = Run { c: &c, expect };
+    run.kernel();
+    run.without_modules();
+    run.drops();
+    run.flows();
+    run.dns();
+    run.restart();
+}
+
+#[test]
+fn linux_5_10_amazon_linux_2() {
+    check(&Expect {
+        kernel: Kernel {
+            name: "5.10",
+            lockdown: false,
+        },
+        release: "5.10.",
+        tcx: false,
+        no_socket: "unknown",
+    });
+}
+
+#[test]
+fn linux_6_1_al2023_bottlerocket_under_lockdown() {
+    check(&Expect {
+        kernel: Kernel {
+            name: "6.1",
+            lockdown: true,
+        },
+        release: "6.1.",
+        tcx: false,
+        no_socket: "NO_SOCKET",
+    });
+}
+
+#[test]
+fn linux_6_12_under_lockdown_on_tcx() {
+    check(&Expect {
+        kernel: Kernel {
+            name: "6.12",
+            lockdown: true,
+        },
+        release: "6.12.",
+        tcx: true,
+        no_socket: "NO_SOCKET",
+    });
+}
