@@ -230,6 +230,41 @@ impl Run<'_> {
         assert_eq!(s.sum(UNANSWERED, &eth0), 0.0, "{}", self.fail("unanswered"));
     }
 
+    /// A DNS socket that never reads: every datagram that did not fit its queue is one
+    /// receive-queue drop on the DNS port and one DNS drop on eth0.
+    fn overflow(&self) {
+        let queued: f64 = self
+            .c
+            .block("udp-full")
+            .strip_prefix("queued ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{}", self.fail("udp-full printed no count")));
+        let overflowed = 200.0 - queued;
+        assert!(overflowed >= 100.0, "{}", self.fail("too few overflowed"));
+        let before = self.scrape("dns");
+        let s = self.scrape("overflow");
+        let queue = |s: &Scrape, port| {
+            s.sum(
+                "eni_monitor_udp_receive_queue_drops_total",
+                &[("port", port)],
+            )
+        };
+        assert_eq!(queue(&s, "dns"), overflowed, "{}", self.fail("queue drops"));
+        assert_eq!(
+            queue(&s, "other"),
+            0.0,
+            "{}",
+            self.fail("other queue drops")
+        );
+        let eth0 = [("device", "eth0")];
+        assert_eq!(
+            s.sum(DNS_DROPS, &eth0) - before.sum(DNS_DROPS, &eth0),
+            overflowed,
+            "{}",
+            self.fail("DNS drops on eth0")
+        );
+    }
+
     /// SIGKILL: TCX links die with the agent; `cls_bpf` filters stay behind, and the
     /// restarted agent replaces them: one classifier per hook, never two.
     fn restart(&self) {
@@ -305,6 +340,7 @@ fn check(expect: &Expect) {
     run.drops();
     run.flows();
     run.dns();
+    run.overflow();
     run.restart();
 }
 

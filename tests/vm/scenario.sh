@@ -146,8 +146,21 @@ mark END dns-client
 wait_for '^eni_monitor_dns_responses_total{.*rcode="NXDOMAIN"} 3'
 dump dns
 
-phase "phase-5"
-# Phase 5: SIGKILL, then a restarted agent: exactly one classifier per hook.
+# Phase 5: a DNS socket on the node that never reads: what does not fit its receive
+# queue is a UDP receive-queue drop, and a DNS drop on eth0.
+nettool udp-full 10.0.0.1:53 4 >/tmp/full.out &
+FULL=$!
+sleep 1
+ip netns exec vpc nettool udp-send 10.0.0.1:53 200
+wait $FULL
+mark BEGIN udp-full
+cat /tmp/full.out
+mark END udp-full
+sleep 1
+dump overflow
+
+phase "phase-6"
+# Phase 6: SIGKILL, then a restarted agent: exactly one classifier per hook.
 kill -KILL $AGENT
 wait $AGENT 2>/dev/null
 classifiers classifiers-killed

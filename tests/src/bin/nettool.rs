@@ -10,6 +10,8 @@
 //! nettool udp-sink ADDR               read and discard
 //! nettool tcp-server ADDR             accept and hold every connection
 //! nettool tcp-hold ADDR N             open N connections, print "held N", hold until killed
+//! nettool udp-full ADDR SECONDS       bind with the smallest receive buffer, read nothing
+//!                                     for SECONDS, then print "queued N" (what fitted)
 //! nettool http-get ADDR PATH          print the status code, then the body
 //! ```
 
@@ -87,6 +89,33 @@ fn run(args: &[&str]) -> Result<(), String> {
             loop {
                 std::thread::sleep(Duration::from_hours(1));
             }
+        }
+        ["udp-full", a, seconds] => {
+            let sock = UdpSocket::bind(addr(a)?).map_err(io)?;
+            // SAFETY: a valid socket and an int option value; the kernel clamps it to its
+            // minimum.
+            let rc = unsafe {
+                let bytes: libc::c_int = 1;
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&raw const bytes).cast(),
+                    4,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            std::thread::sleep(Duration::from_secs(count(seconds)? as u64));
+            sock.set_nonblocking(true).map_err(io)?;
+            let mut buf = [0u8; 2048];
+            let mut queued = 0;
+            while sock.recv_from(&mut buf).is_ok() {
+                queued += 1;
+            }
+            println!("queued {queued}");
+            Ok(())
         }
         ["http-get", a, path] => {
             let (code, body) = http_get(addr(a)?, path).map_err(io)?;
