@@ -317,27 +317,43 @@ impl Agent {
     /// Unless `args` name one, IMDS is a closed port on the namespace's loopback, so
     /// that no test ever sends a packet toward a real metadata service.
     pub fn start(ns: &Netns, args: &[&str]) -> Self {
-        let imds: &[&str] = if args.contains(&"--imds-endpoint") {
-            &[]
-        } else {
-            &["--imds-endpoint", "http://127.0.0.1:1"]
-        };
-        let listen: SocketAddr = "127.0.0.1:9435".parse().unwrap();
-        let log = std::env::temp_dir().join(format!("{}.log", ns.name));
-        let out = File::create(&log).unwrap();
         // `ip netns exec` mounts a fresh sysfs, as a container has: no tracefs, no
         // debugfs. It execs the agent, so the child's pid is the agent's.
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &ns.name])
             .arg(monitor_bin())
-            .args(["--listen", &listen.to_string()])
-            .args(imds)
-            .args(args)
+            .args(Self::default_args(args))
+            .args(args);
+        Self::start_command(ns, command)
+    }
+
+    /// The listen address, and a closed IMDS port unless `args` name an endpoint.
+    pub fn default_args(args: &[&str]) -> Vec<String> {
+        let mut out = vec!["--listen".to_owned(), Self::LISTEN.to_owned()];
+        if !args.contains(&"--imds-endpoint") {
+            out.extend([
+                "--imds-endpoint".to_owned(),
+                "http://127.0.0.1:1".to_owned(),
+            ]);
+        }
+        out
+    }
+
+    const LISTEN: &str = "127.0.0.1:9435";
+
+    /// Starts an agent with `command`, which must exec it in `ns` listening on
+    /// [`Agent::default_args`]'s address, and waits for `/healthz`.
+    pub fn start_command(ns: &Netns, mut command: Command) -> Self {
+        let listen: SocketAddr = Self::LISTEN.parse().unwrap();
+        let log = std::env::temp_dir().join(format!("{}.log", ns.name));
+        let out = File::create(&log).unwrap();
+        let child = command
             .env("RUST_LOG", "info")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", monitor_bin().display()));
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
         let mut agent = Self {
             child: Some(child),
             ns_name: ns.name.clone(),

