@@ -22,8 +22,20 @@ pub struct DropKey {
     pub pad: u32,
 }
 
-/// Maximum number of distinct (device, reason, dns) keys kept by the kernel side.
-pub const DROPS_MAX_ENTRIES: u32 = 4096;
+/// Maximum number of distinct (device, reason, dns) keys kept by the kernel side. The
+/// map is preallocated (a tracing program's maps must be on 5.10): kept small.
+pub const DROPS_MAX_ENTRIES: u32 = 1024;
+
+/// `BPF_F_NO_PREALLOC`: a hash map that allocates an entry when it is first written, so
+/// its memory follows what is used, not its maximum.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Maps whose refused inserts are counted in `MAP_FULL`, by index; the label names them.
+pub const MAP_FULL_DNS_INFLIGHT: u32 = 0;
+pub const MAP_FULL_DNS_COUNTS: u32 = 1;
+pub const MAP_FULL_DNS_LATENCY: u32 = 2;
+pub const MAP_FULL_DROPS: u32 = 3;
+pub const MAP_FULL_MAPS: [&str; 4] = ["dns_inflight", "dns_counts", "dns_latency", "drops"];
 /// Maximum number of monitored devices; `MONITORED` maps an ifindex to a slot below it.
 pub const MAX_DEVICES: u32 = 64;
 

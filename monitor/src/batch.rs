@@ -1,5 +1,6 @@
-//! Batch map operations (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`), which aya 0.14
-//! lacks: a table of 100k flows is read in a few dozen syscalls, not 200k.
+//! Raw map operations: `BPF_MAP_LOOKUP_BATCH`, which aya 0.14 lacks, and single lookups
+//! and deletes on a bare map fd. In batches a table of 100k flows is read in a few dozen
+//! syscalls, not 200k.
 
 use std::{
     io,
@@ -7,8 +8,74 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `elem` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf_elem(cmd: libc::c_long, attr: &mut ElemAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid elem attribute whose pointers the caller keeps alive.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<ElemAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The value of `key`, `None` when absent.
+///
+/// # Safety
+/// `K` and `V` must be the map's key and value types, plain data valid for any bytes.
+pub unsafe fn lookup_one<K: Copy, V: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = MaybeUninit::<V>::uninit();
+    let mut attr = ElemAttr {
+        map_fd: map_fd(fd),
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        ..ElemAttr::default()
+    };
+    match bpf_elem(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        // SAFETY: the kernel wrote the value.
+        Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes `key`; `false` when it was already gone.
+///
+/// # Safety
+/// `K` must be the map's key type.
+pub unsafe fn delete_one<K: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
+    let mut attr = ElemAttr {
+        map_fd: map_fd(fd),
+        key: std::ptr::from_ref(key) as u64,
+        ..ElemAttr::default()
+    };
+    match bpf_elem(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
@@ -99,33 +166,4 @@ pub unsafe fn lookup_all<K: Copy, V: Copy>(
         token_in = token_out;
         first = false;
     }
-}
-
-/// Deletes `keys`; returns how many were deleted. Keys already gone are skipped.
-///
-/// # Safety
-/// `K` must be the map's key type.
-pub unsafe fn delete_all<K: Copy>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
-    let mut deleted = 0;
-    let mut rest = keys;
-    while !rest.is_empty() {
-        let mut attr = BatchAttr {
-            keys: rest.as_ptr() as u64,
-            count: u32::try_from(rest.len()).unwrap_or(u32::MAX),
-            map_fd: map_fd(fd),
-            ..BatchAttr::default()
-        };
-        let result = bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr);
-        let n = (attr.count as usize).min(rest.len());
-        deleted += n;
-        match result {
-            Ok(()) => return Ok(deleted),
-            // The key at `n` vanished meanwhile: step over it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                rest = &rest[(n + 1).min(rest.len())..];
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(deleted)
 }

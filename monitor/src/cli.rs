@@ -1,9 +1,9 @@
 //! The command line (a contract: tests and tooling use it). Every flag also reads an
 //! environment variable; a bad value is one line naming the flag.
 
-use std::{net::IpAddr, net::SocketAddr, time::Duration};
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,6 +61,19 @@ pub struct Cli {
     /// Flows the per-ENI flow table holds.
     #[arg(long, value_name = "N", env = "MONITOR_FLOW_TABLE_SIZE", default_value = "262144", value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_table_size: u32,
+
+    /// Where the maps that survive a restart are pinned, on a BPF filesystem.
+    #[arg(long, value_name = "DIR", env = "MONITOR_STATE_DIR", default_value = crate::state::DEFAULT_DIR, global = true)]
+    pub state_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Remove the pinned maps (after uninstalling: frees their kernel memory).
+    Cleanup,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -121,8 +134,17 @@ mod tests {
     }
 
     #[test]
+    fn cleanup_is_a_subcommand_that_takes_the_state_dir() {
+        let cli = parse(&["cleanup", "--state-dir", "/run/x"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Cleanup)));
+        assert_eq!(cli.state_dir, PathBuf::from("/run/x"));
+        assert!(parse(&[]).unwrap().command.is_none());
+    }
+
+    #[test]
     fn defaults_match_the_design() {
         let cli = parse(&[]).unwrap();
+        assert_eq!(cli.state_dir, PathBuf::from("/sys/fs/bpf/eni-monitor"));
         assert_eq!(cli.listen, "0.0.0.0:9435".parse().unwrap());
         assert_eq!(cli.imds_endpoint, "http://169.254.169.254");
         assert_eq!(cli.dns_timeout, Duration::from_secs(2));

@@ -18,8 +18,23 @@ pub struct Device {
     pub ifindex: u32,
     /// The ENI id, empty until known.
     pub eni: String,
+    /// The hardware address, empty when it cannot be read.
+    pub mac: String,
     /// Index into the kernel's per-device arrays, below `MAX_DEVICES`.
     pub slot: u32,
+}
+
+impl Device {
+    /// A device newly monitored in `slot`, its MAC read now.
+    pub fn new(name: &str, ifindex: u32, slot: u32) -> Self {
+        Self {
+            name: name.to_owned(),
+            ifindex,
+            eni: String::new(),
+            mac: mac_address(name).unwrap_or_default(),
+            slot,
+        }
+    }
 }
 
 /// The monitored devices by interface index, shared by the collectors.

@@ -13,6 +13,7 @@ mod kernel;
 mod probe_tests;
 mod programs;
 mod slots;
+mod state;
 mod watch;
 
 use std::{
@@ -66,6 +67,17 @@ const LINKLOCAL_SERVICES: [(&str, u32); 6] = [
 fn main() {
     let cli = Cli::parse_or_exit();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Some(cli::Command::Cleanup) = cli.command {
+        match state::cleanup(&cli.state_dir) {
+            Ok(Some(dir)) => info!("removed {}", dir.display()),
+            Ok(None) => info!("nothing to remove at {}", cli.state_dir.display()),
+            Err(e) => {
+                error!("{e:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -120,7 +132,7 @@ async fn run(cli: Cli) -> Result<()> {
             FLOW_CLASSES,
         ),
     };
-    let unanswered = Unanswered::default();
+    let unanswered = Unanswered::new(programs::take_map(&mut ebpf, "DNS_UNANSWERED")?.try_into()?);
     let flow_counts = FlowCounts::default();
     let shared = Shared {
         devices: devices.clone(),
@@ -131,7 +143,7 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let registry = registry(&mut ebpf, &facts, &shared, &slots, cli.conntrack_allowance)?;
 
-    let mut tasks = housekeeping(&mut ebpf, &cli, unanswered, flow_counts, &devices)?;
+    let (sweeper, expiry) = housekeeping(&mut ebpf, &cli, unanswered, flow_counts, &devices)?;
 
     let mut watcher = Watcher {
         ebpf,
@@ -142,11 +154,14 @@ async fn run(cli: Cli) -> Result<()> {
         links: HashMap::new(),
         classifiers_loaded,
     };
+    // Devices a previous agent monitored keep their slots, and so their counts.
+    watcher.adopt_pinned()?;
     watcher.reconcile()?;
     if devices.snapshot().is_empty() {
         warn!("no devices to monitor yet; drops are counted as device=\"other\"");
     }
-    tasks.push(tokio::spawn(watch::run(watcher)));
+    let mut tasks = vec![tokio::spawn(watch::run(watcher))];
+    start_housekeeping(sweeper, expiry)?;
 
     let imds = Imds::new(&cli.imds_endpoint, Duration::from_secs(1))?;
     tasks.push(tokio::spawn(imds::label_enis(
@@ -210,28 +225,26 @@ fn linklocal_services(
 /// Reads the kernel's layout and loads the programs with it.
 fn load(cli: &Cli) -> Result<(KernelFacts, aya::Ebpf)> {
     let facts = KernelFacts::read(Path::new(kernel::BTF_PATH))?;
-    let ebpf = programs::load(&facts, cli.flow_table_size)?;
+    let pins = state::prepare(&cli.state_dir, cli.flow_table_size)?;
+    let ebpf = programs::load(&facts, cli.flow_table_size, pins.as_deref())?;
     Ok((facts, ebpf))
 }
 
-/// The periodic work: timing out DNS queries and expiring flows.
+/// The periodic work, its maps taken from the object: timing out DNS queries and
+/// expiring flows.
 fn housekeeping(
     ebpf: &mut aya::Ebpf,
     cli: &Cli,
     unanswered: Unanswered,
     flow_counts: FlowCounts,
     devices: &Devices,
-) -> Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = Vec::new();
-    let mut sweeper = Sweeper {
-        inflight: programs::take_map(ebpf, "DNS_INFLIGHT")?.try_into()?,
+) -> Result<(Sweeper, Expiry)> {
+    let sweeper = Sweeper {
+        inflight: programs::take_hash_map(ebpf, "DNS_INFLIGHT")?,
         timeout: cli.dns_timeout,
         unanswered,
     };
-    tasks.push(every(sweeper.period(), move || {
-        sweeper.sweep(monotonic_ns());
-    }));
-    let mut expiry = Expiry {
+    let expiry = Expiry {
         flows: programs::take_hash_map(ebpf, "FLOWS")?,
         timeouts: Timeouts {
             tcp_established: cli.tcp_established_timeout,
@@ -241,34 +254,46 @@ fn housekeeping(
         counts: flow_counts,
         devices: devices.clone(),
     };
-    // A pass over a million flows takes a few hundred milliseconds: on its own thread,
-    // so that scrapes never wait behind it.
+    Ok((sweeper, expiry))
+}
+
+fn now_s() -> u32 {
+    u32::try_from(monotonic_ns() / 1_000_000_000).unwrap_or(u32::MAX)
+}
+
+/// Starts the periodic work, each on a thread of its own so that scrapes never wait
+/// behind it (a pass over a million flows takes a few hundred milliseconds). A first
+/// pass runs now, once the devices are known: the flows a previous agent left are
+/// counted from the first scrape.
+fn start_housekeeping(mut sweeper: Sweeper, mut expiry: Expiry) -> Result<()> {
+    if let Err(e) = expiry.pass(now_s()) {
+        warn!("expiring flows: {e}");
+    }
+    let period = sweeper.period();
+    std::thread::Builder::new()
+        .name("dns-sweep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(period);
+                if let Err(e) = sweeper.sweep(monotonic_ns()) {
+                    warn!("timing out DNS queries: {e}");
+                }
+            }
+        })
+        .context("starting the DNS timeout thread")?;
     let period = expiry.period();
     std::thread::Builder::new()
         .name("flow-expiry".into())
         .spawn(move || {
             loop {
                 std::thread::sleep(period);
-                let now = u32::try_from(monotonic_ns() / 1_000_000_000).unwrap_or(u32::MAX);
-                if let Err(e) = expiry.pass(now) {
+                if let Err(e) = expiry.pass(now_s()) {
                     warn!("expiring flows: {e}");
                 }
             }
         })
         .context("starting the flow expiry thread")?;
-    Ok(tasks)
-}
-
-/// Runs `f` every `period` on the runtime.
-fn every(period: Duration, mut f: impl FnMut() + Send + 'static) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            f();
-        }
-    })
+    Ok(())
 }
 
 /// State the collectors share with the agent's tasks.
@@ -291,6 +316,8 @@ fn registry(
     let mut registry = Registry::with_prefix("eni_monitor");
     registry.register_collector(Box::new(AgentCollector {
         attachments: shared.attachments.clone(),
+        devices: shared.devices.clone(),
+        map_full: programs::take_map(ebpf, "MAP_FULL")?.try_into()?,
     }));
     registry.register_collector(Box::new(DropsCollector {
         map: programs::take_map(ebpf, "DROPS")?.try_into()?,
@@ -305,14 +332,16 @@ fn registry(
         latency: programs::take_map(ebpf, "DNS_LATENCY")?.try_into()?,
         unanswered: shared.unanswered.clone(),
         devices: shared.devices.clone(),
-        resolvers: Mutex::new(ResolverLabels::new(shared.linklocal.clone())),
+        resolvers: Mutex::new(ResolverLabels::new(
+            shared.linklocal.clone(),
+            Some(programs::take_map(ebpf, "DNS_RESOLVERS")?.try_into()?),
+        )),
     }));
     registry.register_collector(Box::new(ConntrackCollector::new()));
     registry.register_collector(Box::new(EnaCollector {
         devices: shared.devices.clone(),
         flows: shared.flow_counts.clone(),
         allowance,
-        monotonic: Mutex::default(),
     }));
     registry.register_collector(Box::new(FlowsCollector {
         created: slots.flows_created.clone(),

@@ -19,12 +19,13 @@ use crate::{devices::Device, kernel::KernelFacts, programs};
 /// happen) monitored in slot 0.
 fn loaded() -> Ebpf {
     let facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH)).unwrap();
-    let mut ebpf = programs::load(&facts, 1024).unwrap();
+    let mut ebpf = programs::load(&facts, 1024, None).unwrap();
     programs::load_classifiers(&mut ebpf).unwrap();
     let lo = Device {
         name: "lo".into(),
         ifindex: 1,
         eni: String::new(),
+        mac: String::new(),
         slot: 0,
     };
     programs::set_monitored(&mut ebpf, &[lo]).unwrap();

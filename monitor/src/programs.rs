@@ -1,6 +1,6 @@
 //! Loading the eBPF object with the kernel's layout, and attaching its programs.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
@@ -22,14 +22,24 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-pub fn load(facts: &KernelFacts, flow_table_size: u32) -> Result<Ebpf> {
+/// Loads the object with the kernel's layout. With `pins`, the maps that carry state
+/// are reused from there when pinned, else created and pinned there.
+pub fn load(facts: &KernelFacts, flow_table_size: u32, pins: Option<&Path>) -> Result<Ebpf> {
     let globals = facts.globals();
     let mut loader = EbpfLoader::new();
     loader.map_max_entries("FLOWS", flow_table_size);
     for (name, value) in &globals {
         loader.override_global(name, value, true);
     }
-    loader.load(OBJECT).context("loading the eBPF object")
+    if let Some(dir) = pins {
+        for name in crate::state::PINNED {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    loader.load(OBJECT).with_context(|| match pins {
+        Some(dir) => format!("loading the eBPF object with its maps in {}", dir.display()),
+        None => "loading the eBPF object".to_owned(),
+    })
 }
 
 /// An address as the programs key it: IPv6 as is, IPv4 mapped.
@@ -232,6 +242,12 @@ pub fn take_hash_map(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
         Map::HashMap(data) => Ok(data),
         _ => Err(anyhow!("map {name} is not a hash map")),
     }
+}
+
+/// The kernel's `MONITORED` map as (ifindex, slot).
+pub fn monitored(ebpf: &mut Ebpf) -> Result<Vec<(u32, u32)>> {
+    let map: HashMap<&mut MapData, u32, u32> = map_mut(ebpf, "MONITORED")?.try_into()?;
+    Ok(map.iter().filter_map(Result::ok).collect())
 }
 
 /// Makes the kernel's `MONITORED` set equal to `devices`.

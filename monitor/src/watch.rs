@@ -46,7 +46,8 @@ pub struct Watcher {
     pub classifiers_loaded: bool,
 }
 
-/// Keeps the devices still present (and their slots), adds new ones in free slots.
+/// Keeps the devices still present (and their slots: a device renamed in place is the
+/// same device), adds new ones in free slots.
 fn plan(current: &BTreeMap<u32, Device>, wanted: &[(String, u32)]) -> Vec<Device> {
     let mut used: Vec<u32> = wanted
         .iter()
@@ -54,8 +55,11 @@ fn plan(current: &BTreeMap<u32, Device>, wanted: &[(String, u32)]) -> Vec<Device
         .collect();
     let mut out = Vec::new();
     for (name, ifindex) in wanted {
-        if let Some(d) = current.get(ifindex).filter(|d| &d.name == name) {
-            out.push(d.clone());
+        if let Some(d) = current.get(ifindex) {
+            out.push(Device {
+                name: name.clone(),
+                ..d.clone()
+            });
             continue;
         }
         let Some(slot) = (0..MAX_DEVICES).find(|s| !used.contains(s)) else {
@@ -63,17 +67,33 @@ fn plan(current: &BTreeMap<u32, Device>, wanted: &[(String, u32)]) -> Vec<Device
             continue;
         };
         used.push(slot);
-        out.push(Device {
-            name: name.clone(),
-            ifindex: *ifindex,
-            eni: String::new(),
-            slot,
-        });
+        out.push(Device::new(name, *ifindex, slot));
     }
     out
 }
 
 impl Watcher {
+    /// Takes over the devices a previous agent left in the pinned `MONITORED` map that
+    /// are still here and still wanted: they keep their slots, so their per-slot counts
+    /// go on rather than start over. Their classifiers are attached by the reconcile.
+    pub fn adopt_pinned(&mut self) -> Result<()> {
+        let interfaces = devices::interfaces()?;
+        let wanted = devices::select(&interfaces, &self.globs, devices::is_physical);
+        let pinned = programs::monitored(&mut self.ebpf)?;
+        let mut adopted: Vec<Device> = Vec::new();
+        for (ifindex, slot) in pinned {
+            let Some((name, _)) = wanted.iter().find(|(_, i)| *i == ifindex) else {
+                continue;
+            };
+            if slot < MAX_DEVICES && !adopted.iter().any(|d| d.slot == slot) {
+                info!("{name} keeps slot {slot} from the previous agent");
+                adopted.push(Device::new(name, ifindex, slot));
+            }
+        }
+        self.devices.replace(adopted);
+        Ok(())
+    }
+
     /// Makes the monitored set equal to the matching interfaces of this namespace.
     pub fn reconcile(&mut self) -> Result<()> {
         let interfaces = devices::interfaces()?;
@@ -82,8 +102,19 @@ impl Watcher {
         let next = plan(&current, &wanted);
 
         for (ifindex, old) in &current {
-            if !next.iter().any(|d| d.ifindex == *ifindex) {
-                info!("{} is gone; no longer monitored", old.name);
+            let gone = match next.iter().find(|d| d.ifindex == *ifindex) {
+                None => {
+                    info!("{} is gone; no longer monitored", old.name);
+                    true
+                }
+                Some(d) if d.name != old.name => {
+                    // Same device, same slot; its hooks are recorded under the new name.
+                    info!("{} is now {}", old.name, d.name);
+                    true
+                }
+                Some(_) => false,
+            };
+            if gone {
                 if let Some(links) = self.links.remove(ifindex) {
                     programs::detach_classifiers(&mut self.ebpf, links);
                 }
@@ -101,8 +132,11 @@ impl Watcher {
                 .with_context(|| format!("preparing slot {} for {}", d.slot, d.name))?;
         }
         programs::set_monitored(&mut self.ebpf, &next)?;
-        self.devices.replace(next);
-        for d in &added {
+        self.devices.replace(next.clone());
+        for d in &next {
+            if self.links.contains_key(&d.ifindex) {
+                continue;
+            }
             info!("monitoring {}", d.name);
             let links = programs::attach_classifiers(
                 &mut self.ebpf,
@@ -206,6 +240,7 @@ mod tests {
             name: name.into(),
             ifindex,
             eni: format!("eni-{ifindex}"),
+            mac: String::new(),
             slot,
         }
     }
@@ -232,5 +267,20 @@ mod tests {
             view,
             [("eth0", 0, "eni-2"), ("eth2", 2, "eni-4"), ("eth3", 1, "")]
         );
+    }
+
+    #[test]
+    fn a_device_renamed_in_place_keeps_its_slot_under_its_new_name() {
+        let current: BTreeMap<u32, Device> = [dev("eth0", 2, 0), dev("eth1", 3, 1)]
+            .into_iter()
+            .map(|d| (d.ifindex, d))
+            .collect();
+        let wanted = vec![("eth0".to_owned(), 2), ("ens6".to_owned(), 3)];
+        let next = plan(&current, &wanted);
+        let view: Vec<_> = next
+            .iter()
+            .map(|d| (d.name.as_str(), d.ifindex, d.slot, d.eni.as_str()))
+            .collect();
+        assert_eq!(view, [("eth0", 2, 0, "eni-2"), ("ens6", 3, 1, "eni-3")]);
     }
 }

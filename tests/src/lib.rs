@@ -304,19 +304,59 @@ pub fn monitor_bin() -> PathBuf {
     )
 }
 
+/// A BPF filesystem of the test's own, mounted outside /sys (which `ip netns exec`
+/// replaces), where agents pin their state: what a node's /sys/fs/bpf is to the
+/// `DaemonSet`. Unmounted on drop, which frees the pinned maps.
+pub struct BpfState {
+    mount: PathBuf,
+}
+
+impl BpfState {
+    pub fn new(name: &str) -> Self {
+        let mount = PathBuf::from(format!("/run/em-bpf-{name}"));
+        std::fs::create_dir_all(&mount).unwrap();
+        sh(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount));
+        Self { mount }
+    }
+
+    /// The agent's `--state-dir`.
+    pub fn dir(&self) -> PathBuf {
+        self.mount.join("eni-monitor")
+    }
+}
+
+impl Drop for BpfState {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
 /// The agent running inside a namespace; stopped with SIGTERM on drop.
 pub struct Agent {
     child: Option<Child>,
     ns_name: String,
     pub log: PathBuf,
     pub listen: SocketAddr,
+    /// The state the agent pins, when it owns it.
+    _state: Option<BpfState>,
 }
 
 impl Agent {
     /// Starts `monitor` in `ns` listening on its loopback, and waits for `/healthz`.
     /// Unless `args` name one, IMDS is a closed port on the namespace's loopback, so
     /// that no test ever sends a packet toward a real metadata service.
+    /// Its pinned state is its own, gone with it.
     pub fn start(ns: &Netns, args: &[&str]) -> Self {
+        let state = BpfState::new(&ns.name);
+        let mut agent = Self::start_with_state(ns, args, &state);
+        agent._state = Some(state);
+        agent
+    }
+
+    /// Starts `monitor` as [`Agent::start`] does, pinning its state in `state`, which
+    /// may outlive it for the next agent to continue from.
+    pub fn start_with_state(ns: &Netns, args: &[&str], state: &BpfState) -> Self {
         // `ip netns exec` mounts a fresh sysfs, as a container has: no tracefs, no
         // debugfs. It execs the agent, so the child's pid is the agent's.
         let mut command = Command::new("ip");
@@ -324,6 +364,8 @@ impl Agent {
             .args(["netns", "exec", &ns.name])
             .arg(monitor_bin())
             .args(Self::default_args(args))
+            .arg("--state-dir")
+            .arg(state.dir())
             .args(args);
         Self::start_command(ns, command)
     }
@@ -359,6 +401,7 @@ impl Agent {
             ns_name: ns.name.clone(),
             log,
             listen,
+            _state: None,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -421,6 +464,34 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// SIGKILL, as the OOM killer or a node under pressure ends an agent: nothing of
+    /// it runs after.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("agent already stopped");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The programs attached to `device`'s TCX hook (`BPF_TCX_INGRESS` or
+    /// `BPF_TCX_EGRESS`) in `ns`, by `BPF_PROG_QUERY`.
+    pub fn tcx_programs(ns: &Netns, device: &str, attach_type: u32) -> u32 {
+        let device = std::ffi::CString::new(device).unwrap();
+        ns.run(move || {
+            // SAFETY: a NUL-terminated interface name.
+            let ifindex = unsafe { libc::if_nametoindex(device.as_ptr()) };
+            assert_ne!(ifindex, 0, "no such device");
+            // query: { u32 target; u32 attach_type; u32 query_flags; u32 attach_flags;
+            // u64 prog_ids; u32 count; ... }; a null prog_ids asks for the count only.
+            let mut attr = [0u8; 64];
+            attr[0..4].copy_from_slice(&ifindex.to_ne_bytes());
+            attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+            // SAFETY: a zero-padded query attribute of the size passed.
+            let rc = unsafe { libc::syscall(libc::SYS_bpf, 16, attr.as_mut_ptr(), attr.len()) };
+            assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+            u32::from_ne_bytes(attr[24..28].try_into().unwrap())
+        })
     }
 
     /// Sends SIGTERM and waits for the exit status.

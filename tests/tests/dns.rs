@@ -22,10 +22,9 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn on(device: &str, resolver: &str) -> [(&'static str, String); 3] {
+fn on(device: &str, resolver: &str) -> [(&'static str, String); 2] {
     [
         ("device", device.to_owned()),
-        ("eni", String::new()),
         ("resolver", resolver.to_owned()),
     ]
 }
@@ -150,11 +149,7 @@ fn responses_dropped_by_netfilter_on_the_node_are_kernel_drops() {
         dns::queries(&sim.node, server, OK_NAME, 4, Duration::from_millis(200)),
         0
     );
-    let dropped = [
-        ("device", "eth0"),
-        ("eni", ""),
-        ("reason", "NETFILTER_DROP"),
-    ];
+    let dropped = [("device", "eth0"), ("reason", "NETFILTER_DROP")];
     let l = on("eth0", &eth0.vpc_v4);
     agent.scrape_until(&sim.node, "4 drops", |s| {
         s.get("eni_monitor_dns_drops_total", &dropped) >= Some(4.0)
@@ -204,7 +199,7 @@ fn a_burst_to_the_link_local_resolver_shows_its_peak() {
     let answered = dns::burst(&sim.node, server, OK_NAME, 300);
     assert!(answered > 0);
 
-    let ll = [("device", "eth0"), ("eni", ""), ("service", "dns")];
+    let ll = [("device", "eth0"), ("service", "dns")];
     let s = agent.scrape_until(&sim.node, "300 link-local packets", |s| {
         s.get("eni_monitor_linklocal_packets_total", &ll) >= Some(300.0)
     });
@@ -217,20 +212,20 @@ fn a_burst_to_the_link_local_resolver_shows_its_peak() {
     assert_eq!(
         s.get(
             "eni_monitor_linklocal_packets_total",
-            &[("device", "eth0"), ("eni", ""), ("service", "imds")]
+            &[("device", "eth0"), ("service", "imds")]
         ),
         Some(0.0)
     );
     assert_eq!(
         s.get(
             "eni_monitor_linklocal_peak_packets_per_second",
-            &[("device", "eth0"), ("eni", "")]
+            &[("device", "eth0")]
         ),
         Some(300.0),
         "{}",
         s.text
     );
-    let l = on("eth0", "linklocal");
+    let l = on("eth0", "169.254.169.253");
     assert_eq!(s.get(QUERIES, &labels(&l)), Some(300.0), "{}", s.text);
     let mut noerror = labels(&l);
     noerror.push(("rcode", "NOERROR"));
@@ -238,11 +233,7 @@ fn a_burst_to_the_link_local_resolver_shows_its_peak() {
     // by the kernel at its full socket, and the agent accounts for both.
     let at_socket = s.get(
         "eni_monitor_dns_drops_total",
-        &[
-            ("device", "eth0"),
-            ("eni", ""),
-            ("reason", "SOCKET_RCVBUFF"),
-        ],
+        &[("device", "eth0"), ("reason", "SOCKET_RCVBUFF")],
     );
     assert_eq!(
         s.get(RESPONSES, &noerror),
@@ -274,7 +265,7 @@ fn a_vpc_plus_two_resolver_given_on_the_command_line_is_linklocal() {
         ),
         7
     );
-    let ll = [("device", "eth0"), ("eni", ""), ("service", "dns")];
+    let ll = [("device", "eth0"), ("service", "dns")];
     let s = agent.scrape_until(&sim.node, "7 link-local packets", |s| {
         s.get("eni_monitor_linklocal_packets_total", &ll) >= Some(7.0)
     });
@@ -284,9 +275,14 @@ fn a_vpc_plus_two_resolver_given_on_the_command_line_is_linklocal() {
         "{}",
         s.text
     );
+    let vpc2 = on("eth0", &eth0.vpc_v4);
+    assert_eq!(s.get(QUERIES, &labels(&vpc2)), Some(7.0), "{}", s.text);
     assert_eq!(
-        s.get(QUERIES, &labels(&on("eth0", "linklocal"))),
-        Some(7.0),
+        s.get(
+            "eni_monitor_dns_resolver_info",
+            &[("resolver", eth0.vpc_v4.as_str()), ("kind", "amazon")]
+        ),
+        Some(1.0),
         "{}",
         s.text
     );
@@ -338,11 +334,7 @@ fn a_dns_socket_that_never_reads_overflows_and_is_counted() {
     assert_eq!(
         s.get(
             "eni_monitor_dns_drops_total",
-            &[
-                ("device", "eth0"),
-                ("eni", ""),
-                ("reason", "SOCKET_RCVBUFF")
-            ]
+            &[("device", "eth0"), ("reason", "SOCKET_RCVBUFF")]
         ),
         Some(overflowed as f64),
         "{}",

@@ -12,8 +12,8 @@ use integration_tests::{
 const TRACKED: &str = "eni_monitor_tracked_flows";
 const CREATED: &str = "eni_monitor_flows_created_total";
 
-fn on<'a>(device: &'a str, protocol: &'a str) -> [(&'a str, &'a str); 3] {
-    [("device", device), ("eni", ""), ("protocol", protocol)]
+fn on<'a>(device: &'a str, protocol: &'a str) -> [(&'a str, &'a str); 2] {
+    [("device", device), ("protocol", protocol)]
 }
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
@@ -53,15 +53,12 @@ fn udp_flows_and_tcp_connections_are_tracked_then_expire() {
     assert_eq!(s.get(CREATED, &on("eth0", "udp")), Some(20.0), "{}", s.text);
     assert_eq!(s.get(CREATED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
     assert_eq!(s.get(TRACKED, &on("eth0", "icmp")), Some(0.0), "{}", s.text);
-    assert_eq!(
-        s.get("eni_monitor_flow_table_evictions_total", &[]),
-        Some(0.0)
-    );
+    assert_eq!(s.get("eni_monitor_flow_table_full_total", &[]), Some(0.0));
     // 25 tracked of the 100 the flag allows; a veth has no ENA allowance statistics.
     assert_eq!(
         s.get(
             "eni_monitor_conntrack_allowance_utilization_ratio",
-            &[("device", "eth0"), ("eni", "")]
+            &[("device", "eth0")]
         ),
         Some(0.25)
     );
@@ -129,7 +126,7 @@ fn a_full_flow_table_counts_evictions_and_keeps_working() {
     assert_eq!(s.get(CREATED, &on("eth0", "udp")), Some(8.0), "{}", s.text);
     // Each left-out flow was seen twice (request and reply) and counted each time.
     assert_eq!(
-        s.get("eni_monitor_flow_table_evictions_total", &[]),
+        s.get("eni_monitor_flow_table_full_total", &[]),
         Some(24.0),
         "{}",
         s.text

@@ -90,8 +90,10 @@ fn the_image_holds_the_agent_alone_and_its_entrypoint_serves_metrics() {
     let r = rootfs.display();
     // The DaemonSet's capabilities, and CAP_SYS_CHROOT, which the chroot step needs (a
     // runtime enters the root filesystem before it drops capabilities).
+    // bpffs where the DaemonSet mounts the host's, for the state the agent pins.
     let script = format!(
         "mount -t proc proc {r}/proc && mount -t sysfs sysfs {r}/sys && \
+         mount -t bpf bpf {r}/sys/fs/bpf && \
          exec setpriv --inh-caps=-all --bounding-set=-all,+bpf,+perfmon,+net_admin,+sys_chroot \
          chroot {r} /monitor {args} --device eth0"
     );

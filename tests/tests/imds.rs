@@ -35,11 +35,21 @@ fn eni_ids_and_the_vpc_resolver_come_from_imds() {
         &sim.node,
         &["--device", "eth0", "--imds-endpoint", &imds.endpoint()],
     );
-    let labelled = [("device", "eth0"), ("eni", ENI)];
-    agent.scrape_until(&sim.node, "the eni label", |s| {
-        s.get("eni_monitor_linklocal_peak_packets_per_second", &labelled)
-            .is_some()
+    // The ENI id is a fact of the device, in its info series; no other series changes.
+    let info = [("device", "eth0"), ("eni", ENI)];
+    let s = agent.scrape_until(&sim.node, "the ENI id", |s| {
+        s.matching("eni_monitor_device_info", &info).count() == 1
     });
+    let mac = sim.node.mac("eth0");
+    assert_eq!(
+        s.get(
+            "eni_monitor_device_info",
+            &[("device", "eth0"), ("eni", ENI), ("mac", &mac)]
+        ),
+        Some(1.0),
+        "{}",
+        s.text
+    );
 
     let server = SocketAddr::new("10.250.0.2".parse().unwrap(), 53);
     assert_eq!(
@@ -49,17 +59,27 @@ fn eni_ids_and_the_vpc_resolver_come_from_imds() {
     let s = agent.scrape_until(&sim.node, "5 responses", |s| {
         s.sum("eni_monitor_dns_responses_total", &[]) >= 5.0
     });
-    let q = [("device", "eth0"), ("eni", ENI), ("resolver", "linklocal")];
+    // VPC+2 keeps its address as its label; IMDS made it Amazon's in the info series.
+    let q = [("device", "eth0"), ("resolver", "10.250.0.2")];
     assert_eq!(
         s.get("eni_monitor_dns_queries_total", &q),
         Some(5.0),
         "{}",
         s.text
     );
-    let ll = [("device", "eth0"), ("eni", ENI), ("service", "dns")];
+    let ll = [("device", "eth0"), ("service", "dns")];
     assert_eq!(
         s.get("eni_monitor_linklocal_packets_total", &ll),
         Some(5.0),
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.get(
+            "eni_monitor_dns_resolver_info",
+            &[("resolver", "10.250.0.2"), ("kind", "amazon")]
+        ),
+        Some(1.0),
         "{}",
         s.text
     );
@@ -86,7 +106,7 @@ fn stays_healthy(behaviour: Behaviour, what: &str) {
     assert_eq!(
         s.get(
             "eni_monitor_linklocal_peak_packets_per_second",
-            &[("device", "eth0"), ("eni", "")]
+            &[("device", "eth0")]
         ),
         Some(0.0),
         "{what}: {}",

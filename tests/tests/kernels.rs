@@ -293,7 +293,10 @@ impl Run<'_> {
                 );
             }
         }
+        // The state was pinned: the held connections are still tracked, and the
+        // counters go on from where the killed agent left them.
         let s = self.scrape("restarted");
+        let before = self.scrape("overflow");
         assert_eq!(
             self.c.block("restarted-readyz"),
             "200\nready",
@@ -302,9 +305,29 @@ impl Run<'_> {
         );
         assert_eq!(
             s.sum(DROPS, &self.by_reason()),
-            4.0,
+            before.sum(DROPS, &self.by_reason()) + 4.0,
             "{}",
-            self.fail("drops")
+            self.fail("drops go on after the restart")
+        );
+        let tcp = [("device", "eth0"), ("protocol", "tcp")];
+        assert_eq!(
+            s.sum(TRACKED, &tcp),
+            5.0,
+            "{}",
+            self.fail("tracked after restart")
+        );
+        assert_eq!(
+            s.sum(CREATED, &tcp),
+            5.0,
+            "{}",
+            self.fail("created after restart")
+        );
+        assert!(
+            self.c
+                .block("agent-log")
+                .contains("continuing from the state in"),
+            "{}",
+            self.fail("continued")
         );
         let log = self.c.block("agent-log");
         assert!(!log.contains("panicked"), "{}", self.fail("panic"));

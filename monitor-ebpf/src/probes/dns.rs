@@ -7,12 +7,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use monitor_common::{
-    DNS_COUNTS_MAX_ENTRIES, DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS,
-    DNS_QUERY, DNS_RESPONSE, DnsCountKey, DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey,
+    Addr, BPF_F_NO_PREALLOC, DNS_COUNTS_MAX_ENTRIES, DNS_INFLIGHT_MAX_ENTRIES,
+    DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_QUERY, DNS_RESPONSE, DnsCountKey, DnsFlight,
+    DnsFlightKey, DnsLatency, DnsServerKey, MAP_FULL_DNS_COUNTS, MAP_FULL_DNS_INFLIGHT,
+    MAP_FULL_DNS_LATENCY,
 };
 
 use super::packet::Packet;
-use crate::{kernel::now_ns, maps::increment};
+use crate::{
+    kernel::now_ns,
+    maps::{increment, map_full},
+};
 
 pub const PORT: u16 = 53;
 const UDP_HLEN: usize = 8;
@@ -20,18 +25,32 @@ const BPF_NOEXIST: u64 = 1;
 
 #[map]
 static DNS_COUNTS: PerCpuHashMap<DnsCountKey, u64> =
-    PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, 0);
+    PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
 static DNS_LATENCY: PerCpuHashMap<DnsServerKey, DnsLatency> =
-    PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, 0);
+    PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Queries awaiting a response. The agent deletes those older than `--dns-timeout`
 /// and counts them unanswered; whoever deletes an entry first counts it, so a query is
 /// either answered or unanswered, never both.
 #[map]
 static DNS_INFLIGHT: HashMap<DnsFlightKey, DnsFlight> =
-    HashMap::with_max_entries(DNS_INFLIGHT_MAX_ENTRIES, 0);
+    HashMap::with_max_entries(DNS_INFLIGHT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Unanswered queries by (device, server): written by the agent's timeout sweep only,
+/// here so that the count is pinned with the rest and survives the agent.
+#[map]
+static DNS_UNANSWERED: HashMap<DnsServerKey, u64> =
+    HashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Resolvers the agent names by address in the `resolver` label: written by the agent
+/// only, here so that the names are pinned with the counts they label.
+#[map]
+static DNS_RESOLVERS: HashMap<Addr, u32> = HashMap::with_max_entries(64, BPF_F_NO_PREALLOC);
+
+/// `-EEXIST`: a retransmitted query, already in flight.
+const EEXIST: i32 = -17;
 
 #[inline(always)]
 pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
@@ -61,6 +80,7 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
                 pad: [0; 2],
                 server: p.dst,
             },
+            MAP_FULL_DNS_COUNTS,
         );
         let key = DnsFlightKey {
             client: p.src,
@@ -70,7 +90,7 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             pad: 0,
         };
         // A retransmission keeps the first copy's time: one query in flight, not two.
-        let _ = DNS_INFLIGHT.insert(
+        if let Err(e) = DNS_INFLIGHT.insert(
             &key,
             &DnsFlight {
                 start_ns: now_ns(),
@@ -78,7 +98,10 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
                 pad: 0,
             },
             BPF_NOEXIST,
-        );
+        ) && e != EEXIST
+        {
+            map_full(MAP_FULL_DNS_INFLIGHT);
+        }
     } else {
         if p.sport != PORT {
             return;
@@ -109,6 +132,7 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
                 pad: [0; 2],
                 server: p.src,
             },
+            MAP_FULL_DNS_COUNTS,
         );
         observe(
             DnsServerKey {
@@ -138,7 +162,12 @@ fn observe(key: DnsServerKey, latency_ns: u64) {
     if h.is_none() {
         // From a zeroed global rather than the stack: the value is larger than the
         // classifier's stack can spare.
-        let _ = DNS_LATENCY.insert(&key, &ZERO_LATENCY, BPF_NOEXIST);
+        if DNS_LATENCY
+            .insert(&key, &ZERO_LATENCY, BPF_NOEXIST)
+            .is_err()
+        {
+            map_full(MAP_FULL_DNS_LATENCY);
+        }
         h = DNS_LATENCY.get_ptr_mut(&key);
     }
     let Some(h) = h else { return };

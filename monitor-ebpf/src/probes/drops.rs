@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::PerCpuHashMap,
     programs::RawTracePointContext,
 };
-use monitor_common::{DEVICE_OTHER, DROPS_MAX_ENTRIES, DropKey, REASON_UNKNOWN};
+use monitor_common::{DEVICE_OTHER, DROPS_MAX_ENTRIES, DropKey, MAP_FULL_DROPS, REASON_UNKNOWN};
 
 use crate::{
     kernel::{layout, read, skb_dev_in_own_netns, skb_is_dns},
@@ -50,6 +50,6 @@ fn try_kfree_skb(ctx: &RawTracePointContext) -> Result<(), ()> {
         dns: u32::from(skb_is_dns(skb, protocol)),
         pad: 0,
     };
-    increment(&DROPS, &key);
+    increment(&DROPS, &key, MAP_FULL_DROPS);
     Ok(())
 }

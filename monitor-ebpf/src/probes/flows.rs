@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use monitor_common::{
-    FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_RST, Flow, FlowKey, MAX_DEVICES,
-    flow_class,
+    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_RST, Flow,
+    FlowKey, MAX_DEVICES, flow_class,
 };
 
 use super::packet::{IPPROTO_TCP, IPPROTO_UDP, Packet};
@@ -19,9 +19,10 @@ const BPF_NOEXIST: u64 = 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
-/// Sized by the agent (`--flow-table-size`) at load.
+/// Sized by the agent (`--flow-table-size`) at load; entries are allocated as flows
+/// appear, so its memory follows the flows tracked, not the table's maximum.
 #[map]
-static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, 0);
+static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 /// New flows per (device slot, protocol class).
 #[map]

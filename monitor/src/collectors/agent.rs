@@ -1,10 +1,15 @@
-//! Self-description: build info and which programs are attached where.
+//! Self-description: build info, which programs are attached where, the monitored
+//! devices and what they are, and kernel maps that refused an update because they were
+//! full.
 
 use std::sync::{Arc, RwLock};
 
+use aya::maps::{MapData, PerCpuArray};
+use monitor_common::MAP_FULL_MAPS;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use super::encode_gauges;
+use super::{encode_counters, encode_gauges};
+use crate::devices::Devices;
 
 /// One program attachment the agent tried.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,9 +51,16 @@ impl Attachments {
     }
 }
 
-#[derive(Debug)]
 pub struct AgentCollector {
     pub attachments: Attachments,
+    pub devices: Devices,
+    pub map_full: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for AgentCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCollector").finish_non_exhaustive()
+    }
 }
 
 impl Collector for AgentCollector {
@@ -72,6 +84,26 @@ impl Collector for AgentCollector {
                     ],
                     i64::from(a.attached),
                 )
+            }),
+        )?;
+        // Facts learned later (the ENI id from IMDS) live here, not on every series:
+        // queries join on `device`, and no series changes its labels.
+        encode_gauges(
+            &mut encoder,
+            "device_info",
+            "A monitored device: its ENI id (empty until IMDS answers) and MAC; always 1.",
+            self.devices
+                .snapshot()
+                .into_values()
+                .map(|d| ([("device", d.name), ("eni", d.eni), ("mac", d.mac)], 1i64)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "map_full",
+            "Updates a kernel map refused because it was full: counts lost, not silently.",
+            MAP_FULL_MAPS.iter().zip(0u32..).map(|(name, i)| {
+                let n = self.map_full.get(&i, 0).map_or(0, |v| v.iter().sum());
+                ([("map", (*name).to_owned())], n)
             }),
         )
     }

@@ -20,8 +20,8 @@ use prometheus_client::{
     metrics::MetricType,
 };
 
-use super::encode_counters;
-use crate::{devices::Devices, programs::addr_from_bytes};
+use super::{encode_counters, encode_gauges};
+use crate::{batch, devices::Devices, programs::addr_from_bytes};
 
 /// Distinct resolvers named by address before the rest are `other`.
 pub const MAX_NAMED_RESOLVERS: usize = 16;
@@ -67,56 +67,104 @@ impl LinkLocalResolvers {
     }
 }
 
-/// The `resolver` label: `linklocal`, the address of one of the first 16 other
-/// resolvers seen, or `other`. A resolver keeps its label for the agent's lifetime.
-#[derive(Debug, Default)]
+/// The `resolver` label: the server's address for Amazon's resolvers and for the first
+/// 16 others seen, then `other`. Once given, an address keeps its label, across restarts
+/// too: the named resolvers are kept in the pinned `DNS_RESOLVERS` map. Which resolvers
+/// are Amazon's (learned later, from IMDS) is `dns_resolver_info`, never a label change.
 pub struct ResolverLabels {
-    linklocal: LinkLocalResolvers,
+    amazon: LinkLocalResolvers,
     named: Vec<IpAddr>,
+    amazon_seen: Vec<IpAddr>,
+    pinned: Option<HashMap<MapData, Addr, u32>>,
 }
 
 impl ResolverLabels {
-    pub fn new(linklocal: LinkLocalResolvers) -> Self {
+    /// Labels that continue from the resolvers named in `pinned`.
+    pub fn new(amazon: LinkLocalResolvers, pinned: Option<HashMap<MapData, Addr, u32>>) -> Self {
+        let mut named: Vec<IpAddr> = pinned
+            .iter()
+            .flat_map(|m| m.keys().filter_map(Result::ok))
+            .map(addr_from_bytes)
+            .collect();
+        named.sort();
         Self {
-            linklocal,
-            named: Vec::new(),
+            amazon,
+            named,
+            amazon_seen: Vec::new(),
+            pinned,
         }
     }
 
     pub fn label(&mut self, ip: IpAddr) -> String {
-        if self.linklocal.contains(&ip) {
-            return "linklocal".to_owned();
-        }
         if self.named.contains(&ip) {
+            return ip.to_string();
+        }
+        if self.amazon.contains(&ip) {
+            if !self.amazon_seen.contains(&ip) {
+                self.amazon_seen.push(ip);
+            }
             return ip.to_string();
         }
         if self.named.len() < MAX_NAMED_RESOLVERS {
             self.named.push(ip);
+            if let Some(map) = &mut self.pinned
+                && let Err(e) = map.insert(crate::programs::addr_bytes(ip), 1, 0)
+            {
+                warn!("keeping the resolver label {ip}: {e}");
+            }
             return ip.to_string();
         }
         "other".to_owned()
     }
+
+    /// Every resolver labelled by its address, with its kind (`amazon`, `custom`).
+    pub fn info(&self) -> Vec<(String, &'static str)> {
+        let mut out: Vec<(String, &'static str)> = self
+            .named
+            .iter()
+            .chain(&self.amazon_seen)
+            .map(|ip| {
+                let kind = if self.amazon.contains(ip) {
+                    "amazon"
+                } else {
+                    "custom"
+                };
+                (ip.to_string(), kind)
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
-/// Unanswered queries by (ifindex, server), counted by the sweep.
-#[derive(Clone, Debug, Default)]
-pub struct Unanswered(Arc<Mutex<BTreeMap<(u32, Addr), u64>>>);
+/// Unanswered queries by (device, server), in the pinned `DNS_UNANSWERED` map so that
+/// the count survives the agent: the sweep adds to it, scrapes read it.
+#[derive(Clone)]
+pub struct Unanswered(Arc<Mutex<HashMap<MapData, DnsServerKey, u64>>>);
 
 impl Unanswered {
-    fn add(&self, ifindex: u32, server: Addr) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry((ifindex, server))
-            .or_default() += 1;
+    pub fn new(map: HashMap<MapData, DnsServerKey, u64>) -> Self {
+        Self(Arc::new(Mutex::new(map)))
     }
 
-    fn snapshot(&self) -> BTreeMap<(u32, Addr), u64> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn add(&self, counts: BTreeMap<(u32, Addr), u64>) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((ifindex, server), n) in counts {
+            let key = DnsServerKey { ifindex, server };
+            let total = map.get(&key, 0).unwrap_or(0) + n;
+            if let Err(e) = map.insert(key, total, 0) {
+                warn!("counting {n} unanswered DNS queries: {e}");
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<((u32, Addr), u64)> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.iter()
+            .filter_map(Result::ok)
+            .map(|(k, n)| ((k.ifindex, k.server), n))
+            .collect()
     }
 }
 
@@ -131,29 +179,40 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// Deletes queries older than the timeout from `DNS_INFLIGHT` and counts them.
+/// Deletes queries older than the timeout from `DNS_INFLIGHT` and counts them. Runs on
+/// a thread of its own: a full table is 64k entries.
 pub struct Sweeper {
-    pub inflight: HashMap<MapData, DnsFlightKey, DnsFlight>,
+    pub inflight: MapData,
     pub timeout: Duration,
     pub unanswered: Unanswered,
 }
 
 impl Sweeper {
-    /// One pass.
-    pub fn sweep(&mut self, now_ns: u64) {
+    /// One pass: the table read in batches, each expired query deleted by key; only the
+    /// deleter counts it, so a response that matched in the meantime wins.
+    pub fn sweep(&mut self, now_ns: u64) -> std::io::Result<()> {
         let timeout = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX);
-        let expired: Vec<(DnsFlightKey, DnsFlight)> = self
-            .inflight
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, f)| now_ns.saturating_sub(f.start_ns) >= timeout)
-            .collect();
-        for (key, flight) in expired {
-            // A response that matched in the meantime deleted it first.
-            if self.inflight.remove(&key).is_ok() {
-                self.unanswered.add(flight.ifindex, key.server);
+        let fd = std::os::fd::AsFd::as_fd(self.inflight.fd());
+        let mut expired: Vec<(DnsFlightKey, u32)> = Vec::new();
+        // SAFETY: DNS_INFLIGHT maps DnsFlightKey to DnsFlight, plain `#[repr(C)]` data.
+        unsafe {
+            batch::lookup_all::<DnsFlightKey, DnsFlight>(fd, 4096, |key, flight| {
+                if now_ns.saturating_sub(flight.start_ns) >= timeout {
+                    expired.push((*key, flight.ifindex));
+                }
+            })?;
+        }
+        let mut counts: BTreeMap<(u32, Addr), u64> = BTreeMap::new();
+        for (key, ifindex) in expired {
+            // SAFETY: as above.
+            if unsafe { batch::delete_one(fd, &key)? } {
+                *counts.entry((ifindex, key.server)).or_default() += 1;
             }
         }
+        if !counts.is_empty() {
+            self.unanswered.add(counts);
+        }
+        Ok(())
     }
 
     /// How often to sweep: often enough that a query is declared unanswered soon after
@@ -177,7 +236,7 @@ impl std::fmt::Debug for DnsCollector {
     }
 }
 
-type Labels3 = (String, String, String);
+type Labels2 = (String, String);
 
 #[derive(Default)]
 struct Histogram {
@@ -192,14 +251,14 @@ impl DnsCollector {
         ifindex: u32,
         server: Addr,
         devices: &BTreeMap<u32, crate::devices::Device>,
-    ) -> Option<Labels3> {
+    ) -> Option<Labels2> {
         let d = devices.get(&ifindex)?;
         let resolver = self
             .resolvers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .label(addr_from_bytes(server));
-        Some((d.name.clone(), d.eni.clone(), resolver))
+        Some((d.name.clone(), resolver))
     }
 }
 
@@ -221,8 +280,8 @@ fn encode_histogram(family: &mut MetricEncoder, h: &Histogram) -> Result<(), std
 impl Collector for DnsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
-        let mut queries: BTreeMap<Labels3, u64> = BTreeMap::new();
-        let mut responses: BTreeMap<(Labels3, String), u64> = BTreeMap::new();
+        let mut queries: BTreeMap<Labels2, u64> = BTreeMap::new();
+        let mut responses: BTreeMap<(Labels2, String), u64> = BTreeMap::new();
         for entry in &self.counts {
             let (key, per_cpu) = match entry {
                 Ok(e) => e,
@@ -245,13 +304,13 @@ impl Collector for DnsCollector {
                 _ => {}
             }
         }
-        let mut unanswered: BTreeMap<Labels3, u64> = BTreeMap::new();
+        let mut unanswered: BTreeMap<Labels2, u64> = BTreeMap::new();
         for ((ifindex, server), n) in self.unanswered.snapshot() {
             if let Some(labels) = self.labels(ifindex, server, &devices) {
                 *unanswered.entry(labels).or_default() += n;
             }
         }
-        let mut latency: BTreeMap<Labels3, Histogram> = BTreeMap::new();
+        let mut latency: BTreeMap<Labels2, Histogram> = BTreeMap::new();
         for entry in &self.latency {
             let Ok((key, per_cpu)) = entry else { continue };
             let Some(labels) = self.labels(key.ifindex, key.server, &devices) else {
@@ -266,9 +325,7 @@ impl Collector for DnsCollector {
             }
         }
 
-        let with = |(device, eni, resolver): Labels3| {
-            [("device", device), ("eni", eni), ("resolver", resolver)]
-        };
+        let with = |(device, resolver): Labels2| [("device", device), ("resolver", resolver)];
         encode_counters(
             &mut encoder,
             "dns_queries",
@@ -280,8 +337,8 @@ impl Collector for DnsCollector {
             "dns_responses",
             "DNS responses matched to a query, by response code.",
             responses.into_iter().map(|((l, rcode), v)| {
-                let [d, e, r] = with(l);
-                ([d, e, r, ("rcode", rcode)], v)
+                let [d, r] = with(l);
+                ([d, r, ("rcode", rcode)], v)
             }),
         )?;
         encode_counters(
@@ -299,7 +356,20 @@ impl Collector for DnsCollector {
         for (l, h) in latency {
             encode_histogram(&mut family.encode_family(&with(l))?, &h)?;
         }
-        Ok(())
+        drop(family);
+        let info = self
+            .resolvers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .info();
+        encode_gauges(
+            &mut encoder,
+            "dns_resolver_info",
+            "A resolver labelled by its address, and whether it is Amazon's (169.254.169.253, fd00:ec2::253, VPC+2); always 1.",
+            info.into_iter().map(|(resolver, kind)| {
+                ([("resolver", resolver), ("kind", kind.to_owned())], 1i64)
+            }),
+        )
     }
 }
 
@@ -317,28 +387,47 @@ mod tests {
     }
 
     #[test]
-    fn resolver_labels_are_bounded_and_stable() {
-        let linklocal = LinkLocalResolvers::default();
+    fn resolver_labels_are_addresses_bounded_and_stable() {
+        let amazon = LinkLocalResolvers::default();
         for a in ["169.254.169.253", "fd00:ec2::253"] {
-            linklocal.add(a.parse().unwrap());
+            amazon.add(a.parse().unwrap());
         }
-        linklocal.add("10.0.0.2".parse().unwrap());
-        let mut labels = ResolverLabels::new(linklocal.clone());
+        let mut labels = ResolverLabels::new(amazon.clone(), None);
+        // Amazon's resolvers are named by address and never count against the bound.
         assert_eq!(
             labels.label("169.254.169.253".parse().unwrap()),
-            "linklocal"
+            "169.254.169.253"
         );
-        assert_eq!(labels.label("fd00:ec2::253".parse().unwrap()), "linklocal");
-        assert_eq!(labels.label("10.0.0.2".parse().unwrap()), "linklocal");
-        for i in 0..MAX_NAMED_RESOLVERS {
+        assert_eq!(
+            labels.label("fd00:ec2::253".parse().unwrap()),
+            "fd00:ec2::253"
+        );
+        // VPC+2, seen before IMDS said it is Amazon's.
+        assert_eq!(labels.label("10.0.0.2".parse().unwrap()), "10.0.0.2");
+        for i in 1..MAX_NAMED_RESOLVERS {
             let ip: IpAddr = format!("192.0.2.{i}").parse().unwrap();
             assert_eq!(labels.label(ip), ip.to_string());
         }
         assert_eq!(labels.label("198.51.100.1".parse().unwrap()), "other");
         // The first ones keep their names.
-        assert_eq!(labels.label("192.0.2.0".parse().unwrap()), "192.0.2.0");
-        // A resolver learned later (VPC+2 from IMDS) becomes linklocal.
-        linklocal.add("198.51.100.1".parse().unwrap());
-        assert_eq!(labels.label("198.51.100.1".parse().unwrap()), "linklocal");
+        assert_eq!(labels.label("192.0.2.1".parse().unwrap()), "192.0.2.1");
+        // IMDS names VPC+2: its label stays, its kind changes in the info metric.
+        amazon.add("10.0.0.2".parse().unwrap());
+        assert_eq!(labels.label("10.0.0.2".parse().unwrap()), "10.0.0.2");
+        let info = labels.info();
+        assert!(
+            info.contains(&("10.0.0.2".to_owned(), "amazon")),
+            "{info:?}"
+        );
+        assert!(info.contains(&("169.254.169.253".to_owned(), "amazon")));
+        assert!(info.contains(&("192.0.2.1".to_owned(), "custom")));
+        assert!(!info.iter().any(|(r, _)| r == "198.51.100.1"));
+        assert_eq!(info.len(), MAX_NAMED_RESOLVERS + 2);
+        // A later Amazon resolver is still named, past the bound.
+        amazon.add("198.51.100.9".parse().unwrap());
+        assert_eq!(
+            labels.label("198.51.100.9".parse().unwrap()),
+            "198.51.100.9"
+        );
     }
 }

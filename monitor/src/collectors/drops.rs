@@ -27,8 +27,8 @@ impl std::fmt::Debug for DropsCollector {
 pub struct DropTotals {
     /// (device, reason) -> all drops.
     pub all: BTreeMap<(String, String), u64>,
-    /// (device, eni, reason) -> DNS drops.
-    pub dns: BTreeMap<(String, String, String), u64>,
+    /// (device, reason) -> DNS drops.
+    pub dns: BTreeMap<(String, String), u64>,
 }
 
 impl DropTotals {
@@ -42,11 +42,11 @@ impl DropTotals {
         let devices = devices.snapshot();
         let mut totals = Self::default();
         for (key, count) in entries {
-            let (device, eni) = match devices.get(&key.ifindex) {
-                Some(d) if key.ifindex != DEVICE_OTHER => (d.name.clone(), d.eni.clone()),
+            let device = match devices.get(&key.ifindex) {
+                Some(d) if key.ifindex != DEVICE_OTHER => d.name.clone(),
                 // A device that went away takes its series with it.
                 Some(_) | None if key.ifindex != DEVICE_OTHER => continue,
-                _ => ("other".to_owned(), String::new()),
+                _ => "other".to_owned(),
             };
             let reason = reasons.name(key.reason).to_owned();
             *totals
@@ -54,7 +54,7 @@ impl DropTotals {
                 .entry((device.clone(), reason.clone()))
                 .or_default() += count;
             if key.dns != 0 {
-                *totals.dns.entry((device, eni, reason)).or_default() += count;
+                *totals.dns.entry((device, reason)).or_default() += count;
             }
         }
         totals
@@ -84,9 +84,10 @@ impl Collector for DropsCollector {
             &mut encoder,
             "dns_drops",
             "DNS packets (port 53, UDP or TCP) the kernel dropped, by device and the kernel's drop reason.",
-            totals.dns.into_iter().map(|((device, eni, reason), v)| {
-                ([("device", device), ("eni", eni), ("reason", reason)], v)
-            }),
+            totals
+                .dns
+                .into_iter()
+                .map(|((device, reason), v)| ([("device", device), ("reason", reason)], v)),
         )
     }
 }
@@ -104,6 +105,7 @@ mod tests {
             name: "eth0".into(),
             ifindex: 2,
             eni: "eni-0abc".into(),
+            mac: String::new(),
             slot: 0,
         }]);
         let key = |ifindex, reason, dns| DropKey {
@@ -140,14 +142,8 @@ mod tests {
         let dns: Vec<_> = totals
             .dns
             .iter()
-            .map(|((d, e, r), v)| (d.as_str(), e.as_str(), r.as_str(), *v))
+            .map(|((d, r), v)| (d.as_str(), r.as_str(), *v))
             .collect();
-        assert_eq!(
-            dns,
-            [
-                ("eth0", "eni-0abc", "NO_SOCKET", 2),
-                ("other", "", "NO_SOCKET", 7)
-            ]
-        );
+        assert_eq!(dns, [("eth0", "NO_SOCKET", 2), ("other", "NO_SOCKET", 7)]);
     }
 }

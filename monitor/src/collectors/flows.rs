@@ -112,13 +112,14 @@ impl Expiry {
         let fd = std::os::fd::AsFd::as_fd(self.flows.fd());
         let timeouts = self.timeouts;
         let devices = self.devices.snapshot();
+        let expired = |key: &FlowKey, flow: &Flow| {
+            let idle = u64::from(now.saturating_sub(flow.last_seen));
+            idle >= timeouts.for_flow(key, flow).as_secs() || !devices.contains_key(&key.ifindex)
+        };
         // SAFETY: FLOWS maps FlowKey to Flow, both plain `#[repr(C)]` data.
         unsafe {
             batch::lookup_all::<FlowKey, Flow>(fd, 4096, |key, flow| {
-                let idle = u64::from(now.saturating_sub(flow.last_seen));
-                if idle >= timeouts.for_flow(key, flow).as_secs()
-                    || !devices.contains_key(&key.ifindex)
-                {
+                if expired(key, flow) {
                     stale.push(*key);
                 } else {
                     *result
@@ -127,8 +128,25 @@ impl Expiry {
                         .or_default() += 1;
                 }
             })?;
+        }
+        // A pass over a large table takes a while: a flow stale when read may have been
+        // refreshed since. Each is read again and deleted only if it is still stale, or
+        // it would be counted new at its next packet.
+        for key in &stale {
             // SAFETY: as above.
-            batch::delete_all(fd, &stale)?;
+            match unsafe { batch::lookup_one::<FlowKey, Flow>(fd, key)? } {
+                Some(flow) if !expired(key, &flow) => {
+                    *result
+                        .tracked
+                        .entry((key.ifindex, flow_class(key.proto)))
+                        .or_default() += 1;
+                }
+                Some(_) => {
+                    // SAFETY: as above.
+                    unsafe { batch::delete_one(fd, key)? };
+                }
+                None => {}
+            }
         }
         self.counts.set(result.clone());
         Ok(result)
@@ -164,11 +182,7 @@ impl Collector for FlowsCollector {
         let mut created = Vec::new();
         for d in devices.values() {
             for (c, name) in CLASS_NAMES {
-                let labels = [
-                    ("device", d.name.clone()),
-                    ("eni", d.eni.clone()),
-                    ("protocol", name.to_owned()),
-                ];
+                let labels = [("device", d.name.clone()), ("protocol", name.to_owned())];
                 if let Some(p) = &pass {
                     let n = p.tracked.get(&(d.ifindex, c)).copied().unwrap_or(0);
                     tracked.push((labels.clone(), i64::try_from(n).unwrap_or(i64::MAX)));
@@ -192,8 +206,8 @@ impl Collector for FlowsCollector {
         let full = self.table_full.get(&0, 0).map_or(0, |v| v.iter().sum());
         encode_counters(
             &mut encoder,
-            "flow_table_evictions",
-            "Flows left out of a full flow table (the tracked estimate is then a lower bound).",
+            "flow_table_full",
+            "Packets of flows that found the flow table full and were not tracked (the tracked estimate is then a lower bound).",
             [([] as [(&'static str, String); 0], full)],
         )
     }

@@ -44,17 +44,13 @@ impl Collector for LinkLocalCollector {
             for (service, name) in [(LL_DNS, "dns"), (LL_IMDS, "imds"), (LL_NTP, "ntp")] {
                 let n = self.packets.get(d.slot, service).iter().sum();
                 totals.push((
-                    [
-                        ("device", d.name.clone()),
-                        ("eni", d.eni.clone()),
-                        ("service", name.to_owned()),
-                    ],
+                    [("device", d.name.clone()), ("service", name.to_owned())],
                     n,
                 ));
             }
             let slots = (0..LL_WINDOW).flat_map(|i| self.seconds.get(d.slot, i));
             let p = i64::try_from(peak(slots, now_second)).unwrap_or(i64::MAX);
-            peaks.push(([("device", d.name.clone()), ("eni", d.eni.clone())], p));
+            peaks.push(([("device", d.name.clone())], p));
         }
         encode_counters(
             &mut encoder,
