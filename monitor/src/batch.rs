@@ -60,6 +60,26 @@ pub unsafe fn lookup_one<K: Copy, V: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::R
     }
 }
 
+/// Writes `key`'s value (a test's stand-in for a packet).
+///
+/// # Safety
+/// `K` and `V` must be the map's key and value types.
+#[cfg(test)]
+pub unsafe fn update_one<K: Copy, V: Copy>(
+    fd: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+) -> io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    let mut attr = ElemAttr {
+        map_fd: map_fd(fd),
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        ..ElemAttr::default()
+    };
+    bpf_elem(BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
 /// Deletes `key`; `false` when it was already gone.
 ///
 /// # Safety

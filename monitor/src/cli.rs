@@ -25,9 +25,10 @@ pub struct Cli {
     )]
     pub listen: SocketAddr,
 
-    /// EC2 instance metadata service, for ENI ids (`IMDSv2`).
-    #[arg(long, value_name = "URL", env = "MONITOR_IMDS_ENDPOINT", default_value = "http://169.254.169.254", value_parser = parse_http_url)]
-    pub imds_endpoint: String,
+    /// EC2 instance metadata service, for ENI ids (`IMDSv2`). Default: http://169.254.169.254
+    /// on EC2 (as DMI says); elsewhere IMDS is not called unless this is given.
+    #[arg(long, value_name = "URL", env = "MONITOR_IMDS_ENDPOINT", value_parser = parse_http_url)]
+    pub imds_endpoint: Option<String>,
 
     /// A DNS query is unanswered after this long.
     #[arg(long, value_name = "DURATION", env = "MONITOR_DNS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
@@ -146,7 +147,7 @@ mod tests {
         let cli = parse(&[]).unwrap();
         assert_eq!(cli.state_dir, PathBuf::from("/sys/fs/bpf/eni-monitor"));
         assert_eq!(cli.listen, "0.0.0.0:9435".parse().unwrap());
-        assert_eq!(cli.imds_endpoint, "http://169.254.169.254");
+        assert_eq!(cli.imds_endpoint, None);
         assert_eq!(cli.dns_timeout, Duration::from_secs(2));
         assert_eq!(cli.tcp_established_timeout, Duration::from_hours(120));
         assert_eq!(cli.udp_timeout, Duration::from_secs(30));

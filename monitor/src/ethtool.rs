@@ -16,6 +16,8 @@ const ETHTOOL_GSTATS: u32 = 0x1d;
 const ETHTOOL_GSSET_INFO: u32 = 0x37;
 const ETH_SS_STATS: u32 = 1;
 pub const ETH_GSTRING_LEN: usize = 32;
+/// Statistics a driver may add between the count and the read.
+const STATS_MARGIN: usize = 64;
 
 /// Pairs a string table (`ETH_GSTRING_LEN` bytes a name) with its values.
 pub fn parse(strings: &[u8], values: &[u64]) -> BTreeMap<String, u64> {
@@ -59,12 +61,18 @@ pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
     if count == 0 || count > 1 << 16 {
         return Ok(BTreeMap::new());
     }
+    // The kernel writes as many names and values as the driver has when it answers,
+    // which may be more than GSSET_INFO said a moment before (a driver adding
+    // statistics): every buffer has room to spare, and a count that changed between
+    // the calls makes this read an error rather than names paired with wrong values.
+    let room = count + STATS_MARGIN;
     // struct ethtool_gstrings { u32 cmd; u32 string_set; u32 len; u8 data[]; }: the
     // header is 12 bytes, so the names start 4 bytes into the second u64.
-    let mut strings = vec![0u64; 2 + (count * ETH_GSTRING_LEN).div_ceil(8)];
+    let mut strings = vec![0u64; 2 + (room * ETH_GSTRING_LEN).div_ceil(8)];
     strings[0] = u64::from(ETHTOOL_GSTRINGS) | (u64::from(ETH_SS_STATS) << 32);
     strings[1] = count as u64;
     ioctl(&sock, device, &mut strings)?;
+    let named = (strings[1] & 0xffff_ffff) as usize;
     let names: Vec<u8> = strings
         .iter()
         .flat_map(|w| w.to_ne_bytes())
@@ -72,12 +80,16 @@ pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
         .take(count * ETH_GSTRING_LEN)
         .collect();
     // struct ethtool_stats { u32 cmd; u32 n_stats; u64 data[]; }
-    let mut values = vec![0u64; 1 + count];
+    let mut values = vec![0u64; 1 + room];
     values[0] = u64::from(ETHTOOL_GSTATS) | ((count as u64) << 32);
     ioctl(&sock, device, &mut values)?;
-    // The driver may report fewer than asked if it shrank in between.
-    let returned = ((values[0] >> 32) as usize).min(count);
-    Ok(parse(&names, &values[1..=returned]))
+    let returned = (values[0] >> 32) as usize;
+    if named != count || returned != count {
+        return Err(io::Error::other(format!(
+            "{device}: the driver's statistics changed while being read ({count}, then {named} names and {returned} values)"
+        )));
+    }
+    Ok(parse(&names, &values[1..=count]))
 }
 
 #[cfg(test)]

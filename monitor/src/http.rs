@@ -16,7 +16,7 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -115,7 +115,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 let resp = handle(&state, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
+            // A client that never finishes its request does not hold a descriptor forever.
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

@@ -165,6 +165,28 @@ pub fn vpc_plus_two(cidr: &str) -> Result<Ipv4Addr> {
     Ok(Ipv4Addr::from(base + 2))
 }
 
+/// The metadata service on EC2.
+pub const EC2_ENDPOINT: &str = "http://169.254.169.254";
+
+/// Whether the firmware says this is an EC2 instance: "Amazon EC2" as the DMI system or
+/// board vendor (Nitro), or an Amazon BIOS (Xen instances). `root` is the DMI directory.
+pub fn on_ec2(root: &std::path::Path) -> bool {
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap_or_default();
+    read("sys_vendor").trim() == "Amazon EC2"
+        || read("board_vendor").trim() == "Amazon EC2"
+        || read("bios_version").to_ascii_lowercase().contains("amazon")
+}
+
+/// The endpoint to call: the one given, else EC2's where DMI says this is EC2, else
+/// none (no packet toward an address that is nobody's, no retry loop).
+pub fn endpoint(given: Option<&str>, dmi: &std::path::Path) -> Option<String> {
+    match given {
+        Some(url) => Some(url.to_owned()),
+        None if on_ec2(dmi) => Some(EC2_ENDPOINT.to_owned()),
+        None => None,
+    }
+}
+
 /// Labels monitored devices with their ENI ids, for as long as the agent runs: devices
 /// without one are looked up with back-off (1 s doubling to 60 s). Each VPC resolver
 /// found is handed to `on_resolver`.
@@ -226,6 +248,28 @@ pub async fn label_enis(imds: Imds, devices: Devices, mut on_resolver: impl FnMu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn imds_is_called_on_ec2_or_when_asked() {
+        let dir = std::env::temp_dir().join(format!("em-dmi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |f: &str, v: &str| std::fs::write(dir.join(f), v).unwrap();
+        write("sys_vendor", "QEMU\n");
+        write("board_vendor", "\n");
+        write("bios_version", "1.16.3-debian\n");
+        assert_eq!(endpoint(None, &dir), None);
+        assert_eq!(
+            endpoint(Some("http://127.0.0.1:8080"), &dir).as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        write("sys_vendor", "Amazon EC2\n");
+        assert_eq!(endpoint(None, &dir).as_deref(), Some(EC2_ENDPOINT));
+        write("sys_vendor", "Xen\n");
+        write("bios_version", "4.11.amazon\n");
+        assert_eq!(endpoint(None, &dir).as_deref(), Some(EC2_ENDPOINT));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(endpoint(None, &dir), None, "no DMI at all is not EC2");
+    }
 
     #[test]
     fn vpc_resolver_is_base_plus_two() {

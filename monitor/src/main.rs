@@ -54,6 +54,9 @@ use crate::{
     watch::{SlotArrays, Watcher},
 };
 
+/// Where the firmware describes the machine.
+const DMI: &str = "/sys/class/dmi/id";
+
 /// EC2's link-local service addresses.
 const LINKLOCAL_SERVICES: [(&str, u32); 6] = [
     ("169.254.169.253", LL_DNS),
@@ -78,6 +81,7 @@ fn main() {
         }
         return;
     }
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,6 +95,24 @@ fn main() {
     if let Err(e) = runtime.block_on(run(cli)) {
         error!("{e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Every map, link and scrape holds a descriptor: the soft limit (often 1024) goes up to
+/// the hard one, so that a burst of scrapes never starves the agent.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain rlimit calls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
+        }
     }
 }
 
@@ -163,18 +185,26 @@ async fn run(cli: Cli) -> Result<()> {
     let mut tasks = vec![tokio::spawn(watch::run(watcher))];
     start_housekeeping(sweeper, expiry)?;
 
-    let imds = Imds::new(&cli.imds_endpoint, Duration::from_secs(1))?;
-    tasks.push(tokio::spawn(imds::label_enis(
-        imds,
-        devices,
-        move |resolver| {
-            if linklocal.add(IpAddr::V4(resolver))
-                && let Err(e) = programs::add_linklocal(&mut ll_map, IpAddr::V4(resolver), LL_DNS)
-            {
-                warn!("{e:#}");
-            }
-        },
-    )));
+    match imds::endpoint(cli.imds_endpoint.as_deref(), Path::new(DMI)) {
+        Some(url) => {
+            let imds = Imds::new(&url, Duration::from_secs(1))?;
+            tasks.push(tokio::spawn(imds::label_enis(
+                imds,
+                devices,
+                move |resolver| {
+                    if linklocal.add(IpAddr::V4(resolver))
+                        && let Err(e) =
+                            programs::add_linklocal(&mut ll_map, IpAddr::V4(resolver), LL_DNS)
+                    {
+                        warn!("{e:#}");
+                    }
+                },
+            )));
+        }
+        None => info!(
+            "not an EC2 instance (DMI): IMDS is not called and ENI ids stay empty; --imds-endpoint calls it anyway"
+        ),
+    }
 
     let state = Arc::new(http::State {
         registry,
@@ -226,7 +256,7 @@ fn linklocal_services(
 fn load(cli: &Cli) -> Result<(KernelFacts, aya::Ebpf)> {
     let facts = KernelFacts::read(Path::new(kernel::BTF_PATH))?;
     let pins = state::prepare(&cli.state_dir, cli.flow_table_size)?;
-    let ebpf = programs::load(&facts, cli.flow_table_size, pins.as_deref())?;
+    let ebpf = programs::load(&facts, &[("FLOWS", cli.flow_table_size)], pins.as_deref())?;
     Ok((facts, ebpf))
 }
 

@@ -18,8 +18,12 @@ use crate::{devices::Device, kernel::KernelFacts, programs};
 /// The object loaded against this kernel, classifiers loaded, loopback (where test runs
 /// happen) monitored in slot 0.
 fn loaded() -> Ebpf {
+    loaded_with(&[("FLOWS", 1024)])
+}
+
+fn loaded_with(sizes: &[(&str, u32)]) -> Ebpf {
     let facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH)).unwrap();
-    let mut ebpf = programs::load(&facts, 1024, None).unwrap();
+    let mut ebpf = programs::load(&facts, sizes, None).unwrap();
     programs::load_classifiers(&mut ebpf).unwrap();
     let lo = Device {
         name: "lo".into(),
@@ -378,4 +382,106 @@ fn random_dns_headers_count_only_standard_queries() {
         assert_eq!(run(&ebpf, "tc_ingress", &frame), TC_ACT_UNSPEC);
     }
     assert_eq!(counts(&ebpf).queries, expected);
+}
+
+/// `MAP_FULL[index]`, summed over CPUs.
+fn map_full(ebpf: &Ebpf, index: u32) -> u64 {
+    let m: PerCpuArray<&MapData, u64> = ebpf.map("MAP_FULL").unwrap().try_into().unwrap();
+    m.get(&index, 0).unwrap().iter().sum()
+}
+
+#[test]
+fn a_full_table_of_queries_in_flight_is_counted_not_silent() {
+    if !integration_tests::require_root("a_full_table_of_queries_in_flight_is_counted_not_silent") {
+        return;
+    }
+    let ebpf = loaded_with(&[("FLOWS", 1024), ("DNS_INFLIGHT", 4)]);
+    for id in 0..6u16 {
+        let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
+        run(&ebpf, "tc_egress", &query);
+    }
+    // A retransmission of a query in flight is not a full table.
+    run(
+        &ebpf,
+        "tc_egress",
+        &ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(0, 0x0100, 1, QUESTION)),
+    );
+    let c = counts(&ebpf);
+    assert_eq!((c.queries, c.inflight), (7, 4));
+    assert_eq!(map_full(&ebpf, monitor_common::MAP_FULL_DNS_INFLIGHT), 2);
+    assert_eq!(map_full(&ebpf, monitor_common::MAP_FULL_DNS_COUNTS), 0);
+}
+
+#[test]
+fn a_flow_refreshed_during_a_pass_is_not_deleted() {
+    use crate::collectors::flows::{Expiry, FlowCounts, Timeouts};
+    use monitor_common::{FLOW_AB, Flow, FlowKey};
+    use std::time::Duration;
+
+    if !integration_tests::require_root("a_flow_refreshed_during_a_pass_is_not_deleted") {
+        return;
+    }
+    let mut ebpf = loaded();
+    let devices = crate::devices::Devices::default();
+    devices.replace([Device {
+        name: "lo".into(),
+        ifindex: 1,
+        eni: String::new(),
+        mac: String::new(),
+        slot: 0,
+    }]);
+    let table = programs::take_hash_map(&mut ebpf, "FLOWS").unwrap();
+    let fd = std::os::fd::AsFd::as_fd(table.fd())
+        .try_clone_to_owned()
+        .unwrap();
+    let put = |k: &FlowKey, f: &Flow| {
+        // SAFETY: FLOWS maps FlowKey to Flow.
+        unsafe { crate::batch::update_one(std::os::fd::AsFd::as_fd(&fd), k, f) }.unwrap();
+    };
+    let key = |port: u16| FlowKey {
+        addr_a: [1, 0, 0, 0],
+        addr_b: [2, 0, 0, 0],
+        port_a: port,
+        port_b: 53,
+        ifindex: 1,
+        proto: 17,
+        pad: [0; 3],
+    };
+    let seen = |last_seen: u32| Flow {
+        first_seen: 100,
+        last_seen,
+        flags: FLOW_AB,
+        pad: [0; 3],
+    };
+    // Both idle past the UDP timeout (30 s) at second 1000.
+    put(&key(1), &seen(900));
+    put(&key(2), &seen(900));
+    let expiry = Expiry {
+        flows: table,
+        timeouts: Timeouts {
+            tcp_established: Duration::from_secs(432_000),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_secs(180),
+        },
+        counts: FlowCounts::default(),
+        devices,
+    };
+    let (result, stale) = expiry.read(1000).unwrap();
+    assert_eq!(stale.len(), 2);
+    // Between the read and the deletes, a packet of flow 1 arrives.
+    put(&key(1), &seen(1000));
+    let result = expiry.reap(1000, result, &stale).unwrap();
+    assert_eq!(result.tracked.get(&(1, monitor_common::FLOW_UDP)), Some(&1));
+    let fd = std::os::fd::AsFd::as_fd(&fd);
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(
+            crate::batch::lookup_one::<FlowKey, Flow>(fd, &key(1)).unwrap(),
+            Some(seen(1000))
+        );
+        assert_eq!(
+            crate::batch::lookup_one::<FlowKey, Flow>(fd, &key(2)).unwrap(),
+            None
+        );
+    }
 }

@@ -22,12 +22,15 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-/// Loads the object with the kernel's layout. With `pins`, the maps that carry state
-/// are reused from there when pinned, else created and pinned there.
-pub fn load(facts: &KernelFacts, flow_table_size: u32, pins: Option<&Path>) -> Result<Ebpf> {
+/// Loads the object with the kernel's layout, maps sized as `sizes` says (name, entries).
+/// With `pins`, the maps that carry state are reused from there when pinned, else
+/// created and pinned there.
+pub fn load(facts: &KernelFacts, sizes: &[(&str, u32)], pins: Option<&Path>) -> Result<Ebpf> {
     let globals = facts.globals();
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries("FLOWS", flow_table_size);
+    for (map, entries) in sizes {
+        loader.map_max_entries(map, *entries);
+    }
     for (name, value) in &globals {
         loader.override_global(name, value, true);
     }

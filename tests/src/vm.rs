@@ -39,21 +39,31 @@ impl Kernel {
         self.dir().join("vmlinuz").is_file() && which("qemu-system-x86_64").is_some()
     }
 
-    /// Boots the kernel with the scenario as PID 1 and returns the serial console.
+    /// Boots the kernel with the scenario as PID 1 on 2 vCPUs and returns the serial
+    /// console.
     pub fn boot(&self, nettool: &Path) -> Console {
+        self.boot_with(nettool, 2, "full")
+    }
+
+    /// Boots with `cpus` vCPUs and the scenario's part `scenario` (`full`, `memory`).
+    pub fn boot_with(&self, nettool: &Path, cpus: u32, scenario: &str) -> Console {
         // Kept under target/vm for a look after a failure; replaced by the next boot.
-        let work = kernels_dir().join("../vm").join(self.name);
+        let work = kernels_dir()
+            .join("../vm")
+            .join(format!("{}-{scenario}-{cpus}", self.name));
         std::fs::create_dir_all(&work).unwrap();
         let initramfs = work.join("initramfs.cpio");
         build_initramfs(&initramfs, &self.dir().join("modules"), nettool);
         let serial = work.join("serial.log");
-        let mut append = "console=ttyS0 panic=-1 quiet rdinit=/init".to_owned();
+        let mut append =
+            format!("console=ttyS0 panic=-1 quiet rdinit=/init em.scenario={scenario}");
         if self.lockdown {
             append.push_str(" lockdown=integrity");
         }
         let started = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024"])
+            .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
+            .args(["-smp", &cpus.to_string()])
             .args(["-display", "none", "-monitor", "none", "-nic", "none"])
             .arg("-no-reboot")
             .arg("-serial")

@@ -367,6 +367,45 @@ fn check(expect: &Expect) {
     run.restart();
 }
 
+/// The agent's kernel maps, idle, with the defaults: 16 MiB at most on 2 CPUs, and at
+/// most 0.1 MiB more per CPU, measured by booting the same kernel with 2 and 8 vCPUs.
+#[test]
+fn kernel_map_memory_fits_and_grows_little_per_cpu() {
+    let kernel = Kernel {
+        name: "6.12",
+        lockdown: true,
+    };
+    if !require_root("kernel map memory") {
+        return;
+    }
+    if !kernel.available() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kernel 6.12 or qemu missing"
+        );
+        eprintln!("skipping: kernel 6.12 not fetched (run `cargo xtask setup`)");
+        return;
+    }
+    let nettool = std::path::Path::new(env!("CARGO_BIN_EXE_nettool"));
+    let memory = |cpus: u32| {
+        let c = kernel.boot_with(nettool, cpus, "memory");
+        assert_eq!(c.mark("CPUS"), Some(cpus.to_string().as_str()));
+        let s = Scrape::parse(&c.block("memory"));
+        s.get("eni_monitor_kernel_map_memory_bytes", &[])
+            .unwrap_or_else(|| panic!("no map memory on {cpus} CPUs:\n{}", c.text))
+    };
+    let (two, eight) = (memory(2), memory(8));
+    let mib = 1024.0 * 1024.0;
+    let per_cpu = (eight - two) / 6.0 / mib;
+    eprintln!(
+        "kernel map memory: {:.2} MiB on 2 CPUs, {:.2} MiB on 8: {per_cpu:.3} MiB per CPU",
+        two / mib,
+        eight / mib
+    );
+    assert!(two <= 16.0 * mib, "{:.2} MiB on 2 CPUs", two / mib);
+    assert!(per_cpu <= 0.1, "{per_cpu:.3} MiB per CPU");
+}
+
 #[test]
 fn linux_5_10_amazon_linux_2() {
     check(&Expect {

@@ -105,6 +105,15 @@ ip -n vpc addr add 10.0.0.2/24 dev vpc0
 ip -n vpc link set vpc0 up
 
 phase "phase-1"
+# The kernel memory of the agent's maps, for the per-CPU growth the test measures.
+if grep -q 'em.scenario=memory' /proc/cmdline; then
+    start_agent || exit 1
+    sleep 1
+    dump memory
+    stop_agent
+    exit 0
+fi
+
 # Phase 1: without the modules a kernel before TCX needs, the classifiers cannot attach,
 # and the agent must say so rather than serve a silent gap.
 start_agent || exit 1

@@ -51,6 +51,30 @@ impl Attachments {
     }
 }
 
+/// The memory of every map this process holds, from each map fd's `memlock`.
+pub fn map_memory() -> std::io::Result<i64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.as_os_str() != "anon_inode:bpf-map" {
+            continue;
+        }
+        let info = std::path::Path::new("/proc/self/fdinfo").join(entry.file_name());
+        let Ok(text) = std::fs::read_to_string(info) else {
+            continue;
+        };
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
 pub struct AgentCollector {
     pub attachments: Attachments,
     pub devices: Devices,
@@ -96,6 +120,12 @@ impl Collector for AgentCollector {
                 .snapshot()
                 .into_values()
                 .map(|d| ([("device", d.name), ("eni", d.eni), ("mac", d.mac)], 1i64)),
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "kernel_map_memory_bytes",
+            "Kernel memory of the agent's eBPF maps, charged to its memory cgroup (memlock; the memory in use on 6.4 and later).",
+            [([] as [(&'static str, String); 0], map_memory().unwrap_or(0))],
         )?;
         encode_counters(
             &mut encoder,

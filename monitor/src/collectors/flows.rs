@@ -17,7 +17,11 @@ use monitor_common::{
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{encode_counters, encode_gauges};
-use crate::{batch, devices::Devices, slots::SlotArray};
+use crate::{
+    batch,
+    devices::{Device, Devices},
+    slots::SlotArray,
+};
 
 const IPPROTO_TCP: u8 = 6;
 
@@ -68,8 +72,15 @@ pub struct PassResult {
 }
 
 impl PassResult {
+    fn add(&mut self, key: &FlowKey) {
+        *self
+            .tracked
+            .entry((key.ifindex, flow_class(key.proto)))
+            .or_default() += 1;
+    }
+
     /// Tracked flows over the monitored devices: the instance-wide estimate.
-    pub fn total(&self, devices: &BTreeMap<u32, crate::devices::Device>) -> u64 {
+    pub fn total(&self, devices: &BTreeMap<u32, Device>) -> u64 {
         self.tracked
             .iter()
             .filter(|((i, _), _)| devices.contains_key(i))
@@ -107,40 +118,58 @@ pub struct Expiry {
 impl Expiry {
     /// One pass at `now` (`CLOCK_MONOTONIC` seconds).
     pub fn pass(&mut self, now: u32) -> std::io::Result<PassResult> {
+        let (result, stale) = self.read(now)?;
+        let result = self.reap(now, result, &stale)?;
+        self.counts.set(result.clone());
+        Ok(result)
+    }
+
+    /// Whether `flow` is past its timeout at `now`, or its device is gone.
+    fn expired(
+        &self,
+        now: u32,
+        key: &FlowKey,
+        flow: &Flow,
+        devices: &BTreeMap<u32, Device>,
+    ) -> bool {
+        let idle = u64::from(now.saturating_sub(flow.last_seen));
+        idle >= self.timeouts.for_flow(key, flow).as_secs() || !devices.contains_key(&key.ifindex)
+    }
+
+    /// Reads the table in batches: the flows still tracked, and those that looked stale.
+    pub(crate) fn read(&self, now: u32) -> std::io::Result<(PassResult, Vec<FlowKey>)> {
         let mut result = PassResult::default();
         let mut stale: Vec<FlowKey> = Vec::new();
         let fd = std::os::fd::AsFd::as_fd(self.flows.fd());
-        let timeouts = self.timeouts;
         let devices = self.devices.snapshot();
-        let expired = |key: &FlowKey, flow: &Flow| {
-            let idle = u64::from(now.saturating_sub(flow.last_seen));
-            idle >= timeouts.for_flow(key, flow).as_secs() || !devices.contains_key(&key.ifindex)
-        };
         // SAFETY: FLOWS maps FlowKey to Flow, both plain `#[repr(C)]` data.
         unsafe {
             batch::lookup_all::<FlowKey, Flow>(fd, 4096, |key, flow| {
-                if expired(key, flow) {
+                if self.expired(now, key, flow, &devices) {
                     stale.push(*key);
                 } else {
-                    *result
-                        .tracked
-                        .entry((key.ifindex, flow_class(key.proto)))
-                        .or_default() += 1;
+                    result.add(key);
                 }
             })?;
         }
-        // A pass over a large table takes a while: a flow stale when read may have been
-        // refreshed since. Each is read again and deleted only if it is still stale, or
-        // it would be counted new at its next packet.
-        for key in &stale {
-            // SAFETY: as above.
+        Ok((result, stale))
+    }
+
+    /// Deletes the stale flows. A pass over a large table takes a while: a flow stale
+    /// when read may have been refreshed since. Each is read again and deleted only if it
+    /// is still stale, or it would be counted new at its next packet.
+    pub(crate) fn reap(
+        &self,
+        now: u32,
+        mut result: PassResult,
+        stale: &[FlowKey],
+    ) -> std::io::Result<PassResult> {
+        let fd = std::os::fd::AsFd::as_fd(self.flows.fd());
+        let devices = self.devices.snapshot();
+        for key in stale {
+            // SAFETY: as in `read`.
             match unsafe { batch::lookup_one::<FlowKey, Flow>(fd, key)? } {
-                Some(flow) if !expired(key, &flow) => {
-                    *result
-                        .tracked
-                        .entry((key.ifindex, flow_class(key.proto)))
-                        .or_default() += 1;
-                }
+                Some(flow) if !self.expired(now, key, &flow, &devices) => result.add(key),
                 Some(_) => {
                     // SAFETY: as above.
                     unsafe { batch::delete_one(fd, key)? };
@@ -148,7 +177,6 @@ impl Expiry {
                 None => {}
             }
         }
-        self.counts.set(result.clone());
         Ok(result)
     }
 

@@ -446,6 +446,16 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// The agent's own account of its kernel maps' memory.
+fn map_mib(agent: &Agent, ns: &integration_tests::Netns) -> f64 {
+    agent
+        .scrape(ns)
+        .get("eni_monitor_kernel_map_memory_bytes", &[])
+        .unwrap()
+        / 1024.0
+        / 1024.0
+}
+
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: f64 = status
@@ -466,12 +476,13 @@ fn agent_itself(report: &mut Report, cpu_under_dns_load: f64) {
     for i in 1..16 {
         sim.add_eni(&format!("eth{i}"));
     }
-    let (mut rss, mut idle_cpu, mut p50, mut p99) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rss, mut maps, mut idle_cpu, mut p50, mut p99) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs() {
         let agent = Agent::start(&sim.node, &["--device", "eth*"]);
         std::thread::sleep(Duration::from_millis(500));
         rss.push(rss_mib(agent.pid()));
+        maps.push(map_mib(&agent, &sim.node));
         let c0 = cpu_seconds(agent.pid());
         std::thread::sleep(Duration::from_secs(6));
         idle_cpu.push((cpu_seconds(agent.pid()) - c0) * 10.0);
@@ -500,6 +511,15 @@ fn agent_itself(report: &mut Report, cpu_under_dns_load: f64) {
         "MiB",
         r,
         Some(("<= 30 MiB".into(), r.median <= 30.0)),
+    );
+    // The maps are charged to the pod's memory cgroup as much as the RSS is.
+    let m = stat(maps);
+    report.add(
+        "agent",
+        "kernel map memory, idle (16 devices)",
+        "MiB",
+        m,
+        Some(("<= 16 MiB".into(), m.median <= 16.0)),
     );
     report.add("agent", "CPU idle", "s/min", stat(idle_cpu), None);
     report.add(
@@ -600,6 +620,13 @@ fn flow_table(report: &mut Report) {
         "MiB",
         r,
         Some(("<= 30 MiB".into(), r.median <= 30.0)),
+    );
+    report.add(
+        "flows",
+        "kernel map memory with 1M flows tracked",
+        "MiB",
+        stat(vec![map_mib(&agent, &sim.node)]),
+        None,
     );
     let c0 = cpu_seconds(agent.pid());
     std::thread::sleep(Duration::from_secs(10));
