@@ -25,7 +25,7 @@ pub struct Cli {
     )]
     pub listen: SocketAddr,
 
-    /// EC2 instance metadata service, for ENI ids (`IMDSv2`). Default: http://169.254.169.254
+    /// EC2 instance metadata service, for ENI ids (`IMDSv2`). Default: `http://169.254.169.254`
     /// on EC2 (as DMI says); elsewhere IMDS is not called unless this is given.
     #[arg(long, value_name = "URL", env = "MONITOR_IMDS_ENDPOINT", value_parser = parse_http_url)]
     pub imds_endpoint: Option<String>,

@@ -73,7 +73,7 @@ pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
     strings[1] = count as u64;
     ioctl(&sock, device, &mut strings)?;
     let named = (strings[1] & 0xffff_ffff) as usize;
-    let names: Vec<u8> = strings
+    let table: Vec<u8> = strings
         .iter()
         .flat_map(|w| w.to_ne_bytes())
         .skip(12)
@@ -89,7 +89,7 @@ pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
             "{device}: the driver's statistics changed while being read ({count}, then {named} names and {returned} values)"
         )));
     }
-    Ok(parse(&names, &values[1..=count]))
+    Ok(parse(&table, &values[1..=count]))
 }
 
 #[cfg(test)]

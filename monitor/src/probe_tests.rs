@@ -459,9 +459,9 @@ fn a_flow_refreshed_during_a_pass_is_not_deleted() {
     let expiry = Expiry {
         flows: table,
         timeouts: Timeouts {
-            tcp_established: Duration::from_secs(432_000),
+            tcp_established: Duration::from_hours(120),
             udp: Duration::from_secs(30),
-            udp_stream: Duration::from_secs(180),
+            udp_stream: Duration::from_mins(3),
         },
         counts: FlowCounts::default(),
         devices,

@@ -54,7 +54,7 @@ fn on_bpffs(path: &Path) -> bool {
     // SAFETY: a NUL-terminated path and a zeroed statfs to fill.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &raw mut st) == 0 && i64::from(st.f_type) == BPF_FS_MAGIC
+        libc::statfs(c.as_ptr(), &raw mut st) == 0 && st.f_type == BPF_FS_MAGIC
     }
 }
 

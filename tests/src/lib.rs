@@ -338,8 +338,8 @@ pub struct Agent {
     ns_name: String,
     pub log: PathBuf,
     pub listen: SocketAddr,
-    /// The state the agent pins, when it owns it.
-    _state: Option<BpfState>,
+    /// The state the agent pins, when it owns it; unmounted after the agent stops.
+    owned_state: Option<BpfState>,
 }
 
 impl Agent {
@@ -350,7 +350,7 @@ impl Agent {
     pub fn start(ns: &Netns, args: &[&str]) -> Self {
         let state = BpfState::new(&ns.name);
         let mut agent = Self::start_with_state(ns, args, &state);
-        agent._state = Some(state);
+        agent.owned_state = Some(state);
         agent
     }
 
@@ -401,7 +401,7 @@ impl Agent {
             ns_name: ns.name.clone(),
             log,
             listen,
-            _state: None,
+            owned_state: None,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

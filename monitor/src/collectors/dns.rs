@@ -356,7 +356,6 @@ impl Collector for DnsCollector {
         for (l, h) in latency {
             encode_histogram(&mut family.encode_family(&with(l))?, &h)?;
         }
-        drop(family);
         let info = self
             .resolvers
             .lock()

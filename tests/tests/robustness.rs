@@ -1,0 +1,204 @@
+//! Nothing silent, nothing racing: a burst of scrapes, devices that come, go and are
+//! renamed a hundred times, and a machine that is not EC2.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{Agent, BpfState, Scrape, SimNode, monitor_bin, require_root, sh};
+
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+
+#[test]
+fn a_thousand_concurrent_scrapes_are_all_answered() {
+    if !require_root("a_thousand_concurrent_scrapes_are_all_answered") {
+        return;
+    }
+    // The test holds 1000 connections too.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain rlimit calls on a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
+    }
+    let sim = SimNode::ipv4_only();
+    let agent = Agent::start(&sim.node, &["--device", "eth0"]);
+    let at = agent.listen;
+    let answered = sim.node.run(move || {
+        let mut conns: Vec<TcpStream> = (0..1000)
+            .map(|_| TcpStream::connect_timeout(&at, Duration::from_secs(5)).unwrap())
+            .collect();
+        for c in &mut conns {
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        }
+        conns
+            .into_iter()
+            .filter(|c| {
+                let mut c = c;
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut body = String::new();
+                c.read_to_string(&mut body).is_ok()
+                    && body.starts_with("HTTP/1.")
+                    && body.contains(" 200 OK")
+                    && body.contains("eni_monitor_build_info")
+            })
+            .count()
+    });
+    assert_eq!(answered, 1000);
+    assert_eq!(agent.get(&sim.node, "/healthz").unwrap().0, 200);
+    assert!(
+        !agent.log_text().contains("accepting a connection"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+fn devices_in(s: &Scrape, metric: &str) -> Vec<String> {
+    let mut d: Vec<String> = s
+        .matching(metric, &[])
+        .filter_map(|(l, _)| l.get("device").cloned())
+        .filter(|d| !d.is_empty())
+        .collect();
+    d.sort();
+    d.dedup();
+    d
+}
+
+/// Entries of the pinned `MONITORED` map: the device slots in use.
+fn monitored(state: &BpfState) -> usize {
+    let pin = std::fs::read_dir(state.dir())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("MONITORED");
+    let out = sh(Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array().unwrap().len()
+}
+
+#[test]
+fn a_hundred_add_rename_remove_cycles_leave_nothing_behind() {
+    if !require_root("a_hundred_add_rename_remove_cycles_leave_nothing_behind") {
+        return;
+    }
+    let mut sim = SimNode::ipv4_only();
+    let state = BpfState::new(&format!("cycles-{}", std::process::id()));
+    let agent = Agent::start_with_state(&sim.node, &["--device", "eth*,ens*"], &state);
+    let attached = |device: &str, s: &Scrape| {
+        s.get(
+            "eni_monitor_program_attached",
+            &[
+                ("program", "tc_ingress"),
+                ("hook", "tc/ingress"),
+                ("device", device),
+            ],
+        ) == Some(1.0)
+    };
+
+    // Once slowly, to see each step: attached, renamed in place (udev), removed.
+    sim.add_eni("eth1");
+    agent.scrape_until(&sim.node, "eth1 attached", |s| attached("eth1", s));
+    for cmd in [
+        "link set eth1 down",
+        "link set eth1 name ens6",
+        "link set ens6 up",
+    ] {
+        sim.node.ip(cmd);
+    }
+    let s = agent.scrape_until(&sim.node, "eth1 renamed ens6", |s| {
+        attached("ens6", s) && !s.text.contains("device=\"eth1\"")
+    });
+    assert_eq!(devices_in(&s, "eni_monitor_device_info"), ["ens6", "eth0"]);
+    sim.node.ip("link del ens6");
+    agent.scrape_until(&sim.node, "ens6 gone", |s| {
+        !s.text.contains("device=\"ens6\"")
+    });
+
+    // Then 99 times as fast as the kernel will do it.
+    let started = Instant::now();
+    for _ in 1..100 {
+        sim.node.ip("link add eth1 type veth peer name peer1");
+        sim.node.ip("link set eth1 name ens6");
+        sim.node.ip("link del ens6");
+    }
+    eprintln!("99 cycles in {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    let s = agent.scrape(&sim.node);
+    for metric in [
+        "eni_monitor_device_info",
+        "eni_monitor_program_attached",
+        "eni_monitor_tracked_flows",
+        "eni_monitor_linklocal_packets_total",
+    ] {
+        assert_eq!(devices_in(&s, metric), ["eth0"], "{metric}: {}", s.text);
+    }
+    assert_eq!(monitored(&state), 1, "a slot left behind");
+    for hook in [BPF_TCX_INGRESS, BPF_TCX_EGRESS] {
+        assert_eq!(Agent::tcx_programs(&sim.node, "eth0", hook), 1);
+    }
+    // And a device after all that is watched as the first one was.
+    sim.add_eni("eth2");
+    agent.scrape_until(&sim.node, "eth2 attached", |s| attached("eth2", s));
+    assert_eq!(monitored(&state), 2);
+    assert_eq!(agent.get(&sim.node, "/readyz").unwrap().0, 200);
+}
+
+#[test]
+fn off_ec2_the_metadata_service_is_never_called() {
+    if !require_root("off_ec2_the_metadata_service_is_never_called") {
+        return;
+    }
+    let vendor =
+        |f: &str| std::fs::read_to_string(format!("/sys/class/dmi/id/{f}")).unwrap_or_default();
+    if vendor("sys_vendor").contains("Amazon EC2") || vendor("board_vendor").contains("Amazon EC2")
+    {
+        eprintln!("skipping: this machine is an EC2 instance, where IMDS is called by design");
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    // A route that would carry any IMDS request out through the ENI, where the
+    // classifier counts it.
+    sim.node.ip("route add 169.254.169.254/32 dev eth0");
+    let state = BpfState::new(&format!("offec2-{}", std::process::id()));
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &sim.node.name])
+        .arg(monitor_bin())
+        .args([
+            "--listen",
+            "127.0.0.1:9435",
+            "--device",
+            "eth0",
+            "--state-dir",
+        ])
+        .arg(state.dir());
+    let mut agent = Agent::start_command(&sim.node, command);
+    std::thread::sleep(Duration::from_secs(3));
+    let s = agent.scrape(&sim.node);
+    assert_eq!(
+        s.get(
+            "eni_monitor_linklocal_packets_total",
+            &[("device", "eth0"), ("service", "imds")]
+        ),
+        Some(0.0),
+        "{}",
+        s.text
+    );
+    assert!(agent.stop().success());
+    let log = agent.log_text();
+    assert_eq!(log.matches("not an EC2 instance (DMI)").count(), 1, "{log}");
+    assert!(!log.contains("IMDS:"), "{log}");
+}
