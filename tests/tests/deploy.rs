@@ -36,7 +36,6 @@ const METRICS: &[&str] = &[
     "eni_monitor_tracked_flows",
     "eni_monitor_flows_created_total",
     "eni_monitor_flow_table_full_total",
-    "eni_monitor_conntrack_allowance",
     "eni_monitor_device_info",
     "eni_monitor_dns_resolver_info",
     "eni_monitor_map_full_total",
