@@ -10,6 +10,7 @@ mod ethtool;
 mod http;
 mod imds;
 mod kernel;
+mod model;
 mod probe_tests;
 mod programs;
 mod slots;
@@ -371,7 +372,7 @@ fn registry(
     registry.register_collector(Box::new(EnaCollector {
         devices: shared.devices.clone(),
         flows: shared.flow_counts.clone(),
-        allowance,
+        allowance: Mutex::new(model::Allowance::new(allowance)),
     }));
     registry.register_collector(Box::new(FlowsCollector {
         created: slots.flows_created.clone(),

@@ -485,3 +485,44 @@ fn a_flow_refreshed_during_a_pass_is_not_deleted() {
         );
     }
 }
+
+#[test]
+fn the_amazon_resolver_is_not_a_tracked_flow() {
+    use monitor_common::{Flow, FlowKey};
+    if !integration_tests::require_root("the_amazon_resolver_is_not_a_tracked_flow") {
+        return;
+    }
+    let ebpf = loaded();
+    let flows = |ebpf: &Ebpf| {
+        let m: HashMap<&MapData, FlowKey, Flow> = ebpf.map("FLOWS").unwrap().try_into().unwrap();
+        m.keys().count()
+    };
+    let amazon = [169, 254, 169, 253];
+    // A query to Amazon's resolver and its answer: link-local, counted as such, no flow.
+    run(
+        &ebpf,
+        "tc_egress",
+        &ipv4_udp(SRC4, amazon, 40000, 53, 0, &dns(1, 0x0100, 1, QUESTION)),
+    );
+    run(
+        &ebpf,
+        "tc_ingress",
+        &ipv4_udp(amazon, SRC4, 53, 40000, 0, &dns(1, 0x8180, 1, QUESTION)),
+    );
+    let c = counts(&ebpf);
+    assert_eq!((c.queries, c.responses, c.linklocal), (1, 1, 1));
+    assert_eq!(flows(&ebpf), 0);
+    // The same to a resolver of the VPC's own (a CoreDNS pod): a tracked flow.
+    run(
+        &ebpf,
+        "tc_egress",
+        &ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(2, 0x0100, 1, QUESTION)),
+    );
+    run(
+        &ebpf,
+        "tc_ingress",
+        &ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(2, 0x8180, 1, QUESTION)),
+    );
+    assert_eq!(flows(&ebpf), 1);
+    assert_eq!(counts(&ebpf).linklocal, 1);
+}

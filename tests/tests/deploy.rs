@@ -42,6 +42,8 @@ const METRICS: &[&str] = &[
     "eni_monitor_ena_conntrack_allowance_available",
     "eni_monitor_ena_allowance_exceeded_total",
     "eni_monitor_conntrack_allowance_utilization_ratio",
+    "eni_monitor_conntrack_allowance",
+    "eni_monitor_kernel_map_memory_bytes",
     "eni_monitor_linklocal_packets_total",
     "eni_monitor_linklocal_peak_packets_per_second",
     "eni_monitor_dns_queries_total",

@@ -54,13 +54,17 @@ fn udp_flows_and_tcp_connections_are_tracked_then_expire() {
     assert_eq!(s.get(CREATED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
     assert_eq!(s.get(TRACKED, &on("eth0", "icmp")), Some(0.0), "{}", s.text);
     assert_eq!(s.get("eni_monitor_flow_table_full_total", &[]), Some(0.0));
-    // 25 tracked of the 100 the flag allows; a veth has no ENA allowance statistics.
+    // 25 tracked of the 100 the flag allows, instance-wide; a veth has no ENA
+    // allowance statistics.
     assert_eq!(
-        s.get(
-            "eni_monitor_conntrack_allowance_utilization_ratio",
-            &[("device", "eth0")]
-        ),
-        Some(0.25)
+        s.get("eni_monitor_conntrack_allowance_utilization_ratio", &[]),
+        Some(0.25),
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.get("eni_monitor_conntrack_allowance", &[("source", "flag")]),
+        Some(100.0)
     );
     assert_eq!(
         s.sum("eni_monitor_ena_allowance_exceeded_total", &[]),

@@ -9,6 +9,7 @@ use aya_ebpf::{
 use monitor_common::{Addr, LL_SERVICES, LL_WINDOW, LinkLocalSecond, MAX_DEVICES};
 
 use super::{dns, packet::Packet};
+
 use crate::{kernel::now_coarse_s, maps::MONITORED};
 
 /// Link-local service addresses (and the VPC+2 resolvers) to their service.
@@ -24,24 +25,27 @@ static LL_PACKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DEVICES 
 static LL_SECONDS: PerCpuArray<LinkLocalSecond> =
     PerCpuArray::with_max_entries(MAX_DEVICES * LL_WINDOW, 0);
 
+/// The link-local service at `addr`:`port` (the packet's far end), if it is one: the
+/// Amazon resolver (169.254.169.253, fd00:ec2::253, VPC+2), IMDS or time sync. A cheap
+/// test first, so that other packets never pay the lookup.
 #[inline(always)]
-fn maybe_link_local(p: &Packet) -> bool {
-    let last = p.dst[3].to_ne_bytes();
+pub fn service(p: &Packet, addr: &Addr, port: u16) -> Option<u32> {
+    let last = addr[3].to_ne_bytes();
     let v4_link_local = !p.is_v6 && last[0] == 169 && last[1] == 254;
     // fd00:ec2::/32
-    let v6_ec2 = p.is_v6 && p.dst[0] == u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]);
+    let v6_ec2 = p.is_v6 && addr[0] == u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]);
     // A VPC+2 resolver can be any address, but only DNS goes there.
-    v4_link_local || v6_ec2 || p.dport == dns::PORT
+    if !(v4_link_local || v6_ec2 || port == dns::PORT) {
+        return None;
+    }
+    // SAFETY: a read of a map value the kernel keeps alive for the program's run.
+    unsafe { LINKLOCAL.get(addr) }.copied()
 }
 
+/// Counts a packet to link-local `service` on the device.
 #[inline(always)]
-pub fn count(p: &Packet, ifindex: u32) {
-    if !maybe_link_local(p) {
-        return;
-    }
-    let Some(&service) = (unsafe { LINKLOCAL.get(&p.dst) }) else {
-        return;
-    };
+pub fn count(service: u32, ifindex: u32) {
+    // SAFETY: as above.
     let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else {
         return;
     };

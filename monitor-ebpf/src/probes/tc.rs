@@ -23,10 +23,22 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn handle(ctx: &TcContext, egress: bool) {
     let Some(p) = packet::parse(ctx) else { return };
+    // SAFETY: the context's skb is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    flows::track(&p, packet::tcp_flags(ctx, &p), ifindex);
-    if egress {
-        linklocal::count(&p, ifindex);
+    let (far, far_port) = if egress {
+        (&p.dst, p.dport)
+    } else {
+        (&p.src, p.sport)
+    };
+    match linklocal::service(&p, far, far_port) {
+        // EC2 does not track flows to its link-local services: they have their own
+        // allowance (1024 packets/s), counted on the way out.
+        Some(service) => {
+            if egress {
+                linklocal::count(service, ifindex);
+            }
+        }
+        None => flows::track(&p, packet::tcp_flags(ctx, &p), ifindex),
     }
     if p.proto == packet::IPPROTO_UDP && p.l4 != 0 && (p.sport == dns::PORT || p.dport == dns::PORT)
     {

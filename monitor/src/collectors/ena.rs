@@ -1,12 +1,15 @@
-//! The ENA driver's allowance counters, and the connection-tracking allowance
-//! utilization they and the flow table's estimate give together.
+//! The ENA driver's allowance counters, and the instance's connection-tracking
+//! allowance and its utilization (the model in `model.rs`).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, PoisonError},
+};
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{encode_counters, encode_gauges, flows::FlowCounts};
-use crate::{devices::Devices, ethtool};
+use crate::{devices::Devices, ethtool, model::Allowance};
 
 /// The ENA statistics exported as `allowance` counters.
 pub const EXCEEDED: [(&str, &str); 5] = [
@@ -22,19 +25,8 @@ pub const AVAILABLE: &str = "conntrack_allowance_available";
 pub struct EnaCollector {
     pub devices: Devices,
     pub flows: FlowCounts,
-    /// `--conntrack-allowance`, for devices whose driver reports no allowance.
-    pub allowance: Option<u64>,
-}
-
-/// In-use over allowance. The allowance is instance-wide, so the estimate is too: the
-/// tracked flows of every monitored ENI.
-pub fn utilization(estimate: u64, available: Option<u64>, configured: Option<u64>) -> Option<f64> {
-    let allowance = match available {
-        Some(a) => a.checked_add(estimate)?,
-        None => configured?,
-    };
-    #[expect(clippy::cast_precision_loss, reason = "flow counts are far below 2^52")]
-    (allowance > 0).then(|| estimate as f64 / allowance as f64)
+    /// The instance's allowance: `--conntrack-allowance`, or learned from the driver.
+    pub allowance: Mutex<Allowance>,
 }
 
 impl Collector for EnaCollector {
@@ -43,13 +35,14 @@ impl Collector for EnaCollector {
         let estimate = self.flows.get().map(|p| p.total(&devices));
         let mut available = Vec::new();
         let mut exceeded = Vec::new();
-        let mut ratios = Vec::new();
+        let mut instance_available: Option<u64> = None;
         for d in devices.values() {
             let stats: BTreeMap<String, u64> = ethtool::stats(&d.name).unwrap_or_default();
             let device = || ("device", d.name.clone());
-            let avail = stats.get(AVAILABLE).copied();
-            if let Some(a) = avail {
+            if let Some(&a) = stats.get(AVAILABLE) {
                 available.push(([device()], i64::try_from(a).unwrap_or(i64::MAX)));
+                // Every ENI reports the instance's figure; the lowest is the latest.
+                instance_available = Some(instance_available.map_or(a, |m| m.min(a)));
             }
             // As the driver reads them: a driver reset is an ordinary counter reset, which
             // rate() and increase() already handle; an offset kept in the agent would
@@ -59,10 +52,12 @@ impl Collector for EnaCollector {
                     exceeded.push(([device(), ("allowance", allowance.to_owned())], raw));
                 }
             }
-            if let Some(r) = estimate.and_then(|e| utilization(e, avail, self.allowance)) {
-                ratios.push(([device()], r));
-            }
         }
+        let assessment = self
+            .allowance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .assess(estimate, instance_available);
         encode_gauges(
             &mut encoder,
             "ena_conntrack_allowance_available",
@@ -77,9 +72,21 @@ impl Collector for EnaCollector {
         )?;
         encode_gauges(
             &mut encoder,
+            "conntrack_allowance",
+            "The instance's connection-tracking allowance used for the ratio: from --conntrack-allowance (flag) or learned from the ENA driver (learned).",
+            assessment.map(|x| {
+                (
+                    [("source", x.source.label().to_owned())],
+                    i64::try_from(x.allowance).unwrap_or(i64::MAX),
+                )
+            }),
+        )?;
+        let none: [(&'static str, String); 0] = [];
+        encode_gauges(
+            &mut encoder,
             "conntrack_allowance_utilization_ratio",
-            "Estimated tracked connections over the instance's connection-tracking allowance.",
-            ratios,
+            "Instance-wide tracked connections over the connection-tracking allowance.",
+            assessment.map(|x| (none, x.utilization)),
         )
     }
 }
@@ -97,14 +104,5 @@ mod tests {
         assert_eq!(before["conntrack_allowance_exceeded"], 12);
         assert_eq!(after["conntrack_allowance_exceeded"], 2);
         assert_eq!(before["linklocal_allowance_exceeded"], 3);
-    }
-
-    #[test]
-    fn utilization_from_the_driver_or_the_flag() {
-        assert_eq!(utilization(200, Some(800), None), Some(0.2));
-        assert_eq!(utilization(200, Some(800), Some(100)), Some(0.2));
-        assert_eq!(utilization(50, None, Some(100)), Some(0.5));
-        assert_eq!(utilization(50, None, None), None);
-        assert_eq!(utilization(0, Some(0), None), None);
     }
 }
