@@ -75,6 +75,15 @@ pub struct Cli {
 pub enum Command {
     /// Remove the pinned maps (after uninstalling: frees their kernel memory).
     Cleanup,
+    /// One screen from a running agent: the allowance, then per ENI what needs attention.
+    Status {
+        /// The agent to ask.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9435", value_parser = parse_http_url)]
+        endpoint: String,
+        /// Rates are over this long: the agent is read twice, this far apart.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+        interval: Duration,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

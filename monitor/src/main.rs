@@ -15,6 +15,7 @@ mod probe_tests;
 mod programs;
 mod slots;
 mod state;
+mod status;
 mod watch;
 
 use std::{
@@ -71,6 +72,16 @@ const LINKLOCAL_SERVICES: [(&str, u32); 6] = [
 fn main() {
     let cli = Cli::parse_or_exit();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Some(cli::Command::Status { endpoint, interval }) = &cli.command {
+        match status::run(endpoint, *interval) {
+            Ok(screen) => print!("{screen}"),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let Some(cli::Command::Cleanup) = cli.command {
         match state::cleanup(&cli.state_dir) {
             Ok(Some(dir)) => info!("removed {}", dir.display()),
