@@ -12,6 +12,8 @@
 pub mod dns;
 pub mod floor;
 pub mod imds;
+pub mod incident;
+pub mod paging;
 pub mod servers;
 pub mod vm;
 
@@ -88,6 +90,22 @@ impl Drop for Background {
             let _ = t.join();
         }
     }
+}
+
+/// Moves the calling thread into namespace `ns_name` for good (a thread of its own,
+/// as a background traffic source needs).
+pub fn enter(ns_name: &str) {
+    let path = PathBuf::from("/run/netns").join(ns_name);
+    let file = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    // SAFETY: a valid namespace fd; setns affects only this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A named network namespace, deleted on drop.

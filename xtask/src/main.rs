@@ -101,6 +101,12 @@ enum Cmd {
     /// Build the container image (a static `monitor` on scratch) with buildah, offline,
     /// into target/image/oci.
     Image,
+    /// Replay the incident for a person: the timeline, each page, the lead time.
+    Demo {
+        /// Leave Prometheus and Alertmanager running until Enter is pressed.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -127,6 +133,25 @@ fn main() -> Result<()> {
         Cmd::Image => {
             setup()?;
             image()
+        }
+        Cmd::Demo { keep } => {
+            setup()?;
+            build()?;
+            let root = workspace_root()?;
+            run(Command::new(cargo())
+                .current_dir(&root)
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "--package",
+                    "integration-tests",
+                    "--bin",
+                    "demo",
+                    "--",
+                ])
+                .args(keep.then_some("--keep"))
+                .env("MONITOR_BIN", root.join("target/release/monitor")))
         }
         Cmd::Bench => {
             setup()?;

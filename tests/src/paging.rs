@@ -1,0 +1,189 @@
+//! Debian's Prometheus and Alertmanager inside a namespace, scraping an agent every
+//! second with the shipped rules, unchanged: paging end to end.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{Netns, http_get};
+
+pub const PROMETHEUS: &str = "127.0.0.1:9090";
+pub const ALERTMANAGER: &str = "127.0.0.1:9093";
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(ns: &Netns, program: &str, args: &[String]) -> Daemon {
+    Daemon(
+        ns.command(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program}: {e}")),
+    )
+}
+
+/// A directory removed on drop.
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Prometheus and Alertmanager in `ns`; stopped on drop, then their files removed.
+pub struct Paging {
+    ns_name: String,
+    _alertmanager: Daemon,
+    _prometheus: Daemon,
+    dir: DirGuard,
+}
+
+/// Waits until `f` holds, for at most `limit`; returns how long it took.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !f() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    started.elapsed()
+}
+
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+impl Paging {
+    /// Starts both, Prometheus scraping `agent` (labelled `node`), and waits until the
+    /// first scrape and Alertmanager answer.
+    pub fn start(ns: &Netns, agent: SocketAddr, node: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-paging", ns.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/alerts/rules.yml")
+            .canonicalize()
+            .unwrap();
+        std::fs::write(
+            dir.join("alertmanager.yml"),
+            "route:\n  receiver: 'null'\n  group_wait: 1s\n  group_interval: 1s\nreceivers:\n  - name: 'null'\n",
+        )
+        .unwrap();
+        // The evaluation interval is the test's; the rules are the shipped ones, unchanged.
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{ALERTMANAGER}']\nscrape_configs:\n  - job_name: eni-monitor\n    static_configs:\n      - targets: ['{agent}']\n        labels:\n          node: {node}\n",
+                rules.display(),
+            ),
+        )
+        .unwrap();
+        let d = |p: &str| dir.join(p).display().to_string();
+        let alertmanager = start(
+            ns,
+            "prometheus-alertmanager",
+            &[
+                format!("--config.file={}", d("alertmanager.yml")),
+                format!("--storage.path={}", d("am")),
+                format!("--web.listen-address={ALERTMANAGER}"),
+                "--cluster.listen-address=".into(),
+            ],
+        );
+        let prometheus = start(
+            ns,
+            "prometheus",
+            &[
+                format!("--config.file={}", d("prometheus.yml")),
+                format!("--storage.tsdb.path={}", d("tsdb")),
+                format!("--web.listen-address={PROMETHEUS}"),
+            ],
+        );
+        let paging = Self {
+            ns_name: ns.name.clone(),
+            _alertmanager: alertmanager,
+            _prometheus: prometheus,
+            dir: DirGuard(dir),
+        };
+        wait_for(
+            "Prometheus to scrape the agent",
+            Duration::from_mins(1),
+            || {
+                paging
+                    .query(ns, "up{job=\"eni-monitor\"}")
+                    .is_some_and(|v| v["data"]["result"][0]["value"][1] == "1")
+            },
+        );
+        wait_for("Alertmanager", Duration::from_secs(30), || {
+            get_json(ns, ALERTMANAGER, "/api/v2/status").is_some()
+        });
+        paging
+    }
+
+    /// An instant query's JSON answer.
+    pub fn query(&self, ns: &Netns, expr: &str) -> Option<Value> {
+        assert_eq!(ns.name, self.ns_name);
+        get_json(
+            ns,
+            PROMETHEUS,
+            &format!("/api/v1/query?query={}", percent_encode(expr)),
+        )
+    }
+
+    /// The alerts Alertmanager holds named `alertname` whose labels include `labels`
+    /// and that have not ended.
+    pub fn active(&self, ns: &Netns, alertname: &str, labels: &[(&str, &str)]) -> Vec<Value> {
+        let Some(alerts) = get_json(ns, ALERTMANAGER, "/api/v2/alerts") else {
+            return Vec::new();
+        };
+        let now = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+        alerts
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a["labels"]["alertname"] == alertname)
+            .filter(|a| labels.iter().all(|(k, v)| a["labels"][*k] == *v))
+            .filter(|a| a["status"]["state"] == "active")
+            .filter(|a| {
+                // Prometheus sends endsAt in the past once the alert resolved.
+                let ends = a["endsAt"].as_str().unwrap_or("");
+                ends.is_empty() || ends > now.as_str()
+            })
+            .collect()
+    }
+
+    /// Where the daemons keep their files.
+    pub fn dir(&self) -> &PathBuf {
+        &self.dir.0
+    }
+}
+
+fn get_json(ns: &Netns, addr: &str, path: &str) -> Option<Value> {
+    let (code, body) = http_get(ns, addr.parse().ok()?, path)?;
+    (code == 200)
+        .then(|| serde_json::from_str(&body).ok())
+        .flatten()
+}
