@@ -23,23 +23,6 @@ struct ElemAttr {
     flags: u64,
 }
 
-fn bpf_elem(cmd: libc::c_long, attr: &mut ElemAttr) -> io::Result<()> {
-    // SAFETY: `attr` is a valid elem attribute whose pointers the caller keeps alive.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<ElemAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// The value of `key`, `None` when absent.
 ///
 /// # Safety
@@ -52,7 +35,7 @@ pub unsafe fn lookup_one<K: Copy, V: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::R
         value: value.as_mut_ptr() as u64,
         ..ElemAttr::default()
     };
-    match bpf_elem(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
         // SAFETY: the kernel wrote the value.
         Ok(()) => Ok(Some(unsafe { value.assume_init() })),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
@@ -77,7 +60,7 @@ pub unsafe fn update_one<K: Copy, V: Copy>(
         value: std::ptr::from_ref(value) as u64,
         ..ElemAttr::default()
     };
-    bpf_elem(BPF_MAP_UPDATE_ELEM, &mut attr)
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
 }
 
 /// Deletes `key`; `false` when it was already gone.
@@ -90,7 +73,7 @@ pub unsafe fn delete_one<K: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::Result<boo
         key: std::ptr::from_ref(key) as u64,
         ..ElemAttr::default()
     };
-    match bpf_elem(BPF_MAP_DELETE_ELEM, &mut attr) {
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
@@ -111,16 +94,10 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: `attr` is a valid batch attribute whose pointers the caller keeps alive.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<BatchAttr>(),
-        )
-    };
+/// The `bpf` syscall with `attr`, a member of `union bpf_attr` (`ElemAttr`, `BatchAttr`).
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: `attr` is a valid attribute whose pointers the caller keeps alive.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -164,7 +141,7 @@ pub unsafe fn lookup_all<K: Copy, V: Copy>(
             map_fd: map_fd(fd),
             ..BatchAttr::default()
         };
-        let result = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let done = match &result {
             Ok(()) => false,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,

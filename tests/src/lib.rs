@@ -108,6 +108,14 @@ pub fn enter(ns_name: &str) {
     );
 }
 
+/// The programs every agent attaches, with the device of each (empty for tracepoints).
+pub const HOOKS: [(&str, &str); 4] = [
+    ("kfree_skb", ""),
+    ("udp_fail_queue_rcv_skb", ""),
+    ("tc_ingress", "eth0"),
+    ("tc_egress", "eth0"),
+];
+
 /// A named network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -144,19 +152,9 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace. Sockets made there stay in
     /// the namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = PathBuf::from("/run/netns").join(&self.name);
+        let name = self.name.clone();
         std::thread::spawn(move || {
-            let file =
-                File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-            // SAFETY: a valid namespace fd; setns affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "setns {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
+            enter(&name);
             f()
         })
         .join()

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Agent, SimNode, require_root, send_udp, sh};
+use integration_tests::{Agent, HOOKS, SimNode, require_root, send_udp, sh};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -102,12 +102,7 @@ fn the_image_holds_the_agent_alone_and_its_entrypoint_serves_metrics() {
     let mut agent = Agent::start_command(&sim.node, command);
 
     let s = agent.scrape(&sim.node);
-    for (program, device) in [
-        ("kfree_skb", ""),
-        ("udp_fail_queue_rcv_skb", ""),
-        ("tc_ingress", "eth0"),
-        ("tc_egress", "eth0"),
-    ] {
+    for (program, device) in HOOKS {
         assert_eq!(
             s.matching(
                 "eni_monitor_program_attached",

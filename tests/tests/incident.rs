@@ -33,10 +33,11 @@ fn the_page_comes_before_the_allowance_fills_and_says_why() {
     );
     assert!(out.utilization_at_alert >= 0.9, "{out:?}");
     assert_eq!(out.critical_alert_labels["node"], NODE);
-    // The agent's estimate is the hypervisor's count: never past the allowance while
-    // nothing was dropped, at it when the drops began (plus the attempts being dropped,
-    // which the node saw leave).
-    assert!(out.max_utilization_before_drop <= 1.0, "{out:?}");
+    // The agent's estimate is the hypervisor's count: at most the allowance while
+    // nothing was dropped, give or take the attempt in flight (the node sees a SYN leave
+    // before the hypervisor refuses it), and at the allowance when the drops began.
+    let slack = (f64::from(ALLOWANCE) + 3.0) / f64::from(ALLOWANCE);
+    assert!(out.max_utilization_before_drop <= slack, "{out:?}");
     let at_drop = out.tracked_when_dropping;
     assert!(
         (f64::from(ALLOWANCE)..=f64::from(ALLOWANCE) + 3.0).contains(&at_drop),

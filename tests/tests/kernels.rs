@@ -3,7 +3,7 @@
 #![allow(clippy::float_cmp)]
 
 use integration_tests::{
-    Scrape, require_root,
+    HOOKS, Scrape, require_root,
     vm::{Console, Kernel},
 };
 
@@ -135,12 +135,7 @@ impl Run<'_> {
             "{}",
             self.fail("readyz")
         );
-        for (program, device) in [
-            ("kfree_skb", ""),
-            ("udp_fail_queue_rcv_skb", ""),
-            ("tc_ingress", "eth0"),
-            ("tc_egress", "eth0"),
-        ] {
+        for (program, device) in HOOKS {
             assert_eq!(
                 attached(&s, program, device),
                 Some(1.0),

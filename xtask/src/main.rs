@@ -134,42 +134,8 @@ fn main() -> Result<()> {
             setup()?;
             image()
         }
-        Cmd::Demo { keep } => {
-            setup()?;
-            build()?;
-            let root = workspace_root()?;
-            run(Command::new(cargo())
-                .current_dir(&root)
-                .args([
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "--package",
-                    "integration-tests",
-                    "--bin",
-                    "demo",
-                    "--",
-                ])
-                .args(keep.then_some("--keep"))
-                .env("MONITOR_BIN", root.join("target/release/monitor")))
-        }
-        Cmd::Bench => {
-            setup()?;
-            build()?;
-            let root = workspace_root()?;
-            run(Command::new(cargo())
-                .current_dir(&root)
-                .args([
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "--package",
-                    "integration-tests",
-                    "--bin",
-                    "bench",
-                ])
-                .env("MONITOR_BIN", root.join("target/release/monitor")))
-        }
+        Cmd::Demo { keep } => run_tool("demo", keep.then_some("--keep")),
+        Cmd::Bench => run_tool("bench", None),
         Cmd::Test { args } => {
             setup()?;
             build()?;
@@ -181,6 +147,25 @@ fn main() -> Result<()> {
                 .env("MONITOR_BIN", root.join("target/release/monitor")))
         }
     }
+}
+
+/// Builds everything, then runs `tool`, a binary of the tests crate, on the release agent.
+fn run_tool(tool: &str, arg: Option<&str>) -> Result<()> {
+    setup()?;
+    build()?;
+    let root = workspace_root()?;
+    run(Command::new(cargo())
+        .current_dir(&root)
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "--package",
+            "integration-tests",
+        ])
+        .args(["--bin", tool, "--"])
+        .args(arg)
+        .env("MONITOR_BIN", root.join("target/release/monitor")))
 }
 
 fn cargo() -> String {
