@@ -60,11 +60,16 @@ impl TcpHold {
 }
 
 /// `n` UDP flows from `ns` to `dst`, one datagram each from its own port, each answered.
+/// The sockets stay open until all have sent: a port freed and handed out again would
+/// make two flows one.
 pub fn udp_flows(ns: &Netns, dst: SocketAddr, n: usize) -> usize {
     ns.run(move || {
-        (0..n)
-            .filter(|_| {
-                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let sockets: Vec<UdpSocket> = (0..n)
+            .map(|_| UdpSocket::bind("0.0.0.0:0").unwrap())
+            .collect();
+        sockets
+            .iter()
+            .filter(|s| {
                 s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
                 s.send_to(b"flow", dst).unwrap();
                 let mut b = [0u8; 16];

@@ -59,10 +59,13 @@ fn run(args: &[&str]) -> Result<(), String> {
         }
         ["udp-flows", a, n] => {
             let to = addr(a)?;
+            // Every socket stays open until all have sent: a port freed and handed out
+            // again would make two "flows" one.
+            let mut open = Vec::new();
             for _ in 0..count(n)? {
-                UdpSocket::bind("0.0.0.0:0")
-                    .and_then(|s| s.send_to(b"x", to))
-                    .map_err(io)?;
+                let s = UdpSocket::bind("0.0.0.0:0").map_err(io)?;
+                s.send_to(b"x", to).map_err(io)?;
+                open.push(s);
             }
             Ok(())
         }
