@@ -193,6 +193,9 @@ pub const FLOW_BA: u8 = 2;
 pub const FLOW_FIN_AB: u8 = 4;
 pub const FLOW_FIN_BA: u8 = 8;
 pub const FLOW_RST: u8 = 16;
+/// Side a (or b) is local: the node or one of its pods, the sender of an egress packet.
+pub const FLOW_LOCAL_A: u8 = 32;
+pub const FLOW_LOCAL_B: u8 = 64;
 
 /// Protocol classes of the flow metrics, the index into `FLOWS_CREATED` per slot.
 pub const FLOW_TCP: u32 = 0;

@@ -63,6 +63,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "MONITOR_FLOW_TABLE_SIZE", default_value = "262144", value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_table_size: u32,
 
+    /// How many of the busiest local addresses (tracked flows, unanswered DNS) each ENI
+    /// reports: the bound on the `top_*` series.
+    #[arg(long, value_name = "N", env = "MONITOR_TOP", default_value = "10", value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub top: u16,
+
     /// Where the maps that survive a restart are pinned, on a BPF filesystem.
     #[arg(long, value_name = "DIR", env = "MONITOR_STATE_DIR", default_value = crate::state::DEFAULT_DIR, global = true)]
     pub state_dir: PathBuf,

@@ -41,7 +41,8 @@ use crate::{
         agent::{AgentCollector, Attachments},
         conntrack::ConntrackCollector,
         dns::{
-            DnsCollector, LinkLocalResolvers, ResolverLabels, Sweeper, Unanswered, monotonic_ns,
+            DnsCollector, LinkLocalResolvers, RecentClients, ResolverLabels, Sweeper, Unanswered,
+            monotonic_ns,
         },
         drops::DropsCollector,
         ena::EnaCollector,
@@ -143,7 +144,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
 
-    let (linklocal, mut ll_map) = linklocal_services(&mut ebpf, &cli.linklocal_resolvers)?;
+    let (linklocal, ll_map) = linklocal_services(&mut ebpf, &cli.linklocal_resolvers)?;
 
     let attachments = Attachments::default();
     programs::attach_tracepoints(&mut ebpf, &facts, &attachments);
@@ -168,7 +169,10 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let unanswered = Unanswered::new(programs::take_map(&mut ebpf, "DNS_UNANSWERED")?.try_into()?);
     let flow_counts = FlowCounts::default();
+    let recent = RecentClients::default();
     let shared = Shared {
+        recent: recent.clone(),
+        top: usize::from(cli.top),
         devices: devices.clone(),
         attachments: attachments.clone(),
         unanswered: unanswered.clone(),
@@ -177,7 +181,7 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let registry = registry(&mut ebpf, &facts, &shared, &slots, cli.conntrack_allowance)?;
 
-    let (sweeper, expiry) = housekeeping(&mut ebpf, &cli, unanswered, flow_counts, &devices)?;
+    let (sweeper, expiry) = housekeeping(&mut ebpf, &cli, &shared)?;
 
     let mut watcher = Watcher {
         ebpf,
@@ -197,26 +201,7 @@ async fn run(cli: Cli) -> Result<()> {
     let mut tasks = vec![tokio::spawn(watch::run(watcher))];
     start_housekeeping(sweeper, expiry)?;
 
-    match imds::endpoint(cli.imds_endpoint.as_deref(), Path::new(DMI)) {
-        Some(url) => {
-            let imds = Imds::new(&url, Duration::from_secs(1))?;
-            tasks.push(tokio::spawn(imds::label_enis(
-                imds,
-                devices,
-                move |resolver| {
-                    if linklocal.add(IpAddr::V4(resolver))
-                        && let Err(e) =
-                            programs::add_linklocal(&mut ll_map, IpAddr::V4(resolver), LL_DNS)
-                    {
-                        warn!("{e:#}");
-                    }
-                },
-            )));
-        }
-        None => info!(
-            "not an EC2 instance (DMI): IMDS is not called and ENI ids stay empty; --imds-endpoint calls it anyway"
-        ),
-    }
+    tasks.extend(label_enis(&cli, devices, linklocal, ll_map)?);
 
     let state = Arc::new(http::State {
         registry,
@@ -240,6 +225,33 @@ async fn run(cli: Cli) -> Result<()> {
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Labels the devices with their ENI ids from IMDS, where IMDS is to be called.
+fn label_enis(
+    cli: &Cli,
+    devices: Devices,
+    linklocal: LinkLocalResolvers,
+    mut ll_map: programs::LinkLocalMap,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(url) = imds::endpoint(cli.imds_endpoint.as_deref(), Path::new(DMI)) else {
+        info!(
+            "not an EC2 instance (DMI): IMDS is not called and ENI ids stay empty; --imds-endpoint calls it anyway"
+        );
+        return Ok(None);
+    };
+    let imds = Imds::new(&url, Duration::from_secs(1))?;
+    Ok(Some(tokio::spawn(imds::label_enis(
+        imds,
+        devices,
+        move |resolver| {
+            if linklocal.add(IpAddr::V4(resolver))
+                && let Err(e) = programs::add_linklocal(&mut ll_map, IpAddr::V4(resolver), LL_DNS)
+            {
+                warn!("{e:#}");
+            }
+        },
+    ))))
 }
 
 /// The link-local service addresses, and the resolvers the command line adds, in the
@@ -274,17 +286,12 @@ fn load(cli: &Cli) -> Result<(KernelFacts, aya::Ebpf)> {
 
 /// The periodic work, its maps taken from the object: timing out DNS queries and
 /// expiring flows.
-fn housekeeping(
-    ebpf: &mut aya::Ebpf,
-    cli: &Cli,
-    unanswered: Unanswered,
-    flow_counts: FlowCounts,
-    devices: &Devices,
-) -> Result<(Sweeper, Expiry)> {
+fn housekeeping(ebpf: &mut aya::Ebpf, cli: &Cli, shared: &Shared) -> Result<(Sweeper, Expiry)> {
     let sweeper = Sweeper {
         inflight: programs::take_hash_map(ebpf, "DNS_INFLIGHT")?,
         timeout: cli.dns_timeout,
-        unanswered,
+        unanswered: shared.unanswered.clone(),
+        recent: shared.recent.clone(),
     };
     let expiry = Expiry {
         flows: programs::take_hash_map(ebpf, "FLOWS")?,
@@ -293,8 +300,9 @@ fn housekeeping(
             udp: cli.udp_timeout,
             udp_stream: cli.udp_stream_timeout,
         },
-        counts: flow_counts,
-        devices: devices.clone(),
+        counts: shared.flow_counts.clone(),
+        devices: shared.devices.clone(),
+        top: shared.top,
     };
     Ok((sweeper, expiry))
 }
@@ -340,6 +348,8 @@ fn start_housekeeping(mut sweeper: Sweeper, mut expiry: Expiry) -> Result<()> {
 
 /// State the collectors share with the agent's tasks.
 struct Shared {
+    recent: RecentClients,
+    top: usize,
     devices: Devices,
     attachments: Attachments,
     unanswered: Unanswered,
@@ -378,6 +388,8 @@ fn registry(
             shared.linklocal.clone(),
             Some(programs::take_map(ebpf, "DNS_RESOLVERS")?.try_into()?),
         )),
+        recent: shared.recent.clone(),
+        top: shared.top,
     }));
     registry.register_collector(Box::new(ConntrackCollector::new()));
     registry.register_collector(Box::new(EnaCollector {

@@ -465,6 +465,7 @@ fn a_flow_refreshed_during_a_pass_is_not_deleted() {
         },
         counts: FlowCounts::default(),
         devices,
+        top: 10,
     };
     let (result, stale) = expiry.read(1000).unwrap();
     assert_eq!(stale.len(), 2);

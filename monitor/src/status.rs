@@ -348,6 +348,8 @@ fn eni(
 
     dns(&name, &d, now, before, body, findings);
 
+    who(&d, now, body);
+
     // Kernel drops, the top three reasons.
     let mut drops: Vec<(String, f64)> = now
         .label_values("eni_monitor_drops_total", &d, "reason")
@@ -422,6 +424,28 @@ fn dns(
                 lost * 100.0
             ),
         });
+    }
+}
+
+/// Who: the busiest local addresses of one ENI (pods, with the AWS VPC CNI), three each.
+fn who(d: &[(&str, &str)], now: &Sample, body: &mut String) {
+    for (metric, what) in [
+        ("eni_monitor_top_flow_owners", "top flows   "),
+        ("eni_monitor_top_dns_clients_unanswered", "top DNS lost"),
+    ] {
+        let mut top: Vec<(String, f64)> = now
+            .matching(metric, d)
+            .filter_map(|(l, v)| Some((l.get("address")?.clone(), v)))
+            .collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if !top.is_empty() {
+            let three: Vec<String> = top
+                .iter()
+                .take(3)
+                .map(|(a, v)| format!("{a} {v:.0}"))
+                .collect();
+            let _ = writeln!(body, "  {what}  {}", three.join(", "));
+        }
     }
 }
 
@@ -537,6 +561,11 @@ eni_monitor_linklocal_peak_packets_per_second{device="eth0"} 900
 eni_monitor_drops_total{device="eth0",reason="NETFILTER_DROP"} 15
 eni_monitor_drops_total{device="eth0",reason="NO_SOCKET"} 2
 eni_monitor_program_attached{program="tc_ingress",hook="tc/ingress",device="eth0"} 1
+eni_monitor_top_flow_owners{device="eth0",address="10.210.1.2"} 5
+eni_monitor_top_flow_owners{device="eth0",address="10.210.3.2"} 500
+eni_monitor_top_flow_owners{device="eth0",address="10.210.2.2"} 50
+eni_monitor_top_flow_owners{device="eth0",address="10.210.4.2"} 1
+eni_monitor_top_dns_clients_unanswered{device="eth0",address="10.210.1.2"} 20
 "#;
 
     #[test]
@@ -580,6 +609,11 @@ eni_monitor_program_attached{program="tc_ingress",hook="tc/ingress",device="eth0
             out.contains("  kernel drops  NETFILTER_DROP 1.0/s, NO_SOCKET 0.2/s"),
             "{out}"
         );
+        assert!(
+            out.contains("  top flows     10.210.3.2 500, 10.210.2.2 50, 10.210.1.2 5\n"),
+            "{out}"
+        );
+        assert!(out.contains("  top DNS lost  10.210.1.2 20\n"), "{out}");
         assert!(lines.iter().all(|l| l.chars().count() <= 100), "{out}");
         assert!(!out.contains('\x1b'));
     }

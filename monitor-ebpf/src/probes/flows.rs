@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use monitor_common::{
-    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_RST, Flow,
-    FlowKey, MAX_DEVICES, flow_class,
+    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_A,
+    FLOW_LOCAL_B, FLOW_RST, Flow, FlowKey, MAX_DEVICES, flow_class,
 };
 
 use super::packet::{IPPROTO_TCP, IPPROTO_UDP, Packet};
@@ -48,7 +48,7 @@ struct LastFlow {
 static FLOW_TABLE_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
-pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
+pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     // A later fragment has no ports; its first fragment already touched the flow.
     if p.l4 == 0 && (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
         return;
@@ -77,6 +77,12 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32) {
         }
     };
     let mut bits = if forward { FLOW_AB } else { FLOW_BA };
+    // The local side sends what leaves and receives what arrives: who owns the flow.
+    bits |= if forward == egress {
+        FLOW_LOCAL_A
+    } else {
+        FLOW_LOCAL_B
+    };
     if p.proto == IPPROTO_TCP {
         if tcp_flags & TCP_RST != 0 {
             bits |= FLOW_RST;

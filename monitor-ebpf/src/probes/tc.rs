@@ -38,7 +38,7 @@ fn handle(ctx: &TcContext, egress: bool) {
                 linklocal::count(service, ifindex);
             }
         }
-        None => flows::track(&p, packet::tcp_flags(ctx, &p), ifindex),
+        None => flows::track(&p, packet::tcp_flags(ctx, &p), ifindex, egress),
     }
     if p.proto == packet::IPPROTO_UDP && p.l4 != 0 && (p.sport == dns::PORT || p.dport == dns::PORT)
     {

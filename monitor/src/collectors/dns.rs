@@ -2,7 +2,7 @@
 //! classifiers' maps; unanswered queries from the timeout sweep.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError, RwLock},
     time::Duration,
@@ -168,6 +168,62 @@ impl Unanswered {
     }
 }
 
+/// Minutes of unanswered queries kept per client: "recently".
+pub const RECENT_MINUTES: u64 = 5;
+
+/// Unanswered queries by (device, local client), per minute, for the last
+/// `RECENT_MINUTES`: which pods' DNS is failing now. Kept by the sweep, in memory.
+#[derive(Clone, Debug, Default)]
+pub struct RecentClients(Arc<Mutex<VecDeque<(u64, ClientCounts)>>>);
+
+/// Unanswered queries by (ifindex, client) in one minute.
+type ClientCounts = StdHashMap<(u32, Addr), u64>;
+
+impl RecentClients {
+    fn add(&self, minute: u64, ifindex: u32, client: Addr) {
+        let mut minutes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if minutes.back().is_none_or(|(m, _)| *m != minute) {
+            minutes.push_back((minute, StdHashMap::new()));
+        }
+        while minutes
+            .front()
+            .is_some_and(|(m, _)| *m + RECENT_MINUTES <= minute)
+        {
+            minutes.pop_front();
+        }
+        if let Some((_, counts)) = minutes.back_mut() {
+            *counts.entry((ifindex, client)).or_default() += 1;
+        }
+    }
+
+    /// The `top` clients of each device by unanswered queries in the window ending at
+    /// `minute`, most first (ties by address).
+    pub fn top(&self, minute: u64, top: usize) -> BTreeMap<u32, Vec<(IpAddr, u64)>> {
+        let minutes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sums: StdHashMap<(u32, Addr), u64> = StdHashMap::new();
+        for (_, counts) in minutes.iter().filter(|(m, _)| *m + RECENT_MINUTES > minute) {
+            for (k, n) in counts {
+                *sums.entry(*k).or_default() += n;
+            }
+        }
+        let mut out: BTreeMap<u32, Vec<(IpAddr, u64)>> = BTreeMap::new();
+        for ((ifindex, client), n) in sums {
+            out.entry(ifindex)
+                .or_default()
+                .push((addr_from_bytes(client), n));
+        }
+        for clients in out.values_mut() {
+            clients.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            clients.truncate(top);
+        }
+        out
+    }
+}
+
+pub fn minute(now_ns: u64) -> u64 {
+    now_ns / 60_000_000_000
+}
+
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -185,6 +241,7 @@ pub struct Sweeper {
     pub inflight: MapData,
     pub timeout: Duration,
     pub unanswered: Unanswered,
+    pub recent: RecentClients,
 }
 
 impl Sweeper {
@@ -194,6 +251,7 @@ impl Sweeper {
         let timeout = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX);
         let fd = std::os::fd::AsFd::as_fd(self.inflight.fd());
         let mut expired: Vec<(DnsFlightKey, u32)> = Vec::new();
+        let this_minute = minute(now_ns);
         // SAFETY: DNS_INFLIGHT maps DnsFlightKey to DnsFlight, plain `#[repr(C)]` data.
         unsafe {
             batch::lookup_all::<DnsFlightKey, DnsFlight>(fd, 4096, |key, flight| {
@@ -207,6 +265,7 @@ impl Sweeper {
             // SAFETY: as above.
             if unsafe { batch::delete_one(fd, &key)? } {
                 *counts.entry((ifindex, key.server)).or_default() += 1;
+                self.recent.add(this_minute, ifindex, key.client);
             }
         }
         if !counts.is_empty() {
@@ -223,6 +282,9 @@ impl Sweeper {
 }
 
 pub struct DnsCollector {
+    pub recent: RecentClients,
+    /// How many clients each device reports (`--top`).
+    pub top: usize,
     pub counts: PerCpuHashMap<MapData, DnsCountKey, u64>,
     pub latency: PerCpuHashMap<MapData, DnsServerKey, DnsLatency>,
     pub unanswered: Unanswered,
@@ -259,6 +321,34 @@ impl DnsCollector {
             .unwrap_or_else(PoisonError::into_inner)
             .label(addr_from_bytes(server));
         Some((d.name.clone(), resolver))
+    }
+}
+
+impl DnsCollector {
+    /// `top_dns_clients_unanswered`: who is failing, per device.
+    fn encode_top_clients(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        devices: &BTreeMap<u32, crate::devices::Device>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut clients = Vec::new();
+        for (ifindex, top) in self.recent.top(minute(monotonic_ns()), self.top) {
+            let Some(d) = devices.get(&ifindex) else {
+                continue;
+            };
+            for (addr, n) in top {
+                clients.push((
+                    [("device", d.name.clone()), ("address", addr.to_string())],
+                    i64::try_from(n).unwrap_or(i64::MAX),
+                ));
+            }
+        }
+        encode_gauges(
+            encoder,
+            "top_dns_clients_unanswered",
+            "The local clients with the most DNS queries unanswered in the last 5 minutes (the --top of them per ENI).",
+            clients,
+        )
     }
 }
 
@@ -356,6 +446,7 @@ impl Collector for DnsCollector {
         for (l, h) in latency {
             encode_histogram(&mut family.encode_family(&with(l))?, &h)?;
         }
+        self.encode_top_clients(&mut encoder, &devices)?;
         let info = self
             .resolvers
             .lock()
@@ -383,6 +474,29 @@ mod tests {
         assert_eq!(rcode_name(3), "NXDOMAIN");
         assert_eq!(rcode_name(5), "REFUSED");
         assert_eq!(rcode_name(15), "RCODE15");
+    }
+
+    #[test]
+    fn recent_clients_are_ranked_bounded_and_forgotten() {
+        let r = RecentClients::default();
+        let a = crate::programs::addr_bytes("10.210.1.2".parse().unwrap());
+        let b = crate::programs::addr_bytes("10.210.2.2".parse().unwrap());
+        let c = crate::programs::addr_bytes("10.210.3.2".parse().unwrap());
+        for _ in 0..3 {
+            r.add(100, 2, a);
+        }
+        r.add(100, 2, b);
+        for _ in 0..2 {
+            r.add(102, 2, c);
+        }
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            r.top(102, 2)[&2],
+            [(ip("10.210.1.2"), 3), (ip("10.210.3.2"), 2)]
+        );
+        // Five minutes on, minute 100 has gone.
+        assert_eq!(r.top(105, 10)[&2], [(ip("10.210.3.2"), 2)]);
+        assert!(r.top(107, 10).is_empty());
     }
 
     #[test]

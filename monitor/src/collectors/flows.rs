@@ -4,15 +4,16 @@
 //! published counts and never walk the table.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use aya::maps::{MapData, PerCpuArray};
 use monitor_common::{
-    FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_OTHER, FLOW_RST, FLOW_TCP,
-    FLOW_UDP, Flow, FlowKey, flow_class,
+    Addr, FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_ICMP, FLOW_LOCAL_A, FLOW_LOCAL_B,
+    FLOW_OTHER, FLOW_RST, FLOW_TCP, FLOW_UDP, Flow, FlowKey, flow_class,
 };
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
@@ -20,6 +21,7 @@ use super::{encode_counters, encode_gauges};
 use crate::{
     batch,
     devices::{Device, Devices},
+    programs::addr_from_bytes,
     slots::SlotArray,
 };
 
@@ -69,14 +71,43 @@ impl Timeouts {
 pub struct PassResult {
     /// Tracked flows by (ifindex, class).
     pub tracked: BTreeMap<(u32, u32), u64>,
+    /// Tracked flows by (ifindex, local address), while the pass runs.
+    by_owner: HashMap<(u32, Addr), u64>,
+    /// The busiest local addresses per ifindex, most flows first, `top` of them.
+    pub owners: BTreeMap<u32, Vec<(IpAddr, u64)>>,
 }
 
 impl PassResult {
-    fn add(&mut self, key: &FlowKey) {
+    fn add(&mut self, key: &FlowKey, flow: &Flow) {
         *self
             .tracked
             .entry((key.ifindex, flow_class(key.proto)))
             .or_default() += 1;
+        let local = if flow.flags & FLOW_LOCAL_A != 0 {
+            key.addr_a
+        } else if flow.flags & FLOW_LOCAL_B != 0 {
+            key.addr_b
+        } else {
+            return;
+        };
+        *self.by_owner.entry((key.ifindex, local)).or_default() += 1;
+    }
+
+    /// Keeps the `top` busiest local addresses of each device (ties by address, so the
+    /// set is stable between passes).
+    fn rank(&mut self, top: usize) {
+        let mut per_device: BTreeMap<u32, Vec<(IpAddr, u64)>> = BTreeMap::new();
+        for ((ifindex, addr), n) in self.by_owner.drain() {
+            per_device
+                .entry(ifindex)
+                .or_default()
+                .push((addr_from_bytes(addr), n));
+        }
+        for owners in per_device.values_mut() {
+            owners.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            owners.truncate(top);
+        }
+        self.owners = per_device;
     }
 
     /// Tracked flows over the monitored devices: the instance-wide estimate.
@@ -113,13 +144,16 @@ pub struct Expiry {
     pub counts: FlowCounts,
     /// Flows of devices no longer monitored are deleted.
     pub devices: Devices,
+    /// How many of the busiest local addresses each device reports.
+    pub top: usize,
 }
 
 impl Expiry {
     /// One pass at `now` (`CLOCK_MONOTONIC` seconds).
     pub fn pass(&mut self, now: u32) -> std::io::Result<PassResult> {
         let (result, stale) = self.read(now)?;
-        let result = self.reap(now, result, &stale)?;
+        let mut result = self.reap(now, result, &stale)?;
+        result.rank(self.top);
         self.counts.set(result.clone());
         Ok(result)
     }
@@ -148,7 +182,7 @@ impl Expiry {
                 if self.expired(now, key, flow, &devices) {
                     stale.push(*key);
                 } else {
-                    result.add(key);
+                    result.add(key, flow);
                 }
             })?;
         }
@@ -169,7 +203,7 @@ impl Expiry {
         for key in stale {
             // SAFETY: as in `read`.
             match unsafe { batch::lookup_one::<FlowKey, Flow>(fd, key)? } {
-                Some(flow) if !self.expired(now, key, &flow, &devices) => result.add(key),
+                Some(flow) if !self.expired(now, key, &flow, &devices) => result.add(key, &flow),
                 Some(_) => {
                     // SAFETY: as above.
                     unsafe { batch::delete_one(fd, key)? };
@@ -231,6 +265,25 @@ impl Collector for FlowsCollector {
             "New flows seen on the ENI.",
             created,
         )?;
+        let mut owners = Vec::new();
+        for d in devices.values() {
+            for (addr, n) in pass
+                .iter()
+                .filter_map(|p| p.owners.get(&d.ifindex))
+                .flatten()
+            {
+                owners.push((
+                    [("device", d.name.clone()), ("address", addr.to_string())],
+                    i64::try_from(*n).unwrap_or(i64::MAX),
+                ));
+            }
+        }
+        encode_gauges(
+            &mut encoder,
+            "top_flow_owners",
+            "Tracked flows of the busiest local addresses on the ENI (the --top of them; join kube_pod_info on pod_ip for the pod).",
+            owners,
+        )?;
         let full = self.table_full.get(&0, 0).map_or(0, |v| v.iter().sum());
         encode_counters(
             &mut encoder,
@@ -244,6 +297,50 @@ impl Collector for FlowsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owners_are_the_local_side_ranked_and_bounded() {
+        let addr = |s: &str| crate::programs::addr_bytes(s.parse().unwrap());
+        let key = |a: &str, b: &str, port: u16| FlowKey {
+            addr_a: addr(a),
+            addr_b: addr(b),
+            port_a: port,
+            port_b: 443,
+            ifindex: 2,
+            proto: 6,
+            pad: [0; 3],
+        };
+        let flow = |flags: u8| Flow {
+            first_seen: 0,
+            last_seen: 0,
+            flags,
+            pad: [0; 3],
+        };
+        let mut r = PassResult::default();
+        for port in 0..5 {
+            r.add(
+                &key("10.0.0.5", "10.9.9.9", port),
+                &flow(FLOW_AB | FLOW_LOCAL_A),
+            );
+        }
+        for port in 0..3 {
+            // The local address sorted second: side b.
+            r.add(
+                &key("10.0.0.1", "10.0.0.7", port),
+                &flow(FLOW_BA | FLOW_LOCAL_B),
+            );
+        }
+        r.add(
+            &key("10.0.0.8", "10.9.9.9", 1),
+            &flow(FLOW_AB | FLOW_LOCAL_A),
+        );
+        // A flow from before the local bit (a previous agent's): no owner.
+        r.add(&key("10.0.0.9", "10.9.9.9", 1), &flow(FLOW_AB));
+        r.rank(2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(r.owners[&2], [(ip("10.0.0.5"), 5), (ip("10.0.0.7"), 3)]);
+        assert_eq!(r.tracked[&(2, FLOW_TCP)], 10);
+    }
 
     fn key(proto: u8) -> FlowKey {
         FlowKey {
