@@ -225,6 +225,12 @@ pub struct Eni {
     pub vpc_v6: String,
 }
 
+/// A pod of the simulated node.
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: String,
+}
+
 /// A node namespace with ENIs, and a VPC namespace on their far side.
 pub struct SimNode {
     pub node: Netns,
@@ -296,6 +302,34 @@ impl SimNode {
         self.vpc.ip(&format!("link set {peer} up"));
         self.enis.push(eni);
         self.enis.last().expect("just pushed")
+    }
+
+    /// A pod: a namespace behind a veth `eni<n>` on the node, its address routed out
+    /// through `eth0` to the VPC (which routes the pods' range back to the node).
+    pub fn add_pod(&self, n: u8) -> Pod {
+        let ns = Netns::new("pod");
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+        let host = format!("eni{n}");
+        self.node.ip(&format!(
+            "link add {host} type veth peer name eth0 netns {}",
+            ns.name
+        ));
+        let ip = format!("10.210.{n}.2");
+        self.node
+            .ip(&format!("addr add 10.210.{n}.1/24 dev {host}"));
+        self.node.ip(&format!("link set {host} up"));
+        ns.ip(&format!("addr add {ip}/24 dev eth0"));
+        ns.ip("link set eth0 up");
+        ns.ip(&format!("route add default via 10.210.{n}.1"));
+        self.node.sysctl("net.ipv4.ip_forward", "1");
+        let eth0 = self.eni("eth0");
+        let _ = self
+            .vpc
+            .command("ip")
+            .args(["route", "replace", "10.210.0.0/16", "via", &eth0.node_v4])
+            .status();
+        Pod { ns, ip }
     }
 
     pub fn eni(&self, device: &str) -> &Eni {

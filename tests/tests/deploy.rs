@@ -44,6 +44,8 @@ const METRICS: &[&str] = &[
     "eni_monitor_conntrack_allowance_utilization_ratio",
     "eni_monitor_conntrack_allowance",
     "eni_monitor_kernel_map_memory_bytes",
+    "eni_monitor_top_flow_owners",
+    "eni_monitor_top_dns_clients_unanswered",
     "eni_monitor_linklocal_packets_total",
     "eni_monitor_linklocal_peak_packets_per_second",
     "eni_monitor_dns_queries_total",
@@ -406,6 +408,8 @@ fn the_dashboard_queries_only_exported_metrics() {
     let exprs = integration_tests::dashboard_queries(&dash);
     assert!(exprs.len() >= 18, "{}", exprs.len());
     let used: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
+    // The one metric not ours: kube-state-metrics' pod info, joined on the pod's address.
+    assert!(exprs.iter().any(|e| e.contains("kube_pod_info")));
     for name in &used {
         assert!(
             METRICS.contains(&name.as_str()),
