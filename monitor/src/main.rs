@@ -320,29 +320,35 @@ fn start_housekeeping(mut sweeper: Sweeper, mut expiry: Expiry) -> Result<()> {
         warn!("expiring flows: {e}");
     }
     let period = sweeper.period();
-    std::thread::Builder::new()
-        .name("dns-sweep".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(period);
-                if let Err(e) = sweeper.sweep(monotonic_ns()) {
-                    warn!("timing out DNS queries: {e}");
-                }
-            }
-        })
-        .context("starting the DNS timeout thread")?;
+    every_on_thread("dns-sweep", period, move || {
+        if let Err(e) = sweeper.sweep(monotonic_ns()) {
+            warn!("timing out DNS queries: {e}");
+        }
+    })?;
     let period = expiry.period();
+    every_on_thread("flow-expiry", period, move || {
+        if let Err(e) = expiry.pass(now_s()) {
+            warn!("expiring flows: {e}");
+        }
+    })?;
+    Ok(())
+}
+
+/// Runs `f` every `period` on a thread named `name`, for the agent's life.
+fn every_on_thread(
+    name: &str,
+    period: Duration,
+    mut f: impl FnMut() + Send + 'static,
+) -> Result<()> {
     std::thread::Builder::new()
-        .name("flow-expiry".into())
+        .name(name.to_owned())
         .spawn(move || {
             loop {
                 std::thread::sleep(period);
-                if let Err(e) = expiry.pass(now_s()) {
-                    warn!("expiring flows: {e}");
-                }
+                f();
             }
         })
-        .context("starting the flow expiry thread")?;
+        .with_context(|| format!("starting the {name} thread"))?;
     Ok(())
 }
 

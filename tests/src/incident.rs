@@ -8,7 +8,6 @@
 
 use std::{
     net::{SocketAddr, TcpStream, UdpSocket},
-    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -448,14 +447,9 @@ impl Incident {
     }
 }
 
-/// Whether the replay can run here: root, and Debian's packages it uses.
+/// Whether Debian's packages the replay uses are installed.
 pub fn runnable() -> bool {
     ["prometheus", "prometheus-alertmanager", "unbound", "nft"]
         .iter()
-        .all(|p| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {p}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
+        .all(|p| crate::have(p))
 }

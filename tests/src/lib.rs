@@ -44,6 +44,14 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// Whether `tool` is on the PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Runs `cmd`, panicking with its output when it fails.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd

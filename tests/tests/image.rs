@@ -11,17 +11,10 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Agent, HOOKS, SimNode, require_root, send_udp, sh};
+use integration_tests::{Agent, HOOKS, SimNode, have, require_root, send_udp, sh};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// Every path under `dir`, relative to it.

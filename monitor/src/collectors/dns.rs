@@ -20,7 +20,7 @@ use prometheus_client::{
     metrics::MetricType,
 };
 
-use super::{encode_counters, encode_gauges};
+use super::{encode_counters, encode_gauges, top_per_device};
 use crate::{batch, devices::Devices, programs::addr_from_bytes};
 
 /// Distinct resolvers named by address before the rest are `other`.
@@ -206,17 +206,7 @@ impl RecentClients {
                 *sums.entry(*k).or_default() += n;
             }
         }
-        let mut out: BTreeMap<u32, Vec<(IpAddr, u64)>> = BTreeMap::new();
-        for ((ifindex, client), n) in sums {
-            out.entry(ifindex)
-                .or_default()
-                .push((addr_from_bytes(client), n));
-        }
-        for clients in out.values_mut() {
-            clients.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            clients.truncate(top);
-        }
-        out
+        top_per_device(sums, top)
     }
 }
 

@@ -17,11 +17,10 @@ use monitor_common::{
 };
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use super::{encode_counters, encode_gauges};
+use super::{encode_counters, encode_gauges, top_per_device};
 use crate::{
     batch,
     devices::{Device, Devices},
-    programs::addr_from_bytes,
     slots::SlotArray,
 };
 
@@ -93,21 +92,9 @@ impl PassResult {
         *self.by_owner.entry((key.ifindex, local)).or_default() += 1;
     }
 
-    /// Keeps the `top` busiest local addresses of each device (ties by address, so the
-    /// set is stable between passes).
+    /// Keeps the `top` busiest local addresses of each device.
     fn rank(&mut self, top: usize) {
-        let mut per_device: BTreeMap<u32, Vec<(IpAddr, u64)>> = BTreeMap::new();
-        for ((ifindex, addr), n) in self.by_owner.drain() {
-            per_device
-                .entry(ifindex)
-                .or_default()
-                .push((addr_from_bytes(addr), n));
-        }
-        for owners in per_device.values_mut() {
-            owners.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            owners.truncate(top);
-        }
-        self.owners = per_device;
+        self.owners = top_per_device(self.by_owner.drain(), top);
     }
 
     /// Tracked flows over the monitored devices: the instance-wide estimate.

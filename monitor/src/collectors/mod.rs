@@ -10,7 +10,31 @@ pub mod flows;
 pub mod linklocal;
 pub mod udp;
 
+use std::{collections::BTreeMap, net::IpAddr};
+
+use monitor_common::Addr;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+
+use crate::programs::addr_from_bytes;
+
+/// The `top` addresses of each device by count, most first, ties by address so that the
+/// set is stable from one reading to the next: the `top_*` series.
+pub(crate) fn top_per_device(
+    counts: impl IntoIterator<Item = ((u32, Addr), u64)>,
+    top: usize,
+) -> BTreeMap<u32, Vec<(IpAddr, u64)>> {
+    let mut out: BTreeMap<u32, Vec<(IpAddr, u64)>> = BTreeMap::new();
+    for ((ifindex, addr), n) in counts {
+        out.entry(ifindex)
+            .or_default()
+            .push((addr_from_bytes(addr), n));
+    }
+    for ranked in out.values_mut() {
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.truncate(top);
+    }
+    out
+}
 use prometheus_client::metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge};
 
 /// Encodes one counter family from (labels, value) rows.
