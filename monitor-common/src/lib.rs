@@ -155,8 +155,8 @@ pub const LL_WINDOW: u32 = 60;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkLocalSecond {
     /// `CLOCK_MONOTONIC` second this slot counts.
-    pub second: u64,
-    pub packets: u64,
+    pub second: u32,
+    pub packets: u32,
 }
 
 /// Key of `FLOWS`: a direction-agnostic 5-tuple on one device. The (address, port) pair
@@ -173,6 +173,10 @@ pub struct FlowKey {
     pub proto: u8,
     pub pad: [u8; 3],
 }
+
+/// Slots of each CPU's cache of recently refreshed flows in front of `FLOWS`: 8 bytes
+/// each, 48 KiB per CPU.
+pub const FLOW_CACHE_SLOTS: u32 = 6144;
 
 /// Value of `FLOWS`.
 #[repr(C)]
@@ -242,6 +246,9 @@ pub mod globals {
     pub const REASON_NOT_SPECIFIED: &str = "REASON_NOT_SPECIFIED";
     /// 1 when the kernel has `bpf_ktime_get_coarse_ns` (5.11+).
     pub const HAVE_COARSE_CLOCK: &str = "HAVE_COARSE_CLOCK";
+    /// The key of the flow cache's hash (two words), random at each load.
+    pub const FLOW_HASH_SEED_LO: &str = "FLOW_HASH_SEED_LO";
+    pub const FLOW_HASH_SEED_HI: &str = "FLOW_HASH_SEED_HI";
 }
 
 #[cfg(feature = "user")]

@@ -34,6 +34,11 @@ pub fn load(facts: &KernelFacts, sizes: &[(&str, u32)], pins: Option<&Path>) -> 
     for (name, value) in &globals {
         loader.override_global(name, value, true);
     }
+    // The flow cache's hash is keyed afresh at each load: no one outside can aim
+    // flows at one slot and fingerprint.
+    let seed = random_words();
+    loader.override_global(monitor_common::globals::FLOW_HASH_SEED_LO, &seed[0], true);
+    loader.override_global(monitor_common::globals::FLOW_HASH_SEED_HI, &seed[1], true);
     if let Some(dir) = pins {
         for name in crate::state::PINNED {
             loader.map_pin_path(name, dir.join(name));
@@ -43,6 +48,17 @@ pub fn load(facts: &KernelFacts, sizes: &[(&str, u32)], pins: Option<&Path>) -> 
         Some(dir) => format!("loading the eBPF object with its maps in {}", dir.display()),
         None => "loading the eBPF object".to_owned(),
     })
+}
+
+/// Two random words from the kernel; zeros (still a working key) if it has none to give.
+fn random_words() -> [u32; 2] {
+    let mut w = [0u32; 2];
+    // SAFETY: getrandom writes at most the 8 bytes it is given.
+    let n = unsafe { libc::getrandom(w.as_mut_ptr().cast(), 8, 0) };
+    if n != 8 {
+        log::warn!("no random key for the flow cache's hash: using a fixed one");
+    }
+    w
 }
 
 /// An address as the programs key it: IPv6 as is, IPv4 mapped.

@@ -148,7 +148,7 @@ fn another_layout_starts_over_and_says_so_and_cleanup_removes_it() {
     assert!(agent.stop().success());
     let log = agent.log_text();
     assert_eq!(
-        log.matches("replacing the state of another layout (v1-flows64)")
+        log.matches("replacing the state of another layout (v2-flows64)")
             .count(),
         1,
         "{log}"
@@ -156,7 +156,7 @@ fn another_layout_starts_over_and_says_so_and_cleanup_removes_it() {
 
     // Uninstall: the pins go, and a second cleanup has nothing to do.
     let dir = state.dir();
-    assert!(dir.join("v1-flows262144").join("FLOWS").exists());
+    assert!(dir.join("v2-flows262144").join("FLOWS").exists());
     let cleanup = || {
         let out = Command::new(monitor_bin())
             .args(["cleanup", "--state-dir"])

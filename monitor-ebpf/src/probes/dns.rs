@@ -13,7 +13,7 @@ use monitor_common::{
     MAP_FULL_DNS_LATENCY,
 };
 
-use super::packet::Packet;
+use super::packet::{Packet, read};
 use crate::{
     kernel::now_ns,
     maps::{increment, map_full},
@@ -54,8 +54,9 @@ const EEXIST: i32 = -17;
 
 #[inline(always)]
 pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
-    // The DNS header may lie beyond the linear data: load it rather than point at it.
-    let Ok(hdr) = ctx.load::<[u8; 12]>(p.l4 + UDP_HLEN) else {
+    // In place where the linear data holds it, else copied out (a helper call).
+    let off = p.l4 + UDP_HLEN;
+    let Some(hdr) = read::<[u8; 12]>(ctx, off).or_else(|| ctx.load::<[u8; 12]>(off).ok()) else {
         return;
     };
     let id = u16::from_be_bytes([hdr[0], hdr[1]]);

@@ -1,19 +1,22 @@
 //! The flow table: one entry per direction-agnostic 5-tuple on each ENI, with first and
 //! last seen second and the TCP close state, so the agent can model which connections
-//! EC2 still tracks. An established flow costs one lookup, and a write only when its
-//! last-seen second or its flags change.
+//! EC2 still tracks. An established flow costs a look into a per-CPU cache; the shared
+//! table is read and written once a second per flow, or when its flags change.
 
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
 use monitor_common::{
-    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_A,
-    FLOW_LOCAL_B, FLOW_RST, Flow, FlowKey, MAX_DEVICES, flow_class,
+    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SLOTS, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA,
+    FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowKey, MAX_DEVICES, flow_class,
 };
 
 use super::packet::{IPPROTO_TCP, IPPROTO_UDP, Packet};
-use crate::{kernel::now_coarse_s, maps::MONITORED};
+use crate::{
+    kernel::{layout, now_coarse_s},
+    maps::MONITORED,
+};
 
 const BPF_NOEXIST: u64 = 1;
 const TCP_FIN: u8 = 0x01;
@@ -29,18 +32,47 @@ static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, BPF_F_NO_PRE
 static FLOWS_CREATED: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_DEVICES * FLOW_CLASSES, 0);
 
-/// The flow each CPU refreshed last, and when: back-to-back packets of one flow (a bulk
-/// transfer, a burst) skip the hash lookup while nothing would change in the table.
+/// The flows each CPU refreshed recently, direct-mapped by a keyed hash of the flow:
+/// an established flow's packet finds its flow here, written to the shared table this
+/// second with every flag the packet carries, and goes no further. A slot is one word,
+/// `fingerprint << 20 | second << 4 | direction bits`: the hash's low 44 bits and its
+/// top bits (which pick the slot) stand for the key, so two flows are taken for one
+/// only when 44 bits of a keyed hash agree in one slot (1 in 2^44 a packet); even then
+/// the entry is good for one second only, after which the packet goes to the table.
+/// Each CPU's slots are its own (no lock, no shared cache line); packets that close a
+/// flow (FIN, RST) always go to the table.
 #[map]
-static LAST_FLOW: PerCpuArray<LastFlow> = PerCpuArray::with_max_entries(1, 0);
+static FLOW_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct LastFlow {
-    key: FlowKey,
-    second: u32,
-    flags: u8,
-    pad: [u8; 3],
+/// A `FlowKey` as its 11 words.
+type KeyWords = [u32; 11];
+
+/// A keyed 64-bit hash of a key.
+#[inline(always)]
+fn hash(w: &KeyWords) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let pair = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    let seed = pair(layout::flow_hash_seed_lo(), layout::flow_hash_seed_hi());
+    let mut h = seed;
+    for v in [
+        pair(w[0], w[1]),
+        pair(w[2], w[3]),
+        pair(w[4], w[5]),
+        pair(w[6], w[7]),
+        pair(w[8], w[9]),
+        u64::from(w[10]),
+    ] {
+        h = (h ^ v).wrapping_mul(K);
+        h ^= h >> 29;
+    }
+    h = (h ^ (h >> 32)).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+/// The direction bits a cache slot keeps, in its low 4 bits.
+#[inline(always)]
+fn cache_bits(bits: u8) -> u64 {
+    u64::from(bits & (FLOW_AB | FLOW_BA)) | (u64::from(bits & (FLOW_LOCAL_A | FLOW_LOCAL_B)) >> 3)
 }
 
 /// Flows that found the table full and were not tracked.
@@ -55,27 +87,25 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     }
     // Any total order will do to pick side a; words as they lie in memory are cheapest.
     let forward = (p.src, p.sport) <= (p.dst, p.dport);
-    let key = if forward {
-        FlowKey {
-            addr_a: p.src,
-            addr_b: p.dst,
-            port_a: p.sport,
-            port_b: p.dport,
-            ifindex,
-            proto: p.proto,
-            pad: [0; 3],
-        }
+    let (a, b, port_a, port_b) = if forward {
+        (&p.src, &p.dst, p.sport, p.dport)
     } else {
-        FlowKey {
-            addr_a: p.dst,
-            addr_b: p.src,
-            port_a: p.dport,
-            port_b: p.sport,
-            ifindex,
-            proto: p.proto,
-            pad: [0; 3],
-        }
+        (&p.dst, &p.src, p.dport, p.sport)
     };
+    // The key as the words `FlowKey` lays out, built and hashed a word at a time.
+    let words: KeyWords = [
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        b[0],
+        b[1],
+        b[2],
+        b[3],
+        u32::from(port_a) | (u32::from(port_b) << 16),
+        ifindex,
+        u32::from(p.proto),
+    ];
     let mut bits = if forward { FLOW_AB } else { FLOW_BA };
     // The local side sends what leaves and receives what arrives: who owns the flow.
     bits |= if forward == egress {
@@ -92,14 +122,26 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
         }
     }
     let now = now_coarse_s();
-    let last = LAST_FLOW.get_ptr_mut(0);
-    if let Some(last) = last {
-        let l = unsafe { &*last };
-        if l.second == now && l.flags & bits == bits && l.key == key {
+    let closing = bits & (FLOW_FIN_AB | FLOW_FIN_BA | FLOW_RST) != 0;
+    let h = hash(&words);
+    // The slot from the hash's top 32 bits, by multiply and shift (any slot count).
+    let cached = FLOW_CACHE.get_ptr_mut(((h >> 32) * u64::from(FLOW_CACHE_SLOTS) >> 32) as u32);
+    let tag = ((h & ((1 << 44) - 1)) << 20) | (u64::from(now & 0xffff) << 4);
+    let want = cache_bits(bits);
+    if let Some(c) = cached
+        && !closing
+    {
+        // SAFETY: this CPU's own slot; classifiers on one CPU do not interleave.
+        let c = unsafe { *c };
+        if c & !0xf == tag && c & want == want {
             return;
         }
     }
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+    // SAFETY: `FlowKey` is `repr(C)`, 11 words without padding between fields.
+    let key: FlowKey = unsafe { core::mem::transmute(words) };
+    let flags = if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a value of the shared table; other CPUs may write the same flow, and
+        // the writes are idempotent (a second, bits or-ed in).
         unsafe {
             if (*flow).last_seen != now {
                 (*flow).last_seen = now;
@@ -107,38 +149,42 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
             if (*flow).flags & bits != bits {
                 (*flow).flags |= bits;
             }
-            if let Some(last) = last {
-                *last = LastFlow {
-                    key,
-                    second: now,
-                    flags: (*flow).flags,
-                    pad: [0; 3],
-                };
-            }
+            (*flow).flags | bits
         }
-        return;
-    }
-    let flow = Flow {
-        first_seen: now,
-        last_seen: now,
-        flags: bits,
-        pad: [0; 3],
+    } else {
+        if !insert(p, &key, bits, now, ifindex) {
+            return;
+        }
+        bits
     };
-    match FLOWS.insert(&key, &flow, BPF_NOEXIST) {
+    if let Some(c) = cached {
+        // SAFETY: as above.
+        unsafe { *c = tag | cache_bits(flags) };
+    }
+}
+
+/// Inserts a new flow; false when it is not in the table after all (the table full).
+#[inline(always)]
+fn insert(p: &Packet, key: &FlowKey, bits: u8, now: u32, ifindex: u32) -> bool {
+    // SAFETY: `Flow` is `repr(C)`: two seconds, then the flags byte and its padding.
+    let flow: Flow = unsafe { core::mem::transmute([now, now, u32::from(bits)]) };
+    match FLOWS.insert(key, &flow, BPF_NOEXIST) {
         Ok(()) => {
-            let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else {
-                return;
-            };
-            if let Some(n) = FLOWS_CREATED.get_ptr_mut(slot * FLOW_CLASSES + flow_class(p.proto)) {
+            if let Some(&slot) = unsafe { MONITORED.get(&ifindex) }
+                && let Some(n) =
+                    FLOWS_CREATED.get_ptr_mut(slot * FLOW_CLASSES + flow_class(p.proto))
+            {
                 unsafe { *n += 1 };
             }
+            true
         }
         // Another CPU inserted the same flow first: it counted it.
-        Err(e) if e == -17 => {}
+        Err(e) if e == -17 => true,
         Err(_) => {
             if let Some(n) = FLOW_TABLE_FULL.get_ptr_mut(0) {
                 unsafe { *n += 1 };
             }
+            false
         }
     }
 }

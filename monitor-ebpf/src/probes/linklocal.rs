@@ -55,8 +55,8 @@ pub fn count(service: u32, ifindex: u32) {
     if let Some(n) = LL_PACKETS.get_ptr_mut(slot * LL_SERVICES + service) {
         unsafe { *n += 1 };
     }
-    let second = u64::from(now_coarse_s());
-    let index = slot * LL_WINDOW + (second % u64::from(LL_WINDOW)) as u32;
+    let second = now_coarse_s();
+    let index = slot * LL_WINDOW + second % LL_WINDOW;
     if let Some(s) = LL_SECONDS.get_ptr_mut(index) {
         unsafe {
             if (*s).second != second {

@@ -44,7 +44,24 @@ pub struct Packet {
 /// `::ffff:0:0/96`, the third word of an IPv4-mapped address.
 const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// Parses Ethernet (one VLAN tag at most), IPv4 or IPv6, and the TCP or UDP ports.
+/// Byte `i` of a word copied from the packet as it lay in memory.
+#[inline(always)]
+fn byte(w: u32, i: u32) -> u32 {
+    (w >> (8 * i)) & 0xff
+}
+
+/// The two port fields of a transport header's first word, in host order.
+#[inline(always)]
+fn ports(w: u32) -> (u16, u16) {
+    (
+        u16::from_be((w & 0xffff) as u16),
+        u16::from_be((w >> 16) as u16),
+    )
+}
+
+/// Parses Ethernet (one VLAN tag at most), IPv4 or IPv6, and the TCP or UDP ports,
+/// reading each header in place after one bounds check for all of it; a header the
+/// linear data does not hold is copied out (a slower helper call).
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let mut l3 = ETH_HLEN;
@@ -53,58 +70,93 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         ethertype = u16::from_be(read::<u16>(ctx, 16)?);
         l3 += 4;
     }
-    let mut p = match ethertype {
+    match ethertype {
         ETH_P_IP => {
-            let vihl = read::<u8>(ctx, l3)?;
+            // A header without options and the first word after it; a datagram too
+            // short for that has no ports to read.
+            let (h, whole) = match read::<[u32; 6]>(ctx, l3) {
+                Some(h) => (h, true),
+                None => match ctx.load::<[u32; 6]>(l3) {
+                    Ok(h) => (h, true),
+                    Err(_) => {
+                        let h = ctx.load::<[u32; 5]>(l3).ok()?;
+                        ([h[0], h[1], h[2], h[3], h[4], 0], false)
+                    }
+                },
+            };
+            let vihl = byte(h[0], 0);
             if vihl >> 4 != 4 {
                 return None;
             }
-            let ihl = usize::from(vihl & 0x0f) * 4;
+            let ihl = (vihl & 0x0f) as usize * 4;
             if ihl < 20 {
                 return None;
             }
-            let frag = u16::from_be(read::<u16>(ctx, l3 + 6)?);
-            // Both addresses in one copy into aligned words.
-            let a = ctx.load::<[u32; 2]>(l3 + 12).ok()?;
-            Packet {
-                src: [0, 0, V4_MAPPED, a[0]],
-                dst: [0, 0, V4_MAPPED, a[1]],
-                proto: read::<u8>(ctx, l3 + 9)?,
+            // Fragment offset (13 bits of bytes 6 and 7) zero: the first fragment,
+            // the only one carrying the transport header.
+            let first = (h[1] >> 16) & 0xff1f == 0;
+            let mut p = Packet {
+                src: [0, 0, V4_MAPPED, h[3]],
+                dst: [0, 0, V4_MAPPED, h[4]],
+                proto: byte(h[2], 1) as u8,
                 is_v6: false,
-                // Only the first fragment carries the transport header.
-                l4: if frag & 0x1fff == 0 { l3 + ihl } else { 0 },
+                l4: if first { l3 + ihl } else { 0 },
                 sport: 0,
                 dport: 0,
+            };
+            if p.l4 != 0 && (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
+                let w = if ihl == 20 {
+                    Some(h[5]).filter(|_| whole)
+                } else {
+                    read::<u32>(ctx, p.l4).or_else(|| ctx.load::<u32>(p.l4).ok())
+                };
+                match w {
+                    Some(w) => (p.sport, p.dport) = ports(w),
+                    None => p.l4 = 0,
+                }
             }
+            Some(p)
         }
         ETH_P_IPV6 => {
-            if read::<u8>(ctx, l3)? >> 4 != 6 {
+            // Extension headers are not followed: DNS and flows use the fixed header.
+            let (h, whole) = match read::<[u32; 11]>(ctx, l3) {
+                Some(h) => (h, true),
+                None => match ctx.load::<[u32; 11]>(l3) {
+                    Ok(h) => (h, true),
+                    Err(_) => {
+                        let h = ctx.load::<[u32; 10]>(l3).ok()?;
+                        (
+                            [
+                                h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9], 0,
+                            ],
+                            false,
+                        )
+                    }
+                },
+            };
+            if byte(h[0], 0) >> 4 != 6 {
                 return None;
             }
-            // Extension headers are not followed: DNS and flows use the fixed header.
-            let a = ctx.load::<[u32; 8]>(l3 + 8).ok()?;
-            Packet {
-                src: [a[0], a[1], a[2], a[3]],
-                dst: [a[4], a[5], a[6], a[7]],
-                proto: read::<u8>(ctx, l3 + 6)?,
+            let mut p = Packet {
+                src: [h[2], h[3], h[4], h[5]],
+                dst: [h[6], h[7], h[8], h[9]],
+                proto: byte(h[1], 2) as u8,
                 is_v6: true,
                 l4: l3 + 40,
                 sport: 0,
                 dport: 0,
+            };
+            if p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP {
+                if whole {
+                    (p.sport, p.dport) = ports(h[10]);
+                } else {
+                    p.l4 = 0;
+                }
             }
+            Some(p)
         }
-        _ => return None,
-    };
-    if p.l4 != 0 && (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
-        match read::<[u8; 4]>(ctx, p.l4) {
-            Some(ports) => {
-                p.sport = u16::from_be_bytes([ports[0], ports[1]]);
-                p.dport = u16::from_be_bytes([ports[2], ports[3]]);
-            }
-            None => p.l4 = 0,
-        }
+        _ => None,
     }
-    Some(p)
 }
 
 /// The TCP flags byte, or 0 for anything else.
@@ -113,5 +165,7 @@ pub fn tcp_flags(ctx: &TcContext, p: &Packet) -> u8 {
     if p.proto != IPPROTO_TCP || p.l4 == 0 {
         return 0;
     }
-    read::<u8>(ctx, p.l4 + 13).unwrap_or(0)
+    read::<u8>(ctx, p.l4 + 13)
+        .or_else(|| ctx.load::<u8>(p.l4 + 13).ok())
+        .unwrap_or(0)
 }

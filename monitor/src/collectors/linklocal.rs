@@ -27,8 +27,9 @@ pub fn peak(slots: impl IntoIterator<Item = LinkLocalSecond>, now_second: u64) -
     let oldest = now_second.saturating_sub(u64::from(LL_WINDOW) - 1);
     let mut per_second: BTreeMap<u64, u64> = BTreeMap::new();
     for s in slots {
-        if s.packets > 0 && (oldest..=now_second).contains(&s.second) {
-            *per_second.entry(s.second).or_default() += s.packets;
+        let second = u64::from(s.second);
+        if s.packets > 0 && (oldest..=now_second).contains(&second) {
+            *per_second.entry(second).or_default() += u64::from(s.packets);
         }
     }
     per_second.into_values().max().unwrap_or(0)
@@ -71,7 +72,7 @@ impl Collector for LinkLocalCollector {
 mod tests {
     use super::*;
 
-    fn s(second: u64, packets: u64) -> LinkLocalSecond {
+    fn s(second: u32, packets: u32) -> LinkLocalSecond {
         LinkLocalSecond { second, packets }
     }
 
