@@ -139,7 +139,9 @@ pub struct DnsFlight {
     pub pad: u32,
 }
 
-pub const DNS_INFLIGHT_MAX_ENTRIES: u32 = 65_536;
+/// Queries in flight at once: answered ones leave within milliseconds; at the default
+/// 2 s timeout this holds 8,000 unanswered queries a second before a full map counts.
+pub const DNS_INFLIGHT_MAX_ENTRIES: u32 = 16_384;
 pub const DNS_COUNTS_MAX_ENTRIES: u32 = 4096;
 
 /// Link-local services, the values of the `LINKLOCAL` address map.
