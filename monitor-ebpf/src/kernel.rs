@@ -93,86 +93,103 @@ const DNS_PORT: u16 = 53;
 /// `skb->network_header` / `transport_header` value meaning "not set".
 const HEADER_UNSET: u16 = 0xffff;
 
-/// Whether the packet in `skb` is DNS: TCP or UDP with port 53 on either side.
-/// `protocol` is the host-order ethertype. Anything unreadable is not DNS.
+/// A field of a kernel object the verifier knows the type of (a BTF-typed tracepoint's
+/// argument, or a pointer loaded from one): one load, which the JIT guards against a
+/// fault (a NULL or stale pointer reads as zero), where `read` is a helper call.
+#[inline(always)]
+pub fn field<T: Copy>(base: u64, off: u32) -> T {
+    // SAFETY: the verifier checks the access against the object's BTF type and turns it
+    // into a load that cannot fault.
+    unsafe { core::ptr::read_volatile((base + u64::from(off)) as *const T) }
+}
+
+/// Whether the packet in `skb` (a BTF-typed pointer) is DNS: TCP or UDP with port 53 on
+/// either side. `protocol` is the host-order ethertype. Anything unreadable is not DNS.
+/// The headers are read in one copy: the network header and the first transport word
+/// when they lie where a header without options puts them.
 #[inline(always)]
 pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
-    let Ok(head) = read::<u64>(skb, layout::skb_head()) else {
-        return false;
-    };
-    let Ok(nh) = read::<u16>(skb, layout::skb_network_header()) else {
-        return false;
-    };
+    let head: u64 = field(skb, layout::skb_head());
+    let nh: u16 = field(skb, layout::skb_network_header());
     if nh == HEADER_UNSET || head == 0 {
         return false;
     }
     let l3 = head + u64::from(nh);
-    let l4 = match protocol {
+    let ports = match protocol {
         ETH_P_IP => {
-            // The fixed header in one read: each probe read costs more than its bytes.
-            let Ok(h) = read::<[u8; 20]>(l3, 0) else {
+            let Ok(h) = read::<[u32; 6]>(l3, 0) else {
                 return false;
             };
-            let vihl = h[0];
-            if vihl >> 4 != 4 || (h[9] != IPPROTO_TCP && h[9] != IPPROTO_UDP) {
+            let vihl = h[0] & 0xff;
+            let proto = (h[2] >> 8) & 0xff;
+            if vihl >> 4 != 4 || (proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP))
+            {
                 return false;
             }
             // Only the first fragment carries ports.
-            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+            if (h[1] >> 16) & 0xff1f != 0 {
                 return false;
             }
-            l3 + u64::from(vihl & 0x0f) * 4
-        }
-        ETH_P_IPV6 => {
-            let Ok(next) = read::<u8>(l3, 6) else {
-                return false;
-            };
-            if next == IPPROTO_TCP || next == IPPROTO_UDP {
-                l3 + 40
+            let ihl = (vihl & 0x0f) * 4;
+            if ihl == 20 {
+                h[5]
             } else {
-                // Extension headers: trust the kernel's transport header when set.
-                let Ok(th) = read::<u16>(skb, layout::skb_transport_header()) else {
+                let Ok(w) = read::<u32>(l3, ihl) else {
                     return false;
                 };
+                w
+            }
+        }
+        ETH_P_IPV6 => {
+            let Ok(h) = read::<[u32; 11]>(l3, 0) else {
+                return false;
+            };
+            let next = (h[1] >> 16) & 0xff;
+            if next == u32::from(IPPROTO_TCP) || next == u32::from(IPPROTO_UDP) {
+                h[10]
+            } else {
+                // Extension headers: trust the kernel's transport header when set.
+                let th: u16 = field(skb, layout::skb_transport_header());
                 if th == HEADER_UNSET || th <= nh {
                     return false;
                 }
-                head + u64::from(th)
+                let Ok(w) = read::<u32>(head, u32::from(th)) else {
+                    return false;
+                };
+                w
             }
         }
         _ => return false,
     };
-    let Ok(ports) = read::<[u8; 4]>(l4, 0) else {
-        return false;
-    };
-    let sport = u16::from_be_bytes([ports[0], ports[1]]);
-    let dport = u16::from_be_bytes([ports[2], ports[3]]);
-    sport == DNS_PORT || dport == DNS_PORT
+    // The two ports as they lie in memory, big-endian.
+    let dns = u32::from(DNS_PORT.to_be());
+    ports & 0xffff == dns || ports >> 16 == dns
 }
 
-/// The interface index of `skb->dev` when that device lives in the agent's own network
-/// namespace, else `None` (no device, a device in another namespace, or `dev` reused as
-/// scratch space by the UDP receive path).
+/// The interface index of `skb->dev` (`skb` a BTF-typed pointer) when that device lives
+/// in the agent's own network namespace, else `None` (no device, a device in another
+/// namespace, or `dev` reused as scratch space by the UDP receive path).
 #[inline(always)]
 pub fn skb_dev_in_own_netns(skb: u64) -> Option<u32> {
-    let dev = read::<u64>(skb, layout::skb_dev()).ok()?;
+    let dev: u64 = field(skb, layout::skb_dev());
     if dev == 0 {
         return None;
     }
-    let net = read::<u64>(dev, layout::dev_net()).ok()?;
+    let net: u64 = field(dev, layout::dev_net());
     if net == 0 {
         return None;
     }
-    let inum = read::<u32>(net, layout::net_inum()).ok()?;
+    let inum: u32 = field(net, layout::net_inum());
     if inum != layout::own_netns_inum() {
         return None;
     }
-    read::<u32>(dev, layout::dev_ifindex()).ok()
+    Some(field(dev, layout::dev_ifindex()))
 }
 
 /// `CLOCK_MONOTONIC` nanoseconds, as the agent's `clock_gettime` sees them.
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
 

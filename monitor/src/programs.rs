@@ -4,10 +4,10 @@ use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader, Endianness,
     maps::{HashMap, Map, MapData},
     programs::{
-        LinkOrder, RawTracePoint, SchedClassifier, TcAttachType,
+        BtfTracePoint, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
     },
 };
@@ -110,7 +110,7 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf, facts: &KernelFacts, attachments: &At
                     "kfree_skb passes no drop reason on this kernel (before 5.17); drops are exported with reason=\"unknown\""
                 );
             }
-            attach_raw_tracepoint(ebpf, "kfree_skb")
+            attach_btf_tracepoint(ebpf, "kfree_skb")
         }
     };
     record(attachments, "kfree_skb", "raw_tp/kfree_skb", "", &result);
@@ -127,6 +127,22 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf, facts: &KernelFacts, attachments: &At
         "",
         &result,
     );
+}
+
+/// Attaches program `name` to the raw tracepoint of the same name, typed by the
+/// kernel's BTF (its pointer arguments are then read without helper calls).
+fn attach_btf_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let btf = Btf::parse_file(crate::kernel::BTF_PATH, Endianness::default())
+        .with_context(|| format!("reading {}", crate::kernel::BTF_PATH))?;
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()?;
+    prog.load(name, &btf)
+        .with_context(|| format!("loading {name}"))?;
+    prog.attach()
+        .with_context(|| format!("attaching {name} to raw tracepoint {name}"))?;
+    Ok(())
 }
 
 /// Attaches program `name` to the raw tracepoint of the same name.
