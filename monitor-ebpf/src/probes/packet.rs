@@ -29,6 +29,30 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(p) })
 }
 
+/// The `n` words at `off` into the packet as they lie in memory, each with one load at
+/// whatever alignment the packet has: the verifier allows misaligned packet loads
+/// where the CPU does them at full speed (x86_64, arm64), and Rust would split an
+/// unaligned read into one load per byte.
+#[inline(always)]
+pub fn words<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u32; N]> {
+    let p = ptr_at::<[u32; N]>(ctx, off)? as *const u32;
+    let mut w = [0u32; N];
+    for (i, v) in w.iter_mut().enumerate() {
+        let word: u64;
+        // SAFETY: inside the bounds checked above; the load only reads.
+        unsafe {
+            core::arch::asm!(
+                "{w} = *(u32 *)({p} + 0)",
+                w = lateout(reg) word,
+                p = in(reg) p.wrapping_add(i),
+                options(pure, readonly, nostack, preserves_flags),
+            );
+        }
+        *v = word as u32;
+    }
+    Some(w)
+}
+
 /// What the classifiers need of one packet.
 pub struct Packet {
     pub src: Addr,
@@ -74,7 +98,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         ETH_P_IP => {
             // A header without options and the first word after it; a datagram too
             // short for that has no ports to read.
-            let (h, whole) = match read::<[u32; 6]>(ctx, l3) {
+            let (h, whole) = match words::<6>(ctx, l3) {
                 Some(h) => (h, true),
                 None => match ctx.load::<[u32; 6]>(l3) {
                     Ok(h) => (h, true),
@@ -119,7 +143,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         }
         ETH_P_IPV6 => {
             // Extension headers are not followed: DNS and flows use the fixed header.
-            let (h, whole) = match read::<[u32; 11]>(ctx, l3) {
+            let (h, whole) = match words::<11>(ctx, l3) {
                 Some(h) => (h, true),
                 None => match ctx.load::<[u32; 11]>(l3) {
                     Ok(h) => (h, true),
