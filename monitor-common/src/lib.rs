@@ -176,9 +176,9 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
-/// Slots of each CPU's cache of recently refreshed flows in front of `FLOWS`: 8 bytes
-/// each, 48 KiB per CPU.
-pub const FLOW_CACHE_SLOTS: u32 = 6144;
+/// Sets of each CPU's cache of recently refreshed flows in front of `FLOWS`: two ways of
+/// 8 bytes each, 48 KiB per CPU.
+pub const FLOW_CACHE_SETS: u32 = 3072;
 
 /// Value of `FLOWS`.
 #[repr(C)]

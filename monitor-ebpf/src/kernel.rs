@@ -122,7 +122,8 @@ pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
             };
             let vihl = h[0] & 0xff;
             let proto = (h[2] >> 8) & 0xff;
-            if vihl >> 4 != 4 || (proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP))
+            if vihl >> 4 != 4
+                || (proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP))
             {
                 return false;
             }

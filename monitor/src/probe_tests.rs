@@ -527,3 +527,62 @@ fn the_amazon_resolver_is_not_a_tracked_flow() {
     assert_eq!(flows(&ebpf), 1);
     assert_eq!(counts(&ebpf).linklocal, 1);
 }
+
+/// An IPv4 TCP segment with `flags` (FIN 0x01, RST 0x04, ACK 0x10).
+fn ipv4_tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut p = ipv4_udp(src, dst, sport, dport, 0, &[0; 12]);
+    // Protocol 6, then a 20-byte TCP header where the UDP one and its payload were.
+    p[23] = 6;
+    p[14 + 20 + 12] = 5 << 4;
+    p[14 + 20 + 13] = flags;
+    p
+}
+
+#[test]
+fn the_flow_cache_passes_on_every_flag_and_every_flow() {
+    use monitor_common::{FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_B, Flow, FlowKey};
+    if !integration_tests::require_root("the_flow_cache_passes_on_every_flag_and_every_flow") {
+        return;
+    }
+    let ebpf = loaded_with(&[("FLOWS", 4096)]);
+    let table = |ebpf: &Ebpf| -> Vec<(FlowKey, Flow)> {
+        let m: HashMap<&MapData, FlowKey, Flow> = ebpf.map("FLOWS").unwrap().try_into().unwrap();
+        m.iter().map(Result::unwrap).collect()
+    };
+    // Many packets one way, then one back, all within a second: the cached way must not
+    // hide the new direction, nor the local side it brings.
+    for _ in 0..100 {
+        run(&ebpf, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x10));
+    }
+    run(&ebpf, "tc_ingress", &ipv4_tcp(DST4, SRC4, 443, 40000, 0x10));
+    let t = table(&ebpf);
+    assert_eq!(t.len(), 1);
+    // 10.0.0.2:443 sorts before 10.0.0.5:40000: side a is the server, side b local.
+    let both = FLOW_AB | FLOW_BA | FLOW_LOCAL_B;
+    assert_eq!(t[0].1.flags, both, "{t:?}");
+    // A FIN each way after the cached packets: both reach the table.
+    run(&ebpf, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x11));
+    run(&ebpf, "tc_ingress", &ipv4_tcp(DST4, SRC4, 443, 40000, 0x11));
+    assert_eq!(
+        table(&ebpf)[0].1.flags,
+        both | FLOW_FIN_AB | FLOW_FIN_BA,
+        "{t:?}"
+    );
+    // 3000 flows interleaved, several rounds: each is in the table once, none hidden by
+    // another's cached way.
+    for _ in 0..3 {
+        for port in 1..=3000u16 {
+            run(
+                &ebpf,
+                "tc_egress",
+                &ipv4_udp(SRC4, DST4, 50000, port, 0, b"x"),
+            );
+        }
+    }
+    let t = table(&ebpf);
+    assert_eq!(t.len(), 3001);
+    let udp: Vec<_> = t.iter().filter(|(k, _)| k.proto == 17).collect();
+    assert_eq!(udp.len(), 3000);
+    // 10.0.0.2:port sorts first: the local sender is side b, seen sending b to a.
+    assert!(udp.iter().all(|(_, f)| f.flags == FLOW_BA | FLOW_LOCAL_B));
+}

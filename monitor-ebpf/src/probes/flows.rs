@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use monitor_common::{
-    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SLOTS, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA,
+    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA,
     FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowKey, MAX_DEVICES, flow_class,
 };
 
@@ -32,17 +32,17 @@ static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, BPF_F_NO_PRE
 static FLOWS_CREATED: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_DEVICES * FLOW_CLASSES, 0);
 
-/// The flows each CPU refreshed recently, direct-mapped by a keyed hash of the flow:
-/// an established flow's packet finds its flow here, written to the shared table this
-/// second with every flag the packet carries, and goes no further. A slot is one word,
-/// `fingerprint << 20 | second << 4 | direction bits`: the hash's low 44 bits and its
-/// top bits (which pick the slot) stand for the key, so two flows are taken for one
-/// only when 44 bits of a keyed hash agree in one slot (1 in 2^44 a packet); even then
-/// the entry is good for one second only, after which the packet goes to the table.
-/// Each CPU's slots are its own (no lock, no shared cache line); packets that close a
-/// flow (FIN, RST) always go to the table.
+/// The flows each CPU refreshed recently, by a keyed hash of the flow: an established
+/// flow's packet finds its flow here, written to the shared table this second with every
+/// flag the packet carries, and goes no further. The hash's top bits pick a set of two
+/// ways (two flows sharing a set both stay); a way is one word,
+/// `fingerprint << 20 | second << 4 | direction bits`, the fingerprint the hash's low
+/// 44 bits. Two flows are taken for one only when 44 bits of a keyed hash agree within a
+/// set (1 in 2^44 a packet), and even then only for the rest of that second, after which
+/// the packet goes to the table. Each CPU's sets are its own (no lock, no shared cache
+/// line); packets that close a flow (FIN, RST) always go to the table.
 #[map]
-static FLOW_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+static FLOW_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(FLOW_CACHE_SETS, 0);
 
 /// A `FlowKey` as its 11 words.
 type KeyWords = [u32; 11];
@@ -124,16 +124,16 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     let now = now_coarse_s();
     let closing = bits & (FLOW_FIN_AB | FLOW_FIN_BA | FLOW_RST) != 0;
     let h = hash(&words);
-    // The slot from the hash's top 32 bits, by multiply and shift (any slot count).
-    let cached = FLOW_CACHE.get_ptr_mut(((h >> 32) * u64::from(FLOW_CACHE_SLOTS) >> 32) as u32);
+    // The set from the hash's top 32 bits, by multiply and shift (any number of sets).
+    let set = FLOW_CACHE.get_ptr_mut(((h >> 32) * u64::from(FLOW_CACHE_SETS) >> 32) as u32);
     let tag = ((h & ((1 << 44) - 1)) << 20) | (u64::from(now & 0xffff) << 4);
     let want = cache_bits(bits);
-    if let Some(c) = cached
+    if let Some(set) = set
         && !closing
     {
-        // SAFETY: this CPU's own slot; classifiers on one CPU do not interleave.
-        let c = unsafe { *c };
-        if c & !0xf == tag && c & want == want {
+        // SAFETY: this CPU's own set; classifiers on one CPU do not interleave.
+        let [a, b] = unsafe { *set };
+        if (a & !0xf == tag && a & want == want) || (b & !0xf == tag && b & want == want) {
             return;
         }
     }
@@ -157,9 +157,21 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
         }
         bits
     };
-    if let Some(c) = cached {
+    if let Some(set) = set {
+        let way = tag | cache_bits(flags);
         // SAFETY: as above.
-        unsafe { *c = tag | cache_bits(flags) };
+        unsafe {
+            let [a, b] = *set;
+            // The flow's own way when it has one (from an earlier second), else the
+            // newest in front and the older one kept behind it.
+            if a >> 20 == way >> 20 {
+                (*set)[0] = way;
+            } else if b >> 20 == way >> 20 {
+                (*set)[1] = way;
+            } else {
+                *set = [way, a];
+            }
+        }
     }
 }
 
