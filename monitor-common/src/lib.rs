@@ -120,7 +120,7 @@ pub struct DnsLatency {
 
 /// Key of `DNS_INFLIGHT`: one query awaiting its response.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DnsFlightKey {
     pub client: Addr,
     pub server: Addr,
@@ -139,9 +139,41 @@ pub struct DnsFlight {
     pub pad: u32,
 }
 
-/// Queries in flight at once: answered ones leave within milliseconds; at the default
-/// 2 s timeout this holds 8,000 unanswered queries a second before a full map counts.
+/// Queries in flight at once in `DNS_INFLIGHT` (kernels before 5.12): answered ones leave
+/// within milliseconds; at the default 2 s timeout this holds 8,000 unanswered queries a
+/// second before a full map counts.
 pub const DNS_INFLIGHT_MAX_ENTRIES: u32 = 16_384;
+
+/// One set of `DNS_PENDING`, the table of queries in flight on kernels with BPF atomics
+/// (5.12+): `DNS_PENDING_WAYS` ways, each claimed and released with compare-and-exchange
+/// on its state by the query, its response and the agent's timeout sweep, so each query
+/// ends answered or unanswered, never both. The states and start times share the first
+/// cache line: a query or a response touches two or three lines, not one per way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPendingSet {
+    /// `PENDING_*`; whole words, the width BPF's compare-and-exchange takes everywhere.
+    pub state: [u64; DNS_PENDING_WAYS],
+    /// `CLOCK_MONOTONIC` nanoseconds of the first copy of each query.
+    pub start_ns: [u64; DNS_PENDING_WAYS],
+    pub ifindex: [u32; DNS_PENDING_WAYS],
+    pub key: [DnsFlightKey; DNS_PENDING_WAYS],
+    /// To 256 bytes, so that each set begins a cache line.
+    pub pad: [u64; 2],
+}
+
+/// A way no query holds.
+pub const PENDING_FREE: u64 = 0;
+/// A query is being written into the way.
+pub const PENDING_WRITING: u64 = 1;
+/// A query awaits its response.
+pub const PENDING_WAITING: u64 = 2;
+
+/// Ways of each `DNS_PENDING` set (one array element).
+pub const DNS_PENDING_WAYS: usize = 4;
+/// Sets of `DNS_PENDING`: 32,768 queries in 2 MiB (a way is a cache line), mapped by
+/// the agent.
+pub const DNS_PENDING_SETS: u32 = 8192;
 pub const DNS_COUNTS_MAX_ENTRIES: u32 = 4096;
 
 /// Link-local services, the values of the `LINKLOCAL` address map.
@@ -251,6 +283,11 @@ pub mod globals {
     /// The key of the flow cache's hash (two words), random at each load.
     pub const FLOW_HASH_SEED_LO: &str = "FLOW_HASH_SEED_LO";
     pub const FLOW_HASH_SEED_HI: &str = "FLOW_HASH_SEED_HI";
+    /// 1 when programs may use BPF atomics (compare-and-exchange, 5.12+): DNS queries in
+    /// flight then live in `DNS_PENDING`, else in `DNS_INFLIGHT`.
+    pub const HAVE_ATOMICS: &str = "HAVE_ATOMICS";
+    /// Sets in `DNS_PENDING` as loaded (`DNS_PENDING_SETS` unless sized otherwise).
+    pub const PENDING_SETS: &str = "PENDING_SETS";
 }
 
 #[cfg(feature = "user")]
@@ -262,6 +299,7 @@ mod user {
     unsafe impl aya::Pod for super::DnsLatency {}
     unsafe impl aya::Pod for super::DnsFlightKey {}
     unsafe impl aya::Pod for super::DnsFlight {}
+    unsafe impl aya::Pod for super::DnsPendingSet {}
     unsafe impl aya::Pod for super::LinkLocalSecond {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}

@@ -34,6 +34,8 @@ layout_globals!(
     HAVE_COARSE_CLOCK,
     FLOW_HASH_SEED_LO,
     FLOW_HASH_SEED_HI,
+    HAVE_ATOMICS,
+    PENDING_SETS,
 );
 
 /// Reads a load-time global; volatile so the compiler keeps the load the loader patched.
@@ -76,6 +78,8 @@ pub mod layout {
         have_coarse_clock => HAVE_COARSE_CLOCK,
         flow_hash_seed_lo => FLOW_HASH_SEED_LO,
         flow_hash_seed_hi => FLOW_HASH_SEED_HI,
+        have_atomics => HAVE_ATOMICS,
+        pending_sets => PENDING_SETS,
     );
 }
 

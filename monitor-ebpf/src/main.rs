@@ -1,6 +1,7 @@
 #![no_std]
 #![no_main]
-#![feature(asm_experimental_arch)]
+#![feature(asm_experimental_arch, core_intrinsics)]
+#![allow(internal_features)]
 
 mod kernel;
 mod maps;

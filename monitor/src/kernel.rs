@@ -136,19 +136,20 @@ pub fn own_netns_inum() -> Result<u32> {
     u32::try_from(meta.ino()).context("network namespace inode does not fit 32 bits")
 }
 
-/// Whether the kernel offers helper `id` to programs, by loading a three-instruction
-/// socket filter that calls it (what libbpf's feature probes do). Any failure is "no":
-/// the programs then take the path every kernel has.
-pub fn has_helper(id: i32) -> bool {
+/// Whether the kernel loads a socket filter of these instructions (what libbpf's
+/// feature probes do). Any failure is "no": the programs then take the path every
+/// kernel has.
+fn loads(insns: &[u64]) -> bool {
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
-    // call id; r0 = 0; exit
-    let insns: [u64; 3] = [0x85 | (u64::from(id.cast_unsigned()) << 32), 0xb7, 0x95];
     let license = c"GPL";
+    let Ok(count) = u32::try_from(insns.len()) else {
+        return false;
+    };
     // The leading members of `union bpf_attr`'s prog-load struct; the rest stays zero.
     let mut attr = [0u8; 128];
     attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SOCKET_FILTER.to_ne_bytes());
-    attr[4..8].copy_from_slice(&3u32.to_ne_bytes());
+    attr[4..8].copy_from_slice(&count.to_ne_bytes());
     attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
     // SAFETY: a prog-load attribute whose pointers outlive the call.
@@ -159,6 +160,42 @@ pub fn has_helper(id: i32) -> bool {
     // SAFETY: the program fd the kernel just returned, closed once.
     unsafe { libc::close(i32::try_from(fd).unwrap_or(-1)) };
     true
+}
+
+/// One instruction: opcode, destination and source registers, offset, immediate.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    u64::from(code)
+        | (u64::from(dst | (src << 4)) << 8)
+        | (u64::from(off.cast_unsigned()) << 16)
+        | (u64::from(imm.cast_unsigned()) << 32)
+}
+
+const EXIT: u8 = 0x95;
+/// `BPF_ALU64 | BPF_MOV | BPF_K`: `dst = imm`.
+const MOV_IMM: u8 = 0xb7;
+
+/// Whether the kernel offers helper `id` to programs: `call id; r0 = 0; exit`.
+pub fn has_helper(id: i32) -> bool {
+    loads(&[
+        insn(0x85, 0, 0, 0, id),
+        insn(MOV_IMM, 0, 0, 0, 0),
+        insn(EXIT, 0, 0, 0, 0),
+    ])
+}
+
+/// Whether programs may use BPF atomics (5.12+): a compare-and-exchange on the stack.
+pub fn has_atomics() -> bool {
+    const ST_DW: u8 = 0x7a; // BPF_ST | BPF_MEM | BPF_DW
+    const ATOMIC_DW: u8 = 0xdb; // BPF_STX | BPF_ATOMIC | BPF_DW
+    const BPF_CMPXCHG: i32 = 0xf0 | 0x01; // with BPF_FETCH
+    loads(&[
+        insn(ST_DW, 10, 0, -8, 0),
+        insn(MOV_IMM, 0, 0, 0, 0),
+        insn(MOV_IMM, 1, 0, 0, 1),
+        insn(ATOMIC_DW, 10, 1, -8, BPF_CMPXCHG),
+        insn(MOV_IMM, 0, 0, 0, 0),
+        insn(EXIT, 0, 0, 0, 0),
+    ])
 }
 
 /// `BPF_FUNC_ktime_get_coarse_ns` (5.11+).
@@ -175,6 +212,8 @@ pub struct KernelFacts {
     pub reasons: DropReasons,
     pub netns_inum: u32,
     pub coarse_clock: bool,
+    /// BPF atomics (5.12+): DNS queries in flight go to `DNS_PENDING`.
+    pub atomics: bool,
 }
 
 impl KernelFacts {
@@ -221,11 +260,13 @@ impl KernelFacts {
             reasons,
             netns_inum: own_netns_inum()?,
             coarse_clock: false,
+            atomics: false,
         })
     }
 
     fn with_probes(mut self) -> Self {
         self.coarse_clock = has_helper(HELPER_KTIME_GET_COARSE_NS);
+        self.atomics = has_atomics();
         self
     }
 
@@ -250,6 +291,7 @@ impl KernelFacts {
             ),
             (globals::REASON_NOT_SPECIFIED, self.reasons.not_specified),
             (globals::HAVE_COARSE_CLOCK, u32::from(self.coarse_clock)),
+            (globals::HAVE_ATOMICS, u32::from(self.atomics)),
         ]
     }
 }

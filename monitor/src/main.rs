@@ -11,6 +11,7 @@ mod http;
 mod imds;
 mod kernel;
 mod model;
+mod pending;
 mod probe_tests;
 mod programs;
 mod slots;
@@ -53,6 +54,7 @@ use crate::{
     devices::Devices,
     imds::Imds,
     kernel::KernelFacts,
+    pending::PendingTable,
     slots::SlotArray,
     watch::{SlotArrays, Watcher},
 };
@@ -280,7 +282,18 @@ fn linklocal_services(
 fn load(cli: &Cli) -> Result<(KernelFacts, aya::Ebpf)> {
     let facts = KernelFacts::read(Path::new(kernel::BTF_PATH))?;
     let pins = state::prepare(&cli.state_dir, cli.flow_table_size)?;
-    let ebpf = programs::load(&facts, &[("FLOWS", cli.flow_table_size)], pins.as_deref())?;
+    // Queries in flight wait in one table or the other, by what the kernel can do; the
+    // other is left at one entry.
+    let unused = if facts.atomics {
+        "DNS_INFLIGHT"
+    } else {
+        "DNS_PENDING"
+    };
+    let ebpf = programs::load(
+        &facts,
+        &[("FLOWS", cli.flow_table_size), (unused, 1)],
+        pins.as_deref(),
+    )?;
     Ok((facts, ebpf))
 }
 
@@ -289,6 +302,12 @@ fn load(cli: &Cli) -> Result<(KernelFacts, aya::Ebpf)> {
 fn housekeeping(ebpf: &mut aya::Ebpf, cli: &Cli, shared: &Shared) -> Result<(Sweeper, Expiry)> {
     let sweeper = Sweeper {
         inflight: programs::take_hash_map(ebpf, "DNS_INFLIGHT")?,
+        pending: match programs::take_map(ebpf, "DNS_PENDING")? {
+            aya::maps::Map::Array(data) => {
+                PendingTable::map(data).context("mapping DNS_PENDING into the agent")?
+            }
+            _ => anyhow::bail!("map DNS_PENDING is not an array"),
+        },
         timeout: cli.dns_timeout,
         unanswered: shared.unanswered.clone(),
         recent: shared.recent.clone(),

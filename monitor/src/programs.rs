@@ -39,6 +39,11 @@ pub fn load(facts: &KernelFacts, sizes: &[(&str, u32)], pins: Option<&Path>) -> 
     let seed = random_words();
     loader.override_global(monitor_common::globals::FLOW_HASH_SEED_LO, &seed[0], true);
     loader.override_global(monitor_common::globals::FLOW_HASH_SEED_HI, &seed[1], true);
+    let pending_sets = sizes
+        .iter()
+        .find(|(map, _)| *map == "DNS_PENDING")
+        .map_or(monitor_common::DNS_PENDING_SETS, |(_, n)| *n);
+    loader.override_global(monitor_common::globals::PENDING_SETS, &pending_sets, true);
     if let Some(dir) = pins {
         for name in crate::state::PINNED {
             loader.map_pin_path(name, dir.join(name));

@@ -19,12 +19,13 @@ pub const DEFAULT_DIR: &str = "/sys/fs/bpf/eni-monitor";
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// The maps pinned, by their names in the object.
-pub const PINNED: [&str; 13] = [
+pub const PINNED: [&str; 14] = [
     "MONITORED",
     "FLOWS",
     "FLOWS_CREATED",
     "FLOW_TABLE_FULL",
     "DNS_INFLIGHT",
+    "DNS_PENDING",
     "DNS_COUNTS",
     "DNS_LATENCY",
     "DNS_UNANSWERED",

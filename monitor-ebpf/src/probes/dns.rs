@@ -14,6 +14,7 @@ use monitor_common::{
 };
 
 use super::packet::{Packet, read};
+use crate::kernel::layout;
 use crate::{
     kernel::now_ns,
     maps::{increment, map_full},
@@ -85,46 +86,46 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             },
             MAP_FULL_DNS_COUNTS,
         );
-        let key = DnsFlightKey {
-            client: p.src,
-            server: p.dst,
-            client_port: p.sport,
-            id,
-            pad: 0,
-        };
-        // A retransmission keeps the first copy's time: one query in flight, not two.
-        if let Err(e) = DNS_INFLIGHT.insert(
-            &key,
-            &DnsFlight {
-                start_ns: now_ns(),
-                ifindex,
-                pad: 0,
-            },
-            BPF_NOEXIST,
-        ) && e != EEXIST
-        {
-            map_full(MAP_FULL_DNS_INFLIGHT);
+        let key = [
+            p.src[0],
+            p.src[1],
+            p.src[2],
+            p.src[3],
+            p.dst[0],
+            p.dst[1],
+            p.dst[2],
+            p.dst[3],
+            u32::from(p.sport) | (u32::from(id) << 16),
+            0,
+        ];
+        // A constant at load: kernels without atomics never see the other path.
+        if layout::have_atomics() != 0 {
+            pending::query(&key, ifindex);
+        } else {
+            inflight_query(&key, ifindex);
         }
     } else {
         if p.sport != PORT {
             return;
         }
-        let key = DnsFlightKey {
-            client: p.dst,
-            server: p.src,
-            client_port: p.dport,
-            id,
-            pad: 0,
+        let key = [
+            p.dst[0],
+            p.dst[1],
+            p.dst[2],
+            p.dst[3],
+            p.src[0],
+            p.src[1],
+            p.src[2],
+            p.src[3],
+            u32::from(p.dport) | (u32::from(id) << 16),
+            0,
+        ];
+        let start = if layout::have_atomics() != 0 {
+            pending::answer(&key)
+        } else {
+            inflight_answer(&key)
         };
-        let Some(flight) = (unsafe { DNS_INFLIGHT.get(&key) }) else {
-            return;
-        };
-        let start = flight.start_ns;
-        // Only the deleter counts: a duplicate response or the agent's timeout sweep
-        // racing with this one loses.
-        if DNS_INFLIGHT.remove(&key).is_err() {
-            return;
-        }
+        let Some(start) = start else { return };
         let rcode = (flags & 0x0f) as u8;
         increment(
             &DNS_COUNTS,
@@ -144,6 +145,209 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             },
             now_ns().saturating_sub(start),
         );
+    }
+}
+
+/// A `DnsFlightKey` as its 10 words: client, server, client port and id, padding.
+type KeyWords = [u32; 10];
+
+/// Records a query in `DNS_INFLIGHT` (kernels without atomics).
+#[inline(always)]
+fn inflight_query(key: &KeyWords, ifindex: u32) {
+    // SAFETY: `DnsFlightKey` is `repr(C)`, 10 words without padding between fields.
+    let key: DnsFlightKey = unsafe { core::mem::transmute(*key) };
+    // A retransmission keeps the first copy's time: one query in flight, not two.
+    if let Err(e) = DNS_INFLIGHT.insert(
+        &key,
+        &DnsFlight {
+            start_ns: now_ns(),
+            ifindex,
+            pad: 0,
+        },
+        BPF_NOEXIST,
+    ) && e != EEXIST
+    {
+        map_full(MAP_FULL_DNS_INFLIGHT);
+    }
+}
+
+/// Ends the query a response answers in `DNS_INFLIGHT`; its start time if this response
+/// is the one that ends it.
+#[inline(always)]
+fn inflight_answer(key: &KeyWords) -> Option<u64> {
+    // SAFETY: as above.
+    let key: DnsFlightKey = unsafe { core::mem::transmute(*key) };
+    // SAFETY: a read of a map value the kernel keeps alive for the program's run.
+    let start = unsafe { DNS_INFLIGHT.get(&key) }?.start_ns;
+    // Only the deleter counts: a duplicate response or the agent's timeout sweep
+    // racing with this one loses.
+    DNS_INFLIGHT.remove(&key).ok()?;
+    Some(start)
+}
+
+/// Queries in flight in `DNS_PENDING`, an array the agent maps: a set of ways picked by
+/// a hash of the query, each way claimed with compare-and-exchange. No helper call, no
+/// lock, no allocation: what a hash map's insert and delete cost is most of a DNS
+/// packet's price.
+mod pending {
+    use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xchg};
+
+    use aya_ebpf::{macros::map, maps::Array};
+    use monitor_common::{
+        DNS_PENDING_SETS, DNS_PENDING_WAYS, DnsPendingSet, MAP_FULL_DNS_INFLIGHT, PENDING_FREE,
+        PENDING_WAITING, PENDING_WRITING,
+    };
+
+    use super::KeyWords;
+    use crate::{
+        kernel::{layout, now_ns},
+        maps::map_full,
+    };
+
+    /// `BPF_F_MMAPABLE`: the agent's sweep claims ways in place.
+    const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+    #[map]
+    static DNS_PENDING: Array<DnsPendingSet> =
+        Array::with_max_entries(DNS_PENDING_SETS, BPF_F_MMAPABLE);
+
+    /// Way `i` of a set.
+    #[derive(Clone, Copy)]
+    struct Way {
+        set: *mut DnsPendingSet,
+        i: usize,
+    }
+
+    impl Way {
+        fn state(self) -> *mut u64 {
+            // SAFETY: only the address is taken, inside the set (`i` < the ways).
+            unsafe {
+                (&raw mut (*self.set).state)
+                    .cast::<u64>()
+                    .wrapping_add(self.i)
+            }
+        }
+
+        fn start(self) -> *mut u64 {
+            // SAFETY: as above.
+            unsafe {
+                (&raw mut (*self.set).start_ns)
+                    .cast::<u64>()
+                    .wrapping_add(self.i)
+            }
+        }
+
+        fn ifindex(self) -> *mut u32 {
+            // SAFETY: as above.
+            unsafe {
+                (&raw mut (*self.set).ifindex)
+                    .cast::<u32>()
+                    .wrapping_add(self.i)
+            }
+        }
+
+        fn key(self) -> *mut u32 {
+            // SAFETY: as above; a key is 10 words.
+            unsafe {
+                (&raw mut (*self.set).key)
+                    .cast::<u32>()
+                    .wrapping_add(self.i * 10)
+            }
+        }
+
+        /// Whether the way holds `key`, read word by word (the way may be changing).
+        fn holds(self, key: &KeyWords) -> bool {
+            let k = self.key();
+            let mut diff = 0;
+            for (j, w) in key.iter().enumerate() {
+                // SAFETY: inside the way's key.
+                diff |= unsafe { core::ptr::read_volatile(k.wrapping_add(j)) } ^ w;
+            }
+            diff == 0
+        }
+
+        /// The state, a plain load: what is decided on it is decided again by a
+        /// compare-and-exchange.
+        fn is(self, state: u64) -> bool {
+            // SAFETY: a word of a map value the kernel keeps for the program's run.
+            unsafe { core::ptr::read_volatile(self.state()) == state }
+        }
+
+        /// Moves the way from state `from` to `to`; false when it was not in `from`.
+        /// (The target has no `AtomicU64` with compare-and-exchange; this intrinsic is
+        /// what it would call.)
+        fn claim(self, from: u64, to: u64) -> bool {
+            // SAFETY: as above.
+            unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(self.state(), from, to).1 }
+        }
+    }
+
+    #[inline(always)]
+    fn set(key: &KeyWords) -> Option<*mut DnsPendingSet> {
+        let c = key[0] ^ key[1] ^ key[2] ^ key[3];
+        let s = key[4] ^ key[5] ^ key[6] ^ key[7];
+        let h = (c ^ layout::flow_hash_seed_lo()).wrapping_mul(0x9e37_79b1)
+            ^ s.wrapping_mul(0x85eb_ca6b)
+            ^ key[8].wrapping_mul(0xc2b2_ae35);
+        let h = h ^ (h >> 15);
+        DNS_PENDING.get_ptr_mut((u64::from(h) * u64::from(layout::pending_sets()) >> 32) as u32)
+    }
+
+    /// Records a query unless a copy of it is in flight (a retransmission keeps the
+    /// first copy's time); a full set is counted as a full table.
+    #[inline(always)]
+    pub fn query(key: &KeyWords, ifindex: u32) {
+        let Some(set) = set(key) else { return };
+        for i in 0..DNS_PENDING_WAYS {
+            let way = Way { set, i };
+            if way.is(PENDING_WAITING) && way.holds(key) {
+                return;
+            }
+        }
+        for i in 0..DNS_PENDING_WAYS {
+            let way = Way { set, i };
+            if way.is(PENDING_FREE) && way.claim(PENDING_FREE, PENDING_WRITING) {
+                // SAFETY: the way is ours until it is marked waiting.
+                unsafe {
+                    let k = way.key();
+                    for (j, w) in key.iter().enumerate() {
+                        *k.wrapping_add(j) = *w;
+                    }
+                    *way.ifindex() = ifindex;
+                    *way.start() = now_ns();
+                    // A full barrier: whoever sees the way waiting sees it written.
+                    atomic_xchg::<u64, { SeqCst }>(way.state(), PENDING_WAITING);
+                }
+                return;
+            }
+        }
+        map_full(MAP_FULL_DNS_INFLIGHT);
+    }
+
+    /// Ends the query `key` names; its start time if this response is the one that ends
+    /// it (a duplicate response or the agent's timeout sweep may have).
+    #[inline(always)]
+    pub fn answer(key: &KeyWords) -> Option<u64> {
+        let set = set(key)?;
+        for i in 0..DNS_PENDING_WAYS {
+            let way = Way { set, i };
+            if !way.is(PENDING_WAITING) || !way.holds(key) {
+                continue;
+            }
+            if !way.claim(PENDING_WAITING, PENDING_FREE) {
+                return None;
+            }
+            // SAFETY: read after the claim, which orders it after the query's writes.
+            let start = unsafe { core::ptr::read_volatile(way.start()) };
+            // Freed and taken by another query between the look and the claim: not
+            // ours to end; put it back.
+            if !way.holds(key) {
+                way.claim(PENDING_FREE, PENDING_WAITING);
+                return None;
+            }
+            return Some(start);
+        }
+        None
     }
 }
 

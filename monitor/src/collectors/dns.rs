@@ -21,7 +21,7 @@ use prometheus_client::{
 };
 
 use super::{encode_counters, encode_gauges, top_per_device};
-use crate::{batch, devices::Devices, programs::addr_from_bytes};
+use crate::{batch, devices::Devices, pending::PendingTable, programs::addr_from_bytes};
 
 /// Distinct resolvers named by address before the rest are `other`.
 pub const MAX_NAMED_RESOLVERS: usize = 16;
@@ -225,23 +225,31 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// Deletes queries older than the timeout from `DNS_INFLIGHT` and counts them. Runs on
-/// a thread of its own: a full table is 64k entries.
+/// Takes queries older than the timeout out of the table they wait in (`DNS_PENDING`, or
+/// `DNS_INFLIGHT` on kernels without BPF atomics) and counts them. Runs on a thread of
+/// its own: a full table is tens of thousands of queries.
 pub struct Sweeper {
     pub inflight: MapData,
+    pub pending: PendingTable,
     pub timeout: Duration,
     pub unanswered: Unanswered,
     pub recent: RecentClients,
 }
 
 impl Sweeper {
-    /// One pass: the table read in batches, each expired query deleted by key; only the
-    /// deleter counts it, so a response that matched in the meantime wins.
+    /// One pass. `DNS_PENDING`: each expired way claimed in place. `DNS_INFLIGHT`: the
+    /// table read in batches, each expired query deleted by key. Either way only the
+    /// claimer counts it, so a response that matched in the meantime wins.
     pub fn sweep(&mut self, now_ns: u64) -> std::io::Result<()> {
         let timeout = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX);
         let fd = std::os::fd::AsFd::as_fd(self.inflight.fd());
         let mut expired: Vec<(DnsFlightKey, u32)> = Vec::new();
         let this_minute = minute(now_ns);
+        let mut counts: BTreeMap<(u32, Addr), u64> = BTreeMap::new();
+        self.pending.sweep(now_ns.saturating_sub(timeout), |e| {
+            *counts.entry((e.ifindex, e.key.server)).or_default() += 1;
+            self.recent.add(this_minute, e.ifindex, e.key.client);
+        });
         // SAFETY: DNS_INFLIGHT maps DnsFlightKey to DnsFlight, plain `#[repr(C)]` data.
         unsafe {
             batch::lookup_all::<DnsFlightKey, DnsFlight>(fd, 4096, |key, flight| {
@@ -250,7 +258,6 @@ impl Sweeper {
                 }
             })?;
         }
-        let mut counts: BTreeMap<(u32, Addr), u64> = BTreeMap::new();
         for (key, ifindex) in expired {
             // SAFETY: as above.
             if unsafe { batch::delete_one(fd, &key)? } {
