@@ -283,9 +283,6 @@ pub mod globals {
     /// The key of the flow cache's hash (two words), random at each load.
     pub const FLOW_HASH_SEED_LO: &str = "FLOW_HASH_SEED_LO";
     pub const FLOW_HASH_SEED_HI: &str = "FLOW_HASH_SEED_HI";
-    /// 1 when programs may use BPF atomics (compare-and-exchange, 5.12+): DNS queries in
-    /// flight then live in `DNS_PENDING`, else in `DNS_INFLIGHT`.
-    pub const HAVE_ATOMICS: &str = "HAVE_ATOMICS";
     /// Sets in `DNS_PENDING` as loaded (`DNS_PENDING_SETS` unless sized otherwise).
     pub const PENDING_SETS: &str = "PENDING_SETS";
 }

@@ -34,7 +34,6 @@ layout_globals!(
     HAVE_COARSE_CLOCK,
     FLOW_HASH_SEED_LO,
     FLOW_HASH_SEED_HI,
-    HAVE_ATOMICS,
     PENDING_SETS,
 );
 
@@ -78,7 +77,6 @@ pub mod layout {
         have_coarse_clock => HAVE_COARSE_CLOCK,
         flow_hash_seed_lo => FLOW_HASH_SEED_LO,
         flow_hash_seed_hi => FLOW_HASH_SEED_HI,
-        have_atomics => HAVE_ATOMICS,
         pending_sets => PENDING_SETS,
     );
 }

@@ -212,7 +212,8 @@ pub struct KernelFacts {
     pub reasons: DropReasons,
     pub netns_inum: u32,
     pub coarse_clock: bool,
-    /// BPF atomics (5.12+): DNS queries in flight go to `DNS_PENDING`.
+    /// BPF atomics (5.12+): the object whose DNS queries in flight go to `DNS_PENDING`
+    /// loads; before, the one without an atomic instruction in it.
     pub atomics: bool,
 }
 
@@ -291,7 +292,6 @@ impl KernelFacts {
             ),
             (globals::REASON_NOT_SPECIFIED, self.reasons.not_specified),
             (globals::HAVE_COARSE_CLOCK, u32::from(self.coarse_clock)),
-            (globals::HAVE_ATOMICS, u32::from(self.atomics)),
         ]
     }
 }

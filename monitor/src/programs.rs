@@ -21,6 +21,9 @@ use crate::{
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+/// The same programs for kernels without BPF atomics (before 5.12).
+static OBJECT_COMPAT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor-compat"));
 
 /// Loads the object with the kernel's layout, maps sized as `sizes` says (name, entries).
 /// With `pins`, the maps that carry state are reused from there when pinned, else
@@ -49,7 +52,8 @@ pub fn load(facts: &KernelFacts, sizes: &[(&str, u32)], pins: Option<&Path>) -> 
             loader.map_pin_path(name, dir.join(name));
         }
     }
-    loader.load(OBJECT).with_context(|| match pins {
+    let object = if facts.atomics { OBJECT } else { OBJECT_COMPAT };
+    loader.load(object).with_context(|| match pins {
         Some(dir) => format!("loading the eBPF object with its maps in {}", dir.display()),
         None => "loading the eBPF object".to_owned(),
     })

@@ -14,7 +14,6 @@ use monitor_common::{
 };
 
 use super::packet::{Packet, read};
-use crate::kernel::layout;
 use crate::{
     kernel::now_ns,
     maps::{increment, map_full},
@@ -98,8 +97,8 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             u32::from(p.sport) | (u32::from(id) << 16),
             0,
         ];
-        // A constant at load: kernels without atomics never see the other path.
-        if layout::have_atomics() != 0 {
+        // One object per kind of kernel: the other path is not in it.
+        if crate::ATOMICS {
             pending::query(&key, ifindex);
         } else {
             inflight_query(&key, ifindex);
@@ -120,7 +119,7 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             u32::from(p.dport) | (u32::from(id) << 16),
             0,
         ];
-        let start = if layout::have_atomics() != 0 {
+        let start = if crate::ATOMICS {
             pending::answer(&key)
         } else {
             inflight_answer(&key)
