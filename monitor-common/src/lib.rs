@@ -285,6 +285,9 @@ pub mod globals {
     pub const FLOW_HASH_SEED_HI: &str = "FLOW_HASH_SEED_HI";
     /// Sets in `DNS_PENDING` as loaded (`DNS_PENDING_SETS` unless sized otherwise).
     pub const PENDING_SETS: &str = "PENDING_SETS";
+    /// 1 on CPUs that make stores visible in program order (x86_64): a query is then
+    /// published with a plain store rather than an atomic exchange.
+    pub const STORES_IN_ORDER: &str = "STORES_IN_ORDER";
 }
 
 #[cfg(feature = "user")]

@@ -35,6 +35,7 @@ layout_globals!(
     FLOW_HASH_SEED_LO,
     FLOW_HASH_SEED_HI,
     PENDING_SETS,
+    STORES_IN_ORDER,
 );
 
 /// Reads a load-time global; volatile so the compiler keeps the load the loader patched.
@@ -78,6 +79,7 @@ pub mod layout {
         flow_hash_seed_lo => FLOW_HASH_SEED_LO,
         flow_hash_seed_hi => FLOW_HASH_SEED_HI,
         pending_sets => PENDING_SETS,
+        stores_in_order => STORES_IN_ORDER,
     );
 }
 

@@ -292,6 +292,11 @@ impl KernelFacts {
             ),
             (globals::REASON_NOT_SPECIFIED, self.reasons.not_specified),
             (globals::HAVE_COARSE_CLOCK, u32::from(self.coarse_clock)),
+            // The programs run on the agent's own architecture.
+            (
+                globals::STORES_IN_ORDER,
+                u32::from(cfg!(target_arch = "x86_64")),
+            ),
         ]
     }
 }

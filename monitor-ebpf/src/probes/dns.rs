@@ -306,16 +306,23 @@ mod pending {
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
             if way.is(PENDING_FREE) && way.claim(PENDING_FREE, PENDING_WRITING) {
-                // SAFETY: the way is ours until it is marked waiting.
+                // SAFETY: the way is ours until it is marked waiting. Volatile stores:
+                // the compiler keeps them in this order.
                 unsafe {
                     let k = way.key();
                     for (j, w) in key.iter().enumerate() {
-                        *k.wrapping_add(j) = *w;
+                        core::ptr::write_volatile(k.wrapping_add(j), *w);
                     }
-                    *way.ifindex() = ifindex;
-                    *way.start() = now_ns();
-                    // A full barrier: whoever sees the way waiting sees it written.
-                    atomic_xchg::<u64, { SeqCst }>(way.state(), PENDING_WAITING);
+                    core::ptr::write_volatile(way.ifindex(), ifindex);
+                    core::ptr::write_volatile(way.start(), now_ns());
+                    // Whoever sees the way waiting must see it written: a CPU that keeps
+                    // stores in order (x86) needs a plain store for that, one that does
+                    // not (arm64) a full barrier. A constant at load.
+                    if layout::stores_in_order() != 0 {
+                        core::ptr::write_volatile(way.state(), PENDING_WAITING);
+                    } else {
+                        atomic_xchg::<u64, { SeqCst }>(way.state(), PENDING_WAITING);
+                    }
                 }
                 return;
             }
