@@ -70,6 +70,10 @@ pub const fn addr_octets(a: &Addr) -> [u8; 16] {
 /// `DNS_COUNTS` kinds.
 pub const DNS_QUERY: u8 = 0;
 pub const DNS_RESPONSE: u8 = 1;
+/// A query in flight replaced by a copy of itself (same client, port, server and id)
+/// before any response came: the copy waits in its place, the first is unanswered. So
+/// every query packet ends answered or unanswered, retransmissions included.
+pub const DNS_SUPERSEDED: u8 = 2;
 
 /// Key of `DNS_COUNTS`: queries by (device, server), responses by (device, server, rcode).
 #[repr(C)]

@@ -10,8 +10,8 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use monitor_common::{
-    DNS_QUERY, DNS_RESPONSE, DnsCountKey, DnsFlight, DnsFlightKey, DnsPendingSet, LL_DNS,
-    LL_SERVICES, PENDING_WAITING,
+    DNS_QUERY, DNS_RESPONSE, DNS_SUPERSEDED, DnsCountKey, DnsFlight, DnsFlightKey, DnsPendingSet,
+    LL_DNS, LL_SERVICES, PENDING_WAITING,
 };
 
 use crate::{devices::Device, kernel::KernelFacts, programs};
@@ -55,6 +55,8 @@ fn run(ebpf: &Ebpf, program: &str, packet: &[u8]) -> u32 {
 struct Counts {
     queries: u64,
     responses: u64,
+    /// Copies replaced by a retransmission, counted unanswered.
+    superseded: u64,
     inflight: usize,
     linklocal: u64,
 }
@@ -68,6 +70,7 @@ fn counts(ebpf: &Ebpf) -> Counts {
         match key.kind {
             DNS_QUERY => c.queries += n,
             DNS_RESPONSE => c.responses += n,
+            DNS_SUPERSEDED => c.superseded += n,
             _ => panic!("unknown kind {}", key.kind),
         }
     }
@@ -160,17 +163,20 @@ fn a_query_and_its_response_are_matched() {
         Counts {
             queries: 1,
             responses: 0,
+            superseded: 0,
             inflight: 1,
             linklocal: 0
         }
     );
-    // The same query again is a retransmission: still one in flight.
+    // The same query again is a retransmission: still one in flight, the first copy
+    // unanswered.
     run(&ebpf, "tc_egress", &query);
     assert_eq!(
         counts(&ebpf),
         Counts {
             queries: 2,
             responses: 0,
+            superseded: 1,
             inflight: 1,
             linklocal: 0
         }
@@ -191,6 +197,7 @@ fn a_query_and_its_response_are_matched() {
         Counts {
             queries: 2,
             responses: 0,
+            superseded: 1,
             inflight: 1,
             linklocal: 0
         }
@@ -202,6 +209,7 @@ fn a_query_and_its_response_are_matched() {
         Counts {
             queries: 2,
             responses: 1,
+            superseded: 1,
             inflight: 0,
             linklocal: 0
         }
@@ -213,6 +221,7 @@ fn a_query_and_its_response_are_matched() {
         Counts {
             queries: 2,
             responses: 1,
+            superseded: 1,
             inflight: 0,
             linklocal: 0
         }
@@ -240,6 +249,7 @@ fn a_query_and_its_response_are_matched() {
         Counts {
             queries: 4,
             responses: 1,
+            superseded: 1,
             inflight: 2,
             linklocal: 1
         }
@@ -332,6 +342,7 @@ fn malformed_dns_moves_no_count() {
         Counts {
             queries: 2,
             responses: 0,
+            superseded: 0,
             inflight: 2,
             linklocal: 0
         }
@@ -410,14 +421,14 @@ fn a_full_table_of_queries_in_flight_is_counted_not_silent() {
         let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
         run(&ebpf, "tc_egress", &query);
     }
-    // A retransmission of a query in flight is not a full table.
+    // A retransmission of a query in flight is not a full table: it takes the copy's way.
     run(
         &ebpf,
         "tc_egress",
         &ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(0, 0x0100, 1, QUESTION)),
     );
     let c = counts(&ebpf);
-    assert_eq!((c.queries, c.inflight), (7, 4));
+    assert_eq!((c.queries, c.superseded, c.inflight), (7, 1, 4));
     assert_eq!(map_full(&ebpf, monitor_common::MAP_FULL_DNS_INFLIGHT), 2);
     assert_eq!(map_full(&ebpf, monitor_common::MAP_FULL_DNS_COUNTS), 0);
 }

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use monitor_common::{
     Addr, BPF_F_NO_PREALLOC, DNS_COUNTS_MAX_ENTRIES, DNS_INFLIGHT_MAX_ENTRIES,
-    DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_QUERY, DNS_RESPONSE, DnsCountKey, DnsFlight,
-    DnsFlightKey, DnsLatency, DnsServerKey, MAP_FULL_DNS_COUNTS, MAP_FULL_DNS_INFLIGHT,
-    MAP_FULL_DNS_LATENCY,
+    DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_QUERY, DNS_RESPONSE, DNS_SUPERSEDED,
+    DnsCountKey, DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey, MAP_FULL_DNS_COUNTS,
+    MAP_FULL_DNS_INFLIGHT, MAP_FULL_DNS_LATENCY,
 };
 
 use super::packet::{Packet, read};
@@ -51,7 +51,7 @@ static DNS_UNANSWERED: HashMap<DnsServerKey, u64> =
 #[map]
 static DNS_RESOLVERS: HashMap<Addr, u32> = HashMap::with_max_entries(64, BPF_F_NO_PREALLOC);
 
-/// `-EEXIST`: a retransmitted query, already in flight.
+/// `-EEXIST`: a copy of the query is in flight.
 const EEXIST: i32 = -17;
 
 #[inline(always)]
@@ -98,10 +98,23 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             0,
         ];
         // One object per kind of kernel: the other path is not in it.
-        if crate::ATOMICS {
-            pending::query(&key, ifindex);
+        let superseded = if crate::ATOMICS {
+            pending::query(&key, ifindex)
         } else {
-            inflight_query(&key, ifindex);
+            inflight_query(&key, ifindex)
+        };
+        if superseded {
+            increment(
+                &DNS_COUNTS,
+                &DnsCountKey {
+                    ifindex,
+                    kind: DNS_SUPERSEDED,
+                    rcode: 0,
+                    pad: [0; 2],
+                    server: p.dst,
+                },
+                MAP_FULL_DNS_COUNTS,
+            );
         }
     } else {
         if p.sport != PORT {
@@ -150,24 +163,31 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
 /// A `DnsFlightKey` as its 10 words: client, server, client port and id, padding.
 type KeyWords = [u32; 10];
 
-/// Records a query in `DNS_INFLIGHT` (kernels without atomics).
+/// Records a query in `DNS_INFLIGHT` (kernels without atomics); true when it replaced a
+/// copy of itself still waiting (`DNS_SUPERSEDED`).
 #[inline(always)]
-fn inflight_query(key: &KeyWords, ifindex: u32) {
+fn inflight_query(key: &KeyWords, ifindex: u32) -> bool {
     // SAFETY: `DnsFlightKey` is `repr(C)`, 10 words without padding between fields.
     let key: DnsFlightKey = unsafe { core::mem::transmute(*key) };
-    // A retransmission keeps the first copy's time: one query in flight, not two.
-    if let Err(e) = DNS_INFLIGHT.insert(
-        &key,
-        &DnsFlight {
-            start_ns: now_ns(),
-            ifindex,
-            pad: 0,
-        },
-        BPF_NOEXIST,
-    ) && e != EEXIST
+    let flight = DnsFlight {
+        start_ns: now_ns(),
+        ifindex,
+        pad: 0,
+    };
+    let mut superseded = false;
+    let mut r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
+    if r == Err(EEXIST) {
+        // Only the deleter ends the copy, as a response or the sweep would.
+        superseded = DNS_INFLIGHT.remove(&key).is_ok();
+        r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
+    }
+    // EEXIST again: a copy on another CPU got in between, and waits in our place.
+    if let Err(e) = r
+        && e != EEXIST
     {
         map_full(MAP_FULL_DNS_INFLIGHT);
     }
+    superseded
 }
 
 /// Ends the query a response answers in `DNS_INFLIGHT`; its start time if this response
@@ -292,42 +312,61 @@ mod pending {
         DNS_PENDING.get_ptr_mut((u64::from(h) * u64::from(layout::pending_sets()) >> 32) as u32)
     }
 
-    /// Records a query unless a copy of it is in flight (a retransmission keeps the
-    /// first copy's time); a full set is counted as a full table.
+    /// Records a query; true when it replaced a copy of itself still waiting
+    /// (`DNS_SUPERSEDED`), whose way it takes over. A full set is counted as a full table.
     #[inline(always)]
-    pub fn query(key: &KeyWords, ifindex: u32) {
-        let Some(set) = set(key) else { return };
+    pub fn query(key: &KeyWords, ifindex: u32) -> bool {
+        let Some(set) = set(key) else { return false };
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
-            if way.is(PENDING_WAITING) && way.holds(key) {
-                return;
+            // Taken from waiting, as a response or the sweep would take it: whoever wins
+            // the claim ends the copy. Lost, the copy is gone and this one goes in anew.
+            if way.is(PENDING_WAITING)
+                && way.holds(key)
+                && way.claim(PENDING_WAITING, PENDING_WRITING)
+            {
+                if way.holds(key) {
+                    publish(way, key, ifindex);
+                    return true;
+                }
+                // Freed and taken by another query between the look and the claim.
+                way.claim(PENDING_WRITING, PENDING_WAITING);
+                break;
             }
         }
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
             if way.is(PENDING_FREE) && way.claim(PENDING_FREE, PENDING_WRITING) {
-                // SAFETY: the way is ours until it is marked waiting. Volatile stores:
-                // the compiler keeps them in this order.
-                unsafe {
-                    let k = way.key();
-                    for (j, w) in key.iter().enumerate() {
-                        core::ptr::write_volatile(k.wrapping_add(j), *w);
-                    }
-                    core::ptr::write_volatile(way.ifindex(), ifindex);
-                    core::ptr::write_volatile(way.start(), now_ns());
-                    // Whoever sees the way waiting must see it written: a CPU that keeps
-                    // stores in order (x86) needs a plain store for that, one that does
-                    // not (arm64) a full barrier. A constant at load.
-                    if layout::stores_in_order() != 0 {
-                        core::ptr::write_volatile(way.state(), PENDING_WAITING);
-                    } else {
-                        atomic_xchg::<u64, { SeqCst }>(way.state(), PENDING_WAITING);
-                    }
-                }
-                return;
+                publish(way, key, ifindex);
+                return false;
             }
         }
         map_full(MAP_FULL_DNS_INFLIGHT);
+        false
+    }
+
+    /// Writes a query into a way this CPU claimed (state `PENDING_WRITING`), then marks it
+    /// waiting.
+    #[inline(always)]
+    fn publish(way: Way, key: &KeyWords, ifindex: u32) {
+        // SAFETY: the way is ours until it is marked waiting. Volatile stores: the
+        // compiler keeps them in this order.
+        unsafe {
+            let k = way.key();
+            for (j, w) in key.iter().enumerate() {
+                core::ptr::write_volatile(k.wrapping_add(j), *w);
+            }
+            core::ptr::write_volatile(way.ifindex(), ifindex);
+            core::ptr::write_volatile(way.start(), now_ns());
+            // Whoever sees the way waiting must see it written: a CPU that keeps stores
+            // in order (x86) needs a plain store for that, one that does not (arm64) a
+            // full barrier. A constant at load.
+            if layout::stores_in_order() != 0 {
+                core::ptr::write_volatile(way.state(), PENDING_WAITING);
+            } else {
+                atomic_xchg::<u64, { SeqCst }>(way.state(), PENDING_WAITING);
+            }
+        }
     }
 
     /// Ends the query `key` names; its start time if this response is the one that ends

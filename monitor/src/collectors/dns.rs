@@ -11,8 +11,8 @@ use std::{
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use log::warn;
 use monitor_common::{
-    Addr, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_QUERY, DNS_RESPONSE, DnsCountKey,
-    DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey,
+    Addr, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_QUERY, DNS_RESPONSE, DNS_SUPERSEDED,
+    DnsCountKey, DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey,
 };
 use prometheus_client::{
     collector::Collector,
@@ -369,6 +369,9 @@ impl Collector for DnsCollector {
         let devices = self.devices.snapshot();
         let mut queries: BTreeMap<Labels2, u64> = BTreeMap::new();
         let mut responses: BTreeMap<(Labels2, String), u64> = BTreeMap::new();
+        // Copies replaced by a retransmission before any response, counted by the
+        // classifiers; the rest of the unanswered by the sweep.
+        let mut unanswered: BTreeMap<Labels2, u64> = BTreeMap::new();
         for entry in &self.counts {
             let (key, per_cpu) = match entry {
                 Ok(e) => e,
@@ -388,10 +391,10 @@ impl Collector for DnsCollector {
                         .entry((labels, rcode_name(key.rcode)))
                         .or_default() += n;
                 }
+                DNS_SUPERSEDED => *unanswered.entry(labels).or_default() += n,
                 _ => {}
             }
         }
-        let mut unanswered: BTreeMap<Labels2, u64> = BTreeMap::new();
         for ((ifindex, server), n) in self.unanswered.snapshot() {
             if let Some(labels) = self.labels(ifindex, server, &devices) {
                 *unanswered.entry(labels).or_default() += n;
@@ -431,7 +434,7 @@ impl Collector for DnsCollector {
         encode_counters(
             &mut encoder,
             "dns_unanswered",
-            "DNS queries with no response within --dns-timeout.",
+            "DNS queries with no response within --dns-timeout, or before the client sent the same query again (same port and id).",
             unanswered.into_iter().map(|(l, v)| (with(l), v)),
         )?;
         let mut family = encoder.encode_descriptor(

@@ -391,8 +391,14 @@ fn dns_load(report: &mut Report) -> f64 {
     let floor = floor_classifiers(&sim.node, "eth0");
     let queryfile = std::env::temp_dir().join("eni-monitor-bench-queries");
     std::fs::write(&queryfile, format!("{OK_NAME} A\n")).unwrap();
-    let (mut rates, mut sent_diff, mut answered_diff, mut unanswered_diff, mut drops) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rates, mut sent_diff, mut answered_diff, mut unanswered_diff, mut drops, mut full) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let cpu_before = cpu_seconds(agent.pid());
     let started = Instant::now();
     let mut per_dns_packet: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -425,6 +431,11 @@ fn dns_load(report: &mut Report) -> f64 {
         unanswered_diff
             .push(delta("eni_monitor_dns_unanswered_total") + kernel_drops - d["Queries lost"]);
         drops.push(kernel_drops);
+        let inflight_full = [("map", "dns_inflight")];
+        full.push(
+            after.sum("eni_monitor_map_full_total", &inflight_full)
+                - before.sum("eni_monitor_map_full_total", &inflight_full),
+        );
     }
     bpf_stats(false);
     drop(floor);
@@ -458,6 +469,14 @@ fn dns_load(report: &mut Report) -> f64 {
         "queries",
         stat(drops),
         None,
+    );
+    let s = stat(full);
+    report.add(
+        "dns",
+        "queries the in-flight table had no room for",
+        "queries",
+        s,
+        Some(("0".into(), s.max == 0.0)),
     );
     for (what, v) in [
         ("queries: agent - dnsperf sent", sent_diff),
