@@ -214,9 +214,11 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
-/// Sets of each CPU's cache of recently refreshed flows in front of `FLOWS`: two ways of
-/// 8 bytes each, 48 KiB per CPU.
-pub const FLOW_CACHE_SETS: u32 = 3072;
+/// Sets of each CPU's cache of recently refreshed flows in front of `FLOWS`: four ways of
+/// 8 bytes each (half a cache line), 48 KiB per CPU.
+pub const FLOW_CACHE_SETS: u32 = 1536;
+/// Ways of each `FLOW_CACHE_SETS` set.
+pub const FLOW_CACHE_WAYS: usize = 4;
 
 /// Value of `FLOWS`.
 #[repr(C)]

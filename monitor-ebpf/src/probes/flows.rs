@@ -8,8 +8,9 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use monitor_common::{
-    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CLASSES, FLOW_FIN_AB, FLOW_FIN_BA,
-    FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowKey, MAX_DEVICES, flow_class,
+    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CACHE_WAYS, FLOW_CLASSES,
+    FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowKey, MAX_DEVICES,
+    flow_class,
 };
 
 use super::packet::{IPPROTO_TCP, IPPROTO_UDP, Packet};
@@ -34,38 +35,42 @@ static FLOWS_CREATED: PerCpuArray<u64> =
 
 /// The flows each CPU refreshed recently, by a keyed hash of the flow: an established
 /// flow's packet finds its flow here, written to the shared table this second with every
-/// flag the packet carries, and goes no further. The hash's top bits pick a set of two
-/// ways (two flows sharing a set both stay); a way is one word,
+/// flag the packet carries, and goes no further. The hash's top bits pick a set of four
+/// ways (up to four flows sharing a set all stay: with two, busy sets of three or more
+/// flows took turns evicting each other); a way is one word,
 /// `fingerprint << 20 | second << 4 | direction bits`, the fingerprint the hash's low
 /// 44 bits. Two flows are taken for one only when 44 bits of a keyed hash agree within a
 /// set (1 in 2^44 a packet), and even then only for the rest of that second, after which
 /// the packet goes to the table. Each CPU's sets are its own (no lock, no shared cache
 /// line); packets that close a flow (FIN, RST) always go to the table.
 #[map]
-static FLOW_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(FLOW_CACHE_SETS, 0);
+static FLOW_CACHE: PerCpuArray<[u64; FLOW_CACHE_WAYS]> =
+    PerCpuArray::with_max_entries(FLOW_CACHE_SETS, 0);
 
 /// A `FlowKey` as its 11 words.
 type KeyWords = [u32; 11];
 
-/// A keyed 64-bit hash of a key.
+/// A keyed 64-bit hash of a key, in two lanes of three rounds that the CPU runs side
+/// by side (one chain of six multiplications waits on each in turn), joined at the end.
 #[inline(always)]
 fn hash(w: &KeyWords) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
     let pair = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    let round = |h: u64, v: u64| {
+        let h = (h ^ v).wrapping_mul(K);
+        h ^ (h >> 29)
+    };
     let seed = pair(layout::flow_hash_seed_lo(), layout::flow_hash_seed_hi());
-    let mut h = seed;
-    for v in [
-        pair(w[0], w[1]),
-        pair(w[2], w[3]),
-        pair(w[4], w[5]),
-        pair(w[6], w[7]),
-        pair(w[8], w[9]),
-        u64::from(w[10]),
-    ] {
-        h = (h ^ v).wrapping_mul(K);
-        h ^= h >> 29;
-    }
-    h = (h ^ (h >> 32)).wrapping_mul(K);
+    let (mut x, mut y) = (seed, seed ^ K2);
+    x = round(x, pair(w[0], w[1]));
+    y = round(y, pair(w[2], w[3]));
+    x = round(x, pair(w[4], w[5]));
+    y = round(y, pair(w[6], w[7]));
+    x = round(x, pair(w[8], w[9]));
+    y = round(y, u64::from(w[10]));
+    let h = x.wrapping_add(y.wrapping_mul(K2));
+    let h = (h ^ (h >> 32)).wrapping_mul(K);
     h ^ (h >> 29)
 }
 
@@ -132,8 +137,9 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
         && !closing
     {
         // SAFETY: this CPU's own set; classifiers on one CPU do not interleave.
-        let [a, b] = unsafe { *set };
-        if (a & !0xf == tag && a & want == want) || (b & !0xf == tag && b & want == want) {
+        let ways = unsafe { *set };
+        let hit = |w: u64| w & !0xf == tag && w & want == want;
+        if hit(ways[0]) || hit(ways[1]) || hit(ways[2]) || hit(ways[3]) {
             return;
         }
     }
@@ -161,15 +167,20 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
         let way = tag | cache_bits(flags);
         // SAFETY: as above.
         unsafe {
-            let [a, b] = *set;
+            let [a, b, c, d] = *set;
             // The flow's own way when it has one (from an earlier second), else the
-            // newest in front and the older one kept behind it.
-            if a >> 20 == way >> 20 {
+            // newest in front and the oldest dropped.
+            let fp = way >> 20;
+            if a >> 20 == fp {
                 (*set)[0] = way;
-            } else if b >> 20 == way >> 20 {
+            } else if b >> 20 == fp {
                 (*set)[1] = way;
+            } else if c >> 20 == fp {
+                (*set)[2] = way;
+            } else if d >> 20 == fp {
+                (*set)[3] = way;
             } else {
-                *set = [way, a];
+                *set = [way, a, b, c];
             }
         }
     }
