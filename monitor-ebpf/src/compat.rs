@@ -14,14 +14,5 @@ mod kernel;
 mod maps;
 #[path = "probes/mod.rs"]
 mod probes;
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-// GPL-compatible: bpf_probe_read_kernel is a GPL-only helper.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+#[path = "runtime.rs"]
+mod runtime;

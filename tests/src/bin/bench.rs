@@ -92,12 +92,17 @@ impl Report {
     }
 }
 
-fn runs() -> usize {
-    std::env::var("BENCH_RUNS")
+/// A count from the environment (at least 1), else `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
+        .unwrap_or(default)
         .max(1)
+}
+
+fn runs() -> usize {
+    env_count("BENCH_RUNS", 5)
 }
 
 /// (`run_time_ns`, `run_cnt`) of every loaded program, by name; needs `kernel.bpf_stats_enabled`.
@@ -289,11 +294,7 @@ fn program_cost(report: &mut Report) {
 
 /// Alternations of the packet-rate measure, each a second with and a second without.
 fn rate_rounds() -> usize {
-    std::env::var("BENCH_RATE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(15)
-        .max(1)
+    env_count("BENCH_RATE_ROUNDS", 15)
 }
 
 fn iperf_pps(node: &Netns, server: &str) -> f64 {
