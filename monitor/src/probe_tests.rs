@@ -23,7 +23,24 @@ fn loaded() -> Ebpf {
 }
 
 fn loaded_with(sizes: &[(&str, u32)]) -> Ebpf {
-    let facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH)).unwrap();
+    loaded_object(sizes, None)
+}
+
+/// Both objects this kernel can load: the one it gets, and where it has BPF atomics the
+/// one for kernels without them too (its `DNS_INFLIGHT` path is what 5.10 runs).
+fn both_objects(sizes: &[(&str, u32)]) -> Vec<Ebpf> {
+    let mut objects = vec![loaded_object(sizes, None)];
+    if crate::kernel::has_atomics() {
+        objects.push(loaded_object(sizes, Some(false)));
+    }
+    objects
+}
+
+fn loaded_object(sizes: &[(&str, u32)], atomics: Option<bool>) -> Ebpf {
+    let mut facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH)).unwrap();
+    if let Some(atomics) = atomics {
+        facts.atomics = atomics;
+    }
     let mut ebpf = programs::load(&facts, sizes, None).unwrap();
     programs::load_classifiers(&mut ebpf).unwrap();
     let lo = Device {
@@ -76,15 +93,17 @@ fn counts(ebpf: &Ebpf) -> Counts {
     }
     let inflight: HashMap<&MapData, DnsFlightKey, DnsFlight> =
         ebpf.map("DNS_INFLIGHT").unwrap().try_into().unwrap();
-    let pending: Array<&MapData, DnsPendingSet> =
-        ebpf.map("DNS_PENDING").unwrap().try_into().unwrap();
-    c.inflight = inflight.keys().count()
-        + pending
+    c.inflight = inflight.keys().count();
+    // Only in the object for kernels with BPF atomics.
+    if let Some(map) = ebpf.map("DNS_PENDING") {
+        let pending: Array<&MapData, DnsPendingSet> = map.try_into().unwrap();
+        c.inflight += pending
             .iter()
             .map(Result::unwrap)
             .flat_map(|set| set.state)
             .filter(|s| *s == PENDING_WAITING)
             .count();
+    }
     let ll: PerCpuArray<&MapData, u64> = ebpf.map("LL_PACKETS").unwrap().try_into().unwrap();
     c.linklocal = (0..LL_SERVICES)
         .map(|s| ll.get(&s, 0).unwrap().iter().sum::<u64>())
@@ -155,11 +174,16 @@ fn a_query_and_its_response_are_matched() {
     if !integration_tests::require_root("a_query_and_its_response_are_matched") {
         return;
     }
-    let ebpf = loaded();
+    for ebpf in both_objects(&[("FLOWS", 1024)]) {
+        query_and_response_matched(&ebpf);
+    }
+}
+
+fn query_and_response_matched(ebpf: &Ebpf) {
     let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(7, 0x0100, 1, QUESTION));
-    assert_eq!(run(&ebpf, "tc_egress", &query), TC_ACT_UNSPEC);
+    assert_eq!(run(ebpf, "tc_egress", &query), TC_ACT_UNSPEC);
     assert_eq!(
-        counts(&ebpf),
+        counts(ebpf),
         Counts {
             queries: 1,
             responses: 0,
@@ -170,9 +194,9 @@ fn a_query_and_its_response_are_matched() {
     );
     // The same query again is a retransmission: still one in flight, the first copy
     // unanswered.
-    run(&ebpf, "tc_egress", &query);
+    run(ebpf, "tc_egress", &query);
     assert_eq!(
-        counts(&ebpf),
+        counts(ebpf),
         Counts {
             queries: 2,
             responses: 0,
@@ -183,17 +207,17 @@ fn a_query_and_its_response_are_matched() {
     );
     // A response with another id, or from another port, matches nothing.
     run(
-        &ebpf,
+        ebpf,
         "tc_ingress",
         &ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(8, 0x8180, 1, QUESTION)),
     );
     run(
-        &ebpf,
+        ebpf,
         "tc_ingress",
         &ipv4_udp(DST4, SRC4, 53, 40001, 0, &dns(7, 0x8180, 1, QUESTION)),
     );
     assert_eq!(
-        counts(&ebpf),
+        counts(ebpf),
         Counts {
             queries: 2,
             responses: 0,
@@ -203,9 +227,9 @@ fn a_query_and_its_response_are_matched() {
         }
     );
     let response = ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(7, 0x8183, 1, QUESTION));
-    assert_eq!(run(&ebpf, "tc_ingress", &response), TC_ACT_UNSPEC);
+    assert_eq!(run(ebpf, "tc_ingress", &response), TC_ACT_UNSPEC);
     assert_eq!(
-        counts(&ebpf),
+        counts(ebpf),
         Counts {
             queries: 2,
             responses: 1,
@@ -215,9 +239,9 @@ fn a_query_and_its_response_are_matched() {
         }
     );
     // A duplicate response is not a second answer.
-    run(&ebpf, "tc_ingress", &response);
+    run(ebpf, "tc_ingress", &response);
     assert_eq!(
-        counts(&ebpf),
+        counts(ebpf),
         Counts {
             queries: 2,
             responses: 1,
@@ -228,12 +252,12 @@ fn a_query_and_its_response_are_matched() {
     );
     // IPv6, and the link-local resolver.
     run(
-        &ebpf,
+        ebpf,
         "tc_egress",
         &ipv6_udp(40000, 53, &dns(9, 0x0100, 1, QUESTION)),
     );
     run(
-        &ebpf,
+        ebpf,
         "tc_egress",
         &ipv4_udp(
             SRC4,
@@ -245,7 +269,7 @@ fn a_query_and_its_response_are_matched() {
         ),
     );
     assert_eq!(
-        counts(&ebpf),
+        counts(ebpf),
         Counts {
             queries: 4,
             responses: 1,
@@ -416,21 +440,26 @@ fn a_full_table_of_queries_in_flight_is_counted_not_silent() {
         return;
     }
     // Room for four queries whichever table this kernel uses (one set of four ways).
-    let ebpf = loaded_with(&[("FLOWS", 1024), ("DNS_INFLIGHT", 4), ("DNS_PENDING", 1)]);
+    for ebpf in both_objects(&[("FLOWS", 1024), ("DNS_INFLIGHT", 4), ("DNS_PENDING", 1)]) {
+        full_table_counted(&ebpf);
+    }
+}
+
+fn full_table_counted(ebpf: &Ebpf) {
     for id in 0..6u16 {
         let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
-        run(&ebpf, "tc_egress", &query);
+        run(ebpf, "tc_egress", &query);
     }
     // A retransmission of a query in flight is not a full table: it takes the copy's way.
     run(
-        &ebpf,
+        ebpf,
         "tc_egress",
         &ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(0, 0x0100, 1, QUESTION)),
     );
-    let c = counts(&ebpf);
+    let c = counts(ebpf);
     assert_eq!((c.queries, c.superseded, c.inflight), (7, 1, 4));
-    assert_eq!(map_full(&ebpf, monitor_common::MAP_FULL_DNS_INFLIGHT), 2);
-    assert_eq!(map_full(&ebpf, monitor_common::MAP_FULL_DNS_COUNTS), 0);
+    assert_eq!(map_full(ebpf, monitor_common::MAP_FULL_DNS_INFLIGHT), 2);
+    assert_eq!(map_full(ebpf, monitor_common::MAP_FULL_DNS_COUNTS), 0);
 }
 
 #[test]
@@ -565,7 +594,7 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     if !integration_tests::require_root("the_flow_cache_passes_on_every_flag_and_every_flow") {
         return;
     }
-    let ebpf = loaded_with(&[("FLOWS", 4096)]);
+    let ebpf = loaded_with(&[("FLOWS", 8192)]);
     let table = |ebpf: &Ebpf| -> Vec<(FlowKey, Flow)> {
         let m: HashMap<&MapData, FlowKey, Flow> = ebpf.map("FLOWS").unwrap().try_into().unwrap();
         m.iter().map(Result::unwrap).collect()
@@ -606,4 +635,19 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     assert_eq!(udp.len(), 3000);
     // 10.0.0.2:port sorts first: the local sender is side b, seen sending b to a.
     assert!(udp.iter().all(|(_, f)| f.flags == FLOW_BA | FLOW_LOCAL_B));
+    // The same ports over IPv6 (another hash), and over UDP where TCP had them: flows of
+    // their own, none hidden by the cached way of the flow it resembles.
+    for _ in 0..3 {
+        for port in 1..=3000u16 {
+            run(&ebpf, "tc_egress", &ipv6_udp(50000, port, b"x"));
+        }
+    }
+    run(
+        &ebpf,
+        "tc_egress",
+        &ipv4_udp(SRC4, DST4, 40000, 443, 0, b"x"),
+    );
+    let t = table(&ebpf);
+    assert_eq!(t.len(), 6002);
+    assert_eq!(t.iter().filter(|(k, _)| k.proto == 6).count(), 1);
 }
