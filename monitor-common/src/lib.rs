@@ -168,7 +168,8 @@ pub struct DnsPendingSet {
 
 /// A way no query holds.
 pub const PENDING_FREE: u64 = 0;
-/// A query is being written into the way.
+/// One CPU (or the agent's sweep) holds the way, writing a query into it or reading one
+/// out; only the holder moves it on.
 pub const PENDING_WRITING: u64 = 1;
 /// A query awaits its response.
 pub const PENDING_WAITING: u64 = 2;
@@ -293,7 +294,7 @@ pub mod globals {
     pub const FLOW_HASH_SEED_HI: &str = "FLOW_HASH_SEED_HI";
     /// Sets in `DNS_PENDING` as loaded (`DNS_PENDING_SETS` unless sized otherwise).
     pub const PENDING_SETS: &str = "PENDING_SETS";
-    /// 1 on CPUs that make stores visible in program order (x86_64): a query is then
+    /// 1 on CPUs that make stores visible in program order (`x86_64`): a query is then
     /// published with a plain store rather than an atomic exchange.
     pub const STORES_IN_ORDER: &str = "STORES_IN_ORDER";
 }

@@ -1,6 +1,7 @@
 //! `DNS_PENDING` mapped into the agent: the queries in flight on kernels with BPF atomics,
-//! whose ways the timeout sweep claims in place with the same compare-and-exchange the
-//! programs use, so a query ends answered or unanswered, never both.
+//! whose ways the timeout sweep holds and frees in place with the same
+//! compare-and-exchange the programs use, so a query ends answered or unanswered, never
+//! both.
 
 use std::{
     io,
@@ -11,7 +12,7 @@ use std::{
 
 use aya::maps::MapData;
 use monitor_common::{
-    DNS_PENDING_WAYS, DnsFlightKey, DnsPendingSet, PENDING_FREE, PENDING_WAITING,
+    DNS_PENDING_WAYS, DnsFlightKey, DnsPendingSet, PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
 };
 
 /// A query the sweep took out of the table.
@@ -25,6 +26,8 @@ pub struct PendingTable {
     base: NonNull<DnsPendingSet>,
     sets: usize,
     len: usize,
+    /// Ways seen held in the last pass, by (set, way, start).
+    held: Vec<(usize, usize, u64)>,
     _map: MapData,
 }
 
@@ -58,29 +61,71 @@ impl PendingTable {
             base,
             sets,
             len,
+            held: Vec::new(),
             _map: map,
         })
     }
 
     /// Takes every query waiting since `deadline_ns` or earlier out of the table and hands
-    /// it to `f`. A way is only taken by winning its state from waiting to free; one
-    /// reused by a new query between the look and the claim is put back.
-    pub fn sweep(&self, deadline_ns: u64, mut f: impl FnMut(Expired)) {
-        for set in 0..self.sets {
+    /// it to `f`. A way is held while it is read (from waiting to writing, as the
+    /// programs hold it), then freed; one reused by a new query between the look and the
+    /// hold goes back as it was. A hold lasts nanoseconds: a way still held, unchanged,
+    /// a whole pass later was held by an agent killed between taking an expired query
+    /// and freeing the way, and is taken now.
+    pub fn sweep(&mut self, deadline_ns: u64, mut f: impl FnMut(Expired)) {
+        let mut held = Vec::new();
+        for s in 0..self.sets {
             // SAFETY: inside the mapping.
-            let set = unsafe { self.base.as_ptr().add(set) };
+            let set = unsafe { self.base.as_ptr().add(s) };
             for i in 0..DNS_PENDING_WAYS {
                 if let Some(e) = Self::expire(set, i, deadline_ns) {
                     f(e);
+                } else if let Some(start) = Self::held(set, i) {
+                    if self.held.contains(&(s, i, start)) {
+                        if let Some(e) = Self::abandoned(set, i) {
+                            f(e);
+                        }
+                    } else {
+                        held.push((s, i, start));
+                    }
                 }
             }
         }
+        self.held = held;
     }
 
-    /// Way `i` of `set`, claimed if it waits since `deadline_ns` or earlier.
+    /// The start of way `i` of `set` if it is held.
+    fn held(set: *mut DnsPendingSet, i: usize) -> Option<u64> {
+        // SAFETY: as in `expire`.
+        unsafe {
+            let state = AtomicU64::from_ptr((&raw mut (*set).state).cast::<u64>().add(i));
+            (state.load(SeqCst) == PENDING_WRITING)
+                .then(|| std::ptr::read_volatile((&raw const (*set).start_ns).cast::<u64>().add(i)))
+        }
+    }
+
+    /// Takes way `i` of `set`, held by no one since the last pass.
+    fn abandoned(set: *mut DnsPendingSet, i: usize) -> Option<Expired> {
+        // SAFETY: as in `expire`; a held way's fields change only by its holder, so they
+        // are read before the way is freed.
+        unsafe {
+            let state = AtomicU64::from_ptr((&raw mut (*set).state).cast::<u64>().add(i));
+            let e = Expired {
+                key: std::ptr::read_volatile((&raw const (*set).key).cast::<DnsFlightKey>().add(i)),
+                ifindex: std::ptr::read_volatile((&raw const (*set).ifindex).cast::<u32>().add(i)),
+            };
+            state
+                .compare_exchange(PENDING_WRITING, PENDING_FREE, SeqCst, SeqCst)
+                .ok()?;
+            Some(e)
+        }
+    }
+
+    /// Way `i` of `set`, taken if it waits since `deadline_ns` or earlier.
     fn expire(set: *mut DnsPendingSet, i: usize, deadline_ns: u64) -> Option<Expired> {
         // SAFETY: the state word of a way, only ever accessed atomically; the other
-        // fields may change under us, which the claim and the second look catch.
+        // fields may change under us until the way is held, which the second look
+        // catches.
         unsafe {
             let state = AtomicU64::from_ptr((&raw mut (*set).state).cast::<u64>().add(i));
             if state.load(SeqCst) != PENDING_WAITING {
@@ -92,18 +137,29 @@ impl PendingTable {
                 return None;
             }
             state
-                .compare_exchange(PENDING_WAITING, PENDING_FREE, SeqCst, SeqCst)
+                .compare_exchange(PENDING_WAITING, PENDING_WRITING, SeqCst, SeqCst)
                 .ok()?;
+            if std::ptr::read_volatile(start_ptr) != start {
+                // Freed and taken by a new query between the look and the hold.
+                state.store(PENDING_WAITING, SeqCst);
+                return None;
+            }
             let key =
                 std::ptr::read_volatile((&raw const (*set).key).cast::<DnsFlightKey>().add(i));
             let ifindex = std::ptr::read_volatile((&raw const (*set).ifindex).cast::<u32>().add(i));
-            if std::ptr::read_volatile(start_ptr) != start {
-                // Freed and taken by a new query between the look and the claim.
-                let _ = state.compare_exchange(PENDING_FREE, PENDING_WAITING, SeqCst, SeqCst);
-                return None;
-            }
+            state.store(PENDING_FREE, SeqCst);
             Some(Expired { key, ifindex })
         }
+    }
+}
+
+#[cfg(test)]
+impl PendingTable {
+    /// Set `s` as the programs see it, for tests to write ways directly.
+    pub fn set_mut(&mut self, s: usize) -> &mut DnsPendingSet {
+        assert!(s < self.sets);
+        // SAFETY: inside the mapping, borrowed mutably with the table.
+        unsafe { &mut *self.base.as_ptr().add(s) }
     }
 }
 

@@ -651,3 +651,68 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     assert_eq!(t.len(), 6002);
     assert_eq!(t.iter().filter(|(k, _)| k.proto == 6).count(), 1);
 }
+
+#[test]
+fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
+    use monitor_common::{PENDING_FREE, PENDING_WRITING};
+
+    use crate::pending::{Expired, PendingTable};
+    if !integration_tests::require_root(
+        "the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held",
+    ) {
+        return;
+    }
+    let mut ebpf = loaded();
+    let Some(aya::maps::Map::Array(data)) = ebpf.take_map("DNS_PENDING") else {
+        panic!("no DNS_PENDING array in the object");
+    };
+    let mut table = PendingTable::map(data).unwrap();
+    let mapped = |a: [u8; 4]| {
+        monitor_common::addr_from_octets(std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets())
+    };
+    let key = |id: u16| DnsFlightKey {
+        client: mapped(SRC4),
+        server: mapped(DST4),
+        client_port: 40000,
+        id,
+        pad: 0,
+    };
+    // Way 0 waiting since 100 ns, way 1 since 10 s, way 2 held by an agent that died
+    // holding it, way 3 free.
+    let set = table.set_mut(7);
+    set.state = [
+        PENDING_WAITING,
+        PENDING_WAITING,
+        PENDING_WRITING,
+        PENDING_FREE,
+    ];
+    set.start_ns = [100, 10_000_000_000, 50, 0];
+    set.ifindex = [3, 3, 4, 0];
+    set.key = [key(1), key(2), key(3), key(4)];
+    let sweep = |table: &mut PendingTable| {
+        let mut out = Vec::new();
+        table.sweep(1_000_000_000, |e| out.push(e));
+        out
+    };
+    // The expired query at once; the held way only once it is still held a pass later.
+    assert_eq!(
+        sweep(&mut table),
+        vec![Expired {
+            key: key(1),
+            ifindex: 3
+        }]
+    );
+    assert_eq!(
+        sweep(&mut table),
+        vec![Expired {
+            key: key(3),
+            ifindex: 4
+        }]
+    );
+    assert_eq!(sweep(&mut table), vec![]);
+    let set = table.set_mut(7);
+    assert_eq!(
+        set.state,
+        [PENDING_FREE, PENDING_WAITING, PENDING_FREE, PENDING_FREE]
+    );
+}

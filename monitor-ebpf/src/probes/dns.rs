@@ -309,7 +309,7 @@ mod pending {
             ^ s.wrapping_mul(0x85eb_ca6b)
             ^ key[8].wrapping_mul(0xc2b2_ae35);
         let h = h ^ (h >> 15);
-        DNS_PENDING.get_ptr_mut((u64::from(h) * u64::from(layout::pending_sets()) >> 32) as u32)
+        DNS_PENDING.get_ptr_mut(((u64::from(h) * u64::from(layout::pending_sets())) >> 32) as u32)
     }
 
     /// Records a query; true when it replaced a copy of itself still waiting
@@ -330,7 +330,7 @@ mod pending {
                     return true;
                 }
                 // Freed and taken by another query between the look and the claim.
-                way.claim(PENDING_WRITING, PENDING_WAITING);
+                release(way, PENDING_WAITING);
                 break;
             }
         }
@@ -358,15 +358,8 @@ mod pending {
             }
             core::ptr::write_volatile(way.ifindex(), ifindex);
             core::ptr::write_volatile(way.start(), now_ns());
-            // Whoever sees the way waiting must see it written: a CPU that keeps stores
-            // in order (x86) needs a plain store for that, one that does not (arm64) a
-            // full barrier. A constant at load.
-            if layout::stores_in_order() != 0 {
-                core::ptr::write_volatile(way.state(), PENDING_WAITING);
-            } else {
-                atomic_xchg::<u64, { SeqCst }>(way.state(), PENDING_WAITING);
-            }
         }
+        release(way, PENDING_WAITING);
     }
 
     /// Ends the query `key` names; its start time if this response is the one that ends
@@ -379,20 +372,37 @@ mod pending {
             if !way.is(PENDING_WAITING) || !way.holds(key) {
                 continue;
             }
-            if !way.claim(PENDING_WAITING, PENDING_FREE) {
+            // Held while it is read: no one else moves a way out of writing, so a way
+            // freed and reused between the look and the claim goes back as it was.
+            if !way.claim(PENDING_WAITING, PENDING_WRITING) {
                 return None;
             }
-            // SAFETY: read after the claim, which orders it after the query's writes.
-            let start = unsafe { core::ptr::read_volatile(way.start()) };
-            // Freed and taken by another query between the look and the claim: not
-            // ours to end; put it back.
             if !way.holds(key) {
-                way.claim(PENDING_FREE, PENDING_WAITING);
+                release(way, PENDING_WAITING);
                 return None;
             }
+            // SAFETY: a word of the way this CPU holds.
+            let start = unsafe { core::ptr::read_volatile(way.start()) };
+            release(way, PENDING_FREE);
             return Some(start);
         }
         None
+    }
+
+    /// Ends this CPU's hold on a way (state `PENDING_WRITING`), leaving it in `state`:
+    /// whoever sees the new state must see what was written or read before it. A CPU
+    /// that keeps stores in order after earlier loads and stores (x86) needs a plain
+    /// store for that, one that does not (arm64) a full barrier. A constant at load.
+    #[inline(always)]
+    fn release(way: Way, state: u64) {
+        // SAFETY: the state word of a way this CPU holds.
+        unsafe {
+            if layout::stores_in_order() != 0 {
+                core::ptr::write_volatile(way.state(), state);
+            } else {
+                atomic_xchg::<u64, { SeqCst }>(way.state(), state);
+            }
+        }
     }
 }
 

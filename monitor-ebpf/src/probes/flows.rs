@@ -171,7 +171,7 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
         hash_v4(&words)
     };
     // The set from the hash's top 32 bits, by multiply and shift (any number of sets).
-    let set = FLOW_CACHE.get_ptr_mut(((h >> 32) * u64::from(FLOW_CACHE_SETS) >> 32) as u32);
+    let set = FLOW_CACHE.get_ptr_mut((((h >> 32) * u64::from(FLOW_CACHE_SETS)) >> 32) as u32);
     let tag = ((h & ((1 << 44) - 1)) << 20) | (u64::from(now & 0xffff) << 4);
     let want = cache_bits(bits);
     if let Some(set) = set

@@ -383,6 +383,17 @@ fn dnsperf(node: &Netns, server: &str, queryfile: &str) -> BTreeMap<String, f64>
     m
 }
 
+/// Each run's figures of the DNS load, one vector a figure.
+#[derive(Default)]
+struct DnsRuns {
+    rates: Vec<f64>,
+    sent_diff: Vec<f64>,
+    answered_diff: Vec<f64>,
+    unanswered_diff: Vec<f64>,
+    drops: Vec<f64>,
+    full: Vec<f64>,
+}
+
 /// 3. DNS at the resolver's highest rate: the agent's counts against dnsperf's.
 fn dns_load(report: &mut Report) -> f64 {
     let sim = SimNode::ipv4_only();
@@ -392,14 +403,7 @@ fn dns_load(report: &mut Report) -> f64 {
     let floor = floor_classifiers(&sim.node, "eth0");
     let queryfile = std::env::temp_dir().join("eni-monitor-bench-queries");
     std::fs::write(&queryfile, format!("{OK_NAME} A\n")).unwrap();
-    let (mut rates, mut sent_diff, mut answered_diff, mut unanswered_diff, mut drops, mut full) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    let mut r = DnsRuns::default();
     let cpu_before = cpu_seconds(agent.pid());
     let started = Instant::now();
     let mut per_dns_packet: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -425,15 +429,16 @@ fn dns_load(report: &mut Report) -> f64 {
         // socket full, say) is matched at the ENI and counted as a DNS drop: dnsperf
         // calls it lost, the agent says where it was lost.
         let kernel_drops = delta("eni_monitor_dns_drops_total");
-        rates.push(d["Queries per second"]);
-        sent_diff.push(delta("eni_monitor_dns_queries_total") - d["Queries sent"]);
-        answered_diff
+        r.rates.push(d["Queries per second"]);
+        r.sent_diff
+            .push(delta("eni_monitor_dns_queries_total") - d["Queries sent"]);
+        r.answered_diff
             .push(delta("eni_monitor_dns_responses_total") - kernel_drops - d["Queries completed"]);
-        unanswered_diff
+        r.unanswered_diff
             .push(delta("eni_monitor_dns_unanswered_total") + kernel_drops - d["Queries lost"]);
-        drops.push(kernel_drops);
+        r.drops.push(kernel_drops);
         let inflight_full = [("map", "dns_inflight")];
-        full.push(
+        r.full.push(
             after.sum("eni_monitor_map_full_total", &inflight_full)
                 - before.sum("eni_monitor_map_full_total", &inflight_full),
         );
@@ -462,16 +467,16 @@ fn dns_load(report: &mut Report) -> f64 {
             );
         }
     }
-    let rate = stat(rates);
+    let rate = stat(r.rates);
     report.add("dns", "dnsperf rate reached", "q/s", rate, None);
     report.add(
         "dns",
         "responses dropped by the node's kernel",
         "queries",
-        stat(drops),
+        stat(r.drops),
         None,
     );
-    let s = stat(full);
+    let s = stat(r.full);
     report.add(
         "dns",
         "queries the in-flight table had no room for",
@@ -479,17 +484,27 @@ fn dns_load(report: &mut Report) -> f64 {
         s,
         Some(("0".into(), s.max == 0.0)),
     );
-    for (what, v) in [
-        ("queries: agent - dnsperf sent", sent_diff),
-        (
-            "responses - kernel drops: agent - dnsperf completed",
-            answered_diff,
-        ),
-        (
-            "unanswered + kernel drops: agent - dnsperf lost",
-            unanswered_diff,
-        ),
-    ] {
+    exact(
+        report,
+        [
+            ("queries: agent - dnsperf sent", r.sent_diff),
+            (
+                "responses - kernel drops: agent - dnsperf completed",
+                r.answered_diff,
+            ),
+            (
+                "unanswered + kernel drops: agent - dnsperf lost",
+                r.unanswered_diff,
+            ),
+        ],
+    );
+    let _ = std::fs::remove_file(queryfile);
+    cpu
+}
+
+/// Rows whose every run must be 0: the agent's counts against dnsperf's.
+fn exact(report: &mut Report, rows: [(&str, Vec<f64>); 3]) {
+    for (what, v) in rows {
         let s = stat(v);
         report.add(
             "dns",
@@ -499,8 +514,6 @@ fn dns_load(report: &mut Report) -> f64 {
             Some(("0 (exact)".into(), s.min == 0.0 && s.max == 0.0)),
         );
     }
-    let _ = std::fs::remove_file(queryfile);
-    cpu
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
