@@ -78,78 +78,95 @@ impl PendingTable {
             // SAFETY: inside the mapping.
             let set = unsafe { self.base.as_ptr().add(s) };
             for i in 0..DNS_PENDING_WAYS {
-                if let Some(e) = Self::expire(set, i, deadline_ns) {
-                    f(e);
-                } else if let Some(start) = Self::held(set, i) {
-                    if self.held.contains(&(s, i, start)) {
-                        if let Some(e) = Self::abandoned(set, i) {
-                            f(e);
+                let way = Way { set, i };
+                let taken = match way.state().load(SeqCst) {
+                    PENDING_WAITING => way.expire(deadline_ns),
+                    PENDING_WRITING => {
+                        let start = way.start();
+                        if self.held.contains(&(s, i, start)) {
+                            way.abandoned()
+                        } else {
+                            held.push((s, i, start));
+                            None
                         }
-                    } else {
-                        held.push((s, i, start));
                     }
+                    _ => None,
+                };
+                if let Some(e) = taken {
+                    f(e);
                 }
             }
         }
         self.held = held;
     }
+}
 
-    /// The start of way `i` of `set` if it is held.
-    fn held(set: *mut DnsPendingSet, i: usize) -> Option<u64> {
-        // SAFETY: as in `expire`.
+/// Way `i` of a set in the mapping. Its state is only ever accessed atomically; its
+/// other fields may change under us until the way is held.
+#[derive(Clone, Copy)]
+struct Way {
+    set: *mut DnsPendingSet,
+    i: usize,
+}
+
+impl Way {
+    fn state(&self) -> &AtomicU64 {
+        // SAFETY: a word of the mapping, which outlives every `Way` (they live within a
+        // sweep); accessed atomically by the programs too.
+        unsafe { AtomicU64::from_ptr((&raw mut (*self.set).state).cast::<u64>().add(self.i)) }
+    }
+
+    fn start(&self) -> u64 {
+        // SAFETY: inside the mapping; a plain word, checked again once held.
         unsafe {
-            let state = AtomicU64::from_ptr((&raw mut (*set).state).cast::<u64>().add(i));
-            (state.load(SeqCst) == PENDING_WRITING)
-                .then(|| std::ptr::read_volatile((&raw const (*set).start_ns).cast::<u64>().add(i)))
+            std::ptr::read_volatile((&raw const (*self.set).start_ns).cast::<u64>().add(self.i))
         }
     }
 
-    /// Takes way `i` of `set`, held by no one since the last pass.
-    fn abandoned(set: *mut DnsPendingSet, i: usize) -> Option<Expired> {
-        // SAFETY: as in `expire`; a held way's fields change only by its holder, so they
-        // are read before the way is freed.
+    /// The query in the way, read while it is held.
+    fn query(&self) -> Expired {
+        // SAFETY: inside the mapping.
         unsafe {
-            let state = AtomicU64::from_ptr((&raw mut (*set).state).cast::<u64>().add(i));
-            let e = Expired {
-                key: std::ptr::read_volatile((&raw const (*set).key).cast::<DnsFlightKey>().add(i)),
-                ifindex: std::ptr::read_volatile((&raw const (*set).ifindex).cast::<u32>().add(i)),
-            };
-            state
-                .compare_exchange(PENDING_WRITING, PENDING_FREE, SeqCst, SeqCst)
-                .ok()?;
-            Some(e)
+            Expired {
+                key: std::ptr::read_volatile(
+                    (&raw const (*self.set).key)
+                        .cast::<DnsFlightKey>()
+                        .add(self.i),
+                ),
+                ifindex: std::ptr::read_volatile(
+                    (&raw const (*self.set).ifindex).cast::<u32>().add(self.i),
+                ),
+            }
         }
     }
 
-    /// Way `i` of `set`, taken if it waits since `deadline_ns` or earlier.
-    fn expire(set: *mut DnsPendingSet, i: usize, deadline_ns: u64) -> Option<Expired> {
-        // SAFETY: the state word of a way, only ever accessed atomically; the other
-        // fields may change under us until the way is held, which the second look
-        // catches.
-        unsafe {
-            let state = AtomicU64::from_ptr((&raw mut (*set).state).cast::<u64>().add(i));
-            if state.load(SeqCst) != PENDING_WAITING {
-                return None;
-            }
-            let start_ptr = (&raw const (*set).start_ns).cast::<u64>().add(i);
-            let start = std::ptr::read_volatile(start_ptr);
-            if start > deadline_ns {
-                return None;
-            }
-            state
-                .compare_exchange(PENDING_WAITING, PENDING_WRITING, SeqCst, SeqCst)
-                .ok()?;
-            if std::ptr::read_volatile(start_ptr) != start {
-                // Freed and taken by a new query between the look and the hold.
-                state.store(PENDING_WAITING, SeqCst);
-                return None;
-            }
-            let key =
-                std::ptr::read_volatile((&raw const (*set).key).cast::<DnsFlightKey>().add(i));
-            let ifindex = std::ptr::read_volatile((&raw const (*set).ifindex).cast::<u32>().add(i));
-            state.store(PENDING_FREE, SeqCst);
-            Some(Expired { key, ifindex })
+    /// The waiting query, taken if it waits since `deadline_ns` or earlier.
+    fn expire(&self, deadline_ns: u64) -> Option<Expired> {
+        let start = self.start();
+        if start > deadline_ns {
+            return None;
         }
+        self.state()
+            .compare_exchange(PENDING_WAITING, PENDING_WRITING, SeqCst, SeqCst)
+            .ok()?;
+        if self.start() != start {
+            // Freed and taken by a new query between the look and the hold.
+            self.state().store(PENDING_WAITING, SeqCst);
+            return None;
+        }
+        let e = self.query();
+        self.state().store(PENDING_FREE, SeqCst);
+        Some(e)
+    }
+
+    /// The query of a way held by no one since the last pass, taken. Only the holder
+    /// writes a held way, so it is read before the way is freed.
+    fn abandoned(&self) -> Option<Expired> {
+        let e = self.query();
+        self.state()
+            .compare_exchange(PENDING_WRITING, PENDING_FREE, SeqCst, SeqCst)
+            .ok()?;
+        Some(e)
     }
 }
 

@@ -667,12 +667,9 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
         panic!("no DNS_PENDING array in the object");
     };
     let mut table = PendingTable::map(data).unwrap();
-    let mapped = |a: [u8; 4]| {
-        monitor_common::addr_from_octets(std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets())
-    };
     let key = |id: u16| DnsFlightKey {
-        client: mapped(SRC4),
-        server: mapped(DST4),
+        client: programs::addr_bytes(SRC4.into()),
+        server: programs::addr_bytes(DST4.into()),
         client_port: 40000,
         id,
         pad: 0,

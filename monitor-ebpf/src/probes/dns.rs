@@ -292,6 +292,23 @@ mod pending {
             unsafe { core::ptr::read_volatile(self.state()) == state }
         }
 
+        /// Holds the way (waiting to writing) if it waits with `key`. Only the holder
+        /// moves a held way on, so one freed and reused by another query between the look
+        /// and the hold goes back as it was.
+        fn hold(self, key: &KeyWords) -> bool {
+            if !self.is(PENDING_WAITING) || !self.holds(key) {
+                return false;
+            }
+            if !self.claim(PENDING_WAITING, PENDING_WRITING) {
+                return false;
+            }
+            if self.holds(key) {
+                return true;
+            }
+            release(self, PENDING_WAITING);
+            false
+        }
+
         /// Moves the way from state `from` to `to`; false when it was not in `from`.
         /// (The target has no `AtomicU64` with compare-and-exchange; this intrinsic is
         /// what it would call.)
@@ -319,19 +336,11 @@ mod pending {
         let Some(set) = set(key) else { return false };
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
-            // Taken from waiting, as a response or the sweep would take it: whoever wins
-            // the claim ends the copy. Lost, the copy is gone and this one goes in anew.
-            if way.is(PENDING_WAITING)
-                && way.holds(key)
-                && way.claim(PENDING_WAITING, PENDING_WRITING)
-            {
-                if way.holds(key) {
-                    publish(way, key, ifindex);
-                    return true;
-                }
-                // Freed and taken by another query between the look and the claim.
-                release(way, PENDING_WAITING);
-                break;
+            // Held as a response or the sweep would hold it: whoever holds the copy
+            // first ends it.
+            if way.hold(key) {
+                publish(way, key, ifindex);
+                return true;
             }
         }
         for i in 0..DNS_PENDING_WAYS {
@@ -369,22 +378,12 @@ mod pending {
         let set = set(key)?;
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
-            if !way.is(PENDING_WAITING) || !way.holds(key) {
-                continue;
+            if way.hold(key) {
+                // SAFETY: a word of the way this CPU holds.
+                let start = unsafe { core::ptr::read_volatile(way.start()) };
+                release(way, PENDING_FREE);
+                return Some(start);
             }
-            // Held while it is read: no one else moves a way out of writing, so a way
-            // freed and reused between the look and the claim goes back as it was.
-            if !way.claim(PENDING_WAITING, PENDING_WRITING) {
-                return None;
-            }
-            if !way.holds(key) {
-                release(way, PENDING_WAITING);
-                return None;
-            }
-            // SAFETY: a word of the way this CPU holds.
-            let start = unsafe { core::ptr::read_volatile(way.start()) };
-            release(way, PENDING_FREE);
-            return Some(start);
         }
         None
     }

@@ -179,8 +179,7 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     {
         // SAFETY: this CPU's own set; classifiers on one CPU do not interleave.
         let ways = unsafe { *set };
-        let hit = |w: u64| w & !0xf == tag && w & want == want;
-        if hit(ways[0]) || hit(ways[1]) || hit(ways[2]) || hit(ways[3]) {
+        if ways.iter().any(|&w| w & !0xf == tag && w & want == want) {
             return;
         }
     }
@@ -207,22 +206,17 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     if let Some(set) = set {
         let way = tag | cache_bits(flags);
         // SAFETY: as above.
-        unsafe {
-            let [a, b, c, d] = *set;
-            // The flow's own way when it has one (from an earlier second), else the
-            // newest in front and the oldest dropped.
-            let fp = way >> 20;
-            if a >> 20 == fp {
-                (*set)[0] = way;
-            } else if b >> 20 == fp {
-                (*set)[1] = way;
-            } else if c >> 20 == fp {
-                (*set)[2] = way;
-            } else if d >> 20 == fp {
-                (*set)[3] = way;
-            } else {
-                *set = [way, a, b, c];
+        let ways = unsafe { &mut *set };
+        // The flow's own way when it has one (from an earlier second), else the newest
+        // in front and the oldest dropped.
+        let fp = way >> 20;
+        if let Some(own) = ways.iter_mut().find(|w| **w >> 20 == fp) {
+            *own = way;
+        } else {
+            for j in (1..FLOW_CACHE_WAYS).rev() {
+                ways[j] = ways[j - 1];
             }
+            ways[0] = way;
         }
     }
 }
