@@ -8,6 +8,8 @@
 
 const ATOMICS: bool = false;
 
+#[path = "headers.rs"]
+mod headers;
 #[path = "kernel.rs"]
 mod kernel;
 #[path = "maps.rs"]

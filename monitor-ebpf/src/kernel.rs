@@ -7,6 +7,9 @@ use aya_ebpf::{
     macros::map,
     maps::PerCpuArray,
 };
+use monitor_common::proto::{ETH_P_IP, ETH_P_IPV6};
+
+use crate::headers;
 
 macro_rules! layout_globals {
     ($($name:ident),* $(,)?) => {
@@ -32,8 +35,9 @@ layout_globals!(
     KFREE_SKB_HAS_REASON,
     REASON_NOT_SPECIFIED,
     HAVE_COARSE_CLOCK,
-    FLOW_HASH_SEED_LO,
-    FLOW_HASH_SEED_HI,
+    FLOW_CACHE_KEY_LO,
+    FLOW_CACHE_KEY_HI,
+    DNS_SET_KEY,
     PENDING_SETS,
     STORES_IN_ORDER,
 );
@@ -76,8 +80,9 @@ pub mod layout {
         kfree_skb_has_reason => KFREE_SKB_HAS_REASON,
         reason_not_specified => REASON_NOT_SPECIFIED,
         have_coarse_clock => HAVE_COARSE_CLOCK,
-        flow_hash_seed_lo => FLOW_HASH_SEED_LO,
-        flow_hash_seed_hi => FLOW_HASH_SEED_HI,
+        flow_cache_key_lo => FLOW_CACHE_KEY_LO,
+        flow_cache_key_hi => FLOW_CACHE_KEY_HI,
+        dns_set_key => DNS_SET_KEY,
         pending_sets => PENDING_SETS,
         stores_in_order => STORES_IN_ORDER,
     );
@@ -86,14 +91,10 @@ pub mod layout {
 /// Reads a `T` at `base + off` in kernel memory.
 #[inline(always)]
 pub fn read<T>(base: u64, off: u32) -> Result<T, ()> {
+    // SAFETY: the helper checks the address and fails rather than fault.
     unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.map_err(|_| ())
 }
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const DNS_PORT: u16 = 53;
 /// `skb->network_header` / `transport_header` value meaning "not set".
 const HEADER_UNSET: u16 = 0xffff;
 
@@ -124,22 +125,17 @@ pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
             let Ok(h) = read::<[u32; 6]>(l3, 0) else {
                 return false;
             };
-            let vihl = h[0] & 0xff;
-            let proto = (h[2] >> 8) & 0xff;
-            if vihl >> 4 != 4
-                || (proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP))
-            {
+            let Some(ip) = headers::ipv4(&headers::head(&h)) else {
                 return false;
-            }
+            };
             // Only the first fragment carries ports.
-            if (h[1] >> 16) & 0xff1f != 0 {
+            if !headers::has_ports(ip.proto) || !ip.first_fragment {
                 return false;
             }
-            let ihl = (vihl & 0x0f) * 4;
-            if ihl == 20 {
+            if ip.ihl == 20 {
                 h[5]
             } else {
-                let Ok(w) = read::<u32>(l3, ihl) else {
+                let Ok(w) = read::<u32>(l3, ip.ihl) else {
                     return false;
                 };
                 w
@@ -149,8 +145,10 @@ pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
             let Ok(h) = read::<[u32; 11]>(l3, 0) else {
                 return false;
             };
-            let next = (h[1] >> 16) & 0xff;
-            if next == u32::from(IPPROTO_TCP) || next == u32::from(IPPROTO_UDP) {
+            let Some(ip) = headers::ipv6(&headers::head(&h)) else {
+                return false;
+            };
+            if headers::has_ports(ip.next) {
                 h[10]
             } else {
                 // Extension headers: trust the kernel's transport header when set.
@@ -166,9 +164,7 @@ pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
         }
         _ => return false,
     };
-    // The two ports as they lie in memory, big-endian.
-    let dns = u32::from(DNS_PORT.to_be());
-    ports & 0xffff == dns || ports >> 16 == dns
+    headers::is_dns(ports)
 }
 
 /// The interface index of `skb->dev` (`skb` a BTF-typed pointer) when that device lives

@@ -11,6 +11,7 @@
 /// compare-and-exchange) rather than in the `DNS_INFLIGHT` hash table.
 const ATOMICS: bool = true;
 
+mod headers;
 mod kernel;
 mod maps;
 mod probes;

@@ -1,35 +1,54 @@
-//! Maps more than one probe family uses.
+//! Maps and map helpers more than one probe family uses.
 
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
-use monitor_common::{MAP_FULL_MAPS, MAX_DEVICES};
+use monitor_common::{MAX_DEVICES, MapFull};
+
+/// `BPF_NOEXIST`: insert only a key not yet in the map.
+pub const BPF_NOEXIST: u64 = 1;
+/// `-EEXIST`: the key was already there.
+pub const EEXIST: i32 = -17;
 
 /// Monitored devices: interface index (in the agent's namespace) to a slot below
 /// `MAX_DEVICES`, which indexes the per-device arrays.
 #[map]
 pub static MONITORED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICES, 0);
 
-/// Updates refused because a map was full, per CPU, by `MAP_FULL_*` index: nothing
+/// Updates refused because a map was full, per CPU, by [`MapFull`] index: nothing
 /// fills up silently.
 #[map]
-static MAP_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAP_FULL_MAPS.len() as u32, 0);
+static MAP_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(MapFull::COUNT, 0);
 
-/// Counts one refused insert into map `index` (a `MAP_FULL_*`).
+/// The slot of a monitored device.
 #[inline(always)]
-pub fn map_full(index: u32) {
-    if let Some(n) = MAP_FULL.get_ptr_mut(index) {
-        // SAFETY: this CPU's own slot of a per-CPU array.
+pub fn slot(ifindex: u32) -> Option<u32> {
+    // SAFETY: a read of a map value the kernel keeps alive for the program's run.
+    unsafe { MONITORED.get(&ifindex) }.copied()
+}
+
+/// Adds one to entry `index` of this CPU's copy of a per-CPU array.
+#[inline(always)]
+pub fn bump(array: &PerCpuArray<u64>, index: u32) {
+    if let Some(n) = array.get_ptr_mut(index) {
+        // SAFETY: this CPU's own slot of a per-CPU array; programs on one CPU do not
+        // interleave.
         unsafe { *n += 1 };
     }
 }
 
+/// Counts one refused insert into `map`.
+#[inline(always)]
+pub fn map_full(map: MapFull) {
+    bump(&MAP_FULL, map as u32);
+}
+
 /// Adds one to `key`'s count in a per-CPU counter map. The value is this CPU's own, so
 /// a plain add is exact; a full map drops the new key, losing the count rather than
-/// putting it under another key, and counts the loss in `MAP_FULL[full]`.
+/// putting it under another key, and counts the loss in `MAP_FULL`.
 #[inline(always)]
-pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: &K, full: u32) {
+pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: &K, full: MapFull) {
     match map.get_ptr_mut(key) {
         // SAFETY: this CPU's own value.
         Some(n) => unsafe { *n += 1 },

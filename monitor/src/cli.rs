@@ -69,7 +69,7 @@ pub struct Cli {
     pub top: u16,
 
     /// Where the maps that survive a restart are pinned, on a BPF filesystem.
-    #[arg(long, value_name = "DIR", env = "MONITOR_STATE_DIR", default_value = crate::state::DEFAULT_DIR, global = true)]
+    #[arg(long, value_name = "DIR", env = "MONITOR_STATE_DIR", default_value = crate::loader::pins::DEFAULT_DIR, global = true)]
     pub state_dir: PathBuf,
 
     #[command(subcommand)]

@@ -21,7 +21,7 @@ use log::{debug, warn};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::collectors::agent::Attachments;
+use crate::loader::Attachments;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -67,19 +67,7 @@ fn handle(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             if !state.started.load(Ordering::Acquire) {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "attaching programs\n");
             }
-            let missing: Vec<String> = state
-                .attachments
-                .snapshot()
-                .into_iter()
-                .filter(|a| !a.attached)
-                .map(|a| {
-                    if a.device.is_empty() {
-                        a.hook
-                    } else {
-                        format!("{} on {}", a.hook, a.device)
-                    }
-                })
-                .collect();
+            let missing = state.attachments.missing();
             if missing.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {

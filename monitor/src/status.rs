@@ -4,7 +4,6 @@
 //! unanswered with latency, and the top drop reasons. What needs attention comes first.
 
 use std::{
-    collections::BTreeMap,
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::{TcpStream, ToSocketAddrs as _},
@@ -13,103 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-/// One scrape: samples by name, each with its labels.
-#[derive(Debug, Default)]
-pub struct Sample {
-    series: Vec<(String, BTreeMap<String, String>, f64)>,
-}
-
-impl Sample {
-    pub fn parse(text: &str) -> Self {
-        let mut series = Vec::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let Some((head, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let (name, labels) = match head.split_once('{') {
-                Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
-                None => (head, BTreeMap::new()),
-            };
-            series.push((name.to_owned(), labels, value));
-        }
-        Self { series }
-    }
-
-    /// Samples of `name` whose labels include `labels`.
-    fn matching<'a>(
-        &'a self,
-        name: &'a str,
-        labels: &'a [(&'a str, &'a str)],
-    ) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> + 'a {
-        self.series
-            .iter()
-            .filter(move |(n, l, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, l, v)| (l, *v))
-    }
-
-    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.matching(name, labels).map(|(_, v)| v).sum()
-    }
-
-    fn first(
-        &self,
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> Option<(BTreeMap<String, String>, f64)> {
-        self.matching(name, labels)
-            .next()
-            .map(|(l, v)| (l.clone(), v))
-    }
-
-    /// Values of label `key` over the samples of `name` matching `labels`.
-    fn label_values(&self, name: &str, labels: &[(&str, &str)], key: &str) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .matching(name, labels)
-            .filter_map(|(l, _)| l.get(key).cloned())
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    }
-}
-
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut rest = s;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        value.push(n);
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        out.insert(key.trim_start_matches(',').trim().to_owned(), value);
-        rest = &after[end..];
-    }
-    out
-}
+use crate::exposition::Exposition;
 
 /// GET `path` from `endpoint` (`http://host:port`): the body of a 200.
 pub fn fetch(endpoint: &str, path: &str) -> Result<String> {
@@ -163,7 +66,7 @@ fn rate(now: f64, before: f64, secs: f64) -> f64 {
 }
 
 /// The latency quantile `q` from the growth of a histogram's buckets over the window.
-fn quantile(now: &Sample, before: &Sample, labels: &[(&str, &str)], q: f64) -> Option<f64> {
+fn quantile(now: &Exposition, before: &Exposition, labels: &[(&str, &str)], q: f64) -> Option<f64> {
     let mut buckets: Vec<(f64, f64)> = now
         .matching("eni_monitor_dns_latency_seconds_bucket", labels)
         .filter_map(|(l, v)| {
@@ -214,8 +117,8 @@ fn secs_text(s: f64) -> String {
 
 /// The instance's allowance: one line, and a finding when it is high or filling fast.
 fn instance(
-    now: &Sample,
-    before: &Sample,
+    now: &Exposition,
+    before: &Exposition,
     secs: f64,
     body: &mut String,
     findings: &mut Vec<Finding>,
@@ -272,8 +175,8 @@ fn instance(
 /// One ENI: its flows, ENA counters, link-local peak, DNS and kernel drops.
 fn eni(
     device: &str,
-    now: &Sample,
-    before: &Sample,
+    now: &Exposition,
+    before: &Exposition,
     secs: f64,
     body: &mut String,
     findings: &mut Vec<Finding>,
@@ -391,8 +294,8 @@ fn eni(
 fn dns(
     name: &str,
     d: &[(&str, &str)],
-    now: &Sample,
-    before: &Sample,
+    now: &Exposition,
+    before: &Exposition,
     body: &mut String,
     findings: &mut Vec<Finding>,
 ) {
@@ -428,7 +331,7 @@ fn dns(
 }
 
 /// Who: the busiest local addresses of one ENI (pods, with the AWS VPC CNI), three each.
-fn who(d: &[(&str, &str)], now: &Sample, body: &mut String) {
+fn who(d: &[(&str, &str)], now: &Exposition, body: &mut String) {
     for (metric, what) in [
         ("eni_monitor_top_flow_owners", "top flows   "),
         ("eni_monitor_top_dns_clients_unanswered", "top DNS lost"),
@@ -451,7 +354,13 @@ fn who(d: &[(&str, &str)], now: &Sample, body: &mut String) {
 
 /// Renders the screen from two samples `secs` apart. `colour` adds ANSI colour to the
 /// findings (on a terminal only).
-pub fn render(endpoint: &str, now: &Sample, before: &Sample, secs: f64, colour: bool) -> String {
+pub fn render(
+    endpoint: &str,
+    now: &Exposition,
+    before: &Exposition,
+    secs: f64,
+    colour: bool,
+) -> String {
     let mut findings: Vec<Finding> = Vec::new();
     let mut body = String::new();
     let version = now
@@ -508,9 +417,13 @@ pub fn render(endpoint: &str, now: &Sample, before: &Sample, secs: f64, colour: 
 
 /// `monitor status`: two scrapes `interval` apart, rendered.
 pub fn run(endpoint: &str, interval: Duration) -> Result<String> {
-    let before = Sample::parse(&fetch(endpoint, "/metrics")?);
+    let scrape = || -> Result<Exposition> {
+        Exposition::parse(&fetch(endpoint, "/metrics")?)
+            .with_context(|| format!("reading {endpoint}/metrics"))
+    };
+    let before = scrape()?;
     std::thread::sleep(interval);
-    let now = Sample::parse(&fetch(endpoint, "/metrics")?);
+    let now = scrape()?;
     // SAFETY: isatty has no preconditions.
     let colour = unsafe { libc::isatty(1) } == 1 && std::env::var_os("NO_COLOR").is_none();
     Ok(render(
@@ -572,8 +485,8 @@ eni_monitor_top_dns_clients_unanswered{device="eth0",address="10.210.1.2"} 20
     fn the_worst_comes_first_and_every_line_fits() {
         let out = render(
             "http://127.0.0.1:9435",
-            &Sample::parse(NOW),
-            &Sample::parse(BEFORE),
+            &Exposition::parse(NOW).unwrap(),
+            &Exposition::parse(BEFORE).unwrap(),
             10.0,
             false,
         );
@@ -620,7 +533,7 @@ eni_monitor_top_dns_clients_unanswered{device="eth0",address="10.210.1.2"} 20
 
     #[test]
     fn colour_only_when_asked_and_a_quiet_agent_says_ok() {
-        let quiet = Sample::parse(BEFORE.replace(" 0.9\n", " 0.5\n").as_str());
+        let quiet = Exposition::parse(BEFORE.replace(" 0.9\n", " 0.5\n").as_str()).unwrap();
         let out = render("http://x:1", &quiet, &quiet, 5.0, true);
         assert!(
             out.lines()
@@ -631,8 +544,8 @@ eni_monitor_top_dns_clients_unanswered{device="eth0",address="10.210.1.2"} 20
         );
         let loud = render(
             "http://x:1",
-            &Sample::parse(NOW),
-            &Sample::parse(BEFORE),
+            &Exposition::parse(NOW).unwrap(),
+            &Exposition::parse(BEFORE).unwrap(),
             10.0,
             true,
         );

@@ -9,16 +9,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::Ebpf;
 use log::{info, warn};
 use monitor_common::{LinkLocalSecond, MAX_DEVICES};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    collectors::agent::Attachments,
     devices::{self, Device, Devices},
-    programs::{self, ClassifierLinks},
-    slots::SlotArray,
+    loader::{ClassifierLinks, Programs, maps::Monitored, slots::SlotArray},
 };
 
 /// The per-slot arrays zeroed when a slot changes hands.
@@ -36,14 +33,15 @@ impl SlotArrays {
     }
 }
 
+/// Owns the programs (so the classifiers stay attached while it lives) and the
+/// `MONITORED` map, and keeps both equal to the devices wanted.
 pub struct Watcher {
-    pub ebpf: Ebpf,
+    pub programs: Programs,
+    pub monitored: Monitored,
     pub globs: Vec<glob::Pattern>,
     pub devices: Devices,
-    pub attachments: Attachments,
     pub slots: SlotArrays,
     pub links: HashMap<u32, ClassifierLinks>,
-    pub classifiers_loaded: bool,
 }
 
 /// Keeps the devices still present (and their slots: a device renamed in place is the
@@ -79,7 +77,7 @@ impl Watcher {
     pub fn adopt_pinned(&mut self) -> Result<()> {
         let interfaces = devices::interfaces()?;
         let wanted = devices::select(&interfaces, &self.globs, devices::is_physical);
-        let pinned = programs::monitored(&mut self.ebpf)?;
+        let pinned = self.monitored.entries();
         let mut adopted: Vec<Device> = Vec::new();
         for (ifindex, slot) in pinned {
             let Some((name, _)) = wanted.iter().find(|(_, i)| *i == ifindex) else {
@@ -115,10 +113,8 @@ impl Watcher {
                 Some(_) => false,
             };
             if gone {
-                if let Some(links) = self.links.remove(ifindex) {
-                    programs::detach_classifiers(&mut self.ebpf, links);
-                }
-                self.attachments.forget_device(&old.name);
+                let links = self.links.remove(ifindex).unwrap_or_default();
+                self.programs.detach_classifiers(&old.name, links);
             }
         }
         let added: Vec<Device> = next
@@ -131,19 +127,15 @@ impl Watcher {
                 .reset(d.slot)
                 .with_context(|| format!("preparing slot {} for {}", d.slot, d.name))?;
         }
-        programs::set_monitored(&mut self.ebpf, &next)?;
+        self.monitored
+            .set(next.iter().map(|d| (d.name.as_str(), d.ifindex, d.slot)))?;
         self.devices.replace(next.clone());
         for d in &next {
             if self.links.contains_key(&d.ifindex) {
                 continue;
             }
             info!("monitoring {}", d.name);
-            let links = programs::attach_classifiers(
-                &mut self.ebpf,
-                d,
-                &self.attachments,
-                self.classifiers_loaded,
-            );
+            let links = self.programs.attach_classifiers(&d.name);
             self.links.insert(d.ifindex, links);
         }
         Ok(())

@@ -7,21 +7,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use monitor_common::{
-    Addr, BPF_F_NO_PREALLOC, DNS_COUNTS_MAX_ENTRIES, DNS_INFLIGHT_MAX_ENTRIES,
-    DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_QUERY, DNS_RESPONSE, DNS_SUPERSEDED,
-    DnsCountKey, DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey, MAP_FULL_DNS_COUNTS,
-    MAP_FULL_DNS_INFLIGHT, MAP_FULL_DNS_LATENCY,
+    Addr, BPF_F_NO_PREALLOC, DNS_COUNTS_MAX_ENTRIES, DNS_FLIGHT_KEY_WORDS,
+    DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DnsCountKey,
+    DnsCountKind, DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey, MapFull,
+    proto::{DNS_HLEN, DNS_PORT, UDP_HLEN},
 };
 
 use super::packet::{Packet, read};
 use crate::{
     kernel::now_ns,
-    maps::{increment, map_full},
+    maps::{BPF_NOEXIST, EEXIST, increment, map_full},
 };
 
-pub const PORT: u16 = 53;
-const UDP_HLEN: usize = 8;
-const BPF_NOEXIST: u64 = 1;
+/// The QR bit of a DNS header's flags: a response.
+const DNS_QR: u16 = 0x8000;
 
 #[map]
 static DNS_COUNTS: PerCpuHashMap<DnsCountKey, u64> =
@@ -51,39 +50,38 @@ static DNS_UNANSWERED: HashMap<DnsServerKey, u64> =
 #[map]
 static DNS_RESOLVERS: HashMap<Addr, u32> = HashMap::with_max_entries(64, BPF_F_NO_PREALLOC);
 
-/// `-EEXIST`: a copy of the query is in flight.
-const EEXIST: i32 = -17;
-
 #[inline(always)]
 pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
     // In place where the linear data holds it, else copied out (a helper call).
     let off = p.l4 + UDP_HLEN;
-    let Some(hdr) = read::<[u8; 12]>(ctx, off).or_else(|| ctx.load::<[u8; 12]>(off).ok()) else {
+    let Some(hdr) =
+        read::<[u8; DNS_HLEN]>(ctx, off).or_else(|| ctx.load::<[u8; DNS_HLEN]>(off).ok())
+    else {
         return;
     };
     let id = u16::from_be_bytes([hdr[0], hdr[1]]);
     let flags = u16::from_be_bytes([hdr[2], hdr[3]]);
     let qdcount = u16::from_be_bytes([hdr[4], hdr[5]]);
-    let is_response = flags & 0x8000 != 0;
+    let is_response = flags & DNS_QR != 0;
     let opcode = (flags >> 11) & 0x0f;
     // Standard queries with a question only: anything else is not what we match.
     if opcode != 0 || qdcount == 0 {
         return;
     }
     if !is_response {
-        if p.dport != PORT {
+        if p.dport != DNS_PORT {
             return;
         }
         increment(
             &DNS_COUNTS,
             &DnsCountKey {
                 ifindex,
-                kind: DNS_QUERY,
+                kind: DnsCountKind::Query as u8,
                 rcode: 0,
                 pad: [0; 2],
                 server: p.dst,
             },
-            MAP_FULL_DNS_COUNTS,
+            MapFull::DnsCounts,
         );
         let key = [
             p.src[0],
@@ -108,16 +106,16 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
                 &DNS_COUNTS,
                 &DnsCountKey {
                     ifindex,
-                    kind: DNS_SUPERSEDED,
+                    kind: DnsCountKind::Superseded as u8,
                     rcode: 0,
                     pad: [0; 2],
                     server: p.dst,
                 },
-                MAP_FULL_DNS_COUNTS,
+                MapFull::DnsCounts,
             );
         }
     } else {
-        if p.sport != PORT {
+        if p.sport != DNS_PORT {
             return;
         }
         let key = [
@@ -143,12 +141,12 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             &DNS_COUNTS,
             &DnsCountKey {
                 ifindex,
-                kind: DNS_RESPONSE,
+                kind: DnsCountKind::Response as u8,
                 rcode,
                 pad: [0; 2],
                 server: p.src,
             },
-            MAP_FULL_DNS_COUNTS,
+            MapFull::DnsCounts,
         );
         observe(
             DnsServerKey {
@@ -160,8 +158,8 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
     }
 }
 
-/// A `DnsFlightKey` as its 10 words: client, server, client port and id, padding.
-type KeyWords = [u32; 10];
+/// A `DnsFlightKey` as its words: client, server, client port and id, padding.
+type KeyWords = [u32; DNS_FLIGHT_KEY_WORDS];
 
 /// Records a query in `DNS_INFLIGHT` (kernels without atomics); true when it replaced a
 /// copy of itself still waiting (`DNS_SUPERSEDED`).
@@ -185,7 +183,7 @@ fn inflight_query(key: &KeyWords, ifindex: u32) -> bool {
     if let Err(e) = r
         && e != EEXIST
     {
-        map_full(MAP_FULL_DNS_INFLIGHT);
+        map_full(MapFull::DnsInflight);
     }
     superseded
 }
@@ -213,8 +211,8 @@ mod pending {
 
     use aya_ebpf::{macros::map, maps::Array};
     use monitor_common::{
-        DNS_PENDING_SETS, DNS_PENDING_WAYS, DnsPendingSet, MAP_FULL_DNS_INFLIGHT, PENDING_FREE,
-        PENDING_WAITING, PENDING_WRITING,
+        DNS_FLIGHT_KEY_WORDS, DNS_PENDING_SETS, DNS_PENDING_WAYS, DnsPendingSet, MapFull,
+        PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
     };
 
     use super::KeyWords;
@@ -266,11 +264,11 @@ mod pending {
         }
 
         fn key(self) -> *mut u32 {
-            // SAFETY: as above; a key is 10 words.
+            // SAFETY: as above.
             unsafe {
                 (&raw mut (*self.set).key)
                     .cast::<u32>()
-                    .wrapping_add(self.i * 10)
+                    .wrapping_add(self.i * DNS_FLIGHT_KEY_WORDS)
             }
         }
 
@@ -322,7 +320,7 @@ mod pending {
     fn set(key: &KeyWords) -> Option<*mut DnsPendingSet> {
         let c = key[0] ^ key[1] ^ key[2] ^ key[3];
         let s = key[4] ^ key[5] ^ key[6] ^ key[7];
-        let h = (c ^ layout::flow_hash_seed_lo()).wrapping_mul(0x9e37_79b1)
+        let h = (c ^ layout::dns_set_key()).wrapping_mul(0x9e37_79b1)
             ^ s.wrapping_mul(0x85eb_ca6b)
             ^ key[8].wrapping_mul(0xc2b2_ae35);
         let h = h ^ (h >> 15);
@@ -350,7 +348,7 @@ mod pending {
                 return false;
             }
         }
-        map_full(MAP_FULL_DNS_INFLIGHT);
+        map_full(MapFull::DnsInflight);
         false
     }
 
@@ -427,11 +425,12 @@ fn observe(key: DnsServerKey, latency_ns: u64) {
             .insert(&key, &ZERO_LATENCY, BPF_NOEXIST)
             .is_err()
         {
-            map_full(MAP_FULL_DNS_LATENCY);
+            map_full(MapFull::DnsLatency);
         }
         h = DNS_LATENCY.get_ptr_mut(&key);
     }
     let Some(h) = h else { return };
+    // SAFETY: this CPU's own value of a per-CPU map.
     unsafe {
         if let Some(b) = (*h).buckets.get_mut(bucket) {
             *b += 1;

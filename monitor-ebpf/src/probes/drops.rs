@@ -9,11 +9,11 @@ use aya_ebpf::{
     maps::PerCpuHashMap,
     programs::BtfTracePointContext,
 };
-use monitor_common::{DEVICE_OTHER, DROPS_MAX_ENTRIES, DropKey, MAP_FULL_DROPS, REASON_UNKNOWN};
+use monitor_common::{DEVICE_OTHER, DROPS_MAX_ENTRIES, DropKey, MapFull, REASON_UNKNOWN};
 
 use crate::{
     kernel::{field, layout, skb_dev_in_own_netns, skb_is_dns},
-    maps::{MONITORED, increment},
+    maps::{increment, slot},
 };
 
 /// Drop counts by (device, reason, dns).
@@ -43,7 +43,7 @@ fn count(ctx: &BtfTracePointContext) {
     let protocol = u16::from_be(field::<u16>(skb, layout::skb_protocol()));
 
     let ifindex = match skb_dev_in_own_netns(skb) {
-        Some(i) if MONITORED.get_ptr(i).is_some() => i,
+        Some(i) if slot(i).is_some() => i,
         _ => DEVICE_OTHER,
     };
     let key = DropKey {
@@ -52,5 +52,5 @@ fn count(ctx: &BtfTracePointContext) {
         dns: u32::from(skb_is_dns(skb, protocol)),
         pad: 0,
     };
-    increment(&DROPS, &key, MAP_FULL_DROPS);
+    increment(&DROPS, &key, MapFull::Drops);
 }

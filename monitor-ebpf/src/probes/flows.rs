@@ -8,20 +8,18 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use monitor_common::{
-    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CACHE_WAYS, FLOW_CLASSES,
-    FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowKey, MAX_DEVICES,
-    flow_class,
+    BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CACHE_WAYS, FLOW_FIN_AB,
+    FLOW_FIN_BA, FLOW_KEY_WORDS, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowClass, FlowKey,
+    MAX_DEVICES,
+    proto::{IPPROTO_TCP, TCP_FIN, TCP_RST},
 };
 
-use super::packet::{IPPROTO_TCP, IPPROTO_UDP, Packet};
+use super::packet::Packet;
 use crate::{
+    headers::has_ports,
     kernel::{layout, now_coarse_s},
-    maps::MONITORED,
+    maps::{BPF_NOEXIST, EEXIST, bump, slot},
 };
-
-const BPF_NOEXIST: u64 = 1;
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
 
 /// Sized by the agent (`--flow-table-size`) at load; entries are allocated as flows
 /// appear, so its memory follows the flows tracked, not the table's maximum.
@@ -31,24 +29,33 @@ static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, BPF_F_NO_PRE
 /// New flows per (device slot, protocol class).
 #[map]
 static FLOWS_CREATED: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(MAX_DEVICES * FLOW_CLASSES, 0);
+    PerCpuArray::with_max_entries(MAX_DEVICES * FlowClass::COUNT, 0);
 
 /// The flows each CPU refreshed recently, by a keyed hash of the flow: an established
 /// flow's packet finds its flow here, written to the shared table this second with every
 /// flag the packet carries, and goes no further. The hash's top bits pick a set of four
 /// ways (up to four flows sharing a set all stay: with two, busy sets of three or more
 /// flows took turns evicting each other); a way is one word,
-/// `fingerprint << 20 | second << 4 | direction bits`, the fingerprint the hash's low
-/// 44 bits. Two flows are taken for one only when 44 bits of a keyed hash agree within a
-/// set (1 in 2^44 a packet), and even then only for the rest of that second, after which
-/// the packet goes to the table. Each CPU's sets are its own (no lock, no shared cache
+/// `fingerprint << WAY_FP_SHIFT | second << WAY_SECOND_SHIFT | direction bits`, the
+/// fingerprint the hash's low 44 bits. Two flows are taken for one only when 44 bits of a
+/// keyed hash agree with one of the four ways of a set (4 in 2^44 a packet), and even then
+/// only for the rest of that second, after which the packet goes to the table. Each CPU's sets are its own (no lock, no shared cache
 /// line); packets that close a flow (FIN, RST) always go to the table.
 #[map]
 static FLOW_CACHE: PerCpuArray<[u64; FLOW_CACHE_WAYS]> =
     PerCpuArray::with_max_entries(FLOW_CACHE_SETS, 0);
 
-/// A `FlowKey` as its 11 words.
-type KeyWords = [u32; 11];
+/// A `FlowKey` as its words.
+type KeyWords = [u32; FLOW_KEY_WORDS];
+
+/// A cache way's layout: the direction bits (`cache_bits`) in the low bits, then the
+/// second the flow was last written to the table (its low 16 bits), then the fingerprint.
+const WAY_BITS_MASK: u64 = 0xf;
+const WAY_SECOND_SHIFT: u32 = 4;
+const WAY_SECOND_MASK: u32 = 0xffff;
+const WAY_FP_SHIFT: u32 = 20;
+/// The fingerprint: the hash's low 64 - `WAY_FP_SHIFT` bits.
+const WAY_FP_MASK: u64 = (1 << (64 - WAY_FP_SHIFT)) - 1;
 
 const K: u64 = 0x9e37_79b9_7f4a_7c15;
 const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
@@ -75,7 +82,7 @@ fn finish(x: u64, y: u64) -> u64 {
 
 #[inline(always)]
 fn seed() -> u64 {
-    pair(layout::flow_hash_seed_lo(), layout::flow_hash_seed_hi())
+    pair(layout::flow_cache_key_lo(), layout::flow_cache_key_hi())
 }
 
 /// A keyed 64-bit hash of a key, in two lanes of three rounds that the CPU runs side
@@ -106,7 +113,7 @@ fn hash_v4(w: &KeyWords) -> u64 {
     finish(x, y ^ u64::from(w[10]).wrapping_mul(K3))
 }
 
-/// The direction bits a cache slot keeps, in its low 4 bits.
+/// The direction bits a cache way keeps, in its low 4 bits (`WAY_BITS_MASK`).
 #[inline(always)]
 fn cache_bits(bits: u8) -> u64 {
     u64::from(bits & (FLOW_AB | FLOW_BA)) | (u64::from(bits & (FLOW_LOCAL_A | FLOW_LOCAL_B)) >> 3)
@@ -119,7 +126,7 @@ static FLOW_TABLE_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[inline(always)]
 pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     // A later fragment has no ports; its first fragment already touched the flow.
-    if p.l4 == 0 && (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
+    if p.l4 == 0 && has_ports(p.proto) {
         return;
     }
     // Any total order will do to pick side a; words as they lie in memory are cheapest.
@@ -172,14 +179,18 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     };
     // The set from the hash's top 32 bits, by multiply and shift (any number of sets).
     let set = FLOW_CACHE.get_ptr_mut((((h >> 32) * u64::from(FLOW_CACHE_SETS)) >> 32) as u32);
-    let tag = ((h & ((1 << 44) - 1)) << 20) | (u64::from(now & 0xffff) << 4);
+    let tag = ((h & WAY_FP_MASK) << WAY_FP_SHIFT)
+        | (u64::from(now & WAY_SECOND_MASK) << WAY_SECOND_SHIFT);
     let want = cache_bits(bits);
     if let Some(set) = set
         && !closing
     {
         // SAFETY: this CPU's own set; classifiers on one CPU do not interleave.
         let ways = unsafe { *set };
-        if ways.iter().any(|&w| w & !0xf == tag && w & want == want) {
+        if ways
+            .iter()
+            .any(|&w| w & !WAY_BITS_MASK == tag && w & want == want)
+        {
             return;
         }
     }
@@ -209,8 +220,8 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
         let ways = unsafe { &mut *set };
         // The flow's own way when it has one (from an earlier second), else the newest
         // in front and the oldest dropped.
-        let fp = way >> 20;
-        if let Some(own) = ways.iter_mut().find(|w| **w >> 20 == fp) {
+        let fp = way >> WAY_FP_SHIFT;
+        if let Some(own) = ways.iter_mut().find(|w| **w >> WAY_FP_SHIFT == fp) {
             *own = way;
         } else {
             for j in (1..FLOW_CACHE_WAYS).rev() {
@@ -228,20 +239,16 @@ fn insert(p: &Packet, key: &FlowKey, bits: u8, now: u32, ifindex: u32) -> bool {
     let flow: Flow = unsafe { core::mem::transmute([now, now, u32::from(bits)]) };
     match FLOWS.insert(key, &flow, BPF_NOEXIST) {
         Ok(()) => {
-            if let Some(&slot) = unsafe { MONITORED.get(&ifindex) }
-                && let Some(n) =
-                    FLOWS_CREATED.get_ptr_mut(slot * FLOW_CLASSES + flow_class(p.proto))
-            {
-                unsafe { *n += 1 };
+            if let Some(slot) = slot(ifindex) {
+                let class = FlowClass::from_proto(p.proto) as u32;
+                bump(&FLOWS_CREATED, slot * FlowClass::COUNT + class);
             }
             true
         }
         // Another CPU inserted the same flow first: it counted it.
-        Err(e) if e == -17 => true,
+        Err(e) if e == EEXIST => true,
         Err(_) => {
-            if let Some(n) = FLOW_TABLE_FULL.get_ptr_mut(0) {
-                unsafe { *n += 1 };
-            }
+            bump(&FLOW_TABLE_FULL, 0);
             false
         }
     }

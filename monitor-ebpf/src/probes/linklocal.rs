@@ -6,24 +6,32 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
-use monitor_common::{Addr, LL_SERVICES, LL_WINDOW, LinkLocalSecond, MAX_DEVICES};
+use monitor_common::{
+    Addr, LL_WINDOW, LinkLocalSecond, LinkLocalService, MAX_DEVICES, proto::DNS_PORT,
+};
 
-use super::{dns, packet::Packet};
+use super::packet::Packet;
+use crate::{
+    kernel::now_coarse_s,
+    maps::{bump, slot},
+};
 
-use crate::{kernel::now_coarse_s, maps::MONITORED};
-
-/// Link-local service addresses (and the VPC+2 resolvers) to their service.
+/// Link-local service addresses (and the VPC+2 resolvers) to their [`LinkLocalService`].
 #[map]
 static LINKLOCAL: HashMap<Addr, u32> = HashMap::with_max_entries(64, 0);
 
 /// Packets per (device slot, service).
 #[map]
-static LL_PACKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DEVICES * LL_SERVICES, 0);
+static LL_PACKETS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_DEVICES * LinkLocalService::COUNT, 0);
 
 /// Packets per (device slot, second modulo the window).
 #[map]
 static LL_SECONDS: PerCpuArray<LinkLocalSecond> =
     PerCpuArray::with_max_entries(MAX_DEVICES * LL_WINDOW, 0);
+
+/// `fd00:ec2::/32`, the first word of EC2's IPv6 link-local services as it lies in memory.
+const EC2_V6_PREFIX: u32 = u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]);
 
 /// The link-local service at `addr`:`port` (the packet's far end), if it is one: the
 /// Amazon resolver (169.254.169.253, fd00:ec2::253, VPC+2), IMDS or time sync. A cheap
@@ -32,10 +40,9 @@ static LL_SECONDS: PerCpuArray<LinkLocalSecond> =
 pub fn service(p: &Packet, addr: &Addr, port: u16) -> Option<u32> {
     let last = addr[3].to_ne_bytes();
     let v4_link_local = !p.is_v6 && last[0] == 169 && last[1] == 254;
-    // fd00:ec2::/32
-    let v6_ec2 = p.is_v6 && addr[0] == u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]);
+    let v6_ec2 = p.is_v6 && addr[0] == EC2_V6_PREFIX;
     // A VPC+2 resolver can be any address, but only DNS goes there.
-    if !(v4_link_local || v6_ec2 || port == dns::PORT) {
+    if !(v4_link_local || v6_ec2 || port == DNS_PORT) {
         return None;
     }
     // SAFETY: a read of a map value the kernel keeps alive for the program's run.
@@ -45,19 +52,18 @@ pub fn service(p: &Packet, addr: &Addr, port: u16) -> Option<u32> {
 /// Counts a packet to link-local `service` on the device.
 #[inline(always)]
 pub fn count(service: u32, ifindex: u32) {
-    // SAFETY: as above.
-    let Some(&slot) = (unsafe { MONITORED.get(&ifindex) }) else {
+    let Some(slot) = slot(ifindex) else {
         return;
     };
-    if slot >= MAX_DEVICES || service >= LL_SERVICES {
+    if slot >= MAX_DEVICES || service >= LinkLocalService::COUNT {
         return;
     }
-    if let Some(n) = LL_PACKETS.get_ptr_mut(slot * LL_SERVICES + service) {
-        unsafe { *n += 1 };
-    }
+    bump(&LL_PACKETS, slot * LinkLocalService::COUNT + service);
     let second = now_coarse_s();
     let index = slot * LL_WINDOW + second % LL_WINDOW;
     if let Some(s) = LL_SECONDS.get_ptr_mut(index) {
+        // SAFETY: this CPU's own slot of a per-CPU array; programs on one CPU do not
+        // interleave.
         unsafe {
             if (*s).second != second {
                 (*s).second = second;

@@ -2,14 +2,12 @@
 //! packet's linear data.
 
 use aya_ebpf::programs::TcContext;
-use monitor_common::Addr;
+use monitor_common::{
+    Addr,
+    proto::{ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP},
+};
 
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_HLEN: usize = 14;
+use crate::headers;
 
 /// A pointer to a `T` at `off` into the packet, if the whole `T` lies inside it.
 #[inline(always)]
@@ -26,6 +24,7 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
 #[inline(always)]
 pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     let p = ptr_at::<T>(ctx, off)?;
+    // SAFETY: the whole `T` lies inside the packet, checked just above.
     Some(unsafe { core::ptr::read_unaligned(p) })
 }
 
@@ -65,24 +64,6 @@ pub struct Packet {
     pub dport: u16,
 }
 
-/// `::ffff:0:0/96`, the third word of an IPv4-mapped address.
-const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
-/// Byte `i` of a word copied from the packet as it lay in memory.
-#[inline(always)]
-fn byte(w: u32, i: u32) -> u32 {
-    (w >> (8 * i)) & 0xff
-}
-
-/// The two port fields of a transport header's first word, in host order.
-#[inline(always)]
-fn ports(w: u32) -> (u16, u16) {
-    (
-        u16::from_be((w & 0xffff) as u16),
-        u16::from_be((w >> 16) as u16),
-    )
-}
-
 /// Parses Ethernet (one VLAN tag at most), IPv4 or IPv6, and the TCP or UDP ports,
 /// reading each header in place after one bounds check for all of it; a header the
 /// linear data does not hold is copied out (a slower helper call).
@@ -108,34 +89,28 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                     }
                 },
             };
-            let vihl = byte(h[0], 0);
-            if vihl >> 4 != 4 {
-                return None;
-            }
-            let ihl = (vihl & 0x0f) as usize * 4;
-            if ihl < 20 {
-                return None;
-            }
-            // Fragment offset (13 bits of bytes 6 and 7) zero: the first fragment,
-            // the only one carrying the transport header.
-            let first = (h[1] >> 16) & 0xff1f == 0;
+            let ip = headers::ipv4(&headers::head(&h))?;
             let mut p = Packet {
-                src: [0, 0, V4_MAPPED, h[3]],
-                dst: [0, 0, V4_MAPPED, h[4]],
-                proto: byte(h[2], 1) as u8,
+                src: ip.src,
+                dst: ip.dst,
+                proto: ip.proto,
                 is_v6: false,
-                l4: if first { l3 + ihl } else { 0 },
+                l4: if ip.first_fragment {
+                    l3 + ip.ihl as usize
+                } else {
+                    0
+                },
                 sport: 0,
                 dport: 0,
             };
-            if p.l4 != 0 && (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
-                let w = if ihl == 20 {
+            if p.l4 != 0 && headers::has_ports(p.proto) {
+                let w = if ip.ihl == 20 {
                     Some(h[5]).filter(|_| whole)
                 } else {
                     read::<u32>(ctx, p.l4).or_else(|| ctx.load::<u32>(p.l4).ok())
                 };
                 match w {
-                    Some(w) => (p.sport, p.dport) = ports(w),
+                    Some(w) => (p.sport, p.dport) = headers::ports(w),
                     None => p.l4 = 0,
                 }
             }
@@ -158,21 +133,19 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                     }
                 },
             };
-            if byte(h[0], 0) >> 4 != 6 {
-                return None;
-            }
+            let ip = headers::ipv6(&headers::head(&h))?;
             let mut p = Packet {
-                src: [h[2], h[3], h[4], h[5]],
-                dst: [h[6], h[7], h[8], h[9]],
-                proto: byte(h[1], 2) as u8,
+                src: ip.src,
+                dst: ip.dst,
+                proto: ip.next,
                 is_v6: true,
                 l4: l3 + 40,
                 sport: 0,
                 dport: 0,
             };
-            if p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP {
+            if headers::has_ports(p.proto) {
                 if whole {
-                    (p.sport, p.dport) = ports(h[10]);
+                    (p.sport, p.dport) = headers::ports(h[10]);
                 } else {
                     p.l4 = 0;
                 }

@@ -4,6 +4,8 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
+use monitor_common::proto::{DNS_PORT, IPPROTO_UDP};
+
 use super::{dns, flows, linklocal, packet};
 
 const TC_ACT_UNSPEC: i32 = -1;
@@ -40,8 +42,7 @@ fn handle(ctx: &TcContext, egress: bool) {
         }
         None => flows::track(&p, packet::tcp_flags(ctx, &p), ifindex, egress),
     }
-    if p.proto == packet::IPPROTO_UDP && p.l4 != 0 && (p.sport == dns::PORT || p.dport == dns::PORT)
-    {
+    if p.proto == IPPROTO_UDP && p.l4 != 0 && (p.sport == DNS_PORT || p.dport == DNS_PORT) {
         dns::handle(ctx, &p, ifindex);
     }
 }

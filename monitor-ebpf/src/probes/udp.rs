@@ -7,28 +7,26 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::RawTracePointContext,
 };
-use monitor_common::{UDP_QUEUE_DNS, UDP_QUEUE_OTHER};
+use monitor_common::{UdpQueuePort, proto::DNS_PORT};
 
-use crate::kernel::{layout, read};
+use crate::{
+    kernel::{layout, read},
+    maps::bump,
+};
 
 #[map]
-static UDP_QUEUE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
-
-const DNS_PORT: u16 = 53;
+static UDP_QUEUE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(UdpQueuePort::COUNT, 0);
 
 #[raw_tracepoint(tracepoint = "udp_fail_queue_rcv_skb")]
 pub fn udp_fail_queue_rcv_skb(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(1);
     let local = read::<u16>(sk, layout::sk_num()).unwrap_or(0);
     let remote = u16::from_be(read::<u16>(sk, layout::sk_dport()).unwrap_or(0));
-    let index = if local == DNS_PORT || remote == DNS_PORT {
-        UDP_QUEUE_DNS
+    let port = if local == DNS_PORT || remote == DNS_PORT {
+        UdpQueuePort::Dns
     } else {
-        UDP_QUEUE_OTHER
+        UdpQueuePort::Other
     };
-    if let Some(n) = UDP_QUEUE_DROPS.get_ptr_mut(index) {
-        // SAFETY: this CPU's own slot of a per-CPU array.
-        unsafe { *n += 1 };
-    }
+    bump(&UDP_QUEUE_DROPS, port as u32);
     0
 }

@@ -1,55 +1,34 @@
 //! Self-description: build info, which programs are attached where, the monitored
-//! devices and what they are, and kernel maps that refused an update because they were
-//! full.
-
-use std::sync::{Arc, RwLock};
+//! devices and what they are, the kernel maps' memory, and kernel maps that refused an
+//! update because they were full.
 
 use aya::maps::{MapData, PerCpuArray};
-use monitor_common::MAP_FULL_MAPS;
+use monitor_common::MapFull;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use super::{encode_counters, encode_gauges};
-use crate::devices::Devices;
+use super::{Metric, NO_LABELS, encode_counters, encode_gauges};
+use crate::{devices::Devices, loader::Attachments};
 
-/// One program attachment the agent tried.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Attachment {
-    pub program: &'static str,
-    pub hook: String,
-    /// The device for per-device hooks, empty for tracepoints.
-    pub device: String,
-    pub attached: bool,
-}
-
-/// Attachments, shared between the loader and the collector.
-#[derive(Clone, Debug, Default)]
-pub struct Attachments(Arc<RwLock<Vec<Attachment>>>);
-
-impl Attachments {
-    pub fn record(&self, attachment: Attachment) {
-        let mut all = self
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        all.retain(|a| !(a.program == attachment.program && a.device == attachment.device));
-        all.push(attachment);
-    }
-
-    /// Forgets every attachment on `device`.
-    pub fn forget_device(&self, device: &str) {
-        self.0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|a| a.device != device);
-    }
-
-    pub fn snapshot(&self) -> Vec<Attachment> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-}
+const BUILD_INFO: Metric = Metric {
+    name: "build_info",
+    help: "The agent's version; always 1.",
+};
+const PROGRAM_ATTACHED: Metric = Metric {
+    name: "program_attached",
+    help: "1 when the eBPF program is attached to its hook, 0 when attaching failed.",
+};
+const DEVICE_INFO: Metric = Metric {
+    name: "device_info",
+    help: "A monitored device: its ENI id (empty until IMDS answers) and MAC; always 1.",
+};
+const KERNEL_MAP_MEMORY: Metric = Metric {
+    name: "kernel_map_memory_bytes",
+    help: "Kernel memory of the agent's eBPF maps, charged to its memory cgroup (memlock; the memory in use on 6.4 and later).",
+};
+const MAP_FULL: Metric = Metric {
+    name: "map_full",
+    help: "Updates a kernel map refused because it was full: counts lost, not silently.",
+};
 
 /// The memory of every map this process holds, from each map fd's `memlock`.
 pub fn map_memory() -> std::io::Result<i64> {
@@ -91,14 +70,12 @@ impl Collector for AgentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         encode_gauges(
             &mut encoder,
-            "build_info",
-            "The agent's version; always 1.",
+            &BUILD_INFO,
             [([("version", env!("CARGO_PKG_VERSION").to_owned())], 1i64)],
         )?;
         encode_gauges(
             &mut encoder,
-            "program_attached",
-            "1 when the eBPF program is attached to its hook, 0 when attaching failed.",
+            &PROGRAM_ATTACHED,
             self.attachments.snapshot().into_iter().map(|a| {
                 (
                     [
@@ -114,8 +91,7 @@ impl Collector for AgentCollector {
         // queries join on `device`, and no series changes its labels.
         encode_gauges(
             &mut encoder,
-            "device_info",
-            "A monitored device: its ENI id (empty until IMDS answers) and MAC; always 1.",
+            &DEVICE_INFO,
             self.devices
                 .snapshot()
                 .into_values()
@@ -123,17 +99,18 @@ impl Collector for AgentCollector {
         )?;
         encode_gauges(
             &mut encoder,
-            "kernel_map_memory_bytes",
-            "Kernel memory of the agent's eBPF maps, charged to its memory cgroup (memlock; the memory in use on 6.4 and later).",
-            [([] as [(&'static str, String); 0], map_memory().unwrap_or(0))],
+            &KERNEL_MAP_MEMORY,
+            [(NO_LABELS, map_memory().unwrap_or(0))],
         )?;
         encode_counters(
             &mut encoder,
-            "map_full",
-            "Updates a kernel map refused because it was full: counts lost, not silently.",
-            MAP_FULL_MAPS.iter().zip(0u32..).map(|(name, i)| {
-                let n = self.map_full.get(&i, 0).map_or(0, |v| v.iter().sum());
-                ([("map", (*name).to_owned())], n)
+            &MAP_FULL,
+            MapFull::ALL.iter().map(|m| {
+                let n = self
+                    .map_full
+                    .get(&(*m as u32), 0)
+                    .map_or(0, |v| v.iter().sum());
+                ([("map", m.label().to_owned())], n)
             }),
         )
     }

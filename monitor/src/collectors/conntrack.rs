@@ -11,7 +11,20 @@ use anyhow::{Context as _, Result, anyhow};
 use log::info;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use super::{encode_counters, encode_gauges};
+use super::{Metric, NO_LABELS, encode_counters, encode_gauges};
+
+const ENTRIES: Metric = Metric {
+    name: "nf_conntrack_entries",
+    help: "Entries in the node's netfilter conntrack table.",
+};
+const LIMIT: Metric = Metric {
+    name: "nf_conntrack_limit",
+    help: "Size of the node's netfilter conntrack table (nf_conntrack_max).",
+};
+const EVENTS: Metric = Metric {
+    name: "nf_conntrack_events",
+    help: "Netfilter conntrack statistics, summed over CPUs (insert_failed, drop, early_drop, ...).",
+};
 
 /// Per-CPU statistics summed over CPUs, by the kernel's column name. `entries` is left
 /// out: it is the table's fill, exported as a gauge from `nf_conntrack_count`.
@@ -81,27 +94,15 @@ impl Collector for ConntrackCollector {
             }
             return Ok(());
         };
-        let none: [(&'static str, String); 0] = [];
-        encode_gauges(
-            &mut encoder,
-            "nf_conntrack_entries",
-            "Entries in the node's netfilter conntrack table.",
-            [(none.clone(), count)],
-        )?;
-        encode_gauges(
-            &mut encoder,
-            "nf_conntrack_limit",
-            "Size of the node's netfilter conntrack table (nf_conntrack_max).",
-            [(none, limit)],
-        )?;
+        encode_gauges(&mut encoder, &ENTRIES, [(NO_LABELS, count)])?;
+        encode_gauges(&mut encoder, &LIMIT, [(NO_LABELS, limit)])?;
         let stats = std::fs::read_to_string(self.proc_root.join("net/stat/nf_conntrack"))
             .map_err(|e| anyhow!("{e}"))
             .and_then(|t| parse_stats(&t));
         match stats {
             Ok(stats) => encode_counters(
                 &mut encoder,
-                "nf_conntrack_events",
-                "Netfilter conntrack statistics, summed over CPUs (insert_failed, drop, early_drop, ...).",
+                &EVENTS,
                 stats.into_iter().map(|(event, v)| ([("event", event)], v)),
             ),
             Err(e) => {

@@ -7,8 +7,17 @@ use log::warn;
 use monitor_common::{DEVICE_OTHER, DropKey};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use super::encode_counters;
+use super::{Metric, encode_counters};
 use crate::{devices::Devices, kernel::DropReasons};
+
+const DROPS: Metric = Metric {
+    name: "drops",
+    help: "Packets the kernel dropped, by device and the kernel's drop reason (NOT_SPECIFIED excluded).",
+};
+const DNS_DROPS: Metric = Metric {
+    name: "dns_drops",
+    help: "DNS packets (port 53, UDP or TCP) the kernel dropped, by device and the kernel's drop reason.",
+};
 
 pub struct DropsCollector {
     pub map: PerCpuHashMap<MapData, DropKey, u64>,
@@ -73,8 +82,7 @@ impl Collector for DropsCollector {
         let totals = DropTotals::fold(entries, &self.devices, &self.reasons);
         encode_counters(
             &mut encoder,
-            "drops",
-            "Packets the kernel dropped, by device and the kernel's drop reason (NOT_SPECIFIED excluded).",
+            &DROPS,
             totals
                 .all
                 .into_iter()
@@ -82,8 +90,7 @@ impl Collector for DropsCollector {
         )?;
         encode_counters(
             &mut encoder,
-            "dns_drops",
-            "DNS packets (port 53, UDP or TCP) the kernel dropped, by device and the kernel's drop reason.",
+            &DNS_DROPS,
             totals
                 .dns
                 .into_iter()
@@ -95,7 +102,7 @@ impl Collector for DropsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{btf::tests::fixture, devices::Device};
+    use crate::{devices::Device, kernel::btf::tests::fixture};
 
     #[test]
     fn folds_keys_into_bounded_label_sets() {

@@ -1,5 +1,5 @@
 //! The ENA driver's allowance counters, and the instance's connection-tracking
-//! allowance and its utilization (the model in `model.rs`).
+//! allowance and its utilization (the model in `model::allowance`).
 
 use std::{
     collections::BTreeMap,
@@ -8,46 +8,82 @@ use std::{
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use super::{encode_counters, encode_gauges, flows::FlowCounts};
-use crate::{devices::Devices, ethtool, model::Allowance};
+use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
+use crate::{devices::Devices, ethtool, model::allowance::Allowance, model::flows::FlowCounts};
 
-/// The ENA statistics exported as `allowance` counters.
-pub const EXCEEDED: [(&str, &str); 5] = [
+const AVAILABLE: Metric = Metric {
+    name: "ena_conntrack_allowance_available",
+    help: "Connections the instance can still track before its allowance is exceeded (ENA driver).",
+};
+const EXCEEDED: Metric = Metric {
+    name: "ena_allowance_exceeded",
+    help: "Packets the hypervisor queued or dropped because an allowance was exceeded (ENA driver), as the driver counts them.",
+};
+const ALLOWANCE: Metric = Metric {
+    name: "conntrack_allowance",
+    help: "The instance's connection-tracking allowance used for the ratio: from --conntrack-allowance (flag) or learned from the ENA driver (learned).",
+};
+const UTILIZATION: Metric = Metric {
+    name: "conntrack_allowance_utilization_ratio",
+    help: "Instance-wide tracked connections over the connection-tracking allowance.",
+};
+
+/// The ENA statistics exported as `allowance` counters, and their label.
+pub const EXCEEDED_STATS: [(&str, &str); 5] = [
     ("bw_in_allowance_exceeded", "bw_in"),
     ("bw_out_allowance_exceeded", "bw_out"),
     ("pps_allowance_exceeded", "pps"),
     ("conntrack_allowance_exceeded", "conntrack"),
     ("linklocal_allowance_exceeded", "linklocal"),
 ];
-pub const AVAILABLE: &str = "conntrack_allowance_available";
+pub const AVAILABLE_STAT: &str = "conntrack_allowance_available";
+
+/// Where a device's driver statistics come from, by name.
+pub trait DriverStats: Send + Sync {
+    fn read(&self, device: &str) -> std::io::Result<BTreeMap<String, u64>>;
+}
+
+/// The driver, through the ethtool ioctls.
+#[derive(Debug, Default)]
+pub struct Ethtool;
+
+impl DriverStats for Ethtool {
+    fn read(&self, device: &str) -> std::io::Result<BTreeMap<String, u64>> {
+        ethtool::stats(device)
+    }
+}
 
 #[derive(Debug)]
-pub struct EnaCollector {
+pub struct EnaCollector<S = Ethtool> {
+    pub stats: S,
     pub devices: Devices,
     pub flows: FlowCounts,
     /// The instance's allowance: `--conntrack-allowance`, or learned from the driver.
     pub allowance: Mutex<Allowance>,
 }
 
-impl Collector for EnaCollector {
+impl<S: DriverStats + std::fmt::Debug + 'static> Collector for EnaCollector<S> {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
-        let estimate = self.flows.get().map(|p| p.total(&devices));
+        let estimate = self
+            .flows
+            .get()
+            .map(|p| p.total(|i| devices.contains_key(&i)));
         let mut available = Vec::new();
         let mut exceeded = Vec::new();
         let mut instance_available: Option<u64> = None;
         for d in devices.values() {
-            let stats: BTreeMap<String, u64> = ethtool::stats(&d.name).unwrap_or_default();
+            let stats = self.stats.read(&d.name).unwrap_or_default();
             let device = || ("device", d.name.clone());
-            if let Some(&a) = stats.get(AVAILABLE) {
-                available.push(([device()], i64::try_from(a).unwrap_or(i64::MAX)));
+            if let Some(&a) = stats.get(AVAILABLE_STAT) {
+                available.push(([device()], gauge(a)));
                 // Every ENI reports the instance's figure; the lowest is the latest.
                 instance_available = Some(instance_available.map_or(a, |m| m.min(a)));
             }
             // As the driver reads them: a driver reset is an ordinary counter reset, which
             // rate() and increase() already handle; an offset kept in the agent would
             // not survive the agent.
-            for (stat, allowance) in EXCEEDED {
+            for (stat, allowance) in EXCEEDED_STATS {
                 if let Some(&raw) = stats.get(stat) {
                     exceeded.push(([device(), ("allowance", allowance.to_owned())], raw));
                 }
@@ -58,51 +94,124 @@ impl Collector for EnaCollector {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .assess(estimate, instance_available);
+        encode_gauges(&mut encoder, &AVAILABLE, available)?;
+        encode_counters(&mut encoder, &EXCEEDED, exceeded)?;
         encode_gauges(
             &mut encoder,
-            "ena_conntrack_allowance_available",
-            "Connections the instance can still track before its allowance is exceeded (ENA driver).",
-            available,
-        )?;
-        encode_counters(
-            &mut encoder,
-            "ena_allowance_exceeded",
-            "Packets the hypervisor queued or dropped because an allowance was exceeded (ENA driver), as the driver counts them.",
-            exceeded,
-        )?;
-        encode_gauges(
-            &mut encoder,
-            "conntrack_allowance",
-            "The instance's connection-tracking allowance used for the ratio: from --conntrack-allowance (flag) or learned from the ENA driver (learned).",
+            &ALLOWANCE,
             assessment.map(|x| {
                 (
                     [("source", x.source.label().to_owned())],
-                    i64::try_from(x.allowance).unwrap_or(i64::MAX),
+                    gauge(x.allowance),
                 )
             }),
         )?;
-        let none: [(&'static str, String); 0] = [];
         encode_gauges(
             &mut encoder,
-            "conntrack_allowance_utilization_ratio",
-            "Instance-wide tracked connections over the connection-tracking allowance.",
-            assessment.map(|x| (none, x.utilization)),
+            &UTILIZATION,
+            assessment.map(|x| (NO_LABELS, x.utilization)),
         )
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use prometheus_client::registry::Registry;
+
     use super::*;
-    use crate::ethtool::tests::{fixture, u64s};
+    use crate::{
+        devices::Device,
+        ethtool::tests::{fixture, u64s},
+        exposition::Exposition,
+    };
+
+    /// The driver as captured: each read returns the next of `readings` (the last one
+    /// again once they run out), `eth0` only.
+    #[derive(Debug)]
+    struct Captured {
+        readings: Vec<&'static str>,
+        next: AtomicUsize,
+    }
+
+    impl DriverStats for Captured {
+        fn read(&self, device: &str) -> std::io::Result<BTreeMap<String, u64>> {
+            if device != "eth0" {
+                return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let name = self.readings[i.min(self.readings.len() - 1)];
+            Ok(ethtool::parse(
+                &fixture("gstrings.bin"),
+                &u64s(&fixture(name)),
+            ))
+        }
+    }
+
+    fn scrape(registry: &Registry) -> Exposition {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        Exposition::parse(&text).unwrap()
+    }
 
     #[test]
-    fn exceeded_counters_are_exported_as_the_driver_reads_them() {
-        let strings = fixture("gstrings.bin");
-        let before = ethtool::parse(&strings, &u64s(&fixture("gstats-1.bin")));
-        let after = ethtool::parse(&strings, &u64s(&fixture("gstats-2-after-reset.bin")));
-        assert_eq!(before["conntrack_allowance_exceeded"], 12);
-        assert_eq!(after["conntrack_allowance_exceeded"], 2);
-        assert_eq!(before["linklocal_allowance_exceeded"], 3);
+    fn the_collector_exports_the_drivers_counters_and_the_allowance() {
+        let devices = Devices::default();
+        devices.replace([
+            Device::new("eth0", 2, 0),
+            // A device without the ENA statistics (a veth, say): no series of its own.
+            Device::new("eth1", 3, 1),
+        ]);
+        let mut registry = Registry::with_prefix("eni_monitor");
+        registry.register_collector(Box::new(EnaCollector {
+            stats: Captured {
+                readings: vec!["gstats-1.bin", "gstats-2-after-reset.bin"],
+                next: AtomicUsize::new(0),
+            },
+            devices,
+            flows: FlowCounts::default(),
+            allowance: Mutex::new(Allowance::new(Some(100_000))),
+        }));
+        let first = scrape(&registry);
+        let exceeded = |s: &Exposition, a: &str| {
+            s.get(
+                "eni_monitor_ena_allowance_exceeded_total",
+                &[("device", "eth0"), ("allowance", a)],
+            )
+        };
+        assert_eq!(exceeded(&first, "conntrack"), Some(12.0));
+        assert_eq!(exceeded(&first, "linklocal"), Some(3.0));
+        assert_eq!(exceeded(&first, "pps"), Some(0.0));
+        assert_eq!(exceeded(&first, "bw_in"), Some(41.0));
+        assert_eq!(exceeded(&first, "bw_out"), Some(7.0));
+        assert_eq!(
+            first.get(
+                "eni_monitor_ena_conntrack_allowance_available",
+                &[("device", "eth0")]
+            ),
+            Some(87_211.0)
+        );
+        assert_eq!(
+            first
+                .matching(
+                    "eni_monitor_ena_allowance_exceeded_total",
+                    &[("device", "eth1")]
+                )
+                .count(),
+            0
+        );
+        // Flag and driver: (T - a) / T, exact.
+        assert_eq!(
+            first.get("eni_monitor_conntrack_allowance", &[("source", "flag")]),
+            Some(100_000.0)
+        );
+        assert_eq!(
+            first.get("eni_monitor_conntrack_allowance_utilization_ratio", &[]),
+            Some(0.127_89)
+        );
+        // The driver reset its counters: exported as it reads them.
+        let second = scrape(&registry);
+        assert_eq!(exceeded(&second, "conntrack"), Some(2.0));
     }
 }

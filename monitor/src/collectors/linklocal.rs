@@ -1,12 +1,21 @@
 //! Packets to EC2's link-local services per ENI, and the busiest second of the last minute.
 
-use std::collections::BTreeMap;
-
-use monitor_common::{LL_DNS, LL_IMDS, LL_NTP, LL_WINDOW, LinkLocalSecond};
+use monitor_common::{LL_WINDOW, LinkLocalSecond, LinkLocalService};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use super::{dns::monotonic_ns, encode_counters, encode_gauges};
-use crate::{devices::Devices, slots::SlotArray};
+use super::{Metric, encode_counters, encode_gauges, gauge};
+use crate::{
+    devices::Devices, housekeeping::monotonic_ns, loader::slots::SlotArray, model::linklocal::peak,
+};
+
+const LINKLOCAL_PACKETS: Metric = Metric {
+    name: "linklocal_packets",
+    help: "Packets sent to EC2 link-local services (resolver, IMDS, time sync).",
+};
+const LINKLOCAL_PEAK: Metric = Metric {
+    name: "linklocal_peak_packets_per_second",
+    help: "Highest count of packets to link-local services in any one second of the last minute (EC2 allows 1024).",
+};
 
 pub struct LinkLocalCollector {
     /// Packets per (slot, service).
@@ -22,19 +31,6 @@ impl std::fmt::Debug for LinkLocalCollector {
     }
 }
 
-/// The highest per-second total in `(now - window, now]`, summing CPUs per second.
-pub fn peak(slots: impl IntoIterator<Item = LinkLocalSecond>, now_second: u64) -> u64 {
-    let oldest = now_second.saturating_sub(u64::from(LL_WINDOW) - 1);
-    let mut per_second: BTreeMap<u64, u64> = BTreeMap::new();
-    for s in slots {
-        let second = u64::from(s.second);
-        if s.packets > 0 && (oldest..=now_second).contains(&second) {
-            *per_second.entry(second).or_default() += u64::from(s.packets);
-        }
-    }
-    per_second.into_values().max().unwrap_or(0)
-}
-
 impl Collector for LinkLocalCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
@@ -42,48 +38,20 @@ impl Collector for LinkLocalCollector {
         let mut totals = Vec::new();
         let mut peaks = Vec::new();
         for d in devices.values() {
-            for (service, name) in [(LL_DNS, "dns"), (LL_IMDS, "imds"), (LL_NTP, "ntp")] {
-                let n = self.packets.get(d.slot, service).iter().sum();
+            for service in LinkLocalService::ALL {
+                let n = self.packets.get(d.slot, *service as u32).iter().sum();
                 totals.push((
-                    [("device", d.name.clone()), ("service", name.to_owned())],
+                    [
+                        ("device", d.name.clone()),
+                        ("service", service.label().to_owned()),
+                    ],
                     n,
                 ));
             }
             let slots = (0..LL_WINDOW).flat_map(|i| self.seconds.get(d.slot, i));
-            let p = i64::try_from(peak(slots, now_second)).unwrap_or(i64::MAX);
-            peaks.push(([("device", d.name.clone())], p));
+            peaks.push(([("device", d.name.clone())], gauge(peak(slots, now_second))));
         }
-        encode_counters(
-            &mut encoder,
-            "linklocal_packets",
-            "Packets sent to EC2 link-local services (resolver, IMDS, time sync).",
-            totals,
-        )?;
-        encode_gauges(
-            &mut encoder,
-            "linklocal_peak_packets_per_second",
-            "Highest count of packets to link-local services in any one second of the last minute (EC2 allows 1024).",
-            peaks,
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn s(second: u32, packets: u32) -> LinkLocalSecond {
-        LinkLocalSecond { second, packets }
-    }
-
-    #[test]
-    fn peak_sums_cpus_per_second_inside_the_window() {
-        // Two CPUs counted second 100; second 30 is older than the window.
-        let slots = [s(100, 300), s(100, 450), s(99, 600), s(30, 5000), s(0, 0)];
-        assert_eq!(peak(slots, 100), 750);
-        assert_eq!(peak(slots, 158), 750);
-        assert_eq!(peak(slots, 159), 750);
-        assert_eq!(peak(slots, 160), 0);
-        assert_eq!(peak([], 100), 0);
+        encode_counters(&mut encoder, &LINKLOCAL_PACKETS, totals)?;
+        encode_gauges(&mut encoder, &LINKLOCAL_PEAK, peaks)
     }
 }

@@ -1,10 +1,15 @@
-//! UDP receive-queue overflows from `udp:udp_fail_queue_rcv_skb`.
+//! UDP receive-queue overflows from `udp_fail_queue_rcv_skb`.
 
 use aya::maps::{MapData, PerCpuArray};
-use monitor_common::{UDP_QUEUE_DNS, UDP_QUEUE_OTHER};
+use monitor_common::UdpQueuePort;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use super::encode_counters;
+use super::{Metric, encode_counters};
+
+const UDP_RECEIVE_QUEUE_DROPS: Metric = Metric {
+    name: "udp_receive_queue_drops",
+    help: "Datagrams dropped because a UDP socket's receive queue was full (port 53 either side is dns).",
+};
 
 pub struct UdpQueueCollector {
     pub drops: PerCpuArray<MapData, u64>,
@@ -18,15 +23,13 @@ impl std::fmt::Debug for UdpQueueCollector {
 
 impl Collector for UdpQueueCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let rows = [(UDP_QUEUE_DNS, "dns"), (UDP_QUEUE_OTHER, "other")].map(|(index, port)| {
-            let n = self.drops.get(&index, 0).map_or(0, |v| v.iter().sum());
-            ([("port", port.to_owned())], n)
+        let rows = UdpQueuePort::ALL.iter().map(|port| {
+            let n = self
+                .drops
+                .get(&(*port as u32), 0)
+                .map_or(0, |v| v.iter().sum());
+            ([("port", port.label().to_owned())], n)
         });
-        encode_counters(
-            &mut encoder,
-            "udp_receive_queue_drops",
-            "Datagrams dropped because a UDP socket's receive queue was full (port 53 either side is dns).",
-            rows,
-        )
+        encode_counters(&mut encoder, &UDP_RECEIVE_QUEUE_DROPS, rows)
     }
 }

@@ -1,66 +1,60 @@
 //! The classifiers driven with crafted and random packets through `BPF_PROG_TEST_RUN`:
 //! the real programs in the real kernel, with their maps read back.
-#![cfg(test)]
 
 use std::path::Path;
 
-use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+use aya::programs::{TestRun as _, TestRunOptions};
+use monitor::{
+    kernel::{self, KernelFacts},
+    loader::{self, Maps, Programs, Sizes},
 };
-use monitor_common::{
-    DNS_QUERY, DNS_RESPONSE, DNS_SUPERSEDED, DnsCountKey, DnsFlight, DnsFlightKey, DnsPendingSet,
-    LL_DNS, LL_SERVICES, PENDING_WAITING,
-};
+use monitor_common::{DnsCountKind, DnsFlightKey, LinkLocalService, MapFull, addr_from_ip};
 
-use crate::{devices::Device, kernel::KernelFacts, programs};
+/// The object loaded, with its maps.
+struct Probe {
+    programs: Programs,
+    maps: Maps,
+}
 
 /// The object loaded against this kernel, classifiers loaded, loopback (where test runs
 /// happen) monitored in slot 0.
-fn loaded() -> Ebpf {
-    loaded_with(&[("FLOWS", 1024)])
+fn loaded() -> Probe {
+    loaded_with(Sizes::with_flows(1024))
 }
 
-fn loaded_with(sizes: &[(&str, u32)]) -> Ebpf {
+fn loaded_with(sizes: Sizes) -> Probe {
     loaded_object(sizes, None)
 }
 
 /// Both objects this kernel can load: the one it gets, and where it has BPF atomics the
 /// one for kernels without them too (its `DNS_INFLIGHT` path is what 5.10 runs).
-fn both_objects(sizes: &[(&str, u32)]) -> Vec<Ebpf> {
+fn both_objects(sizes: Sizes) -> Vec<Probe> {
     let mut objects = vec![loaded_object(sizes, None)];
-    if crate::kernel::has_atomics() {
+    if kernel::has_atomics() {
         objects.push(loaded_object(sizes, Some(false)));
     }
     objects
 }
 
-fn loaded_object(sizes: &[(&str, u32)], atomics: Option<bool>) -> Ebpf {
-    let mut facts = KernelFacts::read(Path::new(crate::kernel::BTF_PATH)).unwrap();
+fn loaded_object(sizes: Sizes, atomics: Option<bool>) -> Probe {
+    let mut facts = KernelFacts::read(Path::new(kernel::BTF_PATH)).unwrap();
     if let Some(atomics) = atomics {
         facts.atomics = atomics;
     }
-    let mut ebpf = programs::load(&facts, sizes, None).unwrap();
-    programs::load_classifiers(&mut ebpf).unwrap();
-    let lo = Device {
-        name: "lo".into(),
-        ifindex: 1,
-        eni: String::new(),
-        mac: String::new(),
-        slot: 0,
-    };
-    programs::set_monitored(&mut ebpf, &[lo]).unwrap();
-    let mut ll: programs::LinkLocalMap = programs::take_map(&mut ebpf, "LINKLOCAL")
-        .unwrap()
-        .try_into()
+    let loader::Loaded {
+        mut programs,
+        mut maps,
+    } = loader::load(&facts, sizes, None).unwrap();
+    programs.load_classifiers().unwrap();
+    maps.monitored.set([("lo", 1, 0)]).unwrap();
+    maps.linklocal
+        .add("169.254.169.253".parse().unwrap(), LinkLocalService::Dns)
         .unwrap();
-    programs::add_linklocal(&mut ll, "169.254.169.253".parse().unwrap(), LL_DNS).unwrap();
-    ebpf
+    Probe { programs, maps }
 }
 
-fn run(ebpf: &Ebpf, program: &str, packet: &[u8]) -> u32 {
-    let prog: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
+fn run(probe: &Probe, program: &str, packet: &[u8]) -> u32 {
+    let prog = probe.programs.classifier(program).unwrap();
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
     prog.test_run(opts)
@@ -78,35 +72,26 @@ struct Counts {
     linklocal: u64,
 }
 
-fn counts(ebpf: &Ebpf) -> Counts {
-    let dns: PerCpuHashMap<&MapData, DnsCountKey, u64> =
-        ebpf.map("DNS_COUNTS").unwrap().try_into().unwrap();
+fn counts(probe: &Probe) -> Counts {
     let mut c = Counts::default();
-    for (key, per_cpu) in dns.iter().map(Result::unwrap) {
+    for (key, per_cpu) in probe.maps.dns_counts.iter().map(Result::unwrap) {
         let n: u64 = per_cpu.iter().sum();
-        match key.kind {
-            DNS_QUERY => c.queries += n,
-            DNS_RESPONSE => c.responses += n,
-            DNS_SUPERSEDED => c.superseded += n,
-            _ => panic!("unknown kind {}", key.kind),
+        match DnsCountKind::from_u8(key.kind) {
+            Some(DnsCountKind::Query) => c.queries += n,
+            Some(DnsCountKind::Response) => c.responses += n,
+            Some(DnsCountKind::Superseded) => c.superseded += n,
+            None => panic!("unknown kind {}", key.kind),
         }
     }
-    let inflight: HashMap<&MapData, DnsFlightKey, DnsFlight> =
-        ebpf.map("DNS_INFLIGHT").unwrap().try_into().unwrap();
-    c.inflight = inflight.keys().count();
-    // Only in the object for kernels with BPF atomics.
-    if let Some(map) = ebpf.map("DNS_PENDING") {
-        let pending: Array<&MapData, DnsPendingSet> = map.try_into().unwrap();
-        c.inflight += pending
-            .iter()
-            .map(Result::unwrap)
-            .flat_map(|set| set.state)
-            .filter(|s| *s == PENDING_WAITING)
-            .count();
-    }
-    let ll: PerCpuArray<&MapData, u64> = ebpf.map("LL_PACKETS").unwrap().try_into().unwrap();
-    c.linklocal = (0..LL_SERVICES)
-        .map(|s| ll.get(&s, 0).unwrap().iter().sum::<u64>())
+    probe
+        .maps
+        .dns_inflight
+        .for_each(|_, _| c.inflight += 1)
+        .unwrap();
+    c.inflight += probe.maps.dns_pending.waiting();
+    c.linklocal = LinkLocalService::ALL
+        .iter()
+        .map(|s| probe.maps.ll_packets.get(0, *s as u32).iter().sum::<u64>())
         .sum();
     c
 }
@@ -174,16 +159,16 @@ fn a_query_and_its_response_are_matched() {
     if !integration_tests::require_root("a_query_and_its_response_are_matched") {
         return;
     }
-    for ebpf in both_objects(&[("FLOWS", 1024)]) {
-        query_and_response_matched(&ebpf);
+    for probe in both_objects(Sizes::with_flows(1024)) {
+        query_and_response_matched(&probe);
     }
 }
 
-fn query_and_response_matched(ebpf: &Ebpf) {
+fn query_and_response_matched(probe: &Probe) {
     let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(7, 0x0100, 1, QUESTION));
-    assert_eq!(run(ebpf, "tc_egress", &query), TC_ACT_UNSPEC);
+    assert_eq!(run(probe, "tc_egress", &query), TC_ACT_UNSPEC);
     assert_eq!(
-        counts(ebpf),
+        counts(probe),
         Counts {
             queries: 1,
             responses: 0,
@@ -194,9 +179,9 @@ fn query_and_response_matched(ebpf: &Ebpf) {
     );
     // The same query again is a retransmission: still one in flight, the first copy
     // unanswered.
-    run(ebpf, "tc_egress", &query);
+    run(probe, "tc_egress", &query);
     assert_eq!(
-        counts(ebpf),
+        counts(probe),
         Counts {
             queries: 2,
             responses: 0,
@@ -207,17 +192,17 @@ fn query_and_response_matched(ebpf: &Ebpf) {
     );
     // A response with another id, or from another port, matches nothing.
     run(
-        ebpf,
+        probe,
         "tc_ingress",
         &ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(8, 0x8180, 1, QUESTION)),
     );
     run(
-        ebpf,
+        probe,
         "tc_ingress",
         &ipv4_udp(DST4, SRC4, 53, 40001, 0, &dns(7, 0x8180, 1, QUESTION)),
     );
     assert_eq!(
-        counts(ebpf),
+        counts(probe),
         Counts {
             queries: 2,
             responses: 0,
@@ -227,9 +212,9 @@ fn query_and_response_matched(ebpf: &Ebpf) {
         }
     );
     let response = ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(7, 0x8183, 1, QUESTION));
-    assert_eq!(run(ebpf, "tc_ingress", &response), TC_ACT_UNSPEC);
+    assert_eq!(run(probe, "tc_ingress", &response), TC_ACT_UNSPEC);
     assert_eq!(
-        counts(ebpf),
+        counts(probe),
         Counts {
             queries: 2,
             responses: 1,
@@ -239,9 +224,9 @@ fn query_and_response_matched(ebpf: &Ebpf) {
         }
     );
     // A duplicate response is not a second answer.
-    run(ebpf, "tc_ingress", &response);
+    run(probe, "tc_ingress", &response);
     assert_eq!(
-        counts(ebpf),
+        counts(probe),
         Counts {
             queries: 2,
             responses: 1,
@@ -252,12 +237,12 @@ fn query_and_response_matched(ebpf: &Ebpf) {
     );
     // IPv6, and the link-local resolver.
     run(
-        ebpf,
+        probe,
         "tc_egress",
         &ipv6_udp(40000, 53, &dns(9, 0x0100, 1, QUESTION)),
     );
     run(
-        ebpf,
+        probe,
         "tc_egress",
         &ipv4_udp(
             SRC4,
@@ -269,7 +254,7 @@ fn query_and_response_matched(ebpf: &Ebpf) {
         ),
     );
     assert_eq!(
-        counts(ebpf),
+        counts(probe),
         Counts {
             queries: 4,
             responses: 1,
@@ -285,7 +270,7 @@ fn malformed_dns_moves_no_count() {
     if !integration_tests::require_root("malformed_dns_moves_no_count") {
         return;
     }
-    let ebpf = loaded();
+    let probe = loaded();
     let good = dns(1, 0x0100, 1, QUESTION);
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("no payload", ipv4_udp(SRC4, DST4, 40000, 53, 0, &[])),
@@ -338,19 +323,23 @@ fn malformed_dns_moves_no_count() {
     cases.push(("IHL below 20", short_ihl));
     for (what, packet) in &cases {
         for program in ["tc_egress", "tc_ingress"] {
-            assert_eq!(run(&ebpf, program, packet), TC_ACT_UNSPEC, "{what}");
-            assert_eq!(counts(&ebpf), Counts::default(), "{what} through {program}");
+            assert_eq!(run(&probe, program, packet), TC_ACT_UNSPEC, "{what}");
+            assert_eq!(
+                counts(&probe),
+                Counts::default(),
+                "{what} through {program}"
+            );
         }
     }
     // A first fragment carries the header, so a fragmented query is still a query;
     // a name that loops through compression pointers is never parsed, so cannot loop.
     run(
-        &ebpf,
+        &probe,
         "tc_egress",
         &ipv4_udp(SRC4, DST4, 40000, 53, 0x2000, &good),
     );
     run(
-        &ebpf,
+        &probe,
         "tc_egress",
         &ipv4_udp(
             SRC4,
@@ -362,7 +351,7 @@ fn malformed_dns_moves_no_count() {
         ),
     );
     assert_eq!(
-        counts(&ebpf),
+        counts(&probe),
         Counts {
             queries: 2,
             responses: 0,
@@ -378,7 +367,7 @@ fn random_dns_headers_count_only_standard_queries() {
     if !integration_tests::require_root("random_dns_headers_count_only_standard_queries") {
         return;
     }
-    let ebpf = loaded();
+    let probe = loaded();
     // xorshift64: reproducible without a dependency.
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut next = move || {
@@ -400,7 +389,7 @@ fn random_dns_headers_count_only_standard_queries() {
         };
         // Distinct client ports: every counted query is a new one in flight.
         let packet = ipv4_udp(SRC4, DST4, 1024 + i, dport, 0, &payload);
-        run(&ebpf, "tc_egress", &packet);
+        run(&probe, "tc_egress", &packet);
         let standard_query = payload.len() >= 12
             && payload[2] & 0x80 == 0
             && payload[2] & 0x78 == 0
@@ -413,7 +402,7 @@ fn random_dns_headers_count_only_standard_queries() {
         expected > 10,
         "the generator should produce some valid queries"
     );
-    let c = counts(&ebpf);
+    let c = counts(&probe);
     assert_eq!((c.queries, c.responses, c.linklocal), (expected, 0, 0));
     assert_eq!(c.inflight, usize::try_from(expected).unwrap());
     // Random bytes as whole frames: nothing panics the verifier-checked program, and
@@ -423,15 +412,20 @@ fn random_dns_headers_count_only_standard_queries() {
         let frame: Vec<u8> = (0..len)
             .map(|_| u8::try_from(next() & 0xff).unwrap())
             .collect();
-        assert_eq!(run(&ebpf, "tc_ingress", &frame), TC_ACT_UNSPEC);
+        assert_eq!(run(&probe, "tc_ingress", &frame), TC_ACT_UNSPEC);
     }
-    assert_eq!(counts(&ebpf).queries, expected);
+    assert_eq!(counts(&probe).queries, expected);
 }
 
-/// `MAP_FULL[index]`, summed over CPUs.
-fn map_full(ebpf: &Ebpf, index: u32) -> u64 {
-    let m: PerCpuArray<&MapData, u64> = ebpf.map("MAP_FULL").unwrap().try_into().unwrap();
-    m.get(&index, 0).unwrap().iter().sum()
+/// `MAP_FULL[map]`, summed over CPUs.
+fn map_full(probe: &Probe, map: MapFull) -> u64 {
+    probe
+        .maps
+        .map_full
+        .get(&(map as u32), 0)
+        .unwrap()
+        .iter()
+        .sum()
 }
 
 #[test]
@@ -440,39 +434,48 @@ fn a_full_table_of_queries_in_flight_is_counted_not_silent() {
         return;
     }
     // Room for four queries whichever table this kernel uses (one set of four ways).
-    for ebpf in both_objects(&[("FLOWS", 1024), ("DNS_INFLIGHT", 4), ("DNS_PENDING", 1)]) {
-        full_table_counted(&ebpf);
+    let sizes = Sizes {
+        flows: 1024,
+        dns_inflight: 4,
+        dns_pending_sets: 1,
+    };
+    for probe in both_objects(sizes) {
+        full_table_counted(&probe);
     }
 }
 
-fn full_table_counted(ebpf: &Ebpf) {
+fn full_table_counted(probe: &Probe) {
     for id in 0..6u16 {
         let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
-        run(ebpf, "tc_egress", &query);
+        run(probe, "tc_egress", &query);
     }
     // A retransmission of a query in flight is not a full table: it takes the copy's way.
     run(
-        ebpf,
+        probe,
         "tc_egress",
         &ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(0, 0x0100, 1, QUESTION)),
     );
-    let c = counts(ebpf);
+    let c = counts(probe);
     assert_eq!((c.queries, c.superseded, c.inflight), (7, 1, 4));
-    assert_eq!(map_full(ebpf, monitor_common::MAP_FULL_DNS_INFLIGHT), 2);
-    assert_eq!(map_full(ebpf, monitor_common::MAP_FULL_DNS_COUNTS), 0);
+    assert_eq!(map_full(probe, MapFull::DnsInflight), 2);
+    assert_eq!(map_full(probe, MapFull::DnsCounts), 0);
 }
 
 #[test]
 fn a_flow_refreshed_during_a_pass_is_not_deleted() {
-    use crate::collectors::flows::{Expiry, FlowCounts, Timeouts};
-    use monitor_common::{FLOW_AB, Flow, FlowKey};
+    use monitor::{
+        devices::{Device, Devices},
+        housekeeping::Expiry,
+        model::flows::{FlowCounts, Timeouts},
+    };
+    use monitor_common::{FLOW_AB, Flow, FlowClass, FlowKey};
     use std::time::Duration;
 
     if !integration_tests::require_root("a_flow_refreshed_during_a_pass_is_not_deleted") {
         return;
     }
-    let mut ebpf = loaded();
-    let devices = crate::devices::Devices::default();
+    let probe = loaded();
+    let devices = Devices::default();
     devices.replace([Device {
         name: "lo".into(),
         ifindex: 1,
@@ -480,14 +483,6 @@ fn a_flow_refreshed_during_a_pass_is_not_deleted() {
         mac: String::new(),
         slot: 0,
     }]);
-    let table = programs::take_hash_map(&mut ebpf, "FLOWS").unwrap();
-    let fd = std::os::fd::AsFd::as_fd(table.fd())
-        .try_clone_to_owned()
-        .unwrap();
-    let put = |k: &FlowKey, f: &Flow| {
-        // SAFETY: FLOWS maps FlowKey to Flow.
-        unsafe { crate::batch::update_one(std::os::fd::AsFd::as_fd(&fd), k, f) }.unwrap();
-    };
     let key = |port: u16| FlowKey {
         addr_a: [1, 0, 0, 0],
         addr_b: [2, 0, 0, 0],
@@ -503,9 +498,10 @@ fn a_flow_refreshed_during_a_pass_is_not_deleted() {
         flags: FLOW_AB,
         pad: [0; 3],
     };
+    let table = probe.maps.flows;
     // Both idle past the UDP timeout (30 s) at second 1000.
-    put(&key(1), &seen(900));
-    put(&key(2), &seen(900));
+    table.insert(&key(1), &seen(900)).unwrap();
+    table.insert(&key(2), &seen(900)).unwrap();
     let expiry = Expiry {
         flows: table,
         timeouts: Timeouts {
@@ -520,62 +516,52 @@ fn a_flow_refreshed_during_a_pass_is_not_deleted() {
     let (result, stale) = expiry.read(1000).unwrap();
     assert_eq!(stale.len(), 2);
     // Between the read and the deletes, a packet of flow 1 arrives.
-    put(&key(1), &seen(1000));
+    expiry.flows.insert(&key(1), &seen(1000)).unwrap();
     let result = expiry.reap(1000, result, &stale).unwrap();
-    assert_eq!(result.tracked.get(&(1, monitor_common::FLOW_UDP)), Some(&1));
-    let fd = std::os::fd::AsFd::as_fd(&fd);
-    // SAFETY: as above.
-    unsafe {
-        assert_eq!(
-            crate::batch::lookup_one::<FlowKey, Flow>(fd, &key(1)).unwrap(),
-            Some(seen(1000))
-        );
-        assert_eq!(
-            crate::batch::lookup_one::<FlowKey, Flow>(fd, &key(2)).unwrap(),
-            None
-        );
-    }
+    assert_eq!(result.tracked.get(&(1, FlowClass::Udp)), Some(&1));
+    assert_eq!(expiry.flows.get(&key(1)).unwrap(), Some(seen(1000)));
+    assert_eq!(expiry.flows.get(&key(2)).unwrap(), None);
 }
 
 #[test]
 fn the_amazon_resolver_is_not_a_tracked_flow() {
-    use monitor_common::{Flow, FlowKey};
     if !integration_tests::require_root("the_amazon_resolver_is_not_a_tracked_flow") {
         return;
     }
-    let ebpf = loaded();
-    let flows = |ebpf: &Ebpf| {
-        let m: HashMap<&MapData, FlowKey, Flow> = ebpf.map("FLOWS").unwrap().try_into().unwrap();
-        m.keys().count()
+    let probe = loaded();
+    let flows = |probe: &Probe| {
+        let mut n = 0;
+        probe.maps.flows.for_each(|_, _| n += 1).unwrap();
+        n
     };
     let amazon = [169, 254, 169, 253];
     // A query to Amazon's resolver and its answer: link-local, counted as such, no flow.
     run(
-        &ebpf,
+        &probe,
         "tc_egress",
         &ipv4_udp(SRC4, amazon, 40000, 53, 0, &dns(1, 0x0100, 1, QUESTION)),
     );
     run(
-        &ebpf,
+        &probe,
         "tc_ingress",
         &ipv4_udp(amazon, SRC4, 53, 40000, 0, &dns(1, 0x8180, 1, QUESTION)),
     );
-    let c = counts(&ebpf);
+    let c = counts(&probe);
     assert_eq!((c.queries, c.responses, c.linklocal), (1, 1, 1));
-    assert_eq!(flows(&ebpf), 0);
+    assert_eq!(flows(&probe), 0);
     // The same to a resolver of the VPC's own (a CoreDNS pod): a tracked flow.
     run(
-        &ebpf,
+        &probe,
         "tc_egress",
         &ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(2, 0x0100, 1, QUESTION)),
     );
     run(
-        &ebpf,
+        &probe,
         "tc_ingress",
         &ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(2, 0x8180, 1, QUESTION)),
     );
-    assert_eq!(flows(&ebpf), 1);
-    assert_eq!(counts(&ebpf).linklocal, 1);
+    assert_eq!(flows(&probe), 1);
+    assert_eq!(counts(&probe).linklocal, 1);
 }
 
 /// An IPv4 TCP segment with `flags` (FIN 0x01, RST 0x04, ACK 0x10).
@@ -594,27 +580,36 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     if !integration_tests::require_root("the_flow_cache_passes_on_every_flag_and_every_flow") {
         return;
     }
-    let ebpf = loaded_with(&[("FLOWS", 8192)]);
-    let table = |ebpf: &Ebpf| -> Vec<(FlowKey, Flow)> {
-        let m: HashMap<&MapData, FlowKey, Flow> = ebpf.map("FLOWS").unwrap().try_into().unwrap();
-        m.iter().map(Result::unwrap).collect()
+    let probe = loaded_with(Sizes::with_flows(8192));
+    let table = |probe: &Probe| -> Vec<(FlowKey, Flow)> {
+        let mut t = Vec::new();
+        probe.maps.flows.for_each(|k, f| t.push((*k, *f))).unwrap();
+        t
     };
     // Many packets one way, then one back, all within a second: the cached way must not
     // hide the new direction, nor the local side it brings.
     for _ in 0..100 {
-        run(&ebpf, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x10));
+        run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x10));
     }
-    run(&ebpf, "tc_ingress", &ipv4_tcp(DST4, SRC4, 443, 40000, 0x10));
-    let t = table(&ebpf);
+    run(
+        &probe,
+        "tc_ingress",
+        &ipv4_tcp(DST4, SRC4, 443, 40000, 0x10),
+    );
+    let t = table(&probe);
     assert_eq!(t.len(), 1);
     // 10.0.0.2:443 sorts before 10.0.0.5:40000: side a is the server, side b local.
     let both = FLOW_AB | FLOW_BA | FLOW_LOCAL_B;
     assert_eq!(t[0].1.flags, both, "{t:?}");
     // A FIN each way after the cached packets: both reach the table.
-    run(&ebpf, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x11));
-    run(&ebpf, "tc_ingress", &ipv4_tcp(DST4, SRC4, 443, 40000, 0x11));
+    run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x11));
+    run(
+        &probe,
+        "tc_ingress",
+        &ipv4_tcp(DST4, SRC4, 443, 40000, 0x11),
+    );
     assert_eq!(
-        table(&ebpf)[0].1.flags,
+        table(&probe)[0].1.flags,
         both | FLOW_FIN_AB | FLOW_FIN_BA,
         "{t:?}"
     );
@@ -623,13 +618,13 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     for _ in 0..3 {
         for port in 1..=3000u16 {
             run(
-                &ebpf,
+                &probe,
                 "tc_egress",
                 &ipv4_udp(SRC4, DST4, 50000, port, 0, b"x"),
             );
         }
     }
-    let t = table(&ebpf);
+    let t = table(&probe);
     assert_eq!(t.len(), 3001);
     let udp: Vec<_> = t.iter().filter(|(k, _)| k.proto == 17).collect();
     assert_eq!(udp.len(), 3000);
@@ -639,37 +634,33 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     // their own, none hidden by the cached way of the flow it resembles.
     for _ in 0..3 {
         for port in 1..=3000u16 {
-            run(&ebpf, "tc_egress", &ipv6_udp(50000, port, b"x"));
+            run(&probe, "tc_egress", &ipv6_udp(50000, port, b"x"));
         }
     }
     run(
-        &ebpf,
+        &probe,
         "tc_egress",
         &ipv4_udp(SRC4, DST4, 40000, 443, 0, b"x"),
     );
-    let t = table(&ebpf);
+    let t = table(&probe);
     assert_eq!(t.len(), 6002);
     assert_eq!(t.iter().filter(|(k, _)| k.proto == 6).count(), 1);
 }
 
 #[test]
 fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
-    use monitor_common::{PENDING_FREE, PENDING_WRITING};
+    use monitor_common::{PENDING_FREE, PENDING_WAITING, PENDING_WRITING};
 
-    use crate::pending::{Expired, PendingTable};
+    use monitor::loader::pending::{Expired, PendingTable};
     if !integration_tests::require_root(
         "the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held",
     ) {
         return;
     }
-    let mut ebpf = loaded();
-    let Some(aya::maps::Map::Array(data)) = ebpf.take_map("DNS_PENDING") else {
-        panic!("no DNS_PENDING array in the object");
-    };
-    let mut table = PendingTable::map(data).unwrap();
+    let mut table = loaded().maps.dns_pending;
     let key = |id: u16| DnsFlightKey {
-        client: programs::addr_bytes(SRC4.into()),
-        server: programs::addr_bytes(DST4.into()),
+        client: addr_from_ip(SRC4.into()),
+        server: addr_from_ip(DST4.into()),
         client_port: 40000,
         id,
         pad: 0,

@@ -9,7 +9,9 @@ use anyhow::{Context as _, Result, anyhow, ensure};
 use log::warn;
 use monitor_common::{REASON_UNKNOWN, globals};
 
-use crate::btf::Btf;
+use self::btf::Btf;
+
+pub mod btf;
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
@@ -347,7 +349,7 @@ mod tests {
 
     #[test]
     fn facts_from_a_6_18_kernel() {
-        let facts = KernelFacts::from_btf(&crate::btf::tests::fixture()).unwrap();
+        let facts = KernelFacts::from_btf(&btf::tests::fixture()).unwrap();
         assert_eq!(facts.kfree_skb, Ok(KfreeSkbArgs { has_reason: true }));
         assert_eq!(facts.udp_fail, Ok(()));
         let r = &facts.reasons;

@@ -170,9 +170,23 @@ impl Way {
     }
 }
 
-#[cfg(test)]
 impl PendingTable {
-    /// Set `s` as the programs see it, for tests to write ways directly.
+    /// Queries waiting for their response now.
+    pub fn waiting(&self) -> usize {
+        let mut n = 0;
+        for s in 0..self.sets {
+            // SAFETY: inside the mapping.
+            let set = unsafe { self.base.as_ptr().add(s) };
+            for i in 0..DNS_PENDING_WAYS {
+                if (Way { set, i }).state().load(SeqCst) == PENDING_WAITING {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Set `s` as the programs see it, for tests that write ways as the programs do.
     pub fn set_mut(&mut self, s: usize) -> &mut DnsPendingSet {
         assert!(s < self.sets);
         // SAFETY: inside the mapping, borrowed mutably with the table.

@@ -43,11 +43,10 @@ pub unsafe fn lookup_one<K: Copy, V: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::R
     }
 }
 
-/// Writes `key`'s value (a test's stand-in for a packet).
+/// Writes `key`'s value.
 ///
 /// # Safety
 /// `K` and `V` must be the map's key and value types.
-#[cfg(test)]
 pub unsafe fn update_one<K: Copy, V: Copy>(
     fd: BorrowedFd<'_>,
     key: &K,

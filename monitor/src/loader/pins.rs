@@ -18,24 +18,6 @@ pub const DEFAULT_DIR: &str = "/sys/fs/bpf/eni-monitor";
 /// size changes: an agent never reads a map laid out for another version.
 pub const LAYOUT_VERSION: u32 = 2;
 
-/// The maps pinned, by their names in the object.
-pub const PINNED: [&str; 14] = [
-    "MONITORED",
-    "FLOWS",
-    "FLOWS_CREATED",
-    "FLOW_TABLE_FULL",
-    "DNS_INFLIGHT",
-    "DNS_PENDING",
-    "DNS_COUNTS",
-    "DNS_LATENCY",
-    "DNS_UNANSWERED",
-    "DNS_RESOLVERS",
-    "DROPS",
-    "UDP_QUEUE_DROPS",
-    "LL_PACKETS",
-    "LL_SECONDS",
-];
-
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The directory of this layout: the version, and the flow table's size, which a
@@ -83,7 +65,7 @@ pub fn prepare(root: &Path, flow_table_size: u32) -> Result<Option<PathBuf>> {
         }
     }
     let dir = root.join(&layout);
-    if dir.join(PINNED[0]).exists() {
+    if dir.join(super::maps::names::PINNED[0]).exists() {
         info!("continuing from the state in {}", dir.display());
     } else {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -1,0 +1,146 @@
+//! DNS: queries in flight, counts by server, latency.
+
+use crate::Addr;
+
+/// What a `DNS_COUNTS` entry counts.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DnsCountKind {
+    Query = 0,
+    /// A matched response, by its rcode.
+    Response = 1,
+    /// A query in flight replaced by a copy of itself (same client, port, server and id)
+    /// before any response came: the copy waits in its place, the first is unanswered.
+    /// So every query packet ends answered or unanswered, retransmissions included.
+    Superseded = 2,
+}
+
+impl DnsCountKind {
+    pub const fn from_u8(n: u8) -> Option<Self> {
+        match n {
+            0 => Some(Self::Query),
+            1 => Some(Self::Response),
+            2 => Some(Self::Superseded),
+            _ => None,
+        }
+    }
+}
+
+/// Key of `DNS_COUNTS`: queries by (device, server), responses by (device, server, rcode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsCountKey {
+    pub ifindex: u32,
+    /// A [`DnsCountKind`].
+    pub kind: u8,
+    pub rcode: u8,
+    pub pad: [u8; 2],
+    pub server: Addr,
+}
+const _: () = assert!(size_of::<DnsCountKey>() == 24);
+
+/// Key of `DNS_LATENCY` and `DNS_UNANSWERED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsServerKey {
+    pub ifindex: u32,
+    pub server: Addr,
+}
+const _: () = assert!(size_of::<DnsServerKey>() == 20);
+
+/// Upper bounds of the latency buckets, 100 µs to 5 s; one more bucket counts the rest.
+pub const DNS_LATENCY_BOUNDS_NS: [u64; 15] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+];
+pub const DNS_LATENCY_BUCKETS: usize = DNS_LATENCY_BOUNDS_NS.len() + 1;
+
+/// Value of `DNS_LATENCY`: per-bucket (not cumulative) counts and the sum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsLatency {
+    pub buckets: [u64; DNS_LATENCY_BUCKETS],
+    pub sum_ns: u64,
+}
+const _: () = assert!(size_of::<DnsLatency>() == (DNS_LATENCY_BUCKETS + 1) * 8);
+
+/// Key of `DNS_INFLIGHT`, and of each way of `DNS_PENDING`: one query awaiting its
+/// response.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsFlightKey {
+    pub client: Addr,
+    pub server: Addr,
+    pub client_port: u16,
+    pub id: u16,
+    pub pad: u32,
+}
+/// The classifiers build and compare a key as its 10 words.
+pub const DNS_FLIGHT_KEY_WORDS: usize = 10;
+const _: () = assert!(size_of::<DnsFlightKey>() == DNS_FLIGHT_KEY_WORDS * 4);
+
+/// Value of `DNS_INFLIGHT`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsFlight {
+    /// `CLOCK_MONOTONIC` nanoseconds of the first copy of the query.
+    pub start_ns: u64,
+    pub ifindex: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<DnsFlight>() == 16);
+
+/// Queries in flight at once in `DNS_INFLIGHT` (kernels before 5.12): answered ones leave
+/// within milliseconds; at the default 2 s timeout this holds 8,000 unanswered queries a
+/// second before a full map counts.
+pub const DNS_INFLIGHT_MAX_ENTRIES: u32 = 16_384;
+
+/// Ways of each `DNS_PENDING` set (one array element).
+pub const DNS_PENDING_WAYS: usize = 4;
+
+/// One set of `DNS_PENDING`, the table of queries in flight on kernels with BPF atomics
+/// (5.12+): `DNS_PENDING_WAYS` ways, each claimed and released with compare-and-exchange
+/// on its state by the query, its response and the agent's timeout sweep, so each query
+/// ends answered or unanswered, never both. The states and start times share the first
+/// cache line: a query or a response touches two or three lines, not one per way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPendingSet {
+    /// `PENDING_*`; whole words, the width BPF's compare-and-exchange takes everywhere.
+    pub state: [u64; DNS_PENDING_WAYS],
+    /// `CLOCK_MONOTONIC` nanoseconds of the first copy of each query.
+    pub start_ns: [u64; DNS_PENDING_WAYS],
+    pub ifindex: [u32; DNS_PENDING_WAYS],
+    pub key: [DnsFlightKey; DNS_PENDING_WAYS],
+    /// To 256 bytes, so that each set begins a cache line.
+    pub pad: [u64; 2],
+}
+const _: () = assert!(size_of::<DnsPendingSet>() == 256);
+
+/// A way no query holds.
+pub const PENDING_FREE: u64 = 0;
+/// One CPU (or the agent's sweep) holds the way, writing a query into it or reading one
+/// out; only the holder moves it on.
+pub const PENDING_WRITING: u64 = 1;
+/// A query awaits its response.
+pub const PENDING_WAITING: u64 = 2;
+
+/// Sets of `DNS_PENDING`: 8,192 queries in flight in 512 KiB, which a CPU's L2 cache
+/// holds (at 4,096 sets a query cost 40-80 ns more under dnsperf). Answered queries leave
+/// within milliseconds; at the default 2 s timeout this holds 4,000 unanswered queries a
+/// second before a full set counts.
+pub const DNS_PENDING_SETS: u32 = 2048;
+pub const DNS_COUNTS_MAX_ENTRIES: u32 = 4096;

@@ -1,0 +1,22 @@
+//! Protocol numbers both sides read packets by, each defined once.
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_HLEN: usize = 14;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+pub const UDP_HLEN: usize = 8;
+
+/// DNS, over UDP and TCP.
+pub const DNS_PORT: u16 = 53;
+/// Bytes of a DNS message's header.
+pub const DNS_HLEN: usize = 12;

@@ -1,0 +1,110 @@
+//! The one owner of the eBPF object: loads it with the kernel's layout, reuses or pins
+//! its state, and hands out what the rest of the agent needs of it: the programs to
+//! attach through, and each map as the typed handle of its one owner. Nothing else
+//! touches the object.
+
+pub mod attach;
+mod batch;
+pub mod maps;
+pub mod pending;
+pub mod pins;
+pub mod slots;
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::EbpfLoader;
+use monitor_common::{DNS_INFLIGHT_MAX_ENTRIES, DNS_PENDING_SETS, globals};
+
+use self::maps::names;
+pub use self::{
+    attach::{Attachment, Attachments, ClassifierLinks, Programs},
+    maps::Maps,
+};
+use crate::kernel::KernelFacts;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+/// The same programs for kernels without BPF atomics (before 5.12).
+static OBJECT_COMPAT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor-compat"));
+
+/// How large the sized maps are made.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// `FLOWS` entries (`--flow-table-size`).
+    pub flows: u32,
+    /// `DNS_INFLIGHT` entries, on kernels without BPF atomics.
+    pub dns_inflight: u32,
+    /// `DNS_PENDING` sets, on kernels with them.
+    pub dns_pending_sets: u32,
+}
+
+impl Sizes {
+    /// The defaults, with a flow table of `flows`.
+    pub fn with_flows(flows: u32) -> Self {
+        Self {
+            flows,
+            dns_inflight: DNS_INFLIGHT_MAX_ENTRIES,
+            dns_pending_sets: DNS_PENDING_SETS,
+        }
+    }
+}
+
+/// The object loaded: its programs, and its maps taken out.
+pub struct Loaded {
+    pub programs: Programs,
+    pub maps: Maps,
+}
+
+/// Loads the object for `facts` with maps of `sizes`. With `pins`, the maps that carry
+/// state are reused from there when pinned, else created and pinned there.
+pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Loaded> {
+    let mut loader = EbpfLoader::new();
+    // Queries in flight wait in one table or the other, by what the kernel can do; the
+    // other is left at one entry.
+    let (inflight, pending_sets) = if facts.atomics {
+        (1, sizes.dns_pending_sets)
+    } else {
+        (sizes.dns_inflight, 1)
+    };
+    loader.map_max_entries(names::FLOWS, sizes.flows);
+    loader.map_max_entries(names::DNS_INFLIGHT, inflight);
+    loader.map_max_entries(names::DNS_PENDING, pending_sets);
+    let layout = facts.globals();
+    for (name, value) in &layout {
+        loader.override_global(name, value, true);
+    }
+    let keys = random_words::<3>();
+    loader.override_global(globals::FLOW_CACHE_KEY_LO, &keys[0], true);
+    loader.override_global(globals::FLOW_CACHE_KEY_HI, &keys[1], true);
+    loader.override_global(globals::DNS_SET_KEY, &keys[2], true);
+    loader.override_global(globals::PENDING_SETS, &pending_sets, true);
+    if let Some(dir) = pins {
+        for name in names::PINNED {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let object = if facts.atomics { OBJECT } else { OBJECT_COMPAT };
+    let mut ebpf = loader.load(object).with_context(|| match pins {
+        Some(dir) => format!("loading the eBPF object with its maps in {}", dir.display()),
+        None => "loading the eBPF object".to_owned(),
+    })?;
+    let maps = Maps::take(&mut ebpf)?;
+    Ok(Loaded {
+        programs: Programs::new(ebpf, Attachments::default()),
+        maps,
+    })
+}
+
+/// `N` random words from the kernel, keys of the programs' hashes drawn afresh at each
+/// load; zeros (still working keys) if it has none to give.
+fn random_words<const N: usize>() -> [u32; N] {
+    let mut w = [0u32; N];
+    let len = size_of_val(&w);
+    // SAFETY: getrandom writes at most the `len` bytes it is given.
+    let n = unsafe { libc::getrandom(w.as_mut_ptr().cast(), len, 0) };
+    if usize::try_from(n).ok() != Some(len) {
+        log::warn!("no random keys for the programs' hashes: using fixed ones");
+    }
+    w
+}

@@ -1,0 +1,246 @@
+//! The EC2 connection-tracking model: which flows EC2 still tracks, by its idle
+//! timeouts, and who owns them. The expiry pass (housekeeping) applies it to the
+//! classifiers' flow table; the collectors publish what it found.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use monitor_common::{
+    Addr, FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow,
+    FlowClass, FlowKey, proto::IPPROTO_TCP,
+};
+
+use super::top::top_per_device;
+
+/// How long EC2 keeps tracking a TCP connection once it has closed (both FINs, or RST).
+pub const TCP_CLOSED_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// EC2's idle tracking timeouts (`--tcp-established-timeout` and friends).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub tcp_established: Duration,
+    pub udp: Duration,
+    pub udp_stream: Duration,
+}
+
+impl Timeouts {
+    /// How long `flow` stays tracked after it was last seen.
+    pub fn for_flow(&self, key: &FlowKey, flow: &Flow) -> Duration {
+        let both_ways = flow.flags & (FLOW_AB | FLOW_BA) == (FLOW_AB | FLOW_BA);
+        match key.proto {
+            IPPROTO_TCP => {
+                let closed = flow.flags & FLOW_RST != 0
+                    || flow.flags & (FLOW_FIN_AB | FLOW_FIN_BA) == (FLOW_FIN_AB | FLOW_FIN_BA);
+                if closed {
+                    TCP_CLOSED_TIMEOUT
+                } else {
+                    self.tcp_established
+                }
+            }
+            // UDP seen both ways is a stream; ICMP and the rest are treated as UDP.
+            _ if both_ways => self.udp_stream,
+            _ => self.udp,
+        }
+    }
+
+    /// Whether EC2 has forgotten `flow` at `now` (`CLOCK_MONOTONIC` seconds).
+    pub fn expired(&self, now: u32, key: &FlowKey, flow: &Flow) -> bool {
+        let idle = u64::from(now.saturating_sub(flow.last_seen));
+        idle >= self.for_flow(key, flow).as_secs()
+    }
+
+    /// How often to pass over the table: often enough that the shortest timeout is
+    /// honoured within a couple of seconds, never more than once a second.
+    pub fn pass_period(&self) -> Duration {
+        (self.udp.min(TCP_CLOSED_TIMEOUT) / 2).clamp(Duration::from_secs(1), Duration::from_secs(5))
+    }
+}
+
+/// What an expiry pass found.
+#[derive(Clone, Debug, Default)]
+pub struct PassResult {
+    /// Tracked flows by (ifindex, class).
+    pub tracked: BTreeMap<(u32, FlowClass), u64>,
+    /// Tracked flows by (ifindex, local address), while the pass runs.
+    by_owner: HashMap<(u32, Addr), u64>,
+    /// The busiest local addresses per ifindex, most flows first, `top` of them.
+    pub owners: BTreeMap<u32, Vec<(IpAddr, u64)>>,
+}
+
+impl PassResult {
+    /// Counts a flow still tracked.
+    pub fn add(&mut self, key: &FlowKey, flow: &Flow) {
+        *self
+            .tracked
+            .entry((key.ifindex, FlowClass::from_proto(key.proto)))
+            .or_default() += 1;
+        let local = if flow.flags & FLOW_LOCAL_A != 0 {
+            key.addr_a
+        } else if flow.flags & FLOW_LOCAL_B != 0 {
+            key.addr_b
+        } else {
+            return;
+        };
+        *self.by_owner.entry((key.ifindex, local)).or_default() += 1;
+    }
+
+    /// Keeps the `top` busiest local addresses of each device.
+    pub fn rank(&mut self, top: usize) {
+        self.owners = top_per_device(self.by_owner.drain(), top);
+    }
+
+    /// Tracked flows over the devices `monitored` says are: the instance-wide estimate.
+    pub fn total(&self, monitored: impl Fn(u32) -> bool) -> u64 {
+        self.tracked
+            .iter()
+            .filter(|((i, _), _)| monitored(*i))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// The last pass's result, shared with the collectors.
+#[derive(Clone, Debug, Default)]
+pub struct FlowCounts(Arc<Mutex<Option<PassResult>>>);
+
+impl FlowCounts {
+    pub fn get(&self) -> Option<PassResult> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set(&self, r: PassResult) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use monitor_common::addr_from_ip;
+
+    use super::*;
+
+    #[test]
+    fn owners_are_the_local_side_ranked_and_bounded() {
+        let addr = |s: &str| addr_from_ip(s.parse().unwrap());
+        let key = |a: &str, b: &str, port: u16| FlowKey {
+            addr_a: addr(a),
+            addr_b: addr(b),
+            port_a: port,
+            port_b: 443,
+            ifindex: 2,
+            proto: 6,
+            pad: [0; 3],
+        };
+        let flow = |flags: u8| Flow {
+            first_seen: 0,
+            last_seen: 0,
+            flags,
+            pad: [0; 3],
+        };
+        let mut r = PassResult::default();
+        for port in 0..5 {
+            r.add(
+                &key("10.0.0.5", "10.9.9.9", port),
+                &flow(FLOW_AB | FLOW_LOCAL_A),
+            );
+        }
+        for port in 0..3 {
+            // The local address sorted second: side b.
+            r.add(
+                &key("10.0.0.1", "10.0.0.7", port),
+                &flow(FLOW_BA | FLOW_LOCAL_B),
+            );
+        }
+        r.add(
+            &key("10.0.0.8", "10.9.9.9", 1),
+            &flow(FLOW_AB | FLOW_LOCAL_A),
+        );
+        // A flow from before the local bit (a previous agent's): no owner.
+        r.add(&key("10.0.0.9", "10.9.9.9", 1), &flow(FLOW_AB));
+        r.rank(2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(r.owners[&2], [(ip("10.0.0.5"), 5), (ip("10.0.0.7"), 3)]);
+        assert_eq!(r.tracked[&(2, FlowClass::Tcp)], 10);
+        assert_eq!(r.total(|i| i == 2), 10);
+        assert_eq!(r.total(|i| i == 3), 0);
+    }
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey {
+            addr_a: [0; 4],
+            addr_b: [1; 4],
+            port_a: 1,
+            port_b: 2,
+            ifindex: 2,
+            proto,
+            pad: [0; 3],
+        }
+    }
+
+    fn flow(flags: u8) -> Flow {
+        Flow {
+            first_seen: 0,
+            last_seen: 0,
+            flags,
+            pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn ec2_timeouts_by_state() {
+        let t = Timeouts {
+            tcp_established: Duration::from_hours(120),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_mins(3),
+        };
+        assert_eq!(
+            t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA)),
+            Duration::from_hours(120)
+        );
+        assert_eq!(
+            t.for_flow(&key(6), &flow(FLOW_AB)),
+            Duration::from_hours(120)
+        );
+        assert_eq!(
+            t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_RST)),
+            TCP_CLOSED_TIMEOUT
+        );
+        assert_eq!(
+            t.for_flow(&key(6), &flow(FLOW_AB | FLOW_BA | FLOW_FIN_AB)),
+            Duration::from_hours(120)
+        );
+        assert_eq!(
+            t.for_flow(
+                &key(6),
+                &flow(FLOW_AB | FLOW_BA | FLOW_FIN_AB | FLOW_FIN_BA)
+            ),
+            TCP_CLOSED_TIMEOUT
+        );
+        assert_eq!(
+            t.for_flow(&key(17), &flow(FLOW_AB)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            t.for_flow(&key(17), &flow(FLOW_BA)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            t.for_flow(&key(17), &flow(FLOW_AB | FLOW_BA)),
+            Duration::from_mins(3)
+        );
+        assert_eq!(t.for_flow(&key(1), &flow(FLOW_AB)), Duration::from_secs(30));
+        // Idle for the timeout exactly: forgotten.
+        let mut udp = flow(FLOW_AB);
+        udp.last_seen = 100;
+        assert!(!t.expired(129, &key(17), &udp));
+        assert!(t.expired(130, &key(17), &udp));
+        assert_eq!(t.pass_period(), Duration::from_millis(2500));
+    }
+}

@@ -1,0 +1,69 @@
+//! What the tests send and read: datagrams, HTTP, socket options, the clock.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
+
+use crate::Netns;
+
+/// `CLOCK_MONOTONIC`, the clock the agent's per-second counts use.
+pub fn monotonic() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap(),
+        u32::try_from(ts.tv_nsec).unwrap(),
+    )
+}
+
+/// Asks for a receive buffer of `bytes` (the kernel rounds small values up).
+pub fn set_rcvbuf(sock: &std::net::UdpSocket, bytes: i32) {
+    // SAFETY: a valid socket and an int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const bytes).cast(),
+            u32::try_from(std::mem::size_of::<i32>()).unwrap(),
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}
+
+/// A minimal HTTP/1.0 GET from inside `ns`.
+pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let path = path.to_owned();
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        let code = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, body.to_owned()))
+    })
+}
+
+/// Sends `count` UDP datagrams with `payload` from inside `ns` to `dst`.
+pub fn send_udp(ns: &Netns, dst: SocketAddr, count: usize, payload: &[u8]) {
+    let payload = payload.to_vec();
+    ns.run(move || {
+        let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+            .parse()
+            .unwrap();
+        let sock = std::net::UdpSocket::bind(bind).unwrap();
+        for _ in 0..count {
+            sock.send_to(&payload, dst)
+                .unwrap_or_else(|e| panic!("sending to {dst}: {e}"));
+        }
+    });
+}
