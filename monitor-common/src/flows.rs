@@ -59,7 +59,7 @@ labelled! {
     FlowClass {
         Tcp = 0 => "tcp",
         Udp = 1 => "udp",
-        /// ICMP and ICMPv6.
+        /// ICMP and `ICMPv6`.
         Icmp = 2 => "icmp",
         Other = 3 => "other",
     }

@@ -44,6 +44,7 @@ macro_rules! labelled {
             /// Every value, in numeric order.
             pub const ALL: &'static [Self] = &[$(Self::$variant),+];
             /// How many values there are: the stride of a per-device array indexed by them.
+            #[allow(clippy::cast_possible_truncation, reason = "a handful of values")]
             pub const COUNT: u32 = Self::ALL.len() as u32;
 
             /// The label value this number is exported as.

@@ -6,7 +6,7 @@ labelled! {
     /// Link-local services: the values of the `LINKLOCAL` address map, the index into a
     /// device's `LL_PACKETS`, and the `service` label.
     LinkLocalService {
-        /// The Amazon-provided DNS resolver (169.254.169.253, fd00:ec2::253, VPC+2).
+        /// The Amazon-provided DNS resolver (169.254.169.253, `fd00:ec2::253`, VPC+2).
         Dns = 0 => "dns",
         Imds = 1 => "imds",
         Ntp = 2 => "ntp",

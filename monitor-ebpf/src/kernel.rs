@@ -52,14 +52,12 @@ pub fn global(v: &'static u32) -> u32 {
 }
 
 pub mod layout {
-    use super::*;
-
     macro_rules! getters {
         ($($fn_name:ident => $global:ident),* $(,)?) => {
             $(
                 #[inline(always)]
                 pub fn $fn_name() -> u32 {
-                    global(&$global)
+                    super::global(&super::$global)
                 }
             )*
         };

@@ -21,9 +21,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cli::Cli,
     collectors::{
-        agent::AgentCollector, conntrack::ConntrackCollector, dns::DnsCollector,
-        drops::DropsCollector, ena::EnaCollector, flows::FlowsCollector,
-        linklocal::LinkLocalCollector, udp::UdpQueueCollector,
+        agent::AgentCollector,
+        conntrack::ConntrackCollector,
+        dns::DnsCollector,
+        drops::DropsCollector,
+        ena::{EnaCollector, Ethtool},
+        flows::FlowsCollector,
+        linklocal::LinkLocalCollector,
+        udp::UdpQueueCollector,
     },
     devices::{self, Devices},
     housekeeping::{self, Expiry, Resolvers, Sweeper},
@@ -52,7 +57,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 
     let facts = KernelFacts::read(Path::new(kernel::BTF_PATH))?;
     let pins = pins::prepare(&cli.state_dir, cli.flow_table_size)?;
-    let loader::Loaded { mut programs, maps } = loader::load(
+    let loaded = loader::load(
         &facts,
         Sizes::with_flows(cli.flow_table_size),
         pins.as_deref(),
@@ -65,110 +70,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
 
-    programs.attach_tracepoints(&facts);
-    if let Err(e) = programs.load_classifiers() {
-        log::error!("{e:#}");
-    }
-    let attachments = programs.attachments().clone();
-
-    let Maps {
-        monitored,
-        map_full,
-        flows,
-        flows_created,
-        flow_table_full,
-        dns_inflight,
-        dns_pending,
-        dns_counts,
-        dns_latency,
-        dns_unanswered,
-        dns_resolvers,
-        drops,
-        udp_queue_drops,
-        mut linklocal,
-        ll_packets,
-        ll_seconds,
-    } = maps;
-
-    let amazon = linklocal_services(&mut linklocal, &cli.linklocal_resolvers)?;
-    let devices = Devices::default();
-    let flow_counts = FlowCounts::default();
-    let recent = RecentClients::default();
-    let top = usize::from(cli.top);
-
-    let mut registry = Registry::with_prefix("eni_monitor");
-    registry.register_collector(Box::new(AgentCollector {
-        attachments: attachments.clone(),
-        devices: devices.clone(),
-        map_full,
-    }));
-    registry.register_collector(Box::new(DropsCollector {
-        map: drops,
-        devices: devices.clone(),
-        reasons: facts.reasons.clone(),
-    }));
-    registry.register_collector(Box::new(UdpQueueCollector {
-        drops: udp_queue_drops,
-    }));
-    registry.register_collector(Box::new(DnsCollector {
-        counts: dns_counts,
-        latency: dns_latency,
-        unanswered: dns_unanswered.clone(),
-        resolvers: Arc::new(Resolvers::new(amazon.clone(), dns_resolvers)),
-        recent: recent.clone(),
-        top,
-        devices: devices.clone(),
-    }));
-    registry.register_collector(Box::new(ConntrackCollector::new()));
-    registry.register_collector(Box::new(EnaCollector {
-        stats: crate::collectors::ena::Ethtool,
-        devices: devices.clone(),
-        flows: flow_counts.clone(),
-        allowance: Mutex::new(Allowance::new(cli.conntrack_allowance)),
-    }));
-    registry.register_collector(Box::new(FlowsCollector {
-        created: flows_created.clone(),
-        table_full: flow_table_full,
-        counts: flow_counts.clone(),
-        devices: devices.clone(),
-    }));
-    registry.register_collector(Box::new(LinkLocalCollector {
-        packets: ll_packets.clone(),
-        seconds: ll_seconds.clone(),
-        devices: devices.clone(),
-    }));
-
-    let sweeper = Sweeper {
-        inflight: dns_inflight,
-        pending: dns_pending,
-        timeout: cli.dns_timeout,
-        unanswered: dns_unanswered,
-        recent,
-    };
-    let expiry = Expiry {
-        flows,
-        timeouts: Timeouts {
-            tcp_established: cli.tcp_established_timeout,
-            udp: cli.udp_timeout,
-            udp_stream: cli.udp_stream_timeout,
-        },
-        counts: flow_counts,
-        devices: devices.clone(),
-        top,
-    };
-
-    let mut watcher = Watcher {
-        programs,
-        monitored,
-        globs: cli.devices.clone(),
-        devices: devices.clone(),
-        slots: SlotArrays {
-            linklocal_packets: ll_packets,
-            linklocal_seconds: ll_seconds,
-            flows_created,
-        },
-        links: HashMap::new(),
-    };
+    let Wired {
+        registry,
+        mut watcher,
+        sweeper,
+        expiry,
+        amazon,
+        linklocal,
+    } = wire(&cli, &facts, loaded)?;
+    let devices = watcher.devices.clone();
+    let attachments = watcher.programs.attachments().clone();
     // Devices a previous agent monitored keep their slots, and so their counts.
     watcher.adopt_pinned()?;
     watcher.reconcile()?;
@@ -202,6 +113,131 @@ pub async fn run(cli: Cli) -> Result<()> {
         let _ = task.await;
     }
     Ok(())
+}
+
+/// The object's programs and maps, each handed to its one owner.
+struct Wired {
+    registry: Registry,
+    watcher: Watcher,
+    sweeper: Sweeper,
+    expiry: Expiry,
+    amazon: AmazonResolvers,
+    linklocal: LinkLocalAddrs,
+}
+
+/// Hands every map to its owner: the collectors (read), the watcher (device slots), the
+/// housekeeping (expiry, sweep), the IMDS labeller (link-local addresses).
+#[expect(
+    clippy::too_many_lines,
+    reason = "every map to its owner in one place, to be read in one glance"
+)]
+fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired> {
+    let loader::Loaded { mut programs, maps } = loaded;
+    programs.attach_tracepoints(facts);
+    if let Err(e) = programs.load_classifiers() {
+        log::error!("{e:#}");
+    }
+    let Maps {
+        monitored,
+        map_full,
+        flows,
+        flows_created,
+        flow_table_full,
+        dns_inflight,
+        dns_pending,
+        dns_counts,
+        dns_latency,
+        dns_unanswered,
+        dns_resolvers,
+        drops,
+        udp_queue_drops,
+        mut linklocal,
+        ll_packets,
+        ll_seconds,
+    } = maps;
+    let amazon = linklocal_services(&mut linklocal, &cli.linklocal_resolvers)?;
+    let devices = Devices::default();
+    let flow_counts = FlowCounts::default();
+    let recent = RecentClients::default();
+    let top = usize::from(cli.top);
+
+    let mut registry = Registry::with_prefix("eni_monitor");
+    registry.register_collector(Box::new(AgentCollector {
+        attachments: programs.attachments().clone(),
+        devices: devices.clone(),
+        map_full,
+    }));
+    registry.register_collector(Box::new(DropsCollector {
+        map: drops,
+        devices: devices.clone(),
+        reasons: facts.reasons.clone(),
+    }));
+    registry.register_collector(Box::new(UdpQueueCollector {
+        drops: udp_queue_drops,
+    }));
+    registry.register_collector(Box::new(DnsCollector {
+        counts: dns_counts,
+        latency: dns_latency,
+        unanswered: dns_unanswered.clone(),
+        resolvers: Arc::new(Resolvers::new(amazon.clone(), dns_resolvers)),
+        recent: recent.clone(),
+        top,
+        devices: devices.clone(),
+    }));
+    registry.register_collector(Box::new(ConntrackCollector::new()));
+    registry.register_collector(Box::new(EnaCollector {
+        stats: Ethtool,
+        devices: devices.clone(),
+        flows: flow_counts.clone(),
+        allowance: Mutex::new(Allowance::new(cli.conntrack_allowance)),
+    }));
+    registry.register_collector(Box::new(FlowsCollector {
+        created: flows_created.clone(),
+        table_full: flow_table_full,
+        counts: flow_counts.clone(),
+        devices: devices.clone(),
+    }));
+    registry.register_collector(Box::new(LinkLocalCollector {
+        packets: ll_packets.clone(),
+        seconds: ll_seconds.clone(),
+        devices: devices.clone(),
+    }));
+
+    Ok(Wired {
+        registry,
+        sweeper: Sweeper {
+            inflight: dns_inflight,
+            pending: dns_pending,
+            timeout: cli.dns_timeout,
+            unanswered: dns_unanswered,
+            recent,
+        },
+        expiry: Expiry {
+            flows,
+            timeouts: Timeouts {
+                tcp_established: cli.tcp_established_timeout,
+                udp: cli.udp_timeout,
+                udp_stream: cli.udp_stream_timeout,
+            },
+            counts: flow_counts,
+            devices: devices.clone(),
+            top,
+        },
+        watcher: Watcher {
+            programs,
+            monitored,
+            globs: cli.devices.clone(),
+            devices,
+            slots: SlotArrays {
+                linklocal_packets: ll_packets,
+                linklocal_seconds: ll_seconds,
+                flows_created,
+            },
+            links: HashMap::new(),
+        },
+        amazon,
+        linklocal,
+    })
 }
 
 /// Labels the devices with their ENI ids from IMDS, where IMDS is to be called; each

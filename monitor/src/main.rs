@@ -14,7 +14,10 @@ fn main() {
     let result = match &cli.command {
         // A screen for a person: its error is one plain line, not a log record.
         Some(Command::Status { endpoint, interval }) => match status::run(endpoint, *interval) {
-            Ok(screen) => Ok(print!("{screen}")),
+            Ok(screen) => {
+                print!("{screen}");
+                Ok(())
+            }
             Err(e) => {
                 eprintln!("error: {e:#}");
                 std::process::exit(1);

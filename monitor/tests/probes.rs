@@ -1,5 +1,6 @@
 //! The classifiers driven with crafted and random packets through `BPF_PROG_TEST_RUN`:
 //! the real programs in the real kernel, with their maps read back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 

@@ -67,7 +67,8 @@ impl Run<'_> {
     }
 
     fn scrape(&self, block: &str) -> Scrape {
-        Scrape::parse(&self.c.block(block)).unwrap()
+        let text = self.c.block(block);
+        Scrape::parse(&text).unwrap_or_else(|e| panic!("block {block}: {e}\n{text}"))
     }
 
     fn by_reason(&self) -> [(&'static str, &'static str); 2] {
@@ -385,7 +386,7 @@ fn kernel_map_memory_fits_and_grows_little_per_cpu() {
     let memory = |cpus: u32| {
         let c = kernel.boot_with(nettool, cpus, "memory");
         assert_eq!(c.mark("CPUS"), Some(cpus.to_string().as_str()));
-        let s = Scrape::parse(&c.block("memory")).unwrap();
+        let s = Scrape::parse(&c.block("memory")).unwrap_or_else(|e| panic!("{e}"));
         s.get("eni_monitor_kernel_map_memory_bytes", &[])
             .unwrap_or_else(|| panic!("no map memory on {cpus} CPUs:\n{}", c.text))
     };

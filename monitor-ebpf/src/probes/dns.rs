@@ -50,6 +50,11 @@ static DNS_UNANSWERED: HashMap<DnsServerKey, u64> =
 #[map]
 static DNS_RESOLVERS: HashMap<Addr, u32> = HashMap::with_max_entries(64, BPF_F_NO_PREALLOC);
 
+/// The bits of a DNS header's flags word.
+const DNS_OPCODE_SHIFT: u16 = 11;
+const DNS_OPCODE_MASK: u16 = 0x0f;
+const DNS_RCODE_MASK: u16 = 0x0f;
+
 #[inline(always)]
 pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
     // In place where the linear data holds it, else copied out (a helper call).
@@ -62,100 +67,93 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
     let id = u16::from_be_bytes([hdr[0], hdr[1]]);
     let flags = u16::from_be_bytes([hdr[2], hdr[3]]);
     let qdcount = u16::from_be_bytes([hdr[4], hdr[5]]);
-    let is_response = flags & DNS_QR != 0;
-    let opcode = (flags >> 11) & 0x0f;
+    let opcode = (flags >> DNS_OPCODE_SHIFT) & DNS_OPCODE_MASK;
     // Standard queries with a question only: anything else is not what we match.
     if opcode != 0 || qdcount == 0 {
         return;
     }
-    if !is_response {
-        if p.dport != DNS_PORT {
-            return;
+    if flags & DNS_QR != 0 {
+        if p.sport == DNS_PORT {
+            response(p, id, (flags & DNS_RCODE_MASK) as u8, ifindex);
         }
-        increment(
-            &DNS_COUNTS,
-            &DnsCountKey {
-                ifindex,
-                kind: DnsCountKind::Query as u8,
-                rcode: 0,
-                pad: [0; 2],
-                server: p.dst,
-            },
-            MapFull::DnsCounts,
-        );
-        let key = [
-            p.src[0],
-            p.src[1],
-            p.src[2],
-            p.src[3],
-            p.dst[0],
-            p.dst[1],
-            p.dst[2],
-            p.dst[3],
-            u32::from(p.sport) | (u32::from(id) << 16),
-            0,
-        ];
-        // One object per kind of kernel: the other path is not in it.
-        let superseded = if crate::ATOMICS {
-            pending::query(&key, ifindex)
-        } else {
-            inflight_query(&key, ifindex)
-        };
-        if superseded {
-            increment(
-                &DNS_COUNTS,
-                &DnsCountKey {
-                    ifindex,
-                    kind: DnsCountKind::Superseded as u8,
-                    rcode: 0,
-                    pad: [0; 2],
-                    server: p.dst,
-                },
-                MapFull::DnsCounts,
-            );
-        }
-    } else {
-        if p.sport != DNS_PORT {
-            return;
-        }
-        let key = [
-            p.dst[0],
-            p.dst[1],
-            p.dst[2],
-            p.dst[3],
-            p.src[0],
-            p.src[1],
-            p.src[2],
-            p.src[3],
-            u32::from(p.dport) | (u32::from(id) << 16),
-            0,
-        ];
-        let start = if crate::ATOMICS {
-            pending::answer(&key)
-        } else {
-            inflight_answer(&key)
-        };
-        let Some(start) = start else { return };
-        let rcode = (flags & 0x0f) as u8;
-        increment(
-            &DNS_COUNTS,
-            &DnsCountKey {
-                ifindex,
-                kind: DnsCountKind::Response as u8,
-                rcode,
-                pad: [0; 2],
-                server: p.src,
-            },
-            MapFull::DnsCounts,
-        );
-        observe(
-            DnsServerKey {
-                ifindex,
-                server: p.src,
-            },
-            now_ns().saturating_sub(start),
-        );
+    } else if p.dport == DNS_PORT {
+        query(p, id, ifindex);
     }
+}
+
+/// Counts one of a device's DNS messages to or from `server`.
+#[inline(always)]
+fn count(ifindex: u32, kind: DnsCountKind, rcode: u8, server: Addr) {
+    increment(
+        &DNS_COUNTS,
+        &DnsCountKey {
+            ifindex,
+            kind: kind as u8,
+            rcode,
+            pad: [0; 2],
+            server,
+        },
+        MapFull::DnsCounts,
+    );
+}
+
+/// A query from `p.src` to the server `p.dst`: counted, and recorded in flight.
+#[inline(always)]
+fn query(p: &Packet, id: u16, ifindex: u32) {
+    count(ifindex, DnsCountKind::Query, 0, p.dst);
+    let key = [
+        p.src[0],
+        p.src[1],
+        p.src[2],
+        p.src[3],
+        p.dst[0],
+        p.dst[1],
+        p.dst[2],
+        p.dst[3],
+        u32::from(p.sport) | (u32::from(id) << 16),
+        0,
+    ];
+    // One object per kind of kernel: the other path is not in it.
+    let superseded = if crate::ATOMICS {
+        pending::query(&key, ifindex)
+    } else {
+        inflight_query(&key, ifindex)
+    };
+    if superseded {
+        count(ifindex, DnsCountKind::Superseded, 0, p.dst);
+    }
+}
+
+/// A response from the server `p.src`: counted with its latency if it ends a query in
+/// flight.
+#[inline(always)]
+fn response(p: &Packet, id: u16, rcode: u8, ifindex: u32) {
+    let key = [
+        p.dst[0],
+        p.dst[1],
+        p.dst[2],
+        p.dst[3],
+        p.src[0],
+        p.src[1],
+        p.src[2],
+        p.src[3],
+        u32::from(p.dport) | (u32::from(id) << 16),
+        0,
+    ];
+    let start = if crate::ATOMICS {
+        pending::answer(&key)
+    } else {
+        inflight_answer(&key)
+    };
+    let Some(start) = start else { return };
+    count(ifindex, DnsCountKind::Response, rcode, p.src);
+    observe(
+        DnsServerKey {
+            ifindex,
+            server: p.src,
+        },
+        now_ns().saturating_sub(start),
+    );
 }
 
 /// A `DnsFlightKey` as its words: client, server, client port and id, padding.

@@ -34,7 +34,7 @@ static LL_SECONDS: PerCpuArray<LinkLocalSecond> =
 const EC2_V6_PREFIX: u32 = u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]);
 
 /// The link-local service at `addr`:`port` (the packet's far end), if it is one: the
-/// Amazon resolver (169.254.169.253, fd00:ec2::253, VPC+2), IMDS or time sync. A cheap
+/// Amazon resolver (169.254.169.253, `fd00:ec2::253`, VPC+2), IMDS or time sync. A cheap
 /// test first, so that other packets never pay the lookup.
 #[inline(always)]
 pub fn service(p: &Packet, addr: &Addr, port: u16) -> Option<u32> {

@@ -30,11 +30,11 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 
 /// The `n` words at `off` into the packet as they lie in memory, each with one load at
 /// whatever alignment the packet has: the verifier allows misaligned packet loads
-/// where the CPU does them at full speed (x86_64, arm64), and Rust would split an
+/// where the CPU does them at full speed (`x86_64`, arm64), and Rust would split an
 /// unaligned read into one load per byte.
 #[inline(always)]
 pub fn words<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u32; N]> {
-    let p = ptr_at::<[u32; N]>(ctx, off)? as *const u32;
+    let p = ptr_at::<[u32; N]>(ctx, off)?.cast::<u32>();
     let mut w = [0u32; N];
     for (i, v) in w.iter_mut().enumerate() {
         let word: u64;
@@ -79,15 +79,13 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         ETH_P_IP => {
             // A header without options and the first word after it; a datagram too
             // short for that has no ports to read.
-            let (h, whole) = match words::<6>(ctx, l3) {
-                Some(h) => (h, true),
-                None => match ctx.load::<[u32; 6]>(l3) {
-                    Ok(h) => (h, true),
-                    Err(_) => {
-                        let h = ctx.load::<[u32; 5]>(l3).ok()?;
-                        ([h[0], h[1], h[2], h[3], h[4], 0], false)
-                    }
-                },
+            let (h, whole) = if let Some(h) = words::<6>(ctx, l3) {
+                (h, true)
+            } else if let Ok(h) = ctx.load::<[u32; 6]>(l3) {
+                (h, true)
+            } else {
+                let h = ctx.load::<[u32; 5]>(l3).ok()?;
+                ([h[0], h[1], h[2], h[3], h[4], 0], false)
             };
             let ip = headers::ipv4(&headers::head(&h))?;
             let mut p = Packet {
@@ -105,7 +103,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
             };
             if p.l4 != 0 && headers::has_ports(p.proto) {
                 let w = if ip.ihl == 20 {
-                    Some(h[5]).filter(|_| whole)
+                    whole.then_some(h[5])
                 } else {
                     read::<u32>(ctx, p.l4).or_else(|| ctx.load::<u32>(p.l4).ok())
                 };
@@ -118,20 +116,15 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         }
         ETH_P_IPV6 => {
             // Extension headers are not followed: DNS and flows use the fixed header.
-            let (h, whole) = match words::<11>(ctx, l3) {
-                Some(h) => (h, true),
-                None => match ctx.load::<[u32; 11]>(l3) {
-                    Ok(h) => (h, true),
-                    Err(_) => {
-                        let h = ctx.load::<[u32; 10]>(l3).ok()?;
-                        (
-                            [
-                                h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9], 0,
-                            ],
-                            false,
-                        )
-                    }
-                },
+            let (h, whole) = if let Some(h) = words::<11>(ctx, l3) {
+                (h, true)
+            } else if let Ok(h) = ctx.load::<[u32; 11]>(l3) {
+                (h, true)
+            } else {
+                let h = ctx.load::<[u32; 10]>(l3).ok()?;
+                let mut w = [0u32; 11];
+                w[..10].copy_from_slice(&h);
+                (w, false)
             };
             let ip = headers::ipv6(&headers::head(&h))?;
             let mut p = Packet {

@@ -65,6 +65,12 @@ pub struct ConntrackCollector {
     pub absent_logged: AtomicBool,
 }
 
+impl Default for ConntrackCollector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ConntrackCollector {
     pub fn new() -> Self {
         Self {

@@ -103,7 +103,11 @@ pub struct Maps {
 
 impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        use names::*;
+        use names::{
+            DNS_COUNTS, DNS_INFLIGHT, DNS_LATENCY, DNS_PENDING, DNS_RESOLVERS, DNS_UNANSWERED,
+            DROPS, FLOW_TABLE_FULL, FLOWS, FLOWS_CREATED, LINKLOCAL, LL_PACKETS, LL_SECONDS,
+            MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
+        };
         let pending = match take(ebpf, DNS_PENDING)? {
             Map::Array(data) => {
                 PendingTable::map(data).context("mapping DNS_PENDING into the agent")?
