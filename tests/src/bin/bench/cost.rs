@@ -1,0 +1,209 @@
+//! What each program costs per packet, over an empty program on the same hook seeing
+//! the same packets in the same run (`bpf_stats`).
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, UdpSocket},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::report::{Report, Stat, runs, stat};
+use integration_tests::{
+    Agent, Netns, SimNode,
+    floor::{BPF_TCX_EGRESS, BPF_TCX_INGRESS, FloorClassifier, FloorTracepoint},
+    sh,
+};
+use serde_json::Value;
+
+/// (`run_time_ns`, `run_cnt`) of every loaded program, by name; needs `kernel.bpf_stats_enabled`.
+pub(crate) fn prog_stats() -> ProgStats {
+    let out = sh(Command::new("bpftool").args(["prog", "show", "-j"]));
+    let progs: Value = serde_json::from_str(&out).unwrap();
+    let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for p in progs.as_array().unwrap() {
+        let Some(name) = p["name"].as_str() else {
+            continue;
+        };
+        let e = m.entry(name.to_owned()).or_default();
+        e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
+        e.1 += p["run_cnt"].as_u64().unwrap_or(0);
+    }
+    m
+}
+
+type ProgStats = BTreeMap<String, (u64, u64)>;
+
+/// Adds each program's nanoseconds per run between two `prog_stats` readings.
+pub(crate) fn record_cost<'a>(
+    per: &mut BTreeMap<&'a str, Vec<f64>>,
+    names: &[&'a str],
+    before: &ProgStats,
+    after: &ProgStats,
+) {
+    for &n in names {
+        let (t0, c0) = before.get(n).copied().unwrap_or_default();
+        let (t1, c1) = after.get(n).copied().unwrap_or_default();
+        if c1 > c0 {
+            per.entry(n)
+                .or_default()
+                .push((t1 - t0) as f64 / (c1 - c0) as f64);
+        }
+    }
+}
+
+/// Sends 64-byte datagrams from `ns` to `dst` as fast as one thread can, for `dur`,
+/// cycling over `ports` destination ports from one socket: that many flows, their
+/// packets interleaved.
+pub(crate) fn blast(
+    ns: &Netns,
+    dst: SocketAddr,
+    ports: u16,
+    dur: Duration,
+) -> std::thread::JoinHandle<u64> {
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: a namespace fd; only this thread changes namespace.
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
+            0
+        );
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let payload = [0u8; 22]; // 14 + 20 + 8 + 22 = 64 bytes on the wire
+        let end = Instant::now() + dur;
+        let mut n = 0u64;
+        let mut to = dst;
+        while Instant::now() < end {
+            for _ in 0..256 {
+                to.set_port(dst.port() + (n % u64::from(ports)) as u16);
+                if sock.send_to(&payload, to).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    })
+}
+
+pub(crate) fn bpf_stats(on: bool) {
+    sh(Command::new("sysctl").args([
+        "-q",
+        "-w",
+        &format!("kernel.bpf_stats_enabled={}", u8::from(on)),
+    ]));
+}
+
+/// The interface index of `dev` as `ns` sees it.
+pub(crate) fn ifindex(ns: &Netns, dev: &str) -> u32 {
+    // "N: eth0@ifM: ..."
+    ns.ip(&format!("-o link show dev {dev}"))
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Empty classifiers on both directions of `dev`, beside the agent's: the floor.
+pub(crate) fn floor_classifiers(ns: &Netns, dev: &str) -> (FloorClassifier, FloorClassifier) {
+    let ifindex = ifindex(ns, dev);
+    ns.run(move || {
+        (
+            FloorClassifier::attach(ifindex, BPF_TCX_INGRESS)
+                .expect("attaching the floor classifier"),
+            FloorClassifier::attach(ifindex, BPF_TCX_EGRESS)
+                .expect("attaching the floor classifier"),
+        )
+    })
+}
+
+/// Each run's cost per event of `n` minus the floor's in the same run.
+pub(crate) fn over_floor(per: &BTreeMap<&str, Vec<f64>>, n: &str, floor: &str) -> Option<Stat> {
+    let (v, f) = (per.get(n)?, per.get(floor)?);
+    Some(stat(v.iter().zip(f).map(|(x, f)| x - f).collect()))
+}
+
+/// Flows interleaved on the busy case: each packet of a different flow than the last.
+pub(crate) const INTERLEAVED_FLOWS: u16 = 2000;
+
+/// Section 1, cost per packet of the classifiers and per drop of `kfree_skb`, beside empty
+/// programs on the same events in the same run: one flow each way, then 2000 flows each
+/// way with their packets interleaved, every packet to a closed port (a drop).
+pub(crate) fn program_cost(report: &mut Report) {
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    let _agent = Agent::start(&sim.node, &["--device", "eth0"]);
+    let floor_tc = floor_classifiers(&sim.node, "eth0");
+    let floor_tp = sim
+        .node
+        .run(|| FloorTracepoint::attach("kfree_skb").expect("attaching the floor tracepoint"));
+    bpf_stats(true);
+    let names = [
+        "tc_ingress",
+        "tc_egress",
+        "kfree_skb",
+        "floor_tc",
+        "floor_tp",
+    ];
+    for (case, flows) in [("1 flow", 1), ("2000 flows", INTERLEAVED_FLOWS)] {
+        let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for _ in 0..runs() {
+            let before = prog_stats();
+            let a = blast(
+                &sim.vpc,
+                SocketAddr::new(eth0.node_v4.parse().unwrap(), 20_000),
+                flows,
+                Duration::from_secs(2),
+            );
+            let b = blast(
+                &sim.node,
+                SocketAddr::new(eth0.vpc_v4.parse().unwrap(), 20_000),
+                flows,
+                Duration::from_secs(2),
+            );
+            a.join().unwrap();
+            b.join().unwrap();
+            let after = prog_stats();
+            record_cost(&mut per, &names, &before, &after);
+        }
+        for (name, floor) in [
+            ("floor_tc", "empty classifier"),
+            ("floor_tp", "empty kfree_skb"),
+        ] {
+            if let Some(v) = per.get(name) {
+                report.add(
+                    "programs",
+                    format!("{case}: floor, {floor}"),
+                    "ns",
+                    stat(v.clone()),
+                    None,
+                );
+            }
+        }
+        let target = if flows == 1 { 40.0 } else { 80.0 };
+        for n in ["tc_ingress", "tc_egress"] {
+            if let Some(s) = over_floor(&per, n, "floor_tc") {
+                report.add(
+                    "programs",
+                    format!("{case}: {n} over the floor"),
+                    "ns/pkt",
+                    s,
+                    Some((format!("<= {target} ns"), s.median <= target)),
+                );
+            }
+        }
+        if let Some(s) = over_floor(&per, "kfree_skb", "floor_tp") {
+            report.add(
+                "programs",
+                format!("{case}: kfree_skb over the floor"),
+                "ns/drop",
+                s,
+                Some(("<= 150 ns".into(), s.median <= 150.0)),
+            );
+        }
+    }
+    bpf_stats(false);
+    drop((floor_tc, floor_tp));
+}
