@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod dns;
 pub mod floor;
+pub mod golden;
 pub mod imds;
 pub mod incident;
 pub mod netns;

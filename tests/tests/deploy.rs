@@ -14,6 +14,8 @@ use std::{
     process::Command,
 };
 
+use integration_tests::golden;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -31,51 +33,9 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
-/// Metric names the agent exports (DESIGN.md's contract), with their suffixes.
-const METRICS: &[&str] = &[
-    "eni_monitor_tracked_flows",
-    "eni_monitor_flows_created_total",
-    "eni_monitor_flow_table_full_total",
-    "eni_monitor_device_info",
-    "eni_monitor_dns_resolver_info",
-    "eni_monitor_map_full_total",
-    "eni_monitor_ena_conntrack_allowance_available",
-    "eni_monitor_ena_allowance_exceeded_total",
-    "eni_monitor_conntrack_allowance_utilization_ratio",
-    "eni_monitor_conntrack_allowance",
-    "eni_monitor_kernel_map_memory_bytes",
-    "eni_monitor_top_flow_owners",
-    "eni_monitor_top_dns_clients_unanswered",
-    "eni_monitor_linklocal_packets_total",
-    "eni_monitor_linklocal_peak_packets_per_second",
-    "eni_monitor_dns_queries_total",
-    "eni_monitor_dns_responses_total",
-    "eni_monitor_dns_unanswered_total",
-    "eni_monitor_dns_latency_seconds_bucket",
-    "eni_monitor_dns_latency_seconds_sum",
-    "eni_monitor_dns_latency_seconds_count",
-    "eni_monitor_dns_drops_total",
-    "eni_monitor_drops_total",
-    "eni_monitor_udp_receive_queue_drops_total",
-    "eni_monitor_nf_conntrack_entries",
-    "eni_monitor_nf_conntrack_limit",
-    "eni_monitor_nf_conntrack_events_total",
-    "eni_monitor_build_info",
-    "eni_monitor_program_attached",
-];
-
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("eni_monitor_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        names.insert(tail[..end].to_owned());
-        rest = &tail[end..];
-    }
-    names
+/// Every series name the agent exports, from the golden exposition.
+fn exported() -> BTreeSet<String> {
+    golden::series_names(&golden::text())
 }
 
 #[test]
@@ -128,9 +88,10 @@ fn every_alert_is_unit_tested_both_ways_and_documented() {
             "{a} has no runbook_url"
         );
     }
-    for name in metric_names(&rules) {
+    let exported = exported();
+    for name in golden::metric_names(&rules) {
         assert!(
-            METRICS.contains(&name.as_str()),
+            exported.contains(&name),
             "rules use {name}, which the agent does not export"
         );
     }
@@ -407,12 +368,13 @@ fn the_dashboard_queries_only_exported_metrics() {
     let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
     let exprs = integration_tests::dashboard_queries(&dash);
     assert!(exprs.len() >= 18, "{}", exprs.len());
-    let used: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
+    let used: BTreeSet<String> = exprs.iter().flat_map(|e| golden::metric_names(e)).collect();
+    let exported = exported();
     // The one metric not ours: kube-state-metrics' pod info, joined on the pod's address.
     assert!(exprs.iter().any(|e| e.contains("kube_pod_info")));
     for name in &used {
         assert!(
-            METRICS.contains(&name.as_str()),
+            exported.contains(name),
             "the dashboard uses {name}, which the agent does not export"
         );
     }

@@ -1,0 +1,221 @@
+//! The golden exposition: the whole `/metrics` of the simulated node after known traffic,
+//! compared with `tests/golden/metrics.txt`, values that depend on time or the machine
+//! normalised. A renamed metric, label or help text fails here first. Regenerate it with
+//! `UPDATE_GOLDEN=1 cargo xtask test --test golden` and review the diff.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
+
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Agent, Netns, SimNode,
+    dns::{NX_NAME, OK_NAME, Resolver, SERVFAIL_NAME, query_packet},
+    golden::{self, VARIES},
+    require_root, send_udp,
+    servers::{TcpHold, UdpEcho, tcp_connections, udp_flows},
+};
+
+/// Series whose values depend on time or on the machine, not on the test's traffic.
+const VARYING: [&str; 7] = [
+    "eni_monitor_kernel_map_memory_bytes",
+    "eni_monitor_dns_latency_seconds_bucket",
+    "eni_monitor_dns_latency_seconds_sum",
+    "eni_monitor_linklocal_peak_packets_per_second",
+    "eni_monitor_nf_conntrack_entries",
+    "eni_monitor_nf_conntrack_limit",
+    "eni_monitor_udp_receive_queue_drops_total",
+];
+/// Counted for every namespace of the machine: whatever else runs there shows up under
+/// `device="other"`, with reasons of its own.
+const MACHINE_WIDE: [&str; 2] = ["eni_monitor_drops_total", "eni_monitor_dns_drops_total"];
+const EVENTS: &str = "eni_monitor_nf_conntrack_events_total";
+
+/// The exposition with what varies replaced by [`VARIES`], and the machine's own drops
+/// left out. Help and type lines are kept as they are.
+fn normalise(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let name = &line[..line.find(['{', ' ']).unwrap_or(line.len())];
+        if MACHINE_WIDE.contains(&name) && line.contains("device=\"other\"") {
+            continue;
+        }
+        let mut line = line.to_owned();
+        if let Some(start) = line.find("mac=\"") {
+            let end = start + 5 + line[start + 5..].find('"').unwrap();
+            line.replace_range(start + 5..end, VARIES);
+        }
+        if VARYING.contains(&name) || name == EVENTS {
+            let cut = line.rfind(' ').unwrap();
+            line.replace_range(cut + 1.., VARIES);
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Sends each (name, count) as queries from one socket (one flow), distinct ids, and
+/// returns how many were answered within `wait`.
+fn queries(ns: &Netns, server: SocketAddr, names: &[(&str, u16)], wait: Duration) -> usize {
+    let packets: Vec<Vec<u8>> = names
+        .iter()
+        .flat_map(|(name, n)| (0..*n).map(move |_| *name))
+        .zip(1u16..)
+        .map(|(name, id)| query_packet(name, id))
+        .collect();
+    ns.run(move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for p in &packets {
+            sock.send_to(p, server).unwrap();
+        }
+        sock.set_read_timeout(Some(wait)).unwrap();
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 512];
+        let mut answered = 0;
+        while answered < packets.len() && Instant::now() < deadline {
+            if sock.recv_from(&mut buf).is_err() {
+                break;
+            }
+            answered += 1;
+        }
+        answered
+    })
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+#[test]
+fn the_exposition_is_the_golden_one() {
+    if !require_root("the_exposition_is_the_golden_one") {
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    // Amazon's resolver and a resolver that never answers, both in the VPC.
+    sim.vpc.ip("addr add 169.254.169.253/32 dev vpc0");
+    sim.node.ip("route add 169.254.169.253/32 dev eth0");
+    sim.vpc.ip("addr add 10.200.0.9/32 dev vpc0");
+    sim.vpc.nft("table inet dead {\n chain input {\n  type filter hook input priority 0;\n  ip daddr 10.200.0.9 udp dport 53 drop\n }\n}\n");
+    // Connection tracking in the node's namespace: its metrics, whatever ran before.
+    sim.node.nft("table inet tracked {\n chain input {\n  type filter hook input priority 0;\n  ct state invalid counter\n }\n}\n");
+    let _resolver = Resolver::start(
+        &sim.vpc,
+        &[
+            eth0.vpc_v4.parse().unwrap(),
+            "169.254.169.253".parse().unwrap(),
+        ],
+    );
+    let _echo = UdpEcho::start(&sim.vpc, addr(&eth0.vpc_v4, 7000));
+    let _hold = TcpHold::start(&sim.vpc, addr(&eth0.vpc_v4, 8000));
+    let agent = Agent::start(
+        &sim.node,
+        &[
+            "--device",
+            "eth0",
+            "--dns-timeout",
+            "1s",
+            "--conntrack-allowance",
+            "1000",
+        ],
+    );
+    let wait = Duration::from_secs(2);
+    let vpc_resolver = addr(&eth0.vpc_v4, 53);
+    let names = [(OK_NAME, 5), (NX_NAME, 2), (SERVFAIL_NAME, 1)];
+    assert_eq!(queries(&sim.node, vpc_resolver, &names, wait), 8);
+    let amazon = addr("169.254.169.253", 53);
+    assert_eq!(queries(&sim.node, amazon, &[(OK_NAME, 2)], wait), 2);
+    let dead = addr("10.200.0.9", 53);
+    assert_eq!(
+        queries(&sim.node, dead, &[(OK_NAME, 2)], Duration::from_millis(10)),
+        0
+    );
+    assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 3), 3);
+    let _connections = tcp_connections(&sim.node, addr(&eth0.vpc_v4, 8000), 2);
+    send_udp(&sim.vpc, addr(&eth0.node_v4, 9999), 3, b"closed");
+
+    agent.scrape_until(&sim.node, "2 unanswered, 3 drops", |s| {
+        s.sum("eni_monitor_dns_unanswered_total", &[]) == 2.0
+            && s.get(
+                "eni_monitor_drops_total",
+                &[("device", "eth0"), ("reason", "NO_SOCKET")],
+            ) == Some(3.0)
+    });
+    // An expiry pass after the last packet (one runs every 2.5 s at the default timeouts).
+    std::thread::sleep(Duration::from_secs(3));
+    let scrape = agent.scrape(&sim.node);
+    let now = normalise(&scrape.text);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(golden::path(), &now).unwrap();
+        eprintln!("wrote {}", golden::path().display());
+        return;
+    }
+    let golden_text = golden::text();
+    if now != golden_text {
+        let diff: Vec<String> = diff_lines(&golden_text, &now);
+        panic!(
+            "/metrics differs from {} (UPDATE_GOLDEN=1 rewrites it; review the diff):\n{}",
+            golden::path().display(),
+            diff.join("\n")
+        );
+    }
+}
+
+/// The lines only one side has, marked `-` (golden) and `+` (now).
+fn diff_lines(want: &str, got: &str) -> Vec<String> {
+    let w: BTreeSet<&str> = want.lines().collect();
+    let g: BTreeSet<&str> = got.lines().collect();
+    w.difference(&g)
+        .map(|l| format!("- {l}"))
+        .chain(g.difference(&w).map(|l| format!("+ {l}")))
+        .collect()
+}
+
+#[test]
+fn what_the_rules_the_dashboard_and_status_read_is_exported() {
+    let exported = golden::series_names(&golden::text());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read = |path: &str| {
+        std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    for (what, path) in [
+        ("the alert rules", "deploy/alerts/rules.yml"),
+        ("the dashboard", "deploy/grafana/eni-monitor.json"),
+        ("monitor status", "monitor/src/status.rs"),
+        ("the runbook", "RUNBOOK.md"),
+    ] {
+        let used = golden::metric_names(&read(path));
+        assert!(!used.is_empty(), "{what} reads no metric?");
+        for name in used {
+            assert!(
+                exported.contains(&name),
+                "{what} ({path}) reads {name}, which the golden /metrics does not have"
+            );
+        }
+    }
+    // What no query reads is still exported: the golden holds every family.
+    for family in [
+        "eni_monitor_ena_allowance_exceeded_total",
+        "eni_monitor_build_info",
+    ] {
+        assert!(exported.contains(family), "{family}");
+    }
+}
+
+#[test]
+fn normalising_keeps_descriptors_and_hides_only_what_varies() {
+    let text = "# HELP eni_monitor_kernel_map_memory_bytes Kernel memory.\n# TYPE eni_monitor_kernel_map_memory_bytes gauge\neni_monitor_kernel_map_memory_bytes 123\neni_monitor_drops_total{device=\"other\",reason=\"X\"} 9\neni_monitor_drops_total{device=\"eth0\",reason=\"NO_SOCKET\"} 3\neni_monitor_device_info{device=\"eth0\",eni=\"\",mac=\"0e:aa\"} 1\n";
+    assert_eq!(
+        normalise(text),
+        "# HELP eni_monitor_kernel_map_memory_bytes Kernel memory.\n# TYPE eni_monitor_kernel_map_memory_bytes gauge\neni_monitor_kernel_map_memory_bytes <varies>\neni_monitor_drops_total{device=\"eth0\",reason=\"NO_SOCKET\"} 3\neni_monitor_device_info{device=\"eth0\",eni=\"\",mac=\"<varies>\"} 1\n"
+    );
+}
