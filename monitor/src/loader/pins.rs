@@ -100,8 +100,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_layout_names_the_version_and_the_table_size() {
-        assert_eq!(layout(262_144), format!("v{LAYOUT_VERSION}-flows262144"));
+    fn another_table_size_is_another_layout() {
+        // A pinned hash map cannot be resized: a new size must not reuse the old pins.
+        assert_ne!(layout(262_144), layout(1_048_576));
+        assert_eq!(layout(262_144), layout(262_144));
+        assert!(layout(1_048_576).ends_with("flows1048576"));
     }
 
     #[test]
