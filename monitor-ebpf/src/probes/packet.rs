@@ -64,6 +64,28 @@ pub struct Packet {
     pub dport: u16,
 }
 
+/// The `M` words of a network header and the transport header's first word after it
+/// (`N` = `M` + 1 words), in place where the linear data holds them, else copied out;
+/// where the packet ends before that word, the header alone and `false`.
+#[inline(always)]
+fn header_and_ports<const N: usize, const M: usize>(
+    ctx: &TcContext,
+    off: usize,
+) -> Option<([u32; N], bool)> {
+    if let Some(h) = words::<N>(ctx, off) {
+        return Some((h, true));
+    }
+    if let Ok(h) = ctx.load::<[u32; N]>(off) {
+        return Some((h, true));
+    }
+    let h = ctx.load::<[u32; M]>(off).ok()?;
+    let mut w = [0u32; N];
+    for (w, h) in w.iter_mut().zip(h) {
+        *w = h;
+    }
+    Some((w, false))
+}
+
 /// Parses Ethernet (one VLAN tag at most), IPv4 or IPv6, and the TCP or UDP ports,
 /// reading each header in place after one bounds check for all of it; a header the
 /// linear data does not hold is copied out (a slower helper call).
@@ -79,14 +101,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         ETH_P_IP => {
             // A header without options and the first word after it; a datagram too
             // short for that has no ports to read.
-            let (h, whole) = if let Some(h) = words::<6>(ctx, l3) {
-                (h, true)
-            } else if let Ok(h) = ctx.load::<[u32; 6]>(l3) {
-                (h, true)
-            } else {
-                let h = ctx.load::<[u32; 5]>(l3).ok()?;
-                ([h[0], h[1], h[2], h[3], h[4], 0], false)
-            };
+            let (h, whole) = header_and_ports::<6, 5>(ctx, l3)?;
             let ip = headers::ipv4(&headers::head(&h))?;
             let mut p = Packet {
                 src: ip.src,
@@ -116,16 +131,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         }
         ETH_P_IPV6 => {
             // Extension headers are not followed: DNS and flows use the fixed header.
-            let (h, whole) = if let Some(h) = words::<11>(ctx, l3) {
-                (h, true)
-            } else if let Ok(h) = ctx.load::<[u32; 11]>(l3) {
-                (h, true)
-            } else {
-                let h = ctx.load::<[u32; 10]>(l3).ok()?;
-                let mut w = [0u32; 11];
-                w[..10].copy_from_slice(&h);
-                (w, false)
-            };
+            let (h, whole) = header_and_ports::<11, 10>(ctx, l3)?;
             let ip = headers::ipv6(&headers::head(&h))?;
             let mut p = Packet {
                 src: ip.src,
