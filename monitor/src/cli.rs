@@ -59,7 +59,7 @@ pub struct Cli {
     )]
     pub linklocal_resolvers: Vec<IpAddr>,
 
-    /// Flows the per-ENI flow table holds.
+    /// Flows the flow table holds, over all monitored ENIs (one table keyed by device).
     #[arg(long, value_name = "N", env = "MONITOR_FLOW_TABLE_SIZE", default_value = "262144", value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_table_size: u32,
 

@@ -17,7 +17,7 @@ const SCENARIO: &str = include_str!("../vm/scenario.sh");
 /// A boot and the scenario take about a minute under TCG; a hung kernel is cut off.
 const BOOT_TIMEOUT: Duration = Duration::from_mins(7);
 
-/// One kernel of DESIGN.md's table.
+/// One kernel of README.md's Kernels table.
 pub struct Kernel {
     /// The directory under `target/kernels`.
     pub name: &'static str,

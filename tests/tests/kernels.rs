@@ -1,4 +1,4 @@
-//! The kernel matrix: every kernel of DESIGN.md's table, booted under qemu with the
+//! The kernel matrix: every kernel of README.md's Kernels table, booted under qemu with the
 //! release agent and `tests/vm/scenario.sh`, must hold every scenario exactly.
 #![allow(clippy::float_cmp)]
 

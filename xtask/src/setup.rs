@@ -40,7 +40,7 @@ const APT_PACKAGES: &[&str] = &[
     "skopeo",
 ];
 
-/// The kernels of DESIGN.md's table: (directory under `target/kernels`, suite of
+/// The kernels of README.md's Kernels table: (directory under `target/kernels`, suite of
 /// Debian's cloud kernel). qemu 10 comes from bookworm-backports: 7.2's TCG cannot boot
 /// 6.12.
 pub const KERNELS: [(&str, &str); 3] = [
