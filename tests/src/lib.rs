@@ -29,7 +29,7 @@ use std::{process::Command, sync::atomic::Ordering};
 pub use agent::{Agent, BpfState, HOOKS, Scrape, monitor_bin};
 pub use netns::{Netns, enter};
 pub use node::{Eni, Pod, SimNode};
-pub use traffic::{http_get, monotonic, send_udp, set_rcvbuf};
+pub use traffic::{addr, http_get, monotonic, send_udp, set_rcvbuf};
 
 /// Whether a root-only test may run. Outside CI a non-root run skips with a message;
 /// in CI it fails, so a misconfigured runner cannot pass by skipping.

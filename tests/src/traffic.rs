@@ -9,6 +9,11 @@ use std::{
 
 use crate::Netns;
 
+/// `ip`:`port`, for the test's own addresses.
+pub fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}")), port)
+}
+
 /// `CLOCK_MONOTONIC`, the clock the agent's per-second counts use.
 pub fn monotonic() -> Duration {
     let mut ts = libc::timespec {

@@ -7,14 +7,10 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Agent, Netns, SimNode, monitor_bin, require_root, send_udp};
+use integration_tests::{Agent, Netns, SimNode, addr, monitor_bin, require_root, send_udp};
 
 const DROPS: &str = "eni_monitor_drops_total";
 const DNS_DROPS: &str = "eni_monitor_dns_drops_total";
-
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 /// A TCP connection attempt from inside `ns`; a closed port answers with a reset.
 fn tcp_connect_refused(ns: &Netns, dst: SocketAddr) {

@@ -2,10 +2,8 @@
 //! through the simulated ENIs, counted by the real flow table and expiry pass.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
-use std::net::SocketAddr;
-
 use integration_tests::{
-    Agent, SimNode, require_root,
+    Agent, SimNode, addr, require_root,
     servers::{TcpHold, UdpEcho, tcp_connections, udp_flows},
 };
 
@@ -14,10 +12,6 @@ const CREATED: &str = "eni_monitor_flows_created_total";
 
 fn on<'a>(device: &'a str, protocol: &'a str) -> [(&'a str, &'a str); 2] {
     [("device", device), ("protocol", protocol)]
-}
-
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
 }
 
 #[test]

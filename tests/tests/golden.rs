@@ -11,7 +11,7 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, Netns, SimNode,
+    Agent, Netns, SimNode, addr,
     dns::{NX_NAME, OK_NAME, Resolver, SERVFAIL_NAME, query_packet},
     golden::{self, VARIES},
     require_root, send_udp,
@@ -88,10 +88,6 @@ fn queries(ns: &Netns, server: SocketAddr, names: &[(&str, u16)], wait: Duration
         }
         answered
     })
-}
-
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
 }
 
 #[test]

@@ -2,10 +2,10 @@
 //! tracked flows and counters from the maps pinned in bpffs, with one program per hook.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use integration_tests::{
-    Agent, BpfState, Scrape, SimNode, monitor_bin, require_root, send_udp,
+    Agent, BpfState, Scrape, SimNode, addr, monitor_bin, require_root, send_udp,
     servers::{TcpHold, UdpEcho, tcp_connections, udp_flows},
 };
 
@@ -18,10 +18,6 @@ const BPF_TCX_EGRESS: u32 = 47;
 /// A standard query for `a.example`.
 const QUERY: &[u8] =
     b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x07example\x00\x00\x01\x00\x01";
-
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 /// The figures that must carry over from one agent to the next.
 #[derive(Debug, PartialEq)]
