@@ -2,7 +2,16 @@
 
 use crate::Addr;
 
-/// What a `DNS_COUNTS` entry counts.
+/// Resolver slots: the agent names a bounded number of resolver addresses, each in a
+/// slot of its own, and the programs count by slot, never by an address a packet chose.
+/// Slot 0 is `other`: every server without a slot.
+pub const RESOLVER_OTHER: u8 = 0;
+/// Slots, `other` included: Amazon's resolvers and up to `MAX_NAMED_RESOLVERS` others.
+pub const RESOLVER_SLOTS: u32 = 32;
+/// Resolvers other than Amazon's named at once.
+pub const MAX_NAMED_RESOLVERS: usize = 16;
+
+/// What a DNS count counts.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DnsCountKind {
@@ -13,6 +22,12 @@ pub enum DnsCountKind {
     /// before any response came: the copy waits in its place, the first is unanswered.
     /// So every query packet ends answered or unanswered, retransmissions included.
     Superseded = 2,
+    /// A query ended unanswered to make room: its set of the in-flight table was full,
+    /// and the oldest query waiting there (or, where there is none to take, the new one)
+    /// was ended.
+    Evicted = 3,
+    /// A query with no response within `--dns-timeout` (counted by the agent's sweep).
+    Unanswered = 4,
 }
 
 impl DnsCountKind {
@@ -21,32 +36,65 @@ impl DnsCountKind {
             0 => Some(Self::Query),
             1 => Some(Self::Response),
             2 => Some(Self::Superseded),
+            3 => Some(Self::Evicted),
+            4 => Some(Self::Unanswered),
             _ => None,
         }
     }
 }
 
-/// Key of `DNS_COUNTS`: queries by (device, server), responses by (device, server, rcode).
+/// Key of the DNS counts (`DNS_COUNTS`, the programs'; `DNS_AGENT_COUNTS`, the agent's):
+/// by (device, resolver slot, kind), responses by rcode too.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DnsCountKey {
     pub ifindex: u32,
+    /// A resolver slot; [`RESOLVER_OTHER`] for a server without one.
+    pub resolver: u8,
     /// A [`DnsCountKind`].
     pub kind: u8,
     pub rcode: u8,
-    pub pad: [u8; 2],
-    pub server: Addr,
+    pub pad: u8,
 }
-const _: () = assert!(size_of::<DnsCountKey>() == 24);
+const _: () = assert!(size_of::<DnsCountKey>() == 8);
 
-/// Key of `DNS_LATENCY` and `DNS_UNANSWERED`.
+/// Rcodes a response's header can carry (4 bits).
+pub const DNS_RCODES: u32 = 16;
+/// Keys the DNS counts can hold: every device, slot, kind and rcode. The maps are sized
+/// for all of them, so none is ever full; their memory follows the keys in use.
+pub const DNS_COUNTS_MAX_ENTRIES: u32 = crate::MAX_DEVICES * RESOLVER_SLOTS * (DNS_RCODES + 5);
+
+/// Key of the DNS latency histograms: (device, resolver slot).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct DnsServerKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsSlotKey {
     pub ifindex: u32,
-    pub server: Addr,
+    pub resolver: u32,
 }
-const _: () = assert!(size_of::<DnsServerKey>() == 20);
+const _: () = assert!(size_of::<DnsSlotKey>() == 8);
+pub const DNS_LATENCY_MAX_ENTRIES: u32 = crate::MAX_DEVICES * RESOLVER_SLOTS;
+
+/// Servers without a slot that queries went to recently (`DNS_SEEN`, least recently used
+/// first out): what the agent picks the next named resolvers from. Bounded whatever pods
+/// send.
+pub const DNS_SEEN_MAX_ENTRIES: u32 = 512;
+
+/// What the programs know of an address (`ADDRS`): the link-local service it is, and
+/// the resolver slot the agent gave it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrInfo {
+    /// A [`crate::LinkLocalService`], or [`SERVICE_NONE`].
+    pub service: u8,
+    /// A resolver slot, or [`RESOLVER_OTHER`].
+    pub resolver: u8,
+    pub pad: [u8; 2],
+}
+const _: () = assert!(size_of::<AddrInfo>() == 4);
+/// Not a link-local service.
+pub const SERVICE_NONE: u8 = 0xff;
+/// Link-local service addresses and VPC+2 resolvers, and the named resolvers.
+pub const ADDRS_MAX_ENTRIES: u32 = 64 + RESOLVER_SLOTS;
 
 /// Upper bounds of the latency buckets, 100 µs to 5 s; one more bucket counts the rest.
 pub const DNS_LATENCY_BOUNDS_NS: [u64; 15] = [
@@ -99,7 +147,12 @@ pub struct DnsFlight {
     /// `CLOCK_MONOTONIC` nanoseconds of the first copy of the query.
     pub start_ns: u64,
     pub ifindex: u32,
-    pub pad: u32,
+    /// The resolver slot the query was counted under; its response and its end as
+    /// unanswered count there too.
+    pub resolver: u8,
+    /// 1 when the query left through the device (the client is local).
+    pub egress: u8,
+    pub pad: u16,
 }
 const _: () = assert!(size_of::<DnsFlight>() == 16);
 
@@ -125,8 +178,12 @@ pub struct DnsPendingSet {
     pub start_ns: [u64; DNS_PENDING_WAYS],
     pub ifindex: [u32; DNS_PENDING_WAYS],
     pub key: [DnsFlightKey; DNS_PENDING_WAYS],
+    /// The resolver slot each query was counted under.
+    pub resolver: [u8; DNS_PENDING_WAYS],
+    /// 1 for a query that left through the device (the client is local).
+    pub egress: [u8; DNS_PENDING_WAYS],
     /// To 256 bytes, so that each set begins a cache line.
-    pub pad: [u64; 2],
+    pub pad: [u32; 2],
 }
 const _: () = assert!(size_of::<DnsPendingSet>() == 256);
 
@@ -143,4 +200,3 @@ pub const PENDING_WAITING: u64 = 2;
 /// within milliseconds; at the default 2 s timeout this holds 4,000 unanswered queries a
 /// second before a full set counts.
 pub const DNS_PENDING_SETS: u32 = 2048;
-pub const DNS_COUNTS_MAX_ENTRIES: u32 = 4096;

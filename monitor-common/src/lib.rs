@@ -84,7 +84,9 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsCountKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::DnsServerKey {}
+    unsafe impl aya::Pod for super::DnsSlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AddrInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsLatency {}
     // SAFETY: as above.
@@ -118,6 +120,7 @@ mod tests {
         assert_eq!(FlowClass::Other.label(), "other");
         assert_eq!(UdpQueuePort::Dns.label(), "dns");
         assert_eq!(DnsCountKind::from_u8(2), Some(DnsCountKind::Superseded));
-        assert_eq!(DnsCountKind::from_u8(3), None);
+        assert_eq!(DnsCountKind::from_u8(4), Some(DnsCountKind::Unanswered));
+        assert_eq!(DnsCountKind::from_u8(5), None);
     }
 }

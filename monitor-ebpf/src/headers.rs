@@ -4,7 +4,10 @@
 
 use monitor_common::{
     V4_MAPPED_WORD,
-    proto::{DNS_PORT, IPPROTO_TCP, IPPROTO_UDP},
+    proto::{
+        DNS_PORT, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP,
+        IPPROTO_UDP,
+    },
 };
 
 /// Byte `i` of a word copied from the packet as it lay in memory.
@@ -33,6 +36,15 @@ pub fn is_dns(ports_word: u32) -> bool {
 #[inline(always)]
 pub fn has_ports(proto: u8) -> bool {
     proto == IPPROTO_TCP || proto == IPPROTO_UDP
+}
+
+/// Whether `next` is an IPv6 extension header the probes walk past.
+#[inline(always)]
+pub fn is_ipv6_extension(next: u8) -> bool {
+    matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_FRAGMENT | IPPROTO_DSTOPTS
+    )
 }
 
 /// What the probes use of an IPv4 header.

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
-use monitor_common::{MAX_DEVICES, MapFull};
+use monitor_common::{ADDRS_MAX_ENTRIES, Addr, AddrInfo, MAX_DEVICES, MapFull};
 
 /// `BPF_NOEXIST`: insert only a key not yet in the map.
 pub const BPF_NOEXIST: u64 = 1;
@@ -15,6 +15,18 @@ pub const EEXIST: i32 = -17;
 /// `MAX_DEVICES`, which indexes the per-device arrays.
 #[map]
 pub static MONITORED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICES, 0);
+
+/// What the agent told the programs of an address: the link-local service it is (EC2's
+/// services, VPC+2 resolvers) and the resolver slot it counts under.
+#[map]
+static ADDRS: HashMap<Addr, AddrInfo> = HashMap::with_max_entries(ADDRS_MAX_ENTRIES, 0);
+
+/// What the agent told the programs of `addr`, if anything.
+#[inline(always)]
+pub fn addr_info(addr: &Addr) -> Option<AddrInfo> {
+    // SAFETY: a read of a map value the kernel keeps alive for the program's run.
+    unsafe { ADDRS.get(addr) }.copied()
+}
 
 /// Updates refused because a map was full, per CPU, by [`MapFull`] index: nothing
 /// fills up silently.

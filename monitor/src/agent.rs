@@ -2,11 +2,11 @@
 //! work started, the collectors registered and served, until SIGTERM.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::Path,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -31,16 +31,17 @@ use crate::{
         udp::UdpQueueCollector,
     },
     devices::{self, Devices},
-    housekeeping::{self, Expiry, Resolvers, Sweeper},
+    housekeeping::{self, Expiry, Sweeper},
     http,
     imds::{self, Imds},
     kernel::{self, KernelFacts},
-    loader::{self, Maps, Sizes, maps::LinkLocalAddrs, pins},
+    loader::{self, Maps, Sizes, maps::Addresses, pins},
     model::{
         allowance::Allowance,
-        dns::{AmazonResolvers, RecentClients},
+        dns::{AmazonResolvers, RankedClients, RecentClients},
         flows::{FlowCounts, Timeouts},
         linklocal,
+        resolvers::ResolverSlots,
     },
     watch::{self, SlotArrays, Watcher},
 };
@@ -76,7 +77,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         sweeper,
         expiry,
         amazon,
-        linklocal,
+        addrs,
+        names,
     } = wire(&cli, &facts, loaded)?;
     let devices = watcher.devices.clone();
     let attachments = watcher.programs.attachments().clone();
@@ -89,7 +91,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut tasks = vec![tokio::spawn(watch::run(watcher))];
     housekeeping::start(sweeper, expiry)?;
 
-    tasks.extend(label_enis(&cli, devices, amazon, linklocal)?);
+    tasks.extend(label_enis(&cli, devices, amazon, addrs, names)?);
 
     let state = Arc::new(http::State {
         registry,
@@ -122,7 +124,8 @@ struct Wired {
     sweeper: Sweeper,
     expiry: Expiry,
     amazon: AmazonResolvers,
-    linklocal: LinkLocalAddrs,
+    addrs: Addresses,
+    names: Arc<Mutex<ResolverSlots>>,
 }
 
 /// Hands every map to its owner: the collectors (read), the watcher (device slots), the
@@ -145,21 +148,38 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         flow_table_full,
         dns_inflight,
         dns_pending,
-        dns_counts,
-        dns_latency,
-        dns_unanswered,
-        dns_resolvers,
+        dns,
+        dns_seen,
         drops,
         udp_queue_drops,
-        mut linklocal,
+        addrs,
         ll_packets,
         ll_seconds,
     } = maps;
-    let amazon = linklocal_services(&mut linklocal, &cli.linklocal_resolvers)?;
+    let amazon = linklocal_services(&addrs, &cli.linklocal_resolvers)?;
     let devices = Devices::default();
     let flow_counts = FlowCounts::default();
-    let recent = RecentClients::default();
+    let ranked = RankedClients::default();
     let top = usize::from(cli.top);
+    // The names a previous agent gave, continued; Amazon's resolvers named from the start.
+    let now = housekeeping::monotonic_s().into();
+    let mut names = ResolverSlots::new(
+        amazon.clone(),
+        &addrs.resolvers(),
+        cli.resolver_idle.as_secs(),
+        Sweeper::grace(cli.dns_timeout),
+        now,
+    );
+    let amazon_dns = linklocal::SERVICES
+        .iter()
+        .filter(|(_, s)| *s == LinkLocalService::Dns)
+        .map(|(ip, _)| *ip)
+        .chain(cli.linklocal_resolvers.iter().copied());
+    for (ip, slot) in names.name_amazon(amazon_dns, now).named {
+        addrs.set_resolver(ip, slot)?;
+    }
+    let slots = Arc::new(Mutex::new(names));
+    let names = Arc::clone(&slots);
 
     let mut registry = Registry::with_prefix("eni_monitor");
     registry.register_collector(Box::new(AgentCollector {
@@ -176,12 +196,9 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         drops: udp_queue_drops,
     }));
     registry.register_collector(Box::new(DnsCollector {
-        counts: dns_counts,
-        latency: dns_latency,
-        unanswered: dns_unanswered.clone(),
-        resolvers: Arc::new(Resolvers::new(amazon.clone(), dns_resolvers)),
-        recent: recent.clone(),
-        top,
+        dns: dns.clone(),
+        slots: Arc::clone(&slots),
+        ranked: ranked.clone(),
         devices: devices.clone(),
     }));
     registry.register_collector(Box::new(ConntrackCollector::new()));
@@ -209,8 +226,14 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
             inflight: dns_inflight,
             pending: dns_pending,
             timeout: cli.dns_timeout,
-            unanswered: dns_unanswered,
-            recent,
+            dns,
+            seen: dns_seen,
+            addrs: addrs.clone(),
+            slots: Arc::clone(&slots),
+            recent: RecentClients::default(),
+            ranked,
+            top,
+            last_queries: BTreeMap::new(),
         },
         expiry: Expiry {
             flows,
@@ -236,7 +259,8 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
             links: HashMap::new(),
         },
         amazon,
-        linklocal,
+        addrs,
+        names,
     })
 }
 
@@ -246,7 +270,8 @@ fn label_enis(
     cli: &Cli,
     devices: Devices,
     amazon: AmazonResolvers,
-    mut linklocal: LinkLocalAddrs,
+    addrs: Addresses,
+    names: Arc<Mutex<ResolverSlots>>,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(url) = imds::endpoint(cli.imds_endpoint.as_deref(), Path::new(DMI)) else {
         info!(
@@ -260,10 +285,19 @@ fn label_enis(
         devices,
         move |resolver| {
             let ip = IpAddr::V4(resolver);
-            if amazon.add(ip)
-                && let Err(e) = linklocal.add(ip, LinkLocalService::Dns)
-            {
+            if !amazon.add(ip) {
+                return;
+            }
+            if let Err(e) = addrs.set_service(ip, LinkLocalService::Dns) {
                 warn!("{e:#}");
+            }
+            // Amazon's resolver is named from the moment it is known.
+            let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = housekeeping::monotonic_s().into();
+            for (ip, slot) in names.name_amazon([ip], now).named {
+                if let Err(e) = addrs.set_resolver(ip, slot) {
+                    warn!("{e:#}");
+                }
             }
         },
     ))))
@@ -271,14 +305,14 @@ fn label_enis(
 
 /// The link-local service addresses, and the resolvers the command line adds, in the
 /// kernel's `LINKLOCAL` map and among Amazon's resolvers.
-fn linklocal_services(linklocal: &mut LinkLocalAddrs, extra: &[IpAddr]) -> Result<AmazonResolvers> {
+fn linklocal_services(addrs: &Addresses, extra: &[IpAddr]) -> Result<AmazonResolvers> {
     let amazon = AmazonResolvers::default();
     let extra = extra.iter().map(|ip| (*ip, LinkLocalService::Dns));
     for (ip, service) in linklocal::SERVICES.into_iter().chain(extra) {
         if service == LinkLocalService::Dns {
             amazon.add(ip);
         }
-        linklocal.add(ip, service)?;
+        addrs.set_service(ip, service)?;
     }
     Ok(amazon)
 }

@@ -46,6 +46,11 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", env = "MONITOR_UDP_STREAM_TIMEOUT", default_value = "180s", value_parser = parse_duration)]
     pub udp_stream_timeout: Duration,
 
+    /// A named resolver (not Amazon's) quiet this long gives its name up: its series go,
+    /// and what it counted is reported under resolver="other".
+    #[arg(long, value_name = "DURATION", env = "MONITOR_RESOLVER_IDLE", default_value = "5m", value_parser = parse_duration)]
+    pub resolver_idle: Duration,
+
     /// Instance connection-tracking allowance, where the ENA driver does not report one.
     #[arg(long, value_name = "N", env = "MONITOR_CONNTRACK_ALLOWANCE", value_parser = clap::value_parser!(u64).range(1..))]
     pub conntrack_allowance: Option<u64>,

@@ -215,10 +215,11 @@ pub async fn label_enis(imds: Imds, devices: Devices, mut on_resolver: impl FnMu
                             .map(|r| format!(", VPC resolver {r}"))
                             .unwrap_or_default()
                     );
-                    devices.set_eni(d.ifindex, &info.id);
+                    // The resolver first: once the ENI id shows, its resolver is named.
                     if let Some(r) = info.vpc_resolver {
                         on_resolver(r);
                     }
+                    devices.set_eni(d.ifindex, &info.id);
                 }
                 Err(e) => {
                     failed = true;

@@ -15,6 +15,8 @@ use monitor_common::{DnsCountKind, DnsFlightKey, LinkLocalService, MapFull, addr
 struct Probe {
     programs: Programs,
     maps: Maps,
+    /// Whether this is the object with BPF atomics (queries in flight in `DNS_PENDING`).
+    atomics: bool,
 }
 
 /// The object loaded against this kernel, classifiers loaded, loopback (where test runs
@@ -48,10 +50,14 @@ fn loaded_object(sizes: Sizes, atomics: Option<bool>) -> Probe {
     } = loader::load(&facts, sizes, None).unwrap();
     programs.load_classifiers().unwrap();
     maps.monitored.set([("lo", 1, 0)]).unwrap();
-    maps.linklocal
-        .add("169.254.169.253".parse().unwrap(), LinkLocalService::Dns)
+    maps.addrs
+        .set_service("169.254.169.253".parse().unwrap(), LinkLocalService::Dns)
         .unwrap();
-    Probe { programs, maps }
+    Probe {
+        programs,
+        maps,
+        atomics: facts.atomics,
+    }
 }
 
 fn run(probe: &Probe, program: &str, packet: &[u8]) -> u32 {
@@ -69,19 +75,31 @@ struct Counts {
     responses: u64,
     /// Copies replaced by a retransmission, counted unanswered.
     superseded: u64,
+    /// Queries ended to make room in a full set, counted unanswered.
+    evicted: u64,
     inflight: usize,
     linklocal: u64,
 }
 
+/// The DNS counts by (resolver slot, kind), over every device and rcode.
+fn by_slot(probe: &Probe) -> std::collections::BTreeMap<(u8, DnsCountKind), u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (key, n) in probe.maps.dns.snapshot().counts {
+        let kind = DnsCountKind::from_u8(key.kind).unwrap();
+        *out.entry((key.resolver, kind)).or_default() += n;
+    }
+    out
+}
+
 fn counts(probe: &Probe) -> Counts {
     let mut c = Counts::default();
-    for (key, per_cpu) in probe.maps.dns_counts.iter().map(Result::unwrap) {
-        let n: u64 = per_cpu.iter().sum();
-        match DnsCountKind::from_u8(key.kind) {
-            Some(DnsCountKind::Query) => c.queries += n,
-            Some(DnsCountKind::Response) => c.responses += n,
-            Some(DnsCountKind::Superseded) => c.superseded += n,
-            None => panic!("unknown kind {}", key.kind),
+    for ((_, kind), n) in by_slot(probe) {
+        match kind {
+            DnsCountKind::Query => c.queries += n,
+            DnsCountKind::Response => c.responses += n,
+            DnsCountKind::Superseded => c.superseded += n,
+            DnsCountKind::Evicted => c.evicted += n,
+            DnsCountKind::Unanswered => panic!("the agent's count, not the programs'"),
         }
     }
     probe
@@ -174,6 +192,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 1,
             responses: 0,
             superseded: 0,
+            evicted: 0,
             inflight: 1,
             linklocal: 0
         }
@@ -187,6 +206,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 2,
             responses: 0,
             superseded: 1,
+            evicted: 0,
             inflight: 1,
             linklocal: 0
         }
@@ -208,6 +228,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 2,
             responses: 0,
             superseded: 1,
+            evicted: 0,
             inflight: 1,
             linklocal: 0
         }
@@ -220,6 +241,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 2,
             responses: 1,
             superseded: 1,
+            evicted: 0,
             inflight: 0,
             linklocal: 0
         }
@@ -232,6 +254,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 2,
             responses: 1,
             superseded: 1,
+            evicted: 0,
             inflight: 0,
             linklocal: 0
         }
@@ -260,6 +283,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 4,
             responses: 1,
             superseded: 1,
+            evicted: 0,
             inflight: 2,
             linklocal: 1
         }
@@ -357,6 +381,7 @@ fn malformed_dns_moves_no_count() {
             queries: 2,
             responses: 0,
             superseded: 0,
+            evicted: 0,
             inflight: 2,
             linklocal: 0
         }
@@ -446,20 +471,176 @@ fn a_full_table_of_queries_in_flight_is_counted_not_silent() {
 }
 
 fn full_table_counted(probe: &Probe) {
-    for id in 0..6u16 {
-        let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
-        run(probe, "tc_egress", &query);
+    let query = |id: u16| ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
+    let answer = |id: u16| ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(id, 0x8180, 1, QUESTION));
+    for id in 0..4u16 {
+        run(probe, "tc_egress", &query(id));
     }
     // A retransmission of a query in flight is not a full table: it takes the copy's way.
-    run(
-        probe,
-        "tc_egress",
-        &ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(0, 0x0100, 1, QUESTION)),
-    );
+    run(probe, "tc_egress", &query(0));
+    assert_eq!(map_full(probe, MapFull::DnsInflight), 0);
+    // Two more: the table is full. The oldest waiting query is ended to make room (the
+    // hash table of older kernels has no oldest: the new query is ended instead), and
+    // every query still ends answered, unanswered or in flight.
+    run(probe, "tc_egress", &query(4));
+    run(probe, "tc_egress", &query(5));
     let c = counts(probe);
-    assert_eq!((c.queries, c.superseded, c.inflight), (7, 1, 4));
+    assert_eq!(
+        (c.queries, c.superseded, c.evicted, c.inflight),
+        (7, 1, 2, 4),
+        "{c:?}"
+    );
+    assert_eq!(c.queries, c.superseded + c.evicted + c.inflight as u64);
     assert_eq!(map_full(probe, MapFull::DnsInflight), 2);
     assert_eq!(map_full(probe, MapFull::DnsCounts), 0);
+    // Which ones ended: the oldest (ids 1 and 2; 0 was sent again), or the newest.
+    let (ended, waiting) = if probe.atomics {
+        ([1, 2], [0, 3, 4, 5])
+    } else {
+        ([4, 5], [0, 1, 2, 3])
+    };
+    for id in ended {
+        run(probe, "tc_ingress", &answer(id));
+    }
+    assert_eq!(
+        counts(probe).responses,
+        0,
+        "an ended query's response matches nothing"
+    );
+    for id in waiting {
+        run(probe, "tc_ingress", &answer(id));
+    }
+    let c = counts(probe);
+    assert_eq!((c.responses, c.inflight), (4, 0), "{c:?}");
+}
+
+#[test]
+fn queries_count_under_their_resolvers_slot_and_the_rest_under_other() {
+    use monitor_common::RESOLVER_OTHER;
+    if !integration_tests::require_root(
+        "queries_count_under_their_resolvers_slot_and_the_rest_under_other",
+    ) {
+        return;
+    }
+    for mut probe in both_objects(Sizes::with_flows(1024)) {
+        // DST4 named in slot 3; 10.0.0.9 has no slot.
+        probe
+            .maps
+            .addrs
+            .set_resolver(std::net::IpAddr::from(DST4), 3)
+            .unwrap();
+        let unnamed = [10, 0, 0, 9];
+        for (server, id) in [(DST4, 1), (DST4, 2), (unnamed, 3)] {
+            run(
+                &probe,
+                "tc_egress",
+                &ipv4_udp(SRC4, server, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION)),
+            );
+        }
+        // The slot is taken away while query 2 waits: its response still counts where
+        // its query did.
+        probe
+            .maps
+            .addrs
+            .set_resolver(std::net::IpAddr::from(DST4), RESOLVER_OTHER)
+            .unwrap();
+        for (server, id) in [(DST4, 2), (unnamed, 3)] {
+            run(
+                &probe,
+                "tc_ingress",
+                &ipv4_udp(server, SRC4, 53, 40000, 0, &dns(id, 0x8180, 1, QUESTION)),
+            );
+        }
+        let s = by_slot(&probe);
+        assert_eq!(s.get(&(3, DnsCountKind::Query)), Some(&2), "{s:?}");
+        assert_eq!(s.get(&(3, DnsCountKind::Response)), Some(&1), "{s:?}");
+        assert_eq!(s.get(&(RESOLVER_OTHER, DnsCountKind::Query)), Some(&1));
+        assert_eq!(s.get(&(RESOLVER_OTHER, DnsCountKind::Response)), Some(&1));
+        // Only the server without a slot is noted for the agent to consider.
+        let seen = probe.maps.dns_seen.drain();
+        assert_eq!(seen, [(std::net::IpAddr::from(unnamed), 1)]);
+        assert!(probe.maps.dns_seen.drain().is_empty());
+        // Retired: the slot's counts move to other, and the slot starts from zero.
+        probe.maps.dns.retire(3);
+        let s = by_slot(&probe);
+        assert_eq!(s.get(&(3, DnsCountKind::Query)), None, "{s:?}");
+        assert_eq!(s.get(&(RESOLVER_OTHER, DnsCountKind::Query)), Some(&3));
+        assert_eq!(s.get(&(RESOLVER_OTHER, DnsCountKind::Response)), Some(&2));
+    }
+}
+
+/// An IPv6 UDP datagram whose fixed header is followed by `ext`, extension headers of
+/// the given (type, length in bytes) chain.
+fn ipv6_udp_past(
+    ext: &[(u8, usize)],
+    frag_offset: u16,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let plain = ipv6_udp(sport, dport, payload);
+    let (head, udp) = plain.split_at(14 + 40);
+    let mut p = head.to_vec();
+    let mut chain = Vec::new();
+    for (i, (kind, len)) in ext.iter().enumerate() {
+        let next = ext.get(i + 1).map_or(17, |(k, _)| *k);
+        let mut h = vec![0u8; *len];
+        h[0] = next;
+        if *kind == 44 {
+            h[2..4].copy_from_slice(&(frag_offset << 3).to_be_bytes());
+        } else {
+            h[1] = u8::try_from(len / 8 - 1).unwrap();
+        }
+        chain.extend(h);
+    }
+    p[14 + 6] = ext.first().map_or(17, |(k, _)| *k);
+    let plen = u16::try_from(chain.len() + udp.len()).unwrap();
+    p[14 + 4..14 + 6].copy_from_slice(&plen.to_be_bytes());
+    p.extend(chain);
+    p.extend(udp);
+    p
+}
+
+#[test]
+fn dns_past_ipv6_extension_headers_is_seen_a_later_fragment_is_not() {
+    if !integration_tests::require_root(
+        "dns_past_ipv6_extension_headers_is_seen_a_later_fragment_is_not",
+    ) {
+        return;
+    }
+    let probe = loaded();
+    let q = dns(7, 0x0100, 1, QUESTION);
+    // Hop-by-hop and destination options, then UDP: a query.
+    run(
+        &probe,
+        "tc_egress",
+        &ipv6_udp_past(&[(0, 8), (60, 16)], 0, 40000, 53, &q),
+    );
+    // A routing header, then the first fragment: a query too.
+    run(
+        &probe,
+        "tc_egress",
+        &ipv6_udp_past(&[(43, 24), (44, 8)], 0, 40001, 53, &q),
+    );
+    assert_eq!(counts(&probe).queries, 2);
+    // A later fragment has no ports; five extension headers are more than are walked.
+    run(
+        &probe,
+        "tc_egress",
+        &ipv6_udp_past(&[(44, 8)], 100, 40002, 53, &q),
+    );
+    run(
+        &probe,
+        "tc_egress",
+        &ipv6_udp_past(
+            &[(0, 8), (60, 8), (60, 8), (60, 8), (60, 8)],
+            0,
+            40003,
+            53,
+            &q,
+        ),
+    );
+    assert_eq!(counts(&probe).queries, 2);
 }
 
 #[test]
@@ -677,6 +858,8 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
     ];
     set.start_ns = [100, 10_000_000_000, 50, 0];
     set.ifindex = [3, 3, 4, 0];
+    set.resolver = [5, 5, 0, 0];
+    set.egress = [1, 1, 0, 0];
     set.key = [key(1), key(2), key(3), key(4)];
     let sweep = |table: &mut PendingTable| {
         let mut out = Vec::new();
@@ -688,14 +871,18 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
         sweep(&mut table),
         vec![Expired {
             key: key(1),
-            ifindex: 3
+            ifindex: 3,
+            resolver: 5,
+            egress: true,
         }]
     );
     assert_eq!(
         sweep(&mut table),
         vec![Expired {
             key: key(3),
-            ifindex: 4
+            ifindex: 4,
+            resolver: 0,
+            egress: false,
         }]
     );
     assert_eq!(sweep(&mut table), vec![]);

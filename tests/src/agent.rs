@@ -192,6 +192,26 @@ impl Agent {
         }
     }
 
+    /// Has the agent name the resolver at `server`: one query from `client`, then a wait
+    /// until the name is in force. A resolver's first queries count under `other` until
+    /// the agent has seen it and named it (within a sweep).
+    pub fn name_resolver(&self, node: &Netns, client: &Netns, server: std::net::SocketAddr) {
+        let _ = crate::dns::query(
+            client,
+            server,
+            crate::dns::OK_NAME,
+            0xfffe,
+            Duration::from_millis(500),
+        );
+        let ip = server.ip().to_string();
+        self.scrape_until(node, &format!("{ip} named"), |s| {
+            s.sum(
+                "eni_monitor_dns_resolver_info",
+                &[("resolver", ip.as_str())],
+            ) >= 1.0
+        });
+    }
+
     /// SIGKILL, as the OOM killer or a node under pressure ends an agent: nothing of
     /// it runs after.
     pub fn kill(&mut self) {

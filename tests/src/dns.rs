@@ -169,3 +169,96 @@ pub fn retransmit(ns: &Netns, server: SocketAddr, name: &str, copies: usize) {
         }
     });
 }
+
+/// Each (name, count) as queries from one socket (one flow), distinct ids from 1, sent
+/// back to back; returns how many were answered within `wait`.
+pub fn from_one_socket(
+    ns: &Netns,
+    server: SocketAddr,
+    names: &[(&str, u16)],
+    wait: Duration,
+) -> usize {
+    let packets: Vec<Vec<u8>> = names
+        .iter()
+        .flat_map(|(name, n)| (0..*n).map(move |_| *name))
+        .zip(1u16..)
+        .map(|(name, id)| query_packet(name, id))
+        .collect();
+    ns.run(move || {
+        let sock = bind_for(server);
+        for p in &packets {
+            sock.send_to(p, server).unwrap();
+        }
+        sock.set_read_timeout(Some(wait)).unwrap();
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 512];
+        let mut answered = 0;
+        while answered < packets.len() && Instant::now() < deadline {
+            if sock.recv_from(&mut buf).is_err() {
+                break;
+            }
+            answered += 1;
+        }
+        answered
+    })
+}
+
+/// One query to each of `servers` from one socket, nothing read: a pod spraying
+/// addresses.
+pub fn spray(ns: &Netns, servers: Vec<SocketAddr>) {
+    let packet = query_packet(OK_NAME, 7);
+    ns.run(move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for s in servers {
+            sock.send_to(&packet, s).unwrap();
+        }
+    });
+}
+
+/// `count` queries to `server` from one socket as fast as it sends, ids 0.., nothing
+/// read: a pod flooding a server.
+pub fn flood(ns: &Netns, server: SocketAddr, count: u32) {
+    ns.run(move || {
+        let sock = bind_for(server);
+        for i in 0..count {
+            let id = u16::try_from(i % 65_536).unwrap();
+            sock.send_to(&query_packet(OK_NAME, id), server).unwrap();
+        }
+    });
+}
+
+/// A DNS server on `addr` (UDP) that answers every query NOERROR after `delay`: queries
+/// are still in flight a while after they were sent. Stopped on drop.
+pub struct SlowResolver {
+    _server: crate::Background,
+}
+
+impl SlowResolver {
+    pub fn start(ns: &Netns, addr: SocketAddr, delay: Duration) -> Self {
+        let sock = ns.run(move || UdpSocket::bind(addr).unwrap());
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let server = crate::Background::spawn(move |stop| {
+            let mut waiting: Vec<(Instant, Vec<u8>, SocketAddr)> = Vec::new();
+            let mut buf = [0u8; 512];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf)
+                    && n >= 12
+                {
+                    let mut answer = buf[..n].to_vec();
+                    answer[2] |= 0x80;
+                    waiting.push((Instant::now() + delay, answer, peer));
+                }
+                let now = Instant::now();
+                waiting.retain(|(due, answer, peer)| {
+                    if *due > now {
+                        return true;
+                    }
+                    let _ = sock.send_to(answer, *peer);
+                    false
+                });
+            }
+        });
+        Self { _server: server }
+    }
+}

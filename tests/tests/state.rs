@@ -144,15 +144,22 @@ fn another_layout_starts_over_and_says_so_and_cleanup_removes_it() {
     assert!(agent.stop().success());
     let log = agent.log_text();
     assert_eq!(
-        log.matches("replacing the state of another layout (v2-flows64)")
-            .count(),
+        log.matches(&format!(
+            "replacing the state of another layout ({})",
+            monitor::loader::pins::layout(64)
+        ))
+        .count(),
         1,
         "{log}"
     );
 
     // Uninstall: the pins go, and a second cleanup has nothing to do.
     let dir = state.dir();
-    assert!(dir.join("v2-flows262144").join("FLOWS").exists());
+    assert!(
+        dir.join(monitor::loader::pins::layout(262_144))
+            .join("FLOWS")
+            .exists()
+    );
     let cleanup = || {
         let out = Command::new(monitor_bin())
             .args(["cleanup", "--state-dir"])

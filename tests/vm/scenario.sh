@@ -147,7 +147,10 @@ mark END tcp-hold
 dump flows
 
 phase "phase-4"
-# Phase 4: DNS through eth0: 10 answered NOERROR, 3 NXDOMAIN.
+# Phase 4: DNS through eth0: one query that has the agent name the resolver (it counts
+# as other), then 10 answered NOERROR, 3 NXDOMAIN.
+nettool dns-query 10.0.0.2:53 a.example 1 >/dev/null
+wait_for '^eni_monitor_dns_resolver_info{resolver="10.0.0.2"'
 mark BEGIN dns-client
 nettool dns-query 10.0.0.2:53 a.example 10
 nettool dns-query 10.0.0.2:53 nx.example 3

@@ -1,34 +1,38 @@
 //! DNS over UDP: queries, responses matched to their query by (client, client port,
 //! server, id), latency, and the queries still in flight for the agent to time out.
+//! Everything is counted by (device, resolver slot): a slot the agent gave the server,
+//! or `other`. No key is ever chosen by what a packet holds beyond those bounds.
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use monitor_common::{
-    Addr, BPF_F_NO_PREALLOC, DNS_COUNTS_MAX_ENTRIES, DNS_FLIGHT_KEY_WORDS,
-    DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DnsCountKey,
-    DnsCountKind, DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey, MapFull,
+    Addr, AddrInfo, BPF_F_NO_PREALLOC, DNS_COUNTS_MAX_ENTRIES, DNS_FLIGHT_KEY_WORDS,
+    DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_LATENCY_MAX_ENTRIES,
+    DNS_SEEN_MAX_ENTRIES, DnsCountKey, DnsCountKind, DnsFlight, DnsFlightKey, DnsLatency,
+    DnsSlotKey, MapFull, RESOLVER_OTHER,
     proto::{DNS_HLEN, DNS_PORT, UDP_HLEN},
 };
 
 use super::packet::{Packet, read};
 use crate::{
     kernel::now_ns,
-    maps::{BPF_NOEXIST, EEXIST, increment, map_full},
+    maps::{BPF_NOEXIST, EEXIST, addr_info, increment, map_full},
 };
 
 /// The QR bit of a DNS header's flags: a response.
 const DNS_QR: u16 = 0x8000;
 
+/// Queries, responses by rcode, and queries ended to make room or by a copy, per CPU.
 #[map]
 static DNS_COUNTS: PerCpuHashMap<DnsCountKey, u64> =
     PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
-static DNS_LATENCY: PerCpuHashMap<DnsServerKey, DnsLatency> =
-    PerCpuHashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+static DNS_LATENCY: PerCpuHashMap<DnsSlotKey, DnsLatency> =
+    PerCpuHashMap::with_max_entries(DNS_LATENCY_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Queries awaiting a response. The agent deletes those older than `--dns-timeout`
 /// and counts them unanswered; whoever deletes an entry first counts it, so a query is
@@ -39,24 +43,55 @@ static DNS_LATENCY: PerCpuHashMap<DnsServerKey, DnsLatency> =
 static DNS_INFLIGHT: HashMap<DnsFlightKey, DnsFlight> =
     HashMap::with_max_entries(DNS_INFLIGHT_MAX_ENTRIES, 0);
 
-/// Unanswered queries by (device, server): written by the agent's timeout sweep only,
-/// here so that the count is pinned with the rest and survives the agent.
+/// What the agent counts itself (queries its sweep found unanswered, and the counts of
+/// resolvers that gave their slot up, moved to `other`): written by the agent only, here
+/// so that they are pinned with the rest and survive the agent.
 #[map]
-static DNS_UNANSWERED: HashMap<DnsServerKey, u64> =
+static DNS_AGENT_COUNTS: HashMap<DnsCountKey, u64> =
     HashMap::with_max_entries(DNS_COUNTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Resolvers the agent names by address in the `resolver` label: written by the agent
-/// only, here so that the names are pinned with the counts they label.
+/// Latency of resolvers that gave their slot up, moved to `other`: the agent's, pinned.
 #[map]
-static DNS_RESOLVERS: HashMap<Addr, u32> = HashMap::with_max_entries(64, BPF_F_NO_PREALLOC);
+static DNS_AGENT_LATENCY: HashMap<DnsSlotKey, DnsLatency> =
+    HashMap::with_max_entries(DNS_LATENCY_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The key of the hash that picks a query's set in `DNS_PENDING`, kept by the agent
+/// beside the table it keys so that a restarted agent finds the queries in flight.
+#[map]
+static DNS_KEYS: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Servers without a slot that queries went to, with a rough count: what the agent
+/// names its next resolvers from. Least recently used out first: a pod spraying
+/// addresses churns it, a busy resolver stays.
+#[map]
+static DNS_SEEN: LruHashMap<Addr, u64> = LruHashMap::with_max_entries(DNS_SEEN_MAX_ENTRIES, 0);
 
 /// The bits of a DNS header's flags word.
 const DNS_OPCODE_SHIFT: u16 = 11;
 const DNS_OPCODE_MASK: u16 = 0x0f;
 const DNS_RCODE_MASK: u16 = 0x0f;
 
+/// A query's device, resolver slot and direction, kept with it while it waits.
+#[derive(Clone, Copy)]
+pub struct Meta {
+    pub ifindex: u32,
+    pub resolver: u8,
+    pub egress: u8,
+}
+
+/// A query ended to make room for another: counted unanswered under its own slot.
+#[derive(Clone, Copy)]
+pub enum Ended {
+    None,
+    /// A copy of the new query, still waiting, that it replaced.
+    Superseded(Meta),
+    /// The oldest query of a full set (or the new one, where none could be taken).
+    Evicted(Meta),
+}
+
+/// `far` is what the agent told of the packet's far end.
 #[inline(always)]
-pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
+pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32, egress: bool, far: AddrInfo) {
     // In place where the linear data holds it, else copied out (a helper call).
     let off = p.l4 + UDP_HLEN;
     let Some(hdr) =
@@ -77,30 +112,59 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32) {
             response(p, id, (flags & DNS_RCODE_MASK) as u8, ifindex);
         }
     } else if p.dport == DNS_PORT {
-        query(p, id, ifindex);
+        // The server is the far end of a query leaving; of one arriving, this node.
+        let resolver = if egress {
+            far.resolver
+        } else {
+            addr_info(&p.dst).map_or(RESOLVER_OTHER, |i| i.resolver)
+        };
+        let meta = Meta {
+            ifindex,
+            resolver,
+            egress: u8::from(egress),
+        };
+        query(p, id, meta);
     }
 }
 
-/// Counts one of a device's DNS messages to or from `server`.
+/// Counts one of a device's DNS messages under resolver slot `resolver`.
 #[inline(always)]
-fn count(ifindex: u32, kind: DnsCountKind, rcode: u8, server: Addr) {
+fn count(ifindex: u32, resolver: u8, kind: DnsCountKind, rcode: u8) {
     increment(
         &DNS_COUNTS,
         &DnsCountKey {
             ifindex,
+            resolver,
             kind: kind as u8,
             rcode,
-            pad: [0; 2],
-            server,
+            pad: 0,
         },
         MapFull::DnsCounts,
     );
 }
 
+/// Notes a server without a slot, for the agent to consider naming.
+#[inline(always)]
+fn seen(server: &Addr) {
+    match DNS_SEEN.get_ptr_mut(server) {
+        // SAFETY: a value of the shared map; racing adds from other CPUs may lose a few,
+        // and the count is only a ranking.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            // A full LRU map takes the least recently used entry's place: never fails
+            // for want of room.
+            let _ = DNS_SEEN.insert(server, &1, 0);
+        }
+    }
+}
+
 /// A query from `p.src` to the server `p.dst`: counted, and recorded in flight.
 #[inline(always)]
-fn query(p: &Packet, id: u16, ifindex: u32) {
-    count(ifindex, DnsCountKind::Query, 0, p.dst);
+fn query(p: &Packet, id: u16, meta: Meta) {
+    count(meta.ifindex, meta.resolver, DnsCountKind::Query, 0);
+    if meta.resolver == RESOLVER_OTHER {
+        seen(&p.dst);
+    }
     let key = [
         p.src[0],
         p.src[1],
@@ -114,18 +178,20 @@ fn query(p: &Packet, id: u16, ifindex: u32) {
         0,
     ];
     // One object per kind of kernel: the other path is not in it.
-    let superseded = if crate::ATOMICS {
-        pending::query(&key, ifindex)
+    let ended = if crate::ATOMICS {
+        pending::query(&key, meta)
     } else {
-        inflight_query(&key, ifindex)
+        inflight_query(&key, meta)
     };
-    if superseded {
-        count(ifindex, DnsCountKind::Superseded, 0, p.dst);
+    match ended {
+        Ended::None => {}
+        Ended::Superseded(m) => count(m.ifindex, m.resolver, DnsCountKind::Superseded, 0),
+        Ended::Evicted(m) => count(m.ifindex, m.resolver, DnsCountKind::Evicted, 0),
     }
 }
 
-/// A response from the server `p.src`: counted with its latency if it ends a query in
-/// flight.
+/// A response from the server `p.src`: counted, with its latency, under the slot its
+/// query was counted under, if it ends a query in flight.
 #[inline(always)]
 fn response(p: &Packet, id: u16, rcode: u8, ifindex: u32) {
     let key = [
@@ -140,17 +206,19 @@ fn response(p: &Packet, id: u16, rcode: u8, ifindex: u32) {
         u32::from(p.dport) | (u32::from(id) << 16),
         0,
     ];
-    let start = if crate::ATOMICS {
+    let answered = if crate::ATOMICS {
         pending::answer(&key)
     } else {
         inflight_answer(&key)
     };
-    let Some(start) = start else { return };
-    count(ifindex, DnsCountKind::Response, rcode, p.src);
+    let Some((start, resolver)) = answered else {
+        return;
+    };
+    count(ifindex, resolver, DnsCountKind::Response, rcode);
     observe(
-        DnsServerKey {
+        DnsSlotKey {
             ifindex,
-            server: p.src,
+            resolver: u32::from(resolver),
         },
         now_ns().saturating_sub(start),
     );
@@ -159,45 +227,60 @@ fn response(p: &Packet, id: u16, rcode: u8, ifindex: u32) {
 /// A `DnsFlightKey` as its words: client, server, client port and id, padding.
 type KeyWords = [u32; DNS_FLIGHT_KEY_WORDS];
 
-/// Records a query in `DNS_INFLIGHT` (kernels without atomics); true when it replaced a
-/// copy of itself still waiting (`DNS_SUPERSEDED`).
+/// Records a query in `DNS_INFLIGHT` (kernels without atomics), and what it ended: a
+/// copy of itself still waiting, or (the table full) itself.
 #[inline(always)]
-fn inflight_query(key: &KeyWords, ifindex: u32) -> bool {
+fn inflight_query(key: &KeyWords, meta: Meta) -> Ended {
     // SAFETY: `DnsFlightKey` is `repr(C)`, 10 words without padding between fields.
     let key: DnsFlightKey = unsafe { core::mem::transmute(*key) };
     let flight = DnsFlight {
         start_ns: now_ns(),
-        ifindex,
+        ifindex: meta.ifindex,
+        resolver: meta.resolver,
+        egress: meta.egress,
         pad: 0,
     };
-    let mut superseded = false;
+    let mut ended = Ended::None;
     let mut r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
     if r == Err(EEXIST) {
+        // SAFETY: a read of a map value the kernel keeps alive for the program's run.
+        let copy = unsafe { DNS_INFLIGHT.get(&key) }.copied();
         // Only the deleter ends the copy, as a response or the sweep would.
-        superseded = DNS_INFLIGHT.remove(&key).is_ok();
+        if let Some(copy) = copy
+            && DNS_INFLIGHT.remove(&key).is_ok()
+        {
+            ended = Ended::Superseded(Meta {
+                ifindex: copy.ifindex,
+                resolver: copy.resolver,
+                egress: copy.egress,
+            });
+        }
         r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
     }
-    // EEXIST again: a copy on another CPU got in between, and waits in our place.
+    // EEXIST again: a copy on another CPU got in between, and waits in our place. Any
+    // other failure is a full table: the new query ends here, unanswered (a hash table
+    // has no oldest entry to end instead).
     if let Err(e) = r
         && e != EEXIST
     {
         map_full(MapFull::DnsInflight);
+        ended = Ended::Evicted(meta);
     }
-    superseded
+    ended
 }
 
-/// Ends the query a response answers in `DNS_INFLIGHT`; its start time if this response
-/// is the one that ends it.
+/// Ends the query a response answers in `DNS_INFLIGHT`; its start time and resolver slot
+/// if this response is the one that ends it.
 #[inline(always)]
-fn inflight_answer(key: &KeyWords) -> Option<u64> {
+fn inflight_answer(key: &KeyWords) -> Option<(u64, u8)> {
     // SAFETY: as above.
     let key: DnsFlightKey = unsafe { core::mem::transmute(*key) };
     // SAFETY: a read of a map value the kernel keeps alive for the program's run.
-    let start = unsafe { DNS_INFLIGHT.get(&key) }?.start_ns;
+    let flight = unsafe { DNS_INFLIGHT.get(&key) }.copied()?;
     // Only the deleter counts: a duplicate response or the agent's timeout sweep
     // racing with this one loses.
     DNS_INFLIGHT.remove(&key).ok()?;
-    Some(start)
+    Some((flight.start_ns, flight.resolver))
 }
 
 /// Queries in flight in `DNS_PENDING`, an array the agent maps: a set of ways picked by
@@ -213,7 +296,7 @@ mod pending {
         PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
     };
 
-    use super::KeyWords;
+    use super::{Ended, KeyWords, Meta};
     use crate::{
         kernel::{layout, now_ns},
         maps::map_full,
@@ -258,6 +341,36 @@ mod pending {
                 (&raw mut (*self.set).ifindex)
                     .cast::<u32>()
                     .wrapping_add(self.i)
+            }
+        }
+
+        fn resolver(self) -> *mut u8 {
+            // SAFETY: as above.
+            unsafe {
+                (&raw mut (*self.set).resolver)
+                    .cast::<u8>()
+                    .wrapping_add(self.i)
+            }
+        }
+
+        fn egress(self) -> *mut u8 {
+            // SAFETY: as above.
+            unsafe {
+                (&raw mut (*self.set).egress)
+                    .cast::<u8>()
+                    .wrapping_add(self.i)
+            }
+        }
+
+        /// The device, slot and direction of the query in a way this CPU holds.
+        fn meta(self) -> Meta {
+            // SAFETY: words of the way this CPU holds.
+            unsafe {
+                Meta {
+                    ifindex: core::ptr::read_volatile(self.ifindex()),
+                    resolver: core::ptr::read_volatile(self.resolver()),
+                    egress: core::ptr::read_volatile(self.egress()),
+                }
             }
         }
 
@@ -325,35 +438,60 @@ mod pending {
         DNS_PENDING.get_ptr_mut(((u64::from(h) * u64::from(layout::pending_sets())) >> 32) as u32)
     }
 
-    /// Records a query; true when it replaced a copy of itself still waiting
-    /// (`DNS_SUPERSEDED`), whose way it takes over. A full set is counted as a full table.
+    /// Records a query, and what it ended: a copy of itself still waiting, whose way it
+    /// takes over; or, its set full, the oldest query waiting there, whose way it takes
+    /// (counted as a full table too). Every query ends answered or unanswered.
     #[inline(always)]
-    pub fn query(key: &KeyWords, ifindex: u32) -> bool {
-        let Some(set) = set(key) else { return false };
+    pub fn query(key: &KeyWords, meta: Meta) -> Ended {
+        let Some(set) = set(key) else {
+            return Ended::Evicted(meta);
+        };
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
             // Held as a response or the sweep would hold it: whoever holds the copy
             // first ends it.
             if way.hold(key) {
-                publish(way, key, ifindex);
-                return true;
+                let copy = way.meta();
+                publish(way, key, meta);
+                return Ended::Superseded(copy);
             }
         }
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
             if way.is(PENDING_FREE) && way.claim(PENDING_FREE, PENDING_WRITING) {
-                publish(way, key, ifindex);
-                return false;
+                publish(way, key, meta);
+                return Ended::None;
             }
         }
         map_full(MapFull::DnsInflight);
-        false
+        // The oldest query waiting: a flood's own queries, far more than anyone
+        // else's, are the ones it pushes out.
+        let mut oldest = 0;
+        let mut oldest_start = u64::MAX;
+        for i in 0..DNS_PENDING_WAYS {
+            let way = Way { set, i };
+            // SAFETY: a word of a map value the kernel keeps for the program's run; what
+            // is decided on it is decided again once the way is held.
+            let start = unsafe { core::ptr::read_volatile(way.start()) };
+            if way.is(PENDING_WAITING) && start < oldest_start {
+                oldest = i;
+                oldest_start = start;
+            }
+        }
+        let way = Way { set, i: oldest };
+        if way.claim(PENDING_WAITING, PENDING_WRITING) {
+            let evicted = way.meta();
+            publish(way, key, meta);
+            return Ended::Evicted(evicted);
+        }
+        // Every way held this instant: the new query ends here.
+        Ended::Evicted(meta)
     }
 
     /// Writes a query into a way this CPU claimed (state `PENDING_WRITING`), then marks it
     /// waiting.
     #[inline(always)]
-    fn publish(way: Way, key: &KeyWords, ifindex: u32) {
+    fn publish(way: Way, key: &KeyWords, meta: Meta) {
         // SAFETY: the way is ours until it is marked waiting. Volatile stores: the
         // compiler keeps them in this order.
         unsafe {
@@ -361,24 +499,31 @@ mod pending {
             for (j, w) in key.iter().enumerate() {
                 core::ptr::write_volatile(k.wrapping_add(j), *w);
             }
-            core::ptr::write_volatile(way.ifindex(), ifindex);
+            core::ptr::write_volatile(way.ifindex(), meta.ifindex);
+            core::ptr::write_volatile(way.resolver(), meta.resolver);
+            core::ptr::write_volatile(way.egress(), meta.egress);
             core::ptr::write_volatile(way.start(), now_ns());
         }
         release(way, PENDING_WAITING);
     }
 
-    /// Ends the query `key` names; its start time if this response is the one that ends
-    /// it (a duplicate response or the agent's timeout sweep may have).
+    /// Ends the query `key` names; its start time and resolver slot if this response is
+    /// the one that ends it (a duplicate response or the agent's timeout sweep may have).
     #[inline(always)]
-    pub fn answer(key: &KeyWords) -> Option<u64> {
+    pub fn answer(key: &KeyWords) -> Option<(u64, u8)> {
         let set = set(key)?;
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
             if way.hold(key) {
-                // SAFETY: a word of the way this CPU holds.
-                let start = unsafe { core::ptr::read_volatile(way.start()) };
+                // SAFETY: words of the way this CPU holds.
+                let (start, resolver) = unsafe {
+                    (
+                        core::ptr::read_volatile(way.start()),
+                        core::ptr::read_volatile(way.resolver()),
+                    )
+                };
                 release(way, PENDING_FREE);
-                return Some(start);
+                return Some((start, resolver));
             }
         }
         None
@@ -407,7 +552,7 @@ static ZERO_LATENCY: DnsLatency = DnsLatency {
 };
 
 #[inline(always)]
-fn observe(key: DnsServerKey, latency_ns: u64) {
+fn observe(key: DnsSlotKey, latency_ns: u64) {
     let mut bucket = DNS_LATENCY_BUCKETS - 1;
     for (i, bound) in DNS_LATENCY_BOUNDS_NS.iter().enumerate() {
         if latency_ns <= *bound {

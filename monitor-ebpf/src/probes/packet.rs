@@ -4,8 +4,11 @@
 use aya_ebpf::programs::TcContext;
 use monitor_common::{
     Addr,
-    proto::{ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP},
+    proto::{ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_TCP},
 };
+
+/// IPv6 extension headers followed to the transport header.
+const MAX_IPV6_EXTENSIONS: usize = 4;
 
 use crate::headers;
 
@@ -130,7 +133,6 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
             Some(p)
         }
         ETH_P_IPV6 => {
-            // Extension headers are not followed: DNS and flows use the fixed header.
             let (h, whole) = header_and_ports::<11, 10>(ctx, l3)?;
             let ip = headers::ipv6(&headers::head(&h))?;
             let mut p = Packet {
@@ -148,10 +150,61 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                 } else {
                     p.l4 = 0;
                 }
+            } else if headers::is_ipv6_extension(p.proto) {
+                extensions(ctx, &mut p, whole.then_some(h[10]));
             }
             Some(p)
         }
         _ => None,
+    }
+}
+
+/// A transport header's first word at `off`: in place, else copied out.
+#[inline(always)]
+fn word(ctx: &TcContext, off: usize) -> Option<u32> {
+    read::<u32>(ctx, off).or_else(|| ctx.load::<u32>(off).ok())
+}
+
+/// Walks IPv6 extension headers (hop-by-hop, routing, destination options, fragment) to
+/// the transport header, at most `MAX_IPV6_EXTENSIONS` of them; `first` is the first
+/// one's leading word when already read. A first fragment carries the ports and matches
+/// as a whole packet does; a later fragment, or a chain too long or cut short, has no
+/// ports to read (`l4` 0).
+#[inline(always)]
+fn extensions(ctx: &TcContext, p: &mut Packet, mut first: Option<u32>) {
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        let Some(w) = first.take().or_else(|| word(ctx, p.l4)) else {
+            p.l4 = 0;
+            return;
+        };
+        let next = headers::byte(w, 0) as u8;
+        let len = if p.proto == IPPROTO_FRAGMENT {
+            // The fragment offset: the 13 bits above the flags in bytes 2 and 3.
+            if u16::from_be((w >> 16) as u16) & 0xfff8 != 0 {
+                p.proto = next;
+                p.l4 = 0;
+                return;
+            }
+            8
+        } else {
+            (headers::byte(w, 1) as usize + 1) * 8
+        };
+        p.proto = next;
+        p.l4 += len;
+        if !headers::is_ipv6_extension(next) {
+            break;
+        }
+    }
+    if !headers::has_ports(p.proto) {
+        // Another protocol (its own header, no ports), or still an extension: too many.
+        if headers::is_ipv6_extension(p.proto) {
+            p.l4 = 0;
+        }
+        return;
+    }
+    match word(ctx, p.l4) {
+        Some(w) => (p.sport, p.dport) = headers::ports(w),
+        None => p.l4 = 0,
     }
 }
 

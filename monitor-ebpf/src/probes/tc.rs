@@ -32,7 +32,8 @@ fn handle(ctx: &TcContext, egress: bool) {
     } else {
         (&p.src, p.sport)
     };
-    match linklocal::service(&p, far, far_port) {
+    let info = linklocal::lookup(&p, far, far_port);
+    match linklocal::service(info) {
         // EC2 does not track flows to its link-local services: they have their own
         // allowance (1024 packets/s), counted on the way out.
         Some(service) => {
@@ -43,6 +44,6 @@ fn handle(ctx: &TcContext, egress: bool) {
         None => flows::track(&p, packet::tcp_flags(ctx, &p), ifindex, egress),
     }
     if p.proto == IPPROTO_UDP && p.l4 != 0 && (p.sport == DNS_PORT || p.dport == DNS_PORT) {
-        dns::handle(ctx, &p, ifindex);
+        dns::handle(ctx, &p, ifindex, egress, info);
     }
 }

@@ -1,14 +1,12 @@
 //! DNS queries, matched responses, unanswered queries and latency, by device and
 //! resolver, from the classifiers' maps and the timeout sweep's count; who is failing.
 
-use std::{collections::BTreeMap, sync::Arc};
-
-use aya::maps::{MapData, PerCpuHashMap};
-use log::warn;
-use monitor_common::{
-    Addr, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DnsCountKey, DnsCountKind, DnsLatency,
-    DnsServerKey, addr_to_ip,
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError},
 };
+
+use monitor_common::{DNS_LATENCY_BOUNDS_NS, DnsCountKind, RESOLVER_SLOTS};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet},
@@ -17,15 +15,17 @@ use prometheus_client::{
 
 use super::{Metric, encode_counters, encode_gauges, gauge};
 use crate::{
-    devices::{Device, Devices},
-    housekeeping::{Resolvers, monotonic_ns},
-    loader::maps::UnansweredCounts,
-    model::dns::{RecentClients, minute, rcode_name},
+    devices::Devices,
+    loader::maps::{DnsTables, Histogram},
+    model::{
+        dns::{RankedClients, rcode_name},
+        resolvers::ResolverSlots,
+    },
 };
 
 const QUERIES: Metric = Metric {
     name: "dns_queries",
-    help: "DNS queries (UDP) leaving or entering through the ENI.",
+    help: "DNS queries (UDP) leaving or entering through the ENI, by resolver (a named one, or other).",
 };
 const RESPONSES: Metric = Metric {
     name: "dns_responses",
@@ -33,7 +33,7 @@ const RESPONSES: Metric = Metric {
 };
 const UNANSWERED: Metric = Metric {
     name: "dns_unanswered",
-    help: "DNS queries with no response within --dns-timeout, or before the client sent the same query again (same port and id).",
+    help: "DNS queries with no response within --dns-timeout, or ended before it: the client sent the same query again (same port and id), or the in-flight table had to make room.",
 };
 const LATENCY: Metric = Metric {
     name: "dns_latency_seconds",
@@ -45,17 +45,15 @@ const TOP_CLIENTS_UNANSWERED: Metric = Metric {
 };
 const RESOLVER_INFO: Metric = Metric {
     name: "dns_resolver_info",
-    help: "A resolver labelled by its address, and whether it is Amazon's (169.254.169.253, fd00:ec2::253, VPC+2); always 1.",
+    help: "A resolver named by its address (Amazon's, and the busiest and failing others of the last minutes; the rest are other), and whether it is Amazon's (169.254.169.253, fd00:ec2::253, VPC+2); always 1.",
 };
 
 pub struct DnsCollector {
-    pub counts: PerCpuHashMap<MapData, DnsCountKey, u64>,
-    pub latency: PerCpuHashMap<MapData, DnsServerKey, DnsLatency>,
-    pub unanswered: UnansweredCounts,
-    pub resolvers: Arc<Resolvers>,
-    pub recent: RecentClients,
-    /// How many clients each device reports (`--top`).
-    pub top: usize,
+    pub dns: DnsTables,
+    /// The resolver names in force, by slot.
+    pub slots: Arc<Mutex<ResolverSlots>>,
+    /// The last ranking of the clients with unanswered queries (the sweep's).
+    pub ranked: RankedClients,
     pub devices: Devices,
 }
 
@@ -67,46 +65,6 @@ impl std::fmt::Debug for DnsCollector {
 
 /// (device, resolver).
 type Labels2 = (String, String);
-
-#[derive(Default)]
-struct Histogram {
-    buckets: [u64; DNS_LATENCY_BUCKETS],
-    sum_ns: u64,
-}
-
-impl DnsCollector {
-    /// Labels for a key, or `None` for a device no longer monitored (its series go).
-    fn labels(
-        &self,
-        ifindex: u32,
-        server: Addr,
-        devices: &BTreeMap<u32, Device>,
-    ) -> Option<Labels2> {
-        let d = devices.get(&ifindex)?;
-        Some((d.name.clone(), self.resolvers.label(addr_to_ip(server))))
-    }
-
-    /// `top_dns_clients_unanswered`: who is failing, per device.
-    fn encode_top_clients(
-        &self,
-        encoder: &mut DescriptorEncoder,
-        devices: &BTreeMap<u32, Device>,
-    ) -> Result<(), std::fmt::Error> {
-        let mut clients = Vec::new();
-        for (ifindex, top) in self.recent.top(minute(monotonic_ns()), self.top) {
-            let Some(d) = devices.get(&ifindex) else {
-                continue;
-            };
-            for (addr, n) in top {
-                clients.push((
-                    [("device", d.name.clone()), ("address", addr.to_string())],
-                    gauge(n),
-                ));
-            }
-        }
-        encode_gauges(encoder, &TOP_CLIENTS_UNANSWERED, clients)
-    }
-}
 
 fn encode_histogram(family: &mut MetricEncoder, h: &Histogram) -> Result<(), std::fmt::Error> {
     #[expect(
@@ -126,52 +84,51 @@ fn encode_histogram(family: &mut MetricEncoder, h: &Histogram) -> Result<(), std
 impl Collector for DnsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
+        // The names and the counts read together: the sweep moves a slot's counts to
+        // `other` under the same lock as it renames the slot.
+        let (names, snapshot, info) = {
+            let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let names: Vec<String> = (0..=u8::MAX)
+                .take(RESOLVER_SLOTS as usize)
+                .map(|s| slots.label(s))
+                .collect();
+            (names, self.dns.snapshot(), slots.info())
+        };
+        // Labels for a key, or `None` for a device no longer monitored (its series go).
+        let labels = |ifindex: u32, resolver: usize| -> Option<Labels2> {
+            let d = devices.get(&ifindex)?;
+            let name = names.get(resolver).map_or("other", String::as_str);
+            Some((d.name.clone(), name.to_owned()))
+        };
         let mut queries: BTreeMap<Labels2, u64> = BTreeMap::new();
         let mut responses: BTreeMap<(Labels2, String), u64> = BTreeMap::new();
-        // Copies replaced by a retransmission before any response, counted by the
-        // classifiers; the rest of the unanswered by the sweep.
         let mut unanswered: BTreeMap<Labels2, u64> = BTreeMap::new();
-        for entry in &self.counts {
-            let (key, per_cpu) = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!("reading DNS_COUNTS: {e}");
-                    continue;
-                }
-            };
-            let n: u64 = per_cpu.iter().sum();
-            let Some(labels) = self.labels(key.ifindex, key.server, &devices) else {
+        for (key, n) in snapshot.counts {
+            let Some(l) = labels(key.ifindex, usize::from(key.resolver)) else {
                 continue;
             };
             match DnsCountKind::from_u8(key.kind) {
-                Some(DnsCountKind::Query) => *queries.entry(labels).or_default() += n,
+                Some(DnsCountKind::Query) => *queries.entry(l).or_default() += n,
                 Some(DnsCountKind::Response) => {
-                    *responses
-                        .entry((labels, rcode_name(key.rcode)))
-                        .or_default() += n;
+                    *responses.entry((l, rcode_name(key.rcode))).or_default() += n;
                 }
-                Some(DnsCountKind::Superseded) => *unanswered.entry(labels).or_default() += n,
+                // Every way a query ends without its response.
+                Some(
+                    DnsCountKind::Superseded | DnsCountKind::Evicted | DnsCountKind::Unanswered,
+                ) => *unanswered.entry(l).or_default() += n,
                 None => {}
             }
         }
-        for ((ifindex, server), n) in self.unanswered.snapshot() {
-            if let Some(labels) = self.labels(ifindex, server, &devices) {
-                *unanswered.entry(labels).or_default() += n;
-            }
-        }
         let mut latency: BTreeMap<Labels2, Histogram> = BTreeMap::new();
-        for entry in &self.latency {
-            let Ok((key, per_cpu)) = entry else { continue };
-            let Some(labels) = self.labels(key.ifindex, key.server, &devices) else {
+        for (key, h) in snapshot.latency {
+            let Some(l) = labels(key.ifindex, usize::try_from(key.resolver).unwrap_or(0)) else {
                 continue;
             };
-            let h = latency.entry(labels).or_default();
-            for cpu in per_cpu.iter() {
-                for (sum, b) in h.buckets.iter_mut().zip(cpu.buckets) {
-                    *sum += b;
-                }
-                h.sum_ns += cpu.sum_ns;
+            let sum = latency.entry(l).or_default();
+            for (s, b) in sum.buckets.iter_mut().zip(h.buckets) {
+                *s += b;
             }
+            sum.sum_ns += h.sum_ns;
         }
 
         let with = |(device, resolver): Labels2| [("device", device), ("resolver", resolver)];
@@ -198,11 +155,23 @@ impl Collector for DnsCollector {
         for (l, h) in latency {
             encode_histogram(&mut family.encode_family(&with(l))?, &h)?;
         }
-        self.encode_top_clients(&mut encoder, &devices)?;
+        let mut clients = Vec::new();
+        for (ifindex, top) in self.ranked.get() {
+            let Some(d) = devices.get(&ifindex) else {
+                continue;
+            };
+            for (addr, n) in top {
+                clients.push((
+                    [("device", d.name.clone()), ("address", addr.to_string())],
+                    gauge(n),
+                ));
+            }
+        }
+        encode_gauges(&mut encoder, &TOP_CLIENTS_UNANSWERED, clients)?;
         encode_gauges(
             &mut encoder,
             &RESOLVER_INFO,
-            self.resolvers.info().into_iter().map(|(resolver, kind)| {
+            info.into_iter().map(|(resolver, kind)| {
                 ([("resolver", resolver), ("kind", kind.to_owned())], 1i64)
             }),
         )

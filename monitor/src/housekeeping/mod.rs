@@ -4,7 +4,6 @@
 //! share with the programs.
 
 pub mod expiry;
-pub mod resolvers;
 pub mod sweep;
 
 use std::time::Duration;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use log::warn;
 
-pub use self::{expiry::Expiry, resolvers::Resolvers, sweep::Sweeper};
+pub use self::{expiry::Expiry, sweep::Sweeper};
 
 /// `CLOCK_MONOTONIC` nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {

@@ -1,60 +1,152 @@
-//! The DNS timeout sweep: takes queries older than `--dns-timeout` out of the table
-//! they wait in (`DNS_PENDING`, or `DNS_INFLIGHT` on kernels without BPF atomics) and
-//! counts them unanswered, by server and by client. Only the one that takes a query out
-//! counts it, so a response that matched in the meantime wins.
+//! The DNS sweep: takes queries older than `--dns-timeout` out of the table they wait in
+//! (`DNS_PENDING`, or `DNS_INFLIGHT` on kernels without BPF atomics) and counts them
+//! unanswered under the resolver slot they were counted under; keeps the clients whose
+//! queries go unanswered; and names resolvers by what it saw (the model's
+//! `ResolverSlots`), telling the programs. Only the one that takes a query out counts
+//! it, so a response that matched in the meantime wins.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
-use monitor_common::{Addr, DnsFlightKey};
+use log::warn;
+use monitor_common::{DnsCountKind, DnsFlightKey, RESOLVER_OTHER, addr_to_ip};
 
 use crate::{
     loader::{
-        maps::{InflightTable, UnansweredCounts},
-        pending::PendingTable,
+        maps::{Addresses, DnsTables, InflightTable, SeenServers},
+        pending::{Expired, PendingTable},
     },
-    model::dns::{RecentClients, minute},
+    model::{
+        dns::{RankedClients, RecentClients, minute},
+        resolvers::{Activity, ResolverSlots},
+    },
 };
 
 pub struct Sweeper {
     pub inflight: InflightTable,
     pub pending: PendingTable,
     pub timeout: Duration,
-    pub unanswered: UnansweredCounts,
+    pub dns: DnsTables,
+    pub seen: SeenServers,
+    pub addrs: Addresses,
+    /// Shared with the DNS collector, which labels by it.
+    pub slots: Arc<Mutex<ResolverSlots>>,
     pub recent: RecentClients,
+    /// The ranking of `recent`, for the collector.
+    pub ranked: RankedClients,
+    /// How many clients each device reports (`--top`).
+    pub top: usize,
+    /// Each slot's query count at the last pass: a slot whose count moved was active.
+    pub last_queries: BTreeMap<u8, u64>,
 }
 
 impl Sweeper {
-    /// One pass. `DNS_PENDING`: each expired way claimed in place. `DNS_INFLIGHT`: the
-    /// table read in batches, each expired query deleted by key.
+    /// One pass at `now_ns` (`CLOCK_MONOTONIC`).
     pub fn sweep(&mut self, now_ns: u64) -> std::io::Result<()> {
         let timeout = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX);
-        let this_minute = minute(now_ns);
-        let mut counts: BTreeMap<(u32, Addr), u64> = BTreeMap::new();
-        self.pending.sweep(now_ns.saturating_sub(timeout), |e| {
-            *counts.entry((e.ifindex, e.key.server)).or_default() += 1;
-            self.recent.add(this_minute, e.ifindex, e.key.client);
-        });
-        let mut expired: Vec<(DnsFlightKey, u32)> = Vec::new();
+        let mut expired: Vec<Expired> = Vec::new();
+        self.pending
+            .sweep(now_ns.saturating_sub(timeout), |e| expired.push(e));
+        let mut stale: Vec<(DnsFlightKey, Expired)> = Vec::new();
         self.inflight.for_each(|key, flight| {
             if now_ns.saturating_sub(flight.start_ns) >= timeout {
-                expired.push((*key, flight.ifindex));
+                stale.push((
+                    *key,
+                    Expired {
+                        key: *key,
+                        ifindex: flight.ifindex,
+                        resolver: flight.resolver,
+                        egress: flight.egress != 0,
+                    },
+                ));
             }
         })?;
-        for (key, ifindex) in expired {
+        for (key, e) in stale {
             if self.inflight.delete(&key)? {
-                *counts.entry((ifindex, key.server)).or_default() += 1;
-                self.recent.add(this_minute, ifindex, key.client);
+                expired.push(e);
             }
         }
-        if !counts.is_empty() {
-            self.unanswered.add(counts);
+        let this_minute = minute(now_ns);
+        let mut unanswered: BTreeMap<(u32, u8), u64> = BTreeMap::new();
+        let mut failing: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        for e in &expired {
+            // Under the slot its query was counted under: a slot drains for longer than
+            // a query waits, so it still is that resolver's (or `other`).
+            *unanswered.entry((e.ifindex, e.resolver)).or_default() += 1;
+            *failing.entry(addr_to_ip(e.key.server)).or_default() += 1;
+            // Only a local client's (a query that left through the device) is a pod's.
+            if e.egress {
+                self.recent.add(this_minute, e.ifindex, e.key.client);
+            }
         }
+        if !unanswered.is_empty() {
+            self.dns.add(DnsCountKind::Unanswered, unanswered);
+        }
+        self.ranked.set(self.recent.top(this_minute, self.top));
+        self.name_resolvers(now_ns / 1_000_000_000, failing.into_iter().collect());
         Ok(())
+    }
+
+    /// Names resolvers by what this pass saw, and tells the programs.
+    fn name_resolvers(&mut self, now: u64, failing: Vec<(IpAddr, u64)>) {
+        let queries = self.slot_queries();
+        let active = queries
+            .iter()
+            .filter(|(s, n)| self.last_queries.get(s).is_none_or(|last| *n > last))
+            .map(|(s, _)| *s)
+            .collect();
+        self.last_queries = queries;
+        let activity = Activity {
+            now,
+            queried: self.seen.drain(),
+            active,
+            failing,
+        };
+        // The slots stay locked until the programs are told and the counts moved, so
+        // that a scrape never labels a slot's counts with a name they were not made
+        // under.
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let changes = slots.pass(&activity);
+        for (ip, _) in &changes.released {
+            if let Err(e) = self.addrs.set_resolver(*ip, RESOLVER_OTHER) {
+                warn!("{e:#}");
+            }
+        }
+        for slot in &changes.retired {
+            self.dns.retire(*slot);
+            self.last_queries.remove(slot);
+        }
+        for (ip, slot) in &changes.named {
+            if let Err(e) = self.addrs.set_resolver(*ip, *slot) {
+                warn!("{e:#}");
+            }
+        }
+    }
+
+    /// Queries counted under each slot but `other`, over every device.
+    fn slot_queries(&self) -> BTreeMap<u8, u64> {
+        let mut out = BTreeMap::new();
+        for (k, n) in self.dns.snapshot().counts {
+            if k.kind == DnsCountKind::Query as u8 && k.resolver != RESOLVER_OTHER {
+                *out.entry(k.resolver).or_default() += n;
+            }
+        }
+        out
     }
 
     /// How often to sweep: often enough that a query is declared unanswered soon after
     /// its timeout, rarely enough to cost nothing.
     pub fn period(&self) -> Duration {
         (self.timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// Seconds a resolver slot given up drains before it is retired: every query counted
+    /// under it has ended by then (answered, or swept a timeout later).
+    pub fn grace(timeout: Duration) -> u64 {
+        timeout.as_secs() + 2
     }
 }

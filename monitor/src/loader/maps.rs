@@ -2,6 +2,7 @@
 //! into the typed handle its one owner holds.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     os::fd::AsFd as _,
     sync::{Arc, Mutex, PoisonError},
@@ -14,8 +15,9 @@ use aya::{
 };
 use log::warn;
 use monitor_common::{
-    Addr, DnsCountKey, DnsFlight, DnsFlightKey, DnsLatency, DnsServerKey, DropKey, Flow, FlowClass,
-    FlowKey, LL_WINDOW, LinkLocalSecond, LinkLocalService, addr_from_ip, addr_to_ip,
+    Addr, AddrInfo, DNS_LATENCY_BUCKETS, DnsCountKey, DnsCountKind, DnsFlight, DnsFlightKey,
+    DnsLatency, DnsSlotKey, DropKey, Flow, FlowClass, FlowKey, LL_WINDOW, LinkLocalSecond,
+    LinkLocalService, RESOLVER_OTHER, SERVICE_NONE, addr_from_ip, addr_to_ip,
 };
 
 use super::{batch, pending::PendingTable, slots::SlotArray};
@@ -31,26 +33,30 @@ pub mod names {
     pub const DNS_PENDING: &str = "DNS_PENDING";
     pub const DNS_COUNTS: &str = "DNS_COUNTS";
     pub const DNS_LATENCY: &str = "DNS_LATENCY";
-    pub const DNS_UNANSWERED: &str = "DNS_UNANSWERED";
-    pub const DNS_RESOLVERS: &str = "DNS_RESOLVERS";
+    pub const DNS_AGENT_COUNTS: &str = "DNS_AGENT_COUNTS";
+    pub const DNS_AGENT_LATENCY: &str = "DNS_AGENT_LATENCY";
+    pub const DNS_SEEN: &str = "DNS_SEEN";
+    pub const DNS_KEYS: &str = "DNS_KEYS";
     pub const DROPS: &str = "DROPS";
     pub const UDP_QUEUE_DROPS: &str = "UDP_QUEUE_DROPS";
-    pub const LINKLOCAL: &str = "LINKLOCAL";
+    pub const ADDRS: &str = "ADDRS";
     pub const LL_PACKETS: &str = "LL_PACKETS";
     pub const LL_SECONDS: &str = "LL_SECONDS";
 
     /// The maps that carry state across a restart, pinned under the state directory.
-    pub const PINNED: [&str; 14] = [
+    pub const PINNED: [&str; 16] = [
         MONITORED,
         FLOWS,
         FLOWS_CREATED,
         FLOW_TABLE_FULL,
         DNS_INFLIGHT,
         DNS_PENDING,
+        DNS_KEYS,
         DNS_COUNTS,
         DNS_LATENCY,
-        DNS_UNANSWERED,
-        DNS_RESOLVERS,
+        DNS_AGENT_COUNTS,
+        DNS_AGENT_LATENCY,
+        ADDRS,
         DROPS,
         UDP_QUEUE_DROPS,
         LL_PACKETS,
@@ -88,13 +94,11 @@ pub struct Maps {
     pub flow_table_full: PerCpuArray<MapData, u64>,
     pub dns_inflight: InflightTable,
     pub dns_pending: PendingTable,
-    pub dns_counts: PerCpuHashMap<MapData, DnsCountKey, u64>,
-    pub dns_latency: PerCpuHashMap<MapData, DnsServerKey, DnsLatency>,
-    pub dns_unanswered: UnansweredCounts,
-    pub dns_resolvers: ResolverNames,
+    pub dns: DnsTables,
+    pub dns_seen: SeenServers,
     pub drops: PerCpuHashMap<MapData, DropKey, u64>,
     pub udp_queue_drops: PerCpuArray<MapData, u64>,
-    pub linklocal: LinkLocalAddrs,
+    pub addrs: Addresses,
     /// Packets per (slot, [`LinkLocalService`]).
     pub ll_packets: SlotArray<u64>,
     /// Per-second counts per (slot, second in the window).
@@ -104,9 +108,9 @@ pub struct Maps {
 impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
         use names::{
-            DNS_COUNTS, DNS_INFLIGHT, DNS_LATENCY, DNS_PENDING, DNS_RESOLVERS, DNS_UNANSWERED,
-            DROPS, FLOW_TABLE_FULL, FLOWS, FLOWS_CREATED, LINKLOCAL, LL_PACKETS, LL_SECONDS,
-            MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
+            ADDRS, DNS_AGENT_COUNTS, DNS_AGENT_LATENCY, DNS_COUNTS, DNS_INFLIGHT, DNS_LATENCY,
+            DNS_PENDING, DNS_SEEN, DROPS, FLOW_TABLE_FULL, FLOWS, FLOWS_CREATED, LL_PACKETS,
+            LL_SECONDS, MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
         };
         let pending = match take(ebpf, DNS_PENDING)? {
             Map::Array(data) => {
@@ -122,16 +126,16 @@ impl Maps {
             flow_table_full: take_typed(ebpf, FLOW_TABLE_FULL)?,
             dns_inflight: InflightTable(take_hash(ebpf, DNS_INFLIGHT)?),
             dns_pending: pending,
-            dns_counts: take_typed(ebpf, DNS_COUNTS)?,
-            dns_latency: take_typed(ebpf, DNS_LATENCY)?,
-            dns_unanswered: UnansweredCounts(Arc::new(Mutex::new(take_typed(
-                ebpf,
-                DNS_UNANSWERED,
-            )?))),
-            dns_resolvers: ResolverNames(take_typed(ebpf, DNS_RESOLVERS)?),
+            dns: DnsTables(Arc::new(Mutex::new(Tables {
+                counts: take_typed(ebpf, DNS_COUNTS)?,
+                latency: take_typed(ebpf, DNS_LATENCY)?,
+                agent_counts: take_typed(ebpf, DNS_AGENT_COUNTS)?,
+                agent_latency: take_typed(ebpf, DNS_AGENT_LATENCY)?,
+            }))),
+            dns_seen: SeenServers(take_typed(ebpf, DNS_SEEN)?),
             drops: take_typed(ebpf, DROPS)?,
             udp_queue_drops: take_typed(ebpf, UDP_QUEUE_DROPS)?,
-            linklocal: LinkLocalAddrs(take_typed(ebpf, LINKLOCAL)?),
+            addrs: Addresses(Arc::new(Mutex::new(take_typed(ebpf, ADDRS)?))),
             ll_packets: SlotArray::new(take_typed(ebpf, LL_PACKETS)?, LinkLocalService::COUNT),
             ll_seconds: SlotArray::new(take_typed(ebpf, LL_SECONDS)?, LL_WINDOW),
         })
@@ -173,60 +177,241 @@ impl Monitored {
     }
 }
 
-/// `LINKLOCAL`: link-local service addresses (and VPC+2 resolvers) to their service.
-pub struct LinkLocalAddrs(HashMap<MapData, Addr, u32>);
-
-impl LinkLocalAddrs {
-    pub fn add(&mut self, ip: IpAddr, service: LinkLocalService) -> Result<()> {
-        self.0
-            .insert(addr_from_ip(ip), service as u32, 0)
-            .with_context(|| format!("adding {ip} to LINKLOCAL"))
-    }
-}
-
-/// `DNS_RESOLVERS`: the resolvers named by address, pinned with the counts they label.
-pub struct ResolverNames(HashMap<MapData, Addr, u32>);
-
-impl ResolverNames {
-    pub fn named(&self) -> Vec<IpAddr> {
-        self.0
-            .keys()
-            .filter_map(Result::ok)
-            .map(addr_to_ip)
-            .collect()
-    }
-
-    pub fn keep(&mut self, ip: IpAddr) {
-        if let Err(e) = self.0.insert(addr_from_ip(ip), 1, 0) {
-            warn!("keeping the resolver label {ip}: {e}");
-        }
-    }
-}
-
-/// `DNS_UNANSWERED`: unanswered queries by (device, server), pinned so that the count
-/// survives the agent. The sweep adds to it, scrapes read it.
+/// `ADDRS`: what the programs are told of an address: the link-local service it is, and
+/// the resolver slot it counts under. Written by the agent alone (at start, by the IMDS
+/// labeller, by the sweep), read by the programs.
 #[derive(Clone)]
-pub struct UnansweredCounts(Arc<Mutex<HashMap<MapData, DnsServerKey, u64>>>);
+pub struct Addresses(Arc<Mutex<HashMap<MapData, Addr, AddrInfo>>>);
 
-impl UnansweredCounts {
-    /// Adds `n` to each (ifindex, server).
-    pub fn add(&self, counts: impl IntoIterator<Item = ((u32, Addr), u64)>) {
+impl Addresses {
+    fn update(&self, ip: IpAddr, f: impl FnOnce(&mut AddrInfo)) -> Result<()> {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        for ((ifindex, server), n) in counts {
-            let key = DnsServerKey { ifindex, server };
-            let total = map.get(&key, 0).unwrap_or(0) + n;
-            if let Err(e) = map.insert(key, total, 0) {
-                warn!("counting {n} unanswered DNS queries: {e}");
-            }
+        let key = addr_from_ip(ip);
+        let mut info = map.get(&key, 0).unwrap_or(AddrInfo {
+            service: SERVICE_NONE,
+            resolver: RESOLVER_OTHER,
+            pad: [0; 2],
+        });
+        f(&mut info);
+        if info.service == SERVICE_NONE && info.resolver == RESOLVER_OTHER {
+            return match map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("removing {ip} from ADDRS")),
+            };
         }
+        map.insert(key, info, 0)
+            .with_context(|| format!("adding {ip} to ADDRS"))
     }
 
-    pub fn snapshot(&self) -> Vec<((u32, Addr), u64)> {
+    /// `ip` is link-local `service`.
+    pub fn set_service(&self, ip: IpAddr, service: LinkLocalService) -> Result<()> {
+        self.update(ip, |i| i.service = service as u8)
+    }
+
+    /// `ip` counts under resolver `slot` (`RESOLVER_OTHER`: no slot).
+    pub fn set_resolver(&self, ip: IpAddr, slot: u8) -> Result<()> {
+        self.update(ip, |i| i.resolver = slot)
+    }
+
+    /// Every address with a resolver slot, as a previous agent left them.
+    pub fn resolvers(&self) -> Vec<(IpAddr, u8)> {
         let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         map.iter()
             .filter_map(Result::ok)
-            .map(|(k, n)| ((k.ifindex, k.server), n))
+            .filter(|(_, i)| i.resolver != RESOLVER_OTHER)
+            .map(|(a, i)| (addr_to_ip(a), i.resolver))
             .collect()
+    }
+}
+
+/// `DNS_SEEN`: servers without a slot that queries went to, least recently used out
+/// first. The sweep drains it.
+pub struct SeenServers(HashMap<MapData, Addr, u64>);
+
+impl SeenServers {
+    /// Every server seen since the last drain, with its rough count; the map left empty.
+    pub fn drain(&mut self) -> Vec<(IpAddr, u64)> {
+        let seen: Vec<(Addr, u64)> = self.0.iter().filter_map(Result::ok).collect();
+        for (addr, _) in &seen {
+            let _ = self.0.remove(addr);
+        }
+        seen.into_iter().map(|(a, n)| (addr_to_ip(a), n)).collect()
+    }
+}
+
+/// A latency histogram, summed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Histogram {
+    pub buckets: [u64; DNS_LATENCY_BUCKETS],
+    pub sum_ns: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: [0; DNS_LATENCY_BUCKETS],
+            sum_ns: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn add(&mut self, l: &DnsLatency) {
+        for (sum, b) in self.buckets.iter_mut().zip(l.buckets) {
+            *sum += b;
+        }
+        self.sum_ns += l.sum_ns;
+    }
+
+    fn as_latency(&self) -> DnsLatency {
+        DnsLatency {
+            buckets: self.buckets,
+            sum_ns: self.sum_ns,
+        }
+    }
+}
+
+/// The DNS counts of the programs and of the agent, summed by key.
+#[derive(Clone, Debug, Default)]
+pub struct DnsSnapshot {
+    pub counts: BTreeMap<DnsCountKey, u64>,
+    pub latency: BTreeMap<DnsSlotKey, Histogram>,
+}
+
+struct Tables {
+    counts: PerCpuHashMap<MapData, DnsCountKey, u64>,
+    latency: PerCpuHashMap<MapData, DnsSlotKey, DnsLatency>,
+    agent_counts: HashMap<MapData, DnsCountKey, u64>,
+    agent_latency: HashMap<MapData, DnsSlotKey, DnsLatency>,
+}
+
+/// The DNS counts: the programs' (`DNS_COUNTS`, `DNS_LATENCY`, per CPU) and the agent's
+/// (`DNS_AGENT_COUNTS`, `DNS_AGENT_LATENCY`: unanswered queries, and the counts of slots
+/// retired into `other`). One lock over all four: a scrape never sees a slot's counts
+/// half moved.
+#[derive(Clone)]
+pub struct DnsTables(Arc<Mutex<Tables>>);
+
+impl DnsTables {
+    /// Every count, the programs' and the agent's summed by key.
+    pub fn snapshot(&self) -> DnsSnapshot {
+        let t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut snap = DnsSnapshot::default();
+        for (k, per_cpu) in t.counts.iter().filter_map(Result::ok) {
+            *snap.counts.entry(k).or_default() += per_cpu.iter().sum::<u64>();
+        }
+        for (k, n) in t.agent_counts.iter().filter_map(Result::ok) {
+            *snap.counts.entry(k).or_default() += n;
+        }
+        for (k, per_cpu) in t.latency.iter().filter_map(Result::ok) {
+            let h = snap.latency.entry(k).or_default();
+            for l in per_cpu.iter() {
+                h.add(l);
+            }
+        }
+        for (k, l) in t.agent_latency.iter().filter_map(Result::ok) {
+            snap.latency.entry(k).or_default().add(&l);
+        }
+        snap
+    }
+
+    /// Adds the agent's counts: `n` of `kind` for each (ifindex, resolver slot).
+    pub fn add(&self, kind: DnsCountKind, counts: impl IntoIterator<Item = ((u32, u8), u64)>) {
+        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((ifindex, resolver), n) in counts {
+            let key = DnsCountKey {
+                ifindex,
+                resolver,
+                kind: kind as u8,
+                rcode: 0,
+                pad: 0,
+            };
+            add_count(&mut t.agent_counts, key, n);
+        }
+    }
+
+    /// Moves every count of resolver slot `slot` to `other`: the programs' and the
+    /// agent's keys of the slot are summed into the agent's `other` keys and deleted, so
+    /// that the slot starts from zero for whoever is named in it next.
+    pub fn retire(&self, slot: u8) {
+        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut moved: BTreeMap<DnsCountKey, u64> = BTreeMap::new();
+        let kernel: Vec<(DnsCountKey, u64)> = t
+            .counts
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.resolver == slot)
+            .map(|(k, per_cpu)| (k, per_cpu.iter().sum()))
+            .collect();
+        for (k, n) in &kernel {
+            *moved.entry(*k).or_default() += n;
+            let _ = t.counts.remove(k);
+        }
+        let agent: Vec<(DnsCountKey, u64)> = t
+            .agent_counts
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.resolver == slot)
+            .collect();
+        for (k, n) in &agent {
+            *moved.entry(*k).or_default() += n;
+            let _ = t.agent_counts.remove(k);
+        }
+        for (k, n) in moved {
+            let other = DnsCountKey {
+                resolver: RESOLVER_OTHER,
+                ..k
+            };
+            add_count(&mut t.agent_counts, other, n);
+        }
+        let mut latency: BTreeMap<u32, Histogram> = BTreeMap::new();
+        let kernel: Vec<(DnsSlotKey, Histogram)> = t
+            .latency
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.resolver == u32::from(slot))
+            .map(|(k, per_cpu)| {
+                let mut h = Histogram::default();
+                per_cpu.iter().for_each(|l| h.add(l));
+                (k, h)
+            })
+            .collect();
+        for (k, h) in &kernel {
+            let sum = latency.entry(k.ifindex).or_default();
+            sum.add(&h.as_latency());
+            let _ = t.latency.remove(k);
+        }
+        let agent: Vec<(DnsSlotKey, DnsLatency)> = t
+            .agent_latency
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.resolver == u32::from(slot))
+            .collect();
+        for (k, l) in &agent {
+            latency.entry(k.ifindex).or_default().add(l);
+            let _ = t.agent_latency.remove(k);
+        }
+        for (ifindex, h) in latency {
+            let other = DnsSlotKey {
+                ifindex,
+                resolver: u32::from(RESOLVER_OTHER),
+            };
+            let mut total = Histogram::default();
+            if let Ok(l) = t.agent_latency.get(&other, 0) {
+                total.add(&l);
+            }
+            total.add(&h.as_latency());
+            if let Err(e) = t.agent_latency.insert(other, total.as_latency(), 0) {
+                warn!("moving DNS latency to other: {e}");
+            }
+        }
+    }
+}
+
+fn add_count(map: &mut HashMap<MapData, DnsCountKey, u64>, key: DnsCountKey, n: u64) {
+    let total = map.get(&key, 0).unwrap_or(0) + n;
+    if let Err(e) = map.insert(key, total, 0) {
+        warn!("counting {n} DNS queries: {e}");
     }
 }
 

@@ -13,7 +13,10 @@ pub mod slots;
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::EbpfLoader;
+use aya::{
+    EbpfLoader,
+    maps::{Array, Map, MapData},
+};
 use monitor_common::{DNS_INFLIGHT_MAX_ENTRIES, DNS_PENDING_SETS, globals};
 
 use self::maps::names;
@@ -77,7 +80,12 @@ pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Lo
     let keys = random_words::<3>();
     loader.override_global(globals::FLOW_CACHE_KEY_LO, &keys[0], true);
     loader.override_global(globals::FLOW_CACHE_KEY_HI, &keys[1], true);
-    loader.override_global(globals::DNS_SET_KEY, &keys[2], true);
+    // The queries in flight are found by this key: a restarted agent keeps the one they
+    // were filed by.
+    let dns_set_key = pins
+        .and_then(|dir| pinned_dns_set_key(&dir.join(names::DNS_KEYS)))
+        .unwrap_or(keys[2]);
+    loader.override_global(globals::DNS_SET_KEY, &dns_set_key, true);
     loader.override_global(globals::PENDING_SETS, &pending_sets, true);
     if let Some(dir) = pins {
         for name in names::PINNED {
@@ -89,11 +97,30 @@ pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Lo
         Some(dir) => format!("loading the eBPF object with its maps in {}", dir.display()),
         None => "loading the eBPF object".to_owned(),
     })?;
+    let mut dns_keys: Array<MapData, u32> = ebpf
+        .take_map(names::DNS_KEYS)
+        .context("map DNS_KEYS missing from the object")?
+        .try_into()?;
+    dns_keys
+        .set(0, dns_set_key, 0)
+        .context("keeping the DNS set key")?;
     let maps = Maps::take(&mut ebpf)?;
     Ok(Loaded {
         programs: Programs::new(ebpf, Attachments::default()),
         maps,
     })
+}
+
+/// The DNS set key a previous agent kept in its pinned `DNS_KEYS`, if there is one.
+fn pinned_dns_set_key(path: &Path) -> Option<u32> {
+    if !path.exists() {
+        return None;
+    }
+    let data = MapData::from_pin(path)
+        .map_err(|e| log::warn!("reading {}: {e}", path.display()))
+        .ok()?;
+    let keys: Array<MapData, u32> = Map::Array(data).try_into().ok()?;
+    keys.get(&0, 0).ok()
 }
 
 /// `N` random words from the kernel, keys of the programs' hashes drawn afresh at each

@@ -20,6 +20,10 @@ use monitor_common::{
 pub struct Expired {
     pub key: DnsFlightKey,
     pub ifindex: u32,
+    /// The resolver slot the query was counted under.
+    pub resolver: u8,
+    /// Whether the query left through the device (its client is local).
+    pub egress: bool,
 }
 
 pub struct PendingTable {
@@ -136,6 +140,12 @@ impl Way {
                 ifindex: std::ptr::read_volatile(
                     (&raw const (*self.set).ifindex).cast::<u32>().add(self.i),
                 ),
+                resolver: std::ptr::read_volatile(
+                    (&raw const (*self.set).resolver).cast::<u8>().add(self.i),
+                ),
+                egress: std::ptr::read_volatile(
+                    (&raw const (*self.set).egress).cast::<u8>().add(self.i),
+                ) != 0,
             }
         }
     }

@@ -2,7 +2,7 @@
 //! `resolver` label, and which clients' queries went unanswered recently.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
@@ -10,9 +10,6 @@ use std::{
 use monitor_common::Addr;
 
 use super::top::top_per_device;
-
-/// Distinct resolvers named by address before the rest are `other`.
-pub const MAX_NAMED_RESOLVERS: usize = 16;
 
 /// The DNS response code's name.
 pub fn rcode_name(rcode: u8) -> String {
@@ -56,124 +53,99 @@ impl AmazonResolvers {
     }
 }
 
-/// The `resolver` label: the server's address for Amazon's resolvers and for the first
-/// 16 others seen, then `other`. Once given, an address keeps its label (the caller
-/// keeps the named ones across restarts). Which resolvers are Amazon's (learned later,
-/// from IMDS) is `dns_resolver_info`, never a label change.
-#[derive(Debug)]
-pub struct ResolverLabels {
-    amazon: AmazonResolvers,
-    named: Vec<IpAddr>,
-    amazon_seen: Vec<IpAddr>,
-}
-
-/// A label, and whether it named an address for the first time.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Label {
-    pub text: String,
-    pub newly_named: bool,
-}
-
-impl ResolverLabels {
-    /// Labels that continue from the resolvers `named` before.
-    pub fn new(amazon: AmazonResolvers, mut named: Vec<IpAddr>) -> Self {
-        named.sort();
-        Self {
-            amazon,
-            named,
-            amazon_seen: Vec::new(),
-        }
-    }
-
-    pub fn label(&mut self, ip: IpAddr) -> Label {
-        let named = |newly_named| Label {
-            text: ip.to_string(),
-            newly_named,
-        };
-        if self.named.contains(&ip) {
-            return named(false);
-        }
-        if self.amazon.contains(&ip) {
-            if !self.amazon_seen.contains(&ip) {
-                self.amazon_seen.push(ip);
-            }
-            return named(false);
-        }
-        if self.named.len() < MAX_NAMED_RESOLVERS {
-            self.named.push(ip);
-            return named(true);
-        }
-        Label {
-            text: "other".to_owned(),
-            newly_named: false,
-        }
-    }
-
-    /// Every resolver labelled by its address, with its kind (`amazon`, `custom`).
-    pub fn info(&self) -> Vec<(String, &'static str)> {
-        let mut out: Vec<(String, &'static str)> = self
-            .named
-            .iter()
-            .chain(&self.amazon_seen)
-            .map(|ip| {
-                let kind = if self.amazon.contains(ip) {
-                    "amazon"
-                } else {
-                    "custom"
-                };
-                (ip.to_string(), kind)
-            })
-            .collect();
-        out.sort();
-        out.dedup();
-        out
-    }
-}
-
 /// Minutes of unanswered queries kept per client: "recently".
 pub const RECENT_MINUTES: u64 = 5;
+/// Each client's counts, by minute: (minute, count) in a ring of `RECENT_MINUTES`.
+type Minutes = [(u64, u64); 5];
+const _: () = assert!(RECENT_MINUTES == 5);
 
 /// The minute of a `CLOCK_MONOTONIC` reading.
 pub fn minute(now_ns: u64) -> u64 {
     now_ns / 60_000_000_000
 }
 
-/// Unanswered queries by (device, local client), per minute, for the last
-/// `RECENT_MINUTES`: which pods' DNS is failing now. Kept by the sweep, in memory.
-#[derive(Clone, Debug, Default)]
-pub struct RecentClients(Arc<Mutex<VecDeque<(u64, ClientCounts)>>>);
+/// Clients tracked at once: the heaviest stay, so that a flood from many addresses
+/// cannot grow the agent, nor push out the client that fails the most.
+pub const RECENT_CLIENTS: usize = 1024;
 
-/// Unanswered queries by (ifindex, client) in one minute.
-type ClientCounts = HashMap<(u32, Addr), u64>;
+/// Unanswered queries by (device, local client) for the last `RECENT_MINUTES`, minute by
+/// minute: which pods' DNS is failing now. Bounded: at most `RECENT_CLIENTS`, a new
+/// client taking the place of the one with the fewest in the window. Kept by the sweep,
+/// which also ranks it; scrapes read the ranking.
+#[derive(Debug, Default)]
+pub struct RecentClients {
+    clients: HashMap<(u32, Addr), Minutes>,
+}
+
+fn in_window(minutes: &[(u64, u64)], minute: u64) -> u64 {
+    minutes
+        .iter()
+        .filter(|(m, _)| *m + RECENT_MINUTES > minute && *m <= minute)
+        .map(|(_, n)| n)
+        .sum()
+}
 
 impl RecentClients {
-    pub fn add(&self, minute: u64, ifindex: u32, client: Addr) {
-        let mut minutes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if minutes.back().is_none_or(|(m, _)| *m != minute) {
-            minutes.push_back((minute, HashMap::new()));
+    pub fn add(&mut self, minute: u64, ifindex: u32, client: Addr) {
+        let key = (ifindex, client);
+        if !self.clients.contains_key(&key) && self.clients.len() >= RECENT_CLIENTS {
+            let fewest = self
+                .clients
+                .iter()
+                .min_by_key(|(k, v)| (in_window(&v[..], minute), **k))
+                .map(|(k, _)| *k);
+            if let Some(k) = fewest {
+                self.clients.remove(&k);
+            }
         }
-        while minutes
-            .front()
-            .is_some_and(|(m, _)| *m + RECENT_MINUTES <= minute)
-        {
-            minutes.pop_front();
+        let minutes = self.clients.entry(key).or_insert([(0, 0); 5]);
+        let i = usize::try_from(minute % RECENT_MINUTES).unwrap_or(0);
+        if minutes[i].0 != minute {
+            minutes[i] = (minute, 0);
         }
-        if let Some((_, counts)) = minutes.back_mut() {
-            *counts.entry((ifindex, client)).or_default() += 1;
-        }
+        minutes[i].1 += 1;
     }
 
     /// The `top` clients of each device by unanswered queries in the window ending at
-    /// `minute`, most first (ties by address).
-    pub fn top(&self, minute: u64, top: usize) -> BTreeMap<u32, Vec<(IpAddr, u64)>> {
-        let minutes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut sums: HashMap<(u32, Addr), u64> = HashMap::new();
-        for (_, counts) in minutes.iter().filter(|(m, _)| *m + RECENT_MINUTES > minute) {
-            for (k, n) in counts {
-                *sums.entry(*k).or_default() += n;
-            }
-        }
-        top_per_device(sums, top)
+    /// `minute`, most first (ties by address); clients with none in the window are
+    /// forgotten.
+    pub fn top(&mut self, minute: u64, top: usize) -> BTreeMap<u32, Vec<(IpAddr, u64)>> {
+        self.clients
+            .retain(|_, minutes| in_window(&minutes[..], minute) > 0);
+        top_per_device(
+            self.clients
+                .iter()
+                .map(|(k, minutes)| (*k, in_window(&minutes[..], minute))),
+            top,
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+/// The last ranking of [`RecentClients`], shared with the collector.
+#[derive(Clone, Debug, Default)]
+pub struct RankedClients(Arc<Mutex<Ranking>>);
+
+/// The busiest addresses of each device, most first.
+pub type Ranking = BTreeMap<u32, Vec<(IpAddr, u64)>>;
+
+impl RankedClients {
+    pub fn set(&self, ranked: Ranking) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = ranked;
+    }
+
+    pub fn get(&self) -> Ranking {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -194,7 +166,7 @@ mod tests {
 
     #[test]
     fn recent_clients_are_ranked_bounded_and_forgotten() {
-        let r = RecentClients::default();
+        let mut r = RecentClients::default();
         let a = addr_from_ip("10.210.1.2".parse().unwrap());
         let b = addr_from_ip("10.210.2.2".parse().unwrap());
         let c = addr_from_ip("10.210.3.2".parse().unwrap());
@@ -210,67 +182,24 @@ mod tests {
             r.top(102, 2)[&2],
             [(ip("10.210.1.2"), 3), (ip("10.210.3.2"), 2)]
         );
-        // Five minutes on, minute 100 has gone.
+        // Five minutes on, minute 100 has gone, and its clients with it.
         assert_eq!(r.top(105, 10)[&2], [(ip("10.210.3.2"), 2)]);
+        assert_eq!(r.len(), 1);
         assert!(r.top(107, 10).is_empty());
+        assert!(r.is_empty());
     }
 
     #[test]
-    fn resolver_labels_are_addresses_bounded_and_stable() {
-        let amazon = AmazonResolvers::default();
-        for a in ["169.254.169.253", "fd00:ec2::253"] {
-            amazon.add(a.parse().unwrap());
+    fn a_spray_of_clients_stays_bounded_and_keeps_the_heaviest() {
+        let mut r = RecentClients::default();
+        let heavy = addr_from_ip("10.210.9.9".parse().unwrap());
+        for _ in 0..50 {
+            r.add(7, 2, heavy);
         }
-        let mut labels = ResolverLabels::new(amazon.clone(), Vec::new());
-        let text = |labels: &mut ResolverLabels, s: &str| labels.label(s.parse().unwrap()).text;
-        // Amazon's resolvers are named by address and never count against the bound.
-        assert_eq!(text(&mut labels, "169.254.169.253"), "169.254.169.253");
-        assert_eq!(text(&mut labels, "fd00:ec2::253"), "fd00:ec2::253");
-        // VPC+2, seen before IMDS said it is Amazon's: named, and to be kept.
-        assert_eq!(
-            labels.label("10.0.0.2".parse().unwrap()),
-            Label {
-                text: "10.0.0.2".to_owned(),
-                newly_named: true
-            }
-        );
-        for i in 1..MAX_NAMED_RESOLVERS {
-            let ip: IpAddr = format!("192.0.2.{i}").parse().unwrap();
-            assert_eq!(labels.label(ip).text, ip.to_string());
+        for i in 0..10_000u32 {
+            r.add(7, 2, [0, 0, monitor_common::V4_MAPPED_WORD, i.to_be()]);
         }
-        assert_eq!(text(&mut labels, "198.51.100.1"), "other");
-        // The first ones keep their names, and are not named anew.
-        assert_eq!(
-            labels.label("192.0.2.1".parse().unwrap()),
-            Label {
-                text: "192.0.2.1".to_owned(),
-                newly_named: false
-            }
-        );
-        // IMDS names VPC+2: its label stays, its kind changes in the info metric.
-        amazon.add("10.0.0.2".parse().unwrap());
-        assert_eq!(text(&mut labels, "10.0.0.2"), "10.0.0.2");
-        let info = labels.info();
-        assert!(
-            info.contains(&("10.0.0.2".to_owned(), "amazon")),
-            "{info:?}"
-        );
-        assert!(info.contains(&("169.254.169.253".to_owned(), "amazon")));
-        assert!(info.contains(&("192.0.2.1".to_owned(), "custom")));
-        assert!(!info.iter().any(|(r, _)| r == "198.51.100.1"));
-        assert_eq!(info.len(), MAX_NAMED_RESOLVERS + 2);
-        // A later Amazon resolver is still named, past the bound.
-        amazon.add("198.51.100.9".parse().unwrap());
-        assert_eq!(text(&mut labels, "198.51.100.9"), "198.51.100.9");
-    }
-
-    #[test]
-    fn labels_continue_from_the_names_kept() {
-        let kept: Vec<IpAddr> = (0..MAX_NAMED_RESOLVERS)
-            .map(|i| format!("192.0.2.{i}").parse().unwrap())
-            .collect();
-        let mut labels = ResolverLabels::new(AmazonResolvers::default(), kept);
-        assert_eq!(labels.label("192.0.2.7".parse().unwrap()).text, "192.0.2.7");
-        assert_eq!(labels.label("198.51.100.1".parse().unwrap()).text, "other");
+        assert_eq!(r.len(), RECENT_CLIENTS);
+        assert_eq!(r.top(7, 1)[&2], [("10.210.9.9".parse().unwrap(), 50)]);
     }
 }

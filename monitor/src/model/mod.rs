@@ -6,4 +6,5 @@ pub mod allowance;
 pub mod dns;
 pub mod flows;
 pub mod linklocal;
+pub mod resolvers;
 pub mod top;
