@@ -163,11 +163,14 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
     let top = usize::from(cli.top);
     // The names a previous agent gave, continued; Amazon's resolvers named from the start.
     let now = housekeeping::monotonic_s().into();
+    // A resolver is not quiet while its queries still wait: it stays named at least as
+    // long as a query it was asked can wait.
+    let grace = Sweeper::grace(cli.dns_timeout);
     let mut names = ResolverSlots::new(
         amazon.clone(),
         &addrs.resolvers(),
-        cli.resolver_idle.as_secs(),
-        Sweeper::grace(cli.dns_timeout),
+        cli.resolver_idle.as_secs().max(grace),
+        grace,
         now,
     );
     let amazon_dns = linklocal::SERVICES
@@ -175,6 +178,10 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         .filter(|(_, s)| *s == LinkLocalService::Dns)
         .map(|(ip, _)| *ip)
         .chain(cli.linklocal_resolvers.iter().copied());
+    // Slots a killed agent had given up but not yet retired are retired now, before
+    // any is given again.
+    let kept: Vec<u8> = names.named().map(|(slot, _)| slot).collect();
+    dns.retire_unnamed(&kept);
     for (ip, slot) in names.name_amazon(amazon_dns, now).named {
         addrs.set_resolver(ip, slot)?;
     }

@@ -330,6 +330,29 @@ impl DnsTables {
         }
     }
 
+    /// Moves to `other` the counts of every slot but `other` and those in `named`: what
+    /// a killed agent left in slots it had given up and not yet retired.
+    pub fn retire_unnamed(&self, named: &[u8]) {
+        let snapshot = self.snapshot();
+        let mut left: Vec<u8> = snapshot
+            .counts
+            .keys()
+            .map(|k| k.resolver)
+            .chain(
+                snapshot
+                    .latency
+                    .keys()
+                    .filter_map(|k| u8::try_from(k.resolver).ok()),
+            )
+            .filter(|s| *s != RESOLVER_OTHER && !named.contains(s))
+            .collect();
+        left.sort_unstable();
+        left.dedup();
+        for slot in left {
+            self.retire(slot);
+        }
+    }
+
     /// Moves every count of resolver slot `slot` to `other`: the programs' and the
     /// agent's keys of the slot are summed into the agent's `other` keys and deleted, so
     /// that the slot starts from zero for whoever is named in it next.
