@@ -16,7 +16,7 @@ use prometheus_client::{
 use super::{Metric, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::Devices,
-    loader::maps::{DnsTables, Histogram},
+    loader::dns::{DnsTables, Histogram},
     model::{
         dns::{RankedClients, rcode_name},
         resolvers::ResolverSlots,

@@ -17,7 +17,8 @@ use monitor_common::{DnsCountKind, DnsFlightKey, RESOLVER_OTHER, addr_to_ip};
 
 use crate::{
     loader::{
-        maps::{Addresses, DnsTables, InflightTable, SeenServers},
+        dns::{DnsTables, SeenServers},
+        maps::{Addresses, InflightTable},
         pending::{Expired, PendingTable},
     },
     model::{

@@ -5,6 +5,7 @@
 
 pub mod attach;
 mod batch;
+pub mod dns;
 pub mod maps;
 pub mod pending;
 pub mod pins;
