@@ -893,3 +893,52 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
         [PENDING_FREE, PENDING_WAITING, PENDING_FREE, PENDING_FREE]
     );
 }
+
+#[test]
+fn a_syn_on_a_closed_tuple_is_a_live_connection_again() {
+    use monitor_common::{FLOW_AB, FLOW_BA, FLOW_LOCAL_B, FLOW_RST, FlowClass};
+    if !integration_tests::require_root("a_syn_on_a_closed_tuple_is_a_live_connection_again") {
+        return;
+    }
+    let probe = loaded();
+    let flow = |probe: &Probe| {
+        let mut all = Vec::new();
+        probe.maps.flows.for_each(|_, f| all.push(*f)).unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        all[0]
+    };
+    let created = |probe: &Probe| -> u64 {
+        probe
+            .maps
+            .flows_created
+            .get(0, FlowClass::Tcp as u32)
+            .iter()
+            .sum()
+    };
+    // A connection (SYN, SYN-ACK, ACK), then reset: closed, expired 5 s after.
+    run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x02));
+    run(
+        &probe,
+        "tc_ingress",
+        &ipv4_tcp(DST4, SRC4, 443, 40000, 0x12),
+    );
+    run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x10));
+    run(
+        &probe,
+        "tc_ingress",
+        &ipv4_tcp(DST4, SRC4, 443, 40000, 0x04),
+    );
+    assert_ne!(flow(&probe).flags & FLOW_RST, 0);
+    assert_eq!(created(&probe), 1);
+    // The same 5-tuple opens again (a reused port behind SNAT): a live connection, no
+    // close bits, counted as a new flow. A SYN-ACK on an open flow changes nothing.
+    run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x02));
+    assert_eq!(flow(&probe).flags, FLOW_BA | FLOW_LOCAL_B);
+    run(
+        &probe,
+        "tc_ingress",
+        &ipv4_tcp(DST4, SRC4, 443, 40000, 0x12),
+    );
+    assert_eq!(flow(&probe).flags, FLOW_AB | FLOW_BA | FLOW_LOCAL_B);
+    assert_eq!(created(&probe), 2);
+}

@@ -11,7 +11,7 @@ use monitor_common::{
     BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CACHE_WAYS, FLOW_FIN_AB,
     FLOW_FIN_BA, FLOW_KEY_WORDS, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowClass, FlowKey,
     MAX_DEVICES,
-    proto::{IPPROTO_TCP, TCP_FIN, TCP_RST},
+    proto::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use super::packet::Packet;
@@ -171,7 +171,11 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
         }
     }
     let now = now_coarse_s();
-    let closing = bits & (FLOW_FIN_AB | FLOW_FIN_BA | FLOW_RST) != 0;
+    // A SYN without ACK opens a connection: on a 5-tuple that was closed (a port reused,
+    // SNAT) it is a new connection EC2 tracks as established again.
+    let opening = p.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Packets that change a flow's state always go to the table.
+    let closing = bits & CLOSED != 0 || opening;
     let h = if p.is_v6 {
         hash(&words)
     } else {
@@ -197,17 +201,7 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     // SAFETY: `FlowKey` is `repr(C)`, 11 words without padding between fields.
     let key: FlowKey = unsafe { core::mem::transmute(words) };
     let flags = if let Some(flow) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: a value of the shared table; other CPUs may write the same flow, and
-        // the writes are idempotent (a second, bits or-ed in).
-        unsafe {
-            if (*flow).last_seen != now {
-                (*flow).last_seen = now;
-            }
-            if (*flow).flags & bits != bits {
-                (*flow).flags |= bits;
-            }
-            (*flow).flags | bits
-        }
+        refresh(flow, bits, now, opening, p, ifindex)
     } else {
         if !insert(p, &key, bits, now, ifindex) {
             return;
@@ -232,6 +226,42 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     }
 }
 
+/// The state bits of a closed TCP connection.
+const CLOSED: u8 = FLOW_FIN_AB | FLOW_FIN_BA | FLOW_RST;
+
+/// Writes a packet into its flow in the table: the second, and its bits or-ed in; or, a
+/// SYN on a closed flow, the flow begun again. The flow's bits after it.
+#[inline(always)]
+fn refresh(flow: *mut Flow, bits: u8, now: u32, opening: bool, p: &Packet, ifindex: u32) -> u8 {
+    // SAFETY: a value of the shared table; other CPUs may write the same flow, and the
+    // writes are idempotent (a second, bits or-ed in).
+    unsafe {
+        if opening && (*flow).flags & CLOSED != 0 {
+            (*flow).first_seen = now;
+            (*flow).last_seen = now;
+            (*flow).flags = bits;
+            created(p, ifindex);
+            return bits;
+        }
+        if (*flow).last_seen != now {
+            (*flow).last_seen = now;
+        }
+        if (*flow).flags & bits != bits {
+            (*flow).flags |= bits;
+        }
+        (*flow).flags | bits
+    }
+}
+
+/// Counts a new flow on the device.
+#[inline(always)]
+fn created(p: &Packet, ifindex: u32) {
+    if let Some(slot) = slot(ifindex) {
+        let class = FlowClass::from_proto(p.proto) as u32;
+        bump(&FLOWS_CREATED, slot * FlowClass::COUNT + class);
+    }
+}
+
 /// Inserts a new flow; false when it is not in the table after all (the table full).
 #[inline(always)]
 fn insert(p: &Packet, key: &FlowKey, bits: u8, now: u32, ifindex: u32) -> bool {
@@ -239,10 +269,7 @@ fn insert(p: &Packet, key: &FlowKey, bits: u8, now: u32, ifindex: u32) -> bool {
     let flow: Flow = unsafe { core::mem::transmute([now, now, u32::from(bits)]) };
     match FLOWS.insert(key, &flow, BPF_NOEXIST) {
         Ok(()) => {
-            if let Some(slot) = slot(ifindex) {
-                let class = FlowClass::from_proto(p.proto) as u32;
-                bump(&FLOWS_CREATED, slot * FlowClass::COUNT + class);
-            }
+            created(p, ifindex);
             true
         }
         // Another CPU inserted the same flow first: it counted it.
