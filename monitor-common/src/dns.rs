@@ -28,6 +28,9 @@ pub enum DnsCountKind {
     Evicted = 3,
     /// A query with no response within `--dns-timeout` (counted by the agent's sweep).
     Unanswered = 4,
+    /// A TCP connection to port 53 refused (RST to its SYN), or whose SYN had no answer
+    /// within `--dns-timeout` (counted by the agent's sweep).
+    ConnectFailure = 5,
 }
 
 impl DnsCountKind {
@@ -38,13 +41,24 @@ impl DnsCountKind {
             2 => Some(Self::Superseded),
             3 => Some(Self::Evicted),
             4 => Some(Self::Unanswered),
+            5 => Some(Self::ConnectFailure),
             _ => None,
         }
     }
 }
 
+/// How a DNS message travelled: the `transport` of a count or a latency key.
+pub const DNS_UDP: u8 = 0;
+pub const DNS_TCP: u8 = 1;
+pub const DNS_TRANSPORTS: u32 = 2;
+
+/// What waits in the in-flight table, the last word of its key: a query over UDP
+/// ([`DNS_UDP`]) or TCP ([`DNS_TCP`]), or a TCP connection to port 53 waiting for the
+/// server's answer to its SYN.
+pub const FLIGHT_CONNECT: u32 = 2;
+
 /// Key of the DNS counts (`DNS_COUNTS`, the programs'; `DNS_AGENT_COUNTS`, the agent's):
-/// by (device, resolver slot, kind), responses by rcode too.
+/// by (device, resolver slot, kind, transport), responses by rcode too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DnsCountKey {
@@ -54,25 +68,30 @@ pub struct DnsCountKey {
     /// A [`DnsCountKind`].
     pub kind: u8,
     pub rcode: u8,
-    pub pad: u8,
+    /// [`DNS_UDP`] or [`DNS_TCP`] (connect failures: TCP).
+    pub transport: u8,
 }
 const _: () = assert!(size_of::<DnsCountKey>() == 8);
 
 /// Rcodes a response's header can carry (4 bits).
 pub const DNS_RCODES: u32 = 16;
-/// Keys the DNS counts can hold: every device, slot, kind and rcode. The maps are sized
-/// for all of them, so none is ever full; their memory follows the keys in use.
-pub const DNS_COUNTS_MAX_ENTRIES: u32 = crate::MAX_DEVICES * RESOLVER_SLOTS * (DNS_RCODES + 5);
+/// Keys the DNS counts can hold: every device, slot, transport, kind and rcode. The maps
+/// are sized for all of them, so none is ever full; their memory follows the keys in use.
+pub const DNS_COUNTS_MAX_ENTRIES: u32 =
+    crate::MAX_DEVICES * RESOLVER_SLOTS * ((DNS_RCODES + 5) * DNS_TRANSPORTS + 1);
 
-/// Key of the DNS latency histograms: (device, resolver slot).
+/// Key of the DNS latency histograms: (device, resolver slot, transport).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DnsSlotKey {
     pub ifindex: u32,
-    pub resolver: u32,
+    pub resolver: u8,
+    /// [`DNS_UDP`] or [`DNS_TCP`].
+    pub transport: u8,
+    pub pad: u16,
 }
 const _: () = assert!(size_of::<DnsSlotKey>() == 8);
-pub const DNS_LATENCY_MAX_ENTRIES: u32 = crate::MAX_DEVICES * RESOLVER_SLOTS;
+pub const DNS_LATENCY_MAX_ENTRIES: u32 = crate::MAX_DEVICES * RESOLVER_SLOTS * DNS_TRANSPORTS;
 
 /// Servers without a slot that queries went to recently (`DNS_SEEN`, least recently used
 /// first out): what the agent picks the next named resolvers from. Bounded whatever pods
@@ -126,7 +145,8 @@ pub struct DnsLatency {
 const _: () = assert!(size_of::<DnsLatency>() == (DNS_LATENCY_BUCKETS + 1) * 8);
 
 /// Key of `DNS_INFLIGHT`, and of each way of `DNS_PENDING`: one query awaiting its
-/// response.
+/// response, or one TCP connection to port 53 awaiting the answer to its SYN (`id` 0).
+/// Over TCP the client's address and port and the server name the connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DnsFlightKey {
@@ -134,7 +154,8 @@ pub struct DnsFlightKey {
     pub server: Addr,
     pub client_port: u16,
     pub id: u16,
-    pub pad: u32,
+    /// [`DNS_UDP`] or [`DNS_TCP`] for a query, [`FLIGHT_CONNECT`] for a connection.
+    pub what: u32,
 }
 /// The classifiers build and compare a key as its 10 words.
 pub const DNS_FLIGHT_KEY_WORDS: usize = 10;

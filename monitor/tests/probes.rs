@@ -79,6 +79,8 @@ struct Counts {
     evicted: u64,
     inflight: usize,
     linklocal: u64,
+    /// TCP connections to port 53 refused.
+    refused: u64,
 }
 
 /// The DNS counts by (resolver slot, kind), over every device and rcode.
@@ -100,6 +102,7 @@ fn counts(probe: &Probe) -> Counts {
             DnsCountKind::Superseded => c.superseded += n,
             DnsCountKind::Evicted => c.evicted += n,
             DnsCountKind::Unanswered => panic!("the agent's count, not the programs'"),
+            DnsCountKind::ConnectFailure => c.refused += n,
         }
     }
     probe
@@ -194,7 +197,8 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 0,
             evicted: 0,
             inflight: 1,
-            linklocal: 0
+            linklocal: 0,
+            refused: 0,
         }
     );
     // The same query again is a retransmission: still one in flight, the first copy
@@ -208,7 +212,8 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 1,
-            linklocal: 0
+            linklocal: 0,
+            refused: 0,
         }
     );
     // A response with another id, or from another port, matches nothing.
@@ -230,7 +235,8 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 1,
-            linklocal: 0
+            linklocal: 0,
+            refused: 0,
         }
     );
     let response = ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(7, 0x8183, 1, QUESTION));
@@ -243,7 +249,8 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 0,
-            linklocal: 0
+            linklocal: 0,
+            refused: 0,
         }
     );
     // A duplicate response is not a second answer.
@@ -256,7 +263,8 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 0,
-            linklocal: 0
+            linklocal: 0,
+            refused: 0,
         }
     );
     // IPv6, and the link-local resolver.
@@ -285,7 +293,8 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 2,
-            linklocal: 1
+            linklocal: 1,
+            refused: 0,
         }
     );
 }
@@ -383,7 +392,8 @@ fn malformed_dns_moves_no_count() {
             superseded: 0,
             evicted: 0,
             inflight: 2,
-            linklocal: 0
+            linklocal: 0,
+            refused: 0,
         }
     );
 }
@@ -747,14 +757,9 @@ fn the_amazon_resolver_is_not_a_tracked_flow() {
     assert_eq!(counts(&probe).linklocal, 1);
 }
 
-/// An IPv4 TCP segment with `flags` (FIN 0x01, RST 0x04, ACK 0x10).
+/// An IPv4 TCP segment with `flags` (FIN 0x01, RST 0x04, ACK 0x10) and no payload.
 fn ipv4_tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut p = ipv4_udp(src, dst, sport, dport, 0, &[0; 12]);
-    // Protocol 6, then a 20-byte TCP header where the UDP one and its payload were.
-    p[23] = 6;
-    p[14 + 20 + 12] = 5 << 4;
-    p[14 + 20 + 13] = flags;
-    p
+    segment(src, dst, sport, dport, flags, &[])
 }
 
 #[test]
@@ -846,7 +851,7 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
         server: addr_from_ip(DST4.into()),
         client_port: 40000,
         id,
-        pad: 0,
+        what: 0,
     };
     // Way 0 waiting since 100 ns, way 1 since 10 s, way 2 held by an agent that died
     // holding it, way 3 free.
@@ -941,4 +946,340 @@ fn a_syn_on_a_closed_tuple_is_a_live_connection_again() {
     );
     assert_eq!(flow(&probe).flags, FLOW_AB | FLOW_BA | FLOW_LOCAL_B);
     assert_eq!(created(&probe), 2);
+}
+
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH_ACK: u8 = 0x18;
+const SYN_ACK: u8 = 0x12;
+const RST_ACK: u8 = 0x14;
+
+/// An IPv4 TCP segment with `flags` and `payload` (a TCP header without options, or with
+/// `doff` words of header).
+fn ipv4_tcp_doff(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    doff: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p.extend_from_slice(&[0x08, 0x00]);
+    let tcp_len = usize::from(doff.max(5)) * 4;
+    let total = u16::try_from(20 + tcp_len + payload.len()).unwrap();
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1]);
+    p.extend_from_slice(&[doff << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    p.resize(p.len() + tcp_len - 20, 1);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn segment(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    ipv4_tcp_doff(src, dst, sport, dport, flags, 5, payload)
+}
+
+fn ipv6_tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    p.extend_from_slice(&u16::try_from(20 + payload.len()).unwrap().to_be_bytes());
+    p.extend_from_slice(&[6, 64]);
+    let (src, dst) = if dport == 53 {
+        ("fd00::5", "fd00::2")
+    } else {
+        ("fd00::2", "fd00::5")
+    };
+    p.extend_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p.extend_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// DNS messages as TCP carries them: each after its two-byte length.
+fn framed(messages: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        out.extend_from_slice(&u16::try_from(m.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(m);
+    }
+    out
+}
+
+/// The DNS counts by (transport, kind), over every device, slot and rcode.
+fn by_transport(probe: &Probe) -> std::collections::BTreeMap<(u8, DnsCountKind), u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (key, n) in probe.maps.dns.snapshot().counts {
+        let kind = DnsCountKind::from_u8(key.kind).unwrap();
+        *out.entry((key.transport, kind)).or_default() += n;
+    }
+    out
+}
+
+#[test]
+fn dns_over_tcp_is_matched_by_connection_and_id() {
+    if !integration_tests::require_root("dns_over_tcp_is_matched_by_connection_and_id") {
+        return;
+    }
+    for probe in both_objects(Sizes::with_flows(1024)) {
+        tcp_matched(&probe);
+    }
+}
+
+fn tcp_matched(probe: &Probe) {
+    use monitor_common::{DNS_TCP, DNS_UDP};
+    let q = |id: u16| dns(id, 0x0100, 1, QUESTION);
+    let r = |id: u16| dns(id, 0x8180, 1, QUESTION);
+    let out = |payload: &[u8]| segment(SRC4, DST4, 40000, 53, PSH_ACK, payload);
+    let back = |payload: &[u8]| segment(DST4, SRC4, 53, 40000, PSH_ACK, payload);
+    // The connection opens: nothing counted, nothing left waiting.
+    run(
+        probe,
+        "tc_egress",
+        &segment(SRC4, DST4, 40000, 53, SYN, &[]),
+    );
+    assert_eq!(counts(probe).inflight, 1, "the SYN waits for its answer");
+    run(
+        probe,
+        "tc_ingress",
+        &segment(DST4, SRC4, 53, 40000, SYN_ACK, &[]),
+    );
+    run(probe, "tc_egress", &out(&[]));
+    assert_eq!(counts(probe), Counts::default());
+    // One query; the same segment sent again is not a second query.
+    run(probe, "tc_egress", &out(&framed(&[q(7)])));
+    run(probe, "tc_egress", &out(&framed(&[q(7)])));
+    assert_eq!((counts(probe).queries, counts(probe).inflight), (1, 1));
+    // Three pipelined queries in one segment.
+    run(probe, "tc_egress", &out(&framed(&[q(8), q(9), q(10)])));
+    assert_eq!((counts(probe).queries, counts(probe).inflight), (4, 4));
+    // Two responses in one segment, out of order.
+    run(probe, "tc_ingress", &back(&framed(&[r(8), r(7)])));
+    assert_eq!((counts(probe).responses, counts(probe).inflight), (2, 2));
+    // A response split across two segments: counted where its header is; the tail,
+    // which begins inside the message, moves nothing.
+    let whole = framed(&[r(9)]);
+    let (head, tail) = whole.split_at(2 + 12 + 3);
+    run(probe, "tc_ingress", &back(head));
+    assert_eq!(counts(probe).responses, 3);
+    run(probe, "tc_ingress", &back(tail));
+    // A UDP response from the same ports is not the TCP query's answer.
+    run(
+        probe,
+        "tc_ingress",
+        &ipv4_udp(DST4, SRC4, 53, 40000, 0, &r(10)),
+    );
+    assert_eq!((counts(probe).responses, counts(probe).inflight), (3, 1));
+    run(probe, "tc_ingress", &back(&framed(&[r(10)])));
+    let c = counts(probe);
+    assert_eq!(
+        (c.queries, c.responses, c.superseded, c.inflight),
+        (4, 4, 0, 0),
+        "{c:?}"
+    );
+    // Every count is TCP's, latency included.
+    let by = by_transport(probe);
+    assert_eq!(by.get(&(DNS_TCP, DnsCountKind::Query)), Some(&4));
+    assert_eq!(by.get(&(DNS_TCP, DnsCountKind::Response)), Some(&4));
+    assert!(by.keys().all(|(t, _)| *t == DNS_TCP), "{by:?}");
+    let latency = probe.maps.dns.snapshot().latency;
+    assert_eq!(latency.len(), 1);
+    let (key, h) = latency.iter().next().unwrap();
+    assert_eq!((key.transport, h.buckets.iter().sum::<u64>()), (DNS_TCP, 4));
+    // The same over IPv6; and a UDP query with the same port and id is another query.
+    run(
+        probe,
+        "tc_egress",
+        &ipv6_tcp(40000, 53, PSH_ACK, &framed(&[q(11)])),
+    );
+    run(
+        probe,
+        "tc_egress",
+        &ipv4_udp(SRC4, DST4, 40000, 53, 0, &q(12)),
+    );
+    run(probe, "tc_egress", &out(&framed(&[q(12)])));
+    run(
+        probe,
+        "tc_ingress",
+        &ipv6_tcp(53, 40000, PSH_ACK, &framed(&[r(11)])),
+    );
+    run(probe, "tc_ingress", &back(&framed(&[r(12)])));
+    run(
+        probe,
+        "tc_ingress",
+        &ipv4_udp(DST4, SRC4, 53, 40000, 0, &r(12)),
+    );
+    let by = by_transport(probe);
+    assert_eq!(by.get(&(DNS_TCP, DnsCountKind::Query)), Some(&6));
+    assert_eq!(by.get(&(DNS_TCP, DnsCountKind::Response)), Some(&6));
+    assert_eq!(by.get(&(DNS_UDP, DnsCountKind::Query)), Some(&1));
+    assert_eq!(by.get(&(DNS_UDP, DnsCountKind::Response)), Some(&1));
+    assert_eq!(counts(probe).inflight, 0);
+}
+
+#[test]
+fn malformed_tcp_segments_move_no_count() {
+    if !integration_tests::require_root("malformed_tcp_segments_move_no_count") {
+        return;
+    }
+    for probe in both_objects(Sizes::with_flows(1024)) {
+        tcp_malformed(&probe);
+    }
+}
+
+fn tcp_malformed(probe: &Probe) {
+    let q = dns(1, 0x0100, 1, QUESTION);
+    let with_length = |len: u16, body: &[u8]| {
+        let mut m = len.to_be_bytes().to_vec();
+        m.extend_from_slice(body);
+        m
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("one byte", segment(SRC4, DST4, 40000, 53, PSH_ACK, &[0])),
+        (
+            "a length and part of a header",
+            segment(SRC4, DST4, 40000, 53, PSH_ACK, &with_length(40, &q[..11])),
+        ),
+        (
+            "a length shorter than a header",
+            segment(SRC4, DST4, 40000, 53, PSH_ACK, &with_length(11, &q)),
+        ),
+        (
+            "a length of zero",
+            segment(SRC4, DST4, 40000, 53, PSH_ACK, &with_length(0, &q)),
+        ),
+        (
+            "no question",
+            segment(
+                SRC4,
+                DST4,
+                40000,
+                53,
+                PSH_ACK,
+                &framed(&[dns(2, 0x0100, 0, &[])]),
+            ),
+        ),
+        (
+            "not port 53",
+            segment(SRC4, DST4, 40000, 5353, PSH_ACK, &framed(&[q.clone()])),
+        ),
+        (
+            "a header length past the segment",
+            ipv4_tcp_doff(SRC4, DST4, 40000, 53, PSH_ACK, 15, &[]),
+        ),
+        (
+            "a query from the server's port",
+            segment(DST4, SRC4, 53, 40000, PSH_ACK, &framed(&[q.clone()])),
+        ),
+        (
+            "a response nobody asked for",
+            segment(
+                DST4,
+                SRC4,
+                53,
+                40000,
+                PSH_ACK,
+                &framed(&[dns(3, 0x8180, 1, QUESTION)]),
+            ),
+        ),
+    ];
+    for (what, packet) in cases {
+        assert_eq!(run(probe, "tc_egress", &packet), TC_ACT_UNSPEC, "{what}");
+        run(probe, "tc_ingress", &packet);
+        assert_eq!(counts(probe), Counts::default(), "{what}");
+    }
+    // A length longer than the segment: the header is there, the message is counted;
+    // nothing after it is read. Options before the payload are skipped.
+    run(
+        probe,
+        "tc_egress",
+        &segment(SRC4, DST4, 40000, 53, PSH_ACK, &with_length(u16::MAX, &q)),
+    );
+    run(
+        probe,
+        "tc_egress",
+        &ipv4_tcp_doff(SRC4, DST4, 40001, 53, PSH_ACK, 8, &framed(&[q.clone()])),
+    );
+    assert_eq!((counts(probe).queries, counts(probe).inflight), (2, 2));
+    // More messages than a segment is read for: the first four.
+    let five: Vec<Vec<u8>> = (10..15).map(|id| dns(id, 0x0100, 1, QUESTION)).collect();
+    run(
+        probe,
+        "tc_egress",
+        &segment(SRC4, DST4, 40002, 53, PSH_ACK, &framed(&five)),
+    );
+    assert_eq!(counts(probe).queries, 6);
+    // Random payloads never fail the program.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..500 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = usize::try_from(seed % 80).unwrap();
+        let payload: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8).collect();
+        let packet = segment(SRC4, DST4, 40003, 53, PSH_ACK, &payload);
+        assert_eq!(run(probe, "tc_egress", &packet), TC_ACT_UNSPEC);
+    }
+}
+
+#[test]
+fn a_refused_dns_connection_is_counted_once() {
+    if !integration_tests::require_root("a_refused_dns_connection_is_counted_once") {
+        return;
+    }
+    for probe in both_objects(Sizes::with_flows(1024)) {
+        connect_refused(&probe);
+    }
+}
+
+fn connect_refused(probe: &Probe) {
+    let syn = |port: u16| segment(SRC4, DST4, port, 53, SYN, &[]);
+    let reply = |port: u16, flags: u8| segment(DST4, SRC4, 53, port, flags, &[]);
+    // Refused: a SYN, sent again, answered by a RST.
+    run(probe, "tc_egress", &syn(41000));
+    run(probe, "tc_egress", &syn(41000));
+    run(probe, "tc_ingress", &reply(41000, RST_ACK));
+    assert_eq!((counts(probe).refused, counts(probe).inflight), (1, 0));
+    // A RST nobody's SYN waits for, and one closing an established connection.
+    run(probe, "tc_ingress", &reply(41001, RST));
+    run(probe, "tc_egress", &syn(41002));
+    run(probe, "tc_ingress", &reply(41002, SYN_ACK));
+    run(probe, "tc_ingress", &reply(41002, RST_ACK));
+    // A SYN to another port is no DNS connection.
+    run(
+        probe,
+        "tc_egress",
+        &segment(SRC4, DST4, 41003, 80, SYN, &[]),
+    );
+    run(
+        probe,
+        "tc_ingress",
+        &segment(DST4, SRC4, 80, 41003, RST_ACK, &[]),
+    );
+    let c = counts(probe);
+    assert_eq!((c.refused, c.inflight, c.queries), (1, 0, 0), "{c:?}");
+    // Over IPv6.
+    run(probe, "tc_egress", &ipv6_tcp(41004, 53, SYN, &[]));
+    run(probe, "tc_ingress", &ipv6_tcp(53, 41004, RST_ACK, &[]));
+    assert_eq!(counts(probe).refused, 2);
+    // A SYN left unanswered waits for the agent's sweep.
+    run(probe, "tc_egress", &syn(41005));
+    assert_eq!(counts(probe).inflight, 1);
 }

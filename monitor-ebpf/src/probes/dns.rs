@@ -1,5 +1,6 @@
-//! DNS over UDP: queries, responses matched to their query by (client, client port,
-//! server, id), latency, and the queries still in flight for the agent to time out.
+//! DNS over UDP and TCP: queries, responses matched to their query by (client, client
+//! port, server, id, transport), latency, and the queries still in flight for the agent
+//! to time out; TCP connections to port 53 refused or left unanswered.
 //! Everything is counted by (device, resolver slot): a slot the agent gave the server,
 //! or `other`. No key is ever chosen by what a packet holds beyond those bounds.
 
@@ -11,9 +12,9 @@ use aya_ebpf::{
 use monitor_common::{
     Addr, AddrInfo, BPF_F_NO_PREALLOC, DNS_COUNTS_MAX_ENTRIES, DNS_FLIGHT_KEY_WORDS,
     DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_LATENCY_MAX_ENTRIES,
-    DNS_SEEN_MAX_ENTRIES, DnsCountKey, DnsCountKind, DnsFlight, DnsFlightKey, DnsLatency,
-    DnsSlotKey, MapFull, RESOLVER_OTHER,
-    proto::{DNS_HLEN, DNS_PORT, UDP_HLEN},
+    DNS_SEEN_MAX_ENTRIES, DNS_TCP, DNS_UDP, DnsCountKey, DnsCountKind, DnsFlight, DnsFlightKey,
+    DnsLatency, DnsSlotKey, FLIGHT_CONNECT, MapFull, RESOLVER_OTHER,
+    proto::{DNS_HLEN, DNS_PORT, TCP_ACK, TCP_RST, TCP_SYN, UDP_HLEN},
 };
 
 use super::packet::{Packet, read};
@@ -71,15 +72,18 @@ const DNS_OPCODE_SHIFT: u16 = 11;
 const DNS_OPCODE_MASK: u16 = 0x0f;
 const DNS_RCODE_MASK: u16 = 0x0f;
 
-/// A query's device, resolver slot and direction, kept with it while it waits.
+/// A query's device, resolver slot, direction and what it is, kept with it while it
+/// waits.
 #[derive(Clone, Copy)]
 pub struct Meta {
     pub ifindex: u32,
     pub resolver: u8,
     pub egress: u8,
+    /// `DNS_UDP` or `DNS_TCP` for a query, `FLIGHT_CONNECT` for a connection.
+    pub what: u8,
 }
 
-/// A query ended to make room for another: counted unanswered under its own slot.
+/// What recording a query or a connection in flight ended.
 #[derive(Clone, Copy)]
 pub enum Ended {
     None,
@@ -87,9 +91,31 @@ pub enum Ended {
     Superseded(Meta),
     /// The oldest query of a full set (or the new one, where none could be taken).
     Evicted(Meta),
+    /// The same query or connection already waits, and keeps its place: a TCP segment
+    /// sent again, or a SYN retransmitted. Nothing new is counted.
+    Waiting,
 }
 
-/// `far` is what the agent told of the packet's far end.
+/// A DNS message's header as the probes use it.
+#[derive(Clone, Copy)]
+struct Header {
+    id: u16,
+    flags: u16,
+    qdcount: u16,
+}
+
+impl Header {
+    #[inline(always)]
+    fn parse(h: &[u8]) -> Option<Self> {
+        Some(Self {
+            id: u16::from_be_bytes([*h.first()?, *h.get(1)?]),
+            flags: u16::from_be_bytes([*h.get(2)?, *h.get(3)?]),
+            qdcount: u16::from_be_bytes([*h.get(4)?, *h.get(5)?]),
+        })
+    }
+}
+
+/// A DNS message over UDP. `far` is what the agent told of the packet's far end.
 #[inline(always)]
 pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32, egress: bool, far: AddrInfo) {
     // In place where the linear data holds it, else copied out (a helper call).
@@ -99,37 +125,136 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32, egress: bool, far: Addr
     else {
         return;
     };
-    let id = u16::from_be_bytes([hdr[0], hdr[1]]);
-    let flags = u16::from_be_bytes([hdr[2], hdr[3]]);
-    let qdcount = u16::from_be_bytes([hdr[4], hdr[5]]);
-    let opcode = (flags >> DNS_OPCODE_SHIFT) & DNS_OPCODE_MASK;
-    // Standard queries with a question only: anything else is not what we match.
-    if opcode != 0 || qdcount == 0 {
+    let Some(h) = Header::parse(&hdr) else { return };
+    message(p, h, ifindex, egress, far, DNS_UDP);
+}
+
+/// Bytes of a DNS message's length prefix over TCP.
+const TCP_LENGTH_PREFIX: usize = 2;
+/// DNS messages read from one TCP segment: a client pipelining queries, or a server
+/// answering several at once, writes a few in one segment.
+const TCP_MESSAGES: usize = 4;
+
+/// A TCP segment to or from port 53 (`flags` its TCP flags): the connection's opening
+/// and refusal, and the DNS messages whose length prefix and header it holds, the first
+/// at the start of its payload and those that follow it in the segment. A message split
+/// across segments is seen in the segment that holds its header; a segment that begins
+/// inside a message (its tail) has no header at its start to read, and one whose bytes
+/// there do not read as a standard query or a response to a query in flight moves no
+/// count.
+#[inline(always)]
+pub fn handle_tcp(
+    ctx: &TcContext,
+    p: &Packet,
+    flags: u8,
+    ifindex: u32,
+    egress: bool,
+    far: AddrInfo,
+) {
+    if flags & (TCP_SYN | TCP_RST) != 0 {
+        connection(p, flags, ifindex, egress, far);
         return;
     }
-    if flags & DNS_QR != 0 {
-        if p.sport == DNS_PORT {
-            response(p, id, (flags & DNS_RCODE_MASK) as u8, ifindex);
+    let Some(doff) = read::<u8>(ctx, p.l4 + 12).or_else(|| ctx.load::<u8>(p.l4 + 12).ok()) else {
+        return;
+    };
+    let mut off = p.l4 + usize::from(doff >> 4) * 4;
+    let end = ctx.len() as usize;
+    for _ in 0..TCP_MESSAGES {
+        if off + TCP_LENGTH_PREFIX + DNS_HLEN > end {
+            return;
         }
-    } else if p.dport == DNS_PORT {
-        // The server is the far end of a query leaving; of one arriving, this node.
-        let resolver = if egress {
-            far.resolver
-        } else {
-            addr_info(&p.dst).map_or(RESOLVER_OTHER, |i| i.resolver)
+        let Ok(m) = ctx.load::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(off) else {
+            return;
         };
+        let len = usize::from(u16::from_be_bytes([m[0], m[1]]));
+        if len < DNS_HLEN {
+            // Not a DNS message's length: the segment does not begin with one.
+            return;
+        }
+        let Some(h) = Header::parse(&m[TCP_LENGTH_PREFIX..]) else {
+            return;
+        };
+        message(p, h, ifindex, egress, far, DNS_TCP);
+        off += TCP_LENGTH_PREFIX + len;
+    }
+}
+
+/// A SYN opening a connection to port 53 waits for the server's SYN-ACK in the in-flight
+/// table; a RST from the server while it waits is a refusal, and the sweep counts one
+/// that waits past `--dns-timeout` as never answered.
+#[inline(always)]
+fn connection(p: &Packet, flags: u8, ifindex: u32, egress: bool, far: AddrInfo) {
+    if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        if p.dport != DNS_PORT {
+            return;
+        }
         let meta = Meta {
             ifindex,
-            resolver,
+            resolver: server_slot(p, egress, far),
             egress: u8::from(egress),
+            what: FLIGHT_CONNECT as u8,
         };
-        query(p, id, meta);
+        let key = flight_key(&p.src, &p.dst, p.sport, 0, FLIGHT_CONNECT);
+        ended(record(&key, meta, false));
+        return;
+    }
+    // A SYN-ACK or a RST from the server ends the connection's wait; a RST counts it
+    // refused. (A RST later in a connection finds nothing waiting.)
+    if p.sport != DNS_PORT {
+        return;
+    }
+    let key = flight_key(&p.dst, &p.src, p.dport, 0, FLIGHT_CONNECT);
+    if let Some((_, resolver)) = answer(&key)
+        && flags & TCP_RST != 0
+    {
+        count(ifindex, resolver, DnsCountKind::ConnectFailure, 0, DNS_TCP);
+    }
+}
+
+/// The resolver slot of a query's or a connection's server: the far end of one leaving,
+/// this node of one arriving.
+#[inline(always)]
+fn server_slot(p: &Packet, egress: bool, far: AddrInfo) -> u8 {
+    if egress {
+        far.resolver
+    } else {
+        addr_info(&p.dst).map_or(RESOLVER_OTHER, |i| i.resolver)
+    }
+}
+
+/// A DNS message with header `h`, over `transport`.
+#[inline(always)]
+fn message(p: &Packet, h: Header, ifindex: u32, egress: bool, far: AddrInfo, transport: u8) {
+    let opcode = (h.flags >> DNS_OPCODE_SHIFT) & DNS_OPCODE_MASK;
+    // Standard queries with a question only: anything else is not what we match.
+    if opcode != 0 || h.qdcount == 0 {
+        return;
+    }
+    if h.flags & DNS_QR != 0 {
+        if p.sport == DNS_PORT {
+            response(
+                p,
+                h.id,
+                (h.flags & DNS_RCODE_MASK) as u8,
+                ifindex,
+                transport,
+            );
+        }
+    } else if p.dport == DNS_PORT {
+        let meta = Meta {
+            ifindex,
+            resolver: server_slot(p, egress, far),
+            egress: u8::from(egress),
+            what: transport,
+        };
+        query(p, h.id, meta);
     }
 }
 
 /// Counts one of a device's DNS messages under resolver slot `resolver`.
 #[inline(always)]
-fn count(ifindex: u32, resolver: u8, kind: DnsCountKind, rcode: u8) {
+fn count(ifindex: u32, resolver: u8, kind: DnsCountKind, rcode: u8, transport: u8) {
     increment(
         &DNS_COUNTS,
         &DnsCountKey {
@@ -137,7 +262,7 @@ fn count(ifindex: u32, resolver: u8, kind: DnsCountKind, rcode: u8) {
             resolver,
             kind: kind as u8,
             rcode,
-            pad: 0,
+            transport,
         },
         MapFull::DnsCounts,
     );
@@ -158,67 +283,95 @@ fn seen(server: &Addr) {
     }
 }
 
+/// The in-flight key of a query or connection from `client` port `port` to `server`.
+#[inline(always)]
+fn flight_key(client: &Addr, server: &Addr, port: u16, id: u16, what: u32) -> KeyWords {
+    [
+        client[0],
+        client[1],
+        client[2],
+        client[3],
+        server[0],
+        server[1],
+        server[2],
+        server[3],
+        u32::from(port) | (u32::from(id) << 16),
+        what,
+    ]
+}
+
+/// Records a query or a connection in flight. A copy already waiting is replaced
+/// (`replace`: a UDP query sent again is a new try) or left in its place (a TCP segment
+/// or a SYN sent again).
+#[inline(always)]
+fn record(key: &KeyWords, meta: Meta, replace: bool) -> Ended {
+    // One object per kind of kernel: the other path is not in it.
+    if crate::ATOMICS {
+        pending::query(key, meta, replace)
+    } else {
+        inflight_query(key, meta, replace)
+    }
+}
+
+/// Counts what recording a query or a connection ended. A connection ended to make room
+/// is not a DNS query: the full table is counted, nothing else.
+#[inline(always)]
+fn ended(e: Ended) {
+    match e {
+        Ended::None | Ended::Waiting => {}
+        Ended::Superseded(m) | Ended::Evicted(m) if u32::from(m.what) == FLIGHT_CONNECT => {}
+        Ended::Superseded(m) => count(m.ifindex, m.resolver, DnsCountKind::Superseded, 0, m.what),
+        Ended::Evicted(m) => count(m.ifindex, m.resolver, DnsCountKind::Evicted, 0, m.what),
+    }
+}
+
+/// Ends what waits under `key`: its start time and resolver slot, if this is the packet
+/// that ends it.
+#[inline(always)]
+fn answer(key: &KeyWords) -> Option<(u64, u8)> {
+    if crate::ATOMICS {
+        pending::answer(key)
+    } else {
+        inflight_answer(key)
+    }
+}
+
 /// A query from `p.src` to the server `p.dst`: counted, and recorded in flight.
 #[inline(always)]
 fn query(p: &Packet, id: u16, meta: Meta) {
-    count(meta.ifindex, meta.resolver, DnsCountKind::Query, 0);
+    let key = flight_key(&p.src, &p.dst, p.sport, id, u32::from(meta.what));
+    let e = record(&key, meta, meta.what == DNS_UDP);
+    if let Ended::Waiting = e {
+        return;
+    }
+    count(
+        meta.ifindex,
+        meta.resolver,
+        DnsCountKind::Query,
+        0,
+        meta.what,
+    );
     if meta.resolver == RESOLVER_OTHER {
         seen(&p.dst);
     }
-    let key = [
-        p.src[0],
-        p.src[1],
-        p.src[2],
-        p.src[3],
-        p.dst[0],
-        p.dst[1],
-        p.dst[2],
-        p.dst[3],
-        u32::from(p.sport) | (u32::from(id) << 16),
-        0,
-    ];
-    // One object per kind of kernel: the other path is not in it.
-    let ended = if crate::ATOMICS {
-        pending::query(&key, meta)
-    } else {
-        inflight_query(&key, meta)
-    };
-    match ended {
-        Ended::None => {}
-        Ended::Superseded(m) => count(m.ifindex, m.resolver, DnsCountKind::Superseded, 0),
-        Ended::Evicted(m) => count(m.ifindex, m.resolver, DnsCountKind::Evicted, 0),
-    }
+    ended(e);
 }
 
 /// A response from the server `p.src`: counted, with its latency, under the slot its
 /// query was counted under, if it ends a query in flight.
 #[inline(always)]
-fn response(p: &Packet, id: u16, rcode: u8, ifindex: u32) {
-    let key = [
-        p.dst[0],
-        p.dst[1],
-        p.dst[2],
-        p.dst[3],
-        p.src[0],
-        p.src[1],
-        p.src[2],
-        p.src[3],
-        u32::from(p.dport) | (u32::from(id) << 16),
-        0,
-    ];
-    let answered = if crate::ATOMICS {
-        pending::answer(&key)
-    } else {
-        inflight_answer(&key)
-    };
-    let Some((start, resolver)) = answered else {
+fn response(p: &Packet, id: u16, rcode: u8, ifindex: u32, transport: u8) {
+    let key = flight_key(&p.dst, &p.src, p.dport, id, u32::from(transport));
+    let Some((start, resolver)) = answer(&key) else {
         return;
     };
-    count(ifindex, resolver, DnsCountKind::Response, rcode);
+    count(ifindex, resolver, DnsCountKind::Response, rcode, transport);
     observe(
         DnsSlotKey {
             ifindex,
-            resolver: u32::from(resolver),
+            resolver,
+            transport,
+            pad: 0,
         },
         now_ns().saturating_sub(start),
     );
@@ -227,10 +380,10 @@ fn response(p: &Packet, id: u16, rcode: u8, ifindex: u32) {
 /// A `DnsFlightKey` as its words: client, server, client port and id, padding.
 type KeyWords = [u32; DNS_FLIGHT_KEY_WORDS];
 
-/// Records a query in `DNS_INFLIGHT` (kernels without atomics), and what it ended: a
-/// copy of itself still waiting, or (the table full) itself.
+/// Records a query or a connection in `DNS_INFLIGHT` (kernels without atomics), and what
+/// it ended: a copy of itself still waiting (`replace`), or (the table full) itself.
 #[inline(always)]
-fn inflight_query(key: &KeyWords, meta: Meta) -> Ended {
+fn inflight_query(key: &KeyWords, meta: Meta, replace: bool) -> Ended {
     // SAFETY: `DnsFlightKey` is `repr(C)`, 10 words without padding between fields.
     let key: DnsFlightKey = unsafe { core::mem::transmute(*key) };
     let flight = DnsFlight {
@@ -242,6 +395,9 @@ fn inflight_query(key: &KeyWords, meta: Meta) -> Ended {
     };
     let mut ended = Ended::None;
     let mut r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
+    if r == Err(EEXIST) && !replace {
+        return Ended::Waiting;
+    }
     if r == Err(EEXIST) {
         // SAFETY: a read of a map value the kernel keeps alive for the program's run.
         let copy = unsafe { DNS_INFLIGHT.get(&key) }.copied();
@@ -253,6 +409,7 @@ fn inflight_query(key: &KeyWords, meta: Meta) -> Ended {
                 ifindex: copy.ifindex,
                 resolver: copy.resolver,
                 egress: copy.egress,
+                what: meta.what,
             });
         }
         r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
@@ -362,7 +519,7 @@ mod pending {
             }
         }
 
-        /// The device, slot and direction of the query in a way this CPU holds.
+        /// The device, slot, direction and kind of what waits in a way this CPU holds.
         fn meta(self) -> Meta {
             // SAFETY: words of the way this CPU holds.
             unsafe {
@@ -370,6 +527,9 @@ mod pending {
                     ifindex: core::ptr::read_volatile(self.ifindex()),
                     resolver: core::ptr::read_volatile(self.resolver()),
                     egress: core::ptr::read_volatile(self.egress()),
+                    what: core::ptr::read_volatile(
+                        self.key().wrapping_add(DNS_FLIGHT_KEY_WORDS - 1),
+                    ) as u8,
                 }
             }
         }
@@ -439,15 +599,22 @@ mod pending {
     }
 
     /// Records a query, and what it ended: a copy of itself still waiting, whose way it
-    /// takes over; or, its set full, the oldest query waiting there, whose way it takes
-    /// (counted as a full table too). Every query ends answered or unanswered.
+    /// takes over (`replace`; else the copy keeps its way); or, its set full, the oldest
+    /// query waiting there, whose way it takes (counted as a full table too). Every query
+    /// ends answered or unanswered.
     #[inline(always)]
-    pub fn query(key: &KeyWords, meta: Meta) -> Ended {
+    pub fn query(key: &KeyWords, meta: Meta, replace: bool) -> Ended {
         let Some(set) = set(key) else {
             return Ended::Evicted(meta);
         };
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
+            if !replace {
+                if way.is(PENDING_WAITING) && way.holds(key) {
+                    return Ended::Waiting;
+                }
+                continue;
+            }
             // Held as a response or the sweep would hold it: whoever holds the copy
             // first ends it.
             if way.hold(key) {

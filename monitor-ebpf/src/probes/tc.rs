@@ -4,7 +4,7 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-use monitor_common::proto::{DNS_PORT, IPPROTO_UDP};
+use monitor_common::proto::{DNS_PORT, IPPROTO_TCP, IPPROTO_UDP};
 
 use super::{dns, flows, linklocal, packet};
 
@@ -33,6 +33,7 @@ fn handle(ctx: &TcContext, egress: bool) {
         (&p.src, p.sport)
     };
     let info = linklocal::lookup(&p, far, far_port);
+    let flags = packet::tcp_flags(ctx, &p);
     match linklocal::service(info) {
         // EC2 does not track flows to its link-local services: they have their own
         // allowance (1024 packets/s), counted on the way out.
@@ -41,9 +42,13 @@ fn handle(ctx: &TcContext, egress: bool) {
                 linklocal::count(service, ifindex);
             }
         }
-        None => flows::track(&p, packet::tcp_flags(ctx, &p), ifindex, egress),
+        None => flows::track(&p, flags, ifindex, egress),
     }
-    if p.proto == IPPROTO_UDP && p.l4 != 0 && (p.sport == DNS_PORT || p.dport == DNS_PORT) {
-        dns::handle(ctx, &p, ifindex, egress, info);
+    if p.l4 != 0 && (p.sport == DNS_PORT || p.dport == DNS_PORT) {
+        if p.proto == IPPROTO_UDP {
+            dns::handle(ctx, &p, ifindex, egress, info);
+        } else if p.proto == IPPROTO_TCP {
+            dns::handle_tcp(ctx, &p, flags, ifindex, egress, info);
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use monitor_common::{DNS_LATENCY_BOUNDS_NS, DnsCountKind, RESOLVER_SLOTS};
+use monitor_common::{DNS_LATENCY_BOUNDS_NS, DNS_TCP, DnsCountKind, RESOLVER_SLOTS};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet},
@@ -25,7 +25,7 @@ use crate::{
 
 const QUERIES: Metric = Metric {
     name: "dns_queries",
-    help: "DNS queries (UDP) leaving or entering through the ENI, by resolver (a named one, or other).",
+    help: "DNS queries leaving or entering through the ENI, by resolver (a named one, or other) and transport (udp, tcp).",
 };
 const RESPONSES: Metric = Metric {
     name: "dns_responses",
@@ -34,6 +34,10 @@ const RESPONSES: Metric = Metric {
 const UNANSWERED: Metric = Metric {
     name: "dns_unanswered",
     help: "DNS queries with no response within --dns-timeout, or ended before it: the client sent the same query again (same port and id), or the in-flight table had to make room.",
+};
+const CONNECT_FAILURES: Metric = Metric {
+    name: "dns_tcp_connect_failures",
+    help: "TCP connections to port 53 refused (RST to the SYN) or whose SYN had no answer within --dns-timeout: a full connection-tracking allowance drops new connections first.",
 };
 const LATENCY: Metric = Metric {
     name: "dns_latency_seconds",
@@ -65,6 +69,13 @@ impl std::fmt::Debug for DnsCollector {
 
 /// (device, resolver).
 type Labels2 = (String, String);
+/// (device, resolver, transport).
+type Labels3 = (String, String, &'static str);
+
+/// The `transport` label of a count's or a histogram's key.
+fn transport(t: u8) -> &'static str {
+    if t == DNS_TCP { "tcp" } else { "udp" }
+}
 
 fn encode_histogram(family: &mut MetricEncoder, h: &Histogram) -> Result<(), std::fmt::Error> {
     #[expect(
@@ -100,13 +111,15 @@ impl Collector for DnsCollector {
             let name = names.get(resolver).map_or("other", String::as_str);
             Some((d.name.clone(), name.to_owned()))
         };
-        let mut queries: BTreeMap<Labels2, u64> = BTreeMap::new();
-        let mut responses: BTreeMap<(Labels2, String), u64> = BTreeMap::new();
-        let mut unanswered: BTreeMap<Labels2, u64> = BTreeMap::new();
+        let mut queries: BTreeMap<Labels3, u64> = BTreeMap::new();
+        let mut responses: BTreeMap<(Labels3, String), u64> = BTreeMap::new();
+        let mut unanswered: BTreeMap<Labels3, u64> = BTreeMap::new();
+        let mut refused: BTreeMap<Labels2, u64> = BTreeMap::new();
         for (key, n) in snapshot.counts {
-            let Some(l) = labels(key.ifindex, usize::from(key.resolver)) else {
+            let Some((device, resolver)) = labels(key.ifindex, usize::from(key.resolver)) else {
                 continue;
             };
+            let l = (device, resolver, transport(key.transport));
             match DnsCountKind::from_u8(key.kind) {
                 Some(DnsCountKind::Query) => *queries.entry(l).or_default() += n,
                 Some(DnsCountKind::Response) => {
@@ -116,14 +129,18 @@ impl Collector for DnsCollector {
                 Some(
                     DnsCountKind::Superseded | DnsCountKind::Evicted | DnsCountKind::Unanswered,
                 ) => *unanswered.entry(l).or_default() += n,
+                Some(DnsCountKind::ConnectFailure) => {
+                    *refused.entry((l.0, l.1)).or_default() += n;
+                }
                 None => {}
             }
         }
-        let mut latency: BTreeMap<Labels2, Histogram> = BTreeMap::new();
+        let mut latency: BTreeMap<Labels3, Histogram> = BTreeMap::new();
         for (key, h) in snapshot.latency {
-            let Some(l) = labels(key.ifindex, usize::try_from(key.resolver).unwrap_or(0)) else {
+            let Some((device, resolver)) = labels(key.ifindex, usize::from(key.resolver)) else {
                 continue;
             };
+            let l = (device, resolver, transport(key.transport));
             let sum = latency.entry(l).or_default();
             for (s, b) in sum.buckets.iter_mut().zip(h.buckets) {
                 *s += b;
@@ -131,7 +148,13 @@ impl Collector for DnsCollector {
             sum.sum_ns += h.sum_ns;
         }
 
-        let with = |(device, resolver): Labels2| [("device", device), ("resolver", resolver)];
+        let with = |(device, resolver, transport): Labels3| {
+            [
+                ("device", device),
+                ("resolver", resolver),
+                ("transport", transport.to_owned()),
+            ]
+        };
         encode_counters(
             &mut encoder,
             &QUERIES,
@@ -141,14 +164,21 @@ impl Collector for DnsCollector {
             &mut encoder,
             &RESPONSES,
             responses.into_iter().map(|((l, rcode), v)| {
-                let [d, r] = with(l);
-                ([d, r, ("rcode", rcode)], v)
+                let [d, r, t] = with(l);
+                ([d, r, ("rcode", rcode), t], v)
             }),
         )?;
         encode_counters(
             &mut encoder,
             &UNANSWERED,
             unanswered.into_iter().map(|(l, v)| (with(l), v)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            &CONNECT_FAILURES,
+            refused
+                .into_iter()
+                .map(|((device, resolver), v)| ([("device", device), ("resolver", resolver)], v)),
         )?;
         let mut family =
             encoder.encode_descriptor(LATENCY.name, LATENCY.help, None, MetricType::Histogram)?;

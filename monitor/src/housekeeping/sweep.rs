@@ -1,6 +1,7 @@
 //! The DNS sweep: takes queries older than `--dns-timeout` out of the table they wait in
 //! (`DNS_PENDING`, or `DNS_INFLIGHT` on kernels without BPF atomics) and counts them
-//! unanswered under the resolver slot they were counted under; keeps the clients whose
+//! unanswered under the resolver slot and transport they were counted under (a TCP
+//! connection whose SYN waited as long, a connect failure); keeps the clients whose
 //! queries go unanswered; and names resolvers by what it saw (the model's
 //! `ResolverSlots`), telling the programs. Only the one that takes a query out counts
 //! it, so a response that matched in the meantime wins.
@@ -13,11 +14,13 @@ use std::{
 };
 
 use log::warn;
-use monitor_common::{DnsCountKind, DnsFlightKey, RESOLVER_OTHER, addr_to_ip};
+use monitor_common::{
+    DNS_TCP, DNS_UDP, DnsCountKind, DnsFlightKey, FLIGHT_CONNECT, RESOLVER_OTHER, addr_to_ip,
+};
 
 use crate::{
     loader::{
-        dns::{DnsTables, SeenServers},
+        dns::{DnsTables, SeenServers, SlotKey},
         maps::{Addresses, InflightTable},
         pending::{Expired, PendingTable},
     },
@@ -72,13 +75,22 @@ impl Sweeper {
             }
         }
         let this_minute = minute(now_ns);
-        let mut unanswered: BTreeMap<(u32, u8), u64> = BTreeMap::new();
+        let mut unanswered: BTreeMap<SlotKey, u64> = BTreeMap::new();
+        let mut refused: BTreeMap<SlotKey, u64> = BTreeMap::new();
         let mut failing: BTreeMap<IpAddr, u64> = BTreeMap::new();
         for e in &expired {
+            *failing.entry(addr_to_ip(e.key.server)).or_default() += 1;
             // Under the slot its query was counted under: a slot drains for longer than
             // a query waits, so it still is that resolver's (or `other`).
-            *unanswered.entry((e.ifindex, e.resolver)).or_default() += 1;
-            *failing.entry(addr_to_ip(e.key.server)).or_default() += 1;
+            if e.key.what == FLIGHT_CONNECT {
+                // A SYN to port 53 the server never answered.
+                *refused.entry((e.ifindex, e.resolver, DNS_TCP)).or_default() += 1;
+                continue;
+            }
+            let transport = u8::try_from(e.key.what).unwrap_or(DNS_UDP);
+            *unanswered
+                .entry((e.ifindex, e.resolver, transport))
+                .or_default() += 1;
             // Only a local client's (a query that left through the device) is a pod's.
             if e.egress {
                 self.recent.add(this_minute, e.ifindex, e.key.client);
@@ -86,6 +98,9 @@ impl Sweeper {
         }
         if !unanswered.is_empty() {
             self.dns.add(DnsCountKind::Unanswered, unanswered);
+        }
+        if !refused.is_empty() {
+            self.dns.add(DnsCountKind::ConnectFailure, refused);
         }
         self.ranked.set(self.recent.top(this_minute, self.top));
         self.name_resolvers(now_ns / 1_000_000_000, failing.into_iter().collect());

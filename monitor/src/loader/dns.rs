@@ -29,6 +29,9 @@ impl SeenServers {
     }
 }
 
+/// (device, resolver slot, transport): what the agent's counts are kept by.
+pub type SlotKey = (u32, u8, u8);
+
 /// A latency histogram, summed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Histogram {
@@ -105,16 +108,16 @@ impl DnsTables {
         snap
     }
 
-    /// Adds the agent's counts: `n` of `kind` for each (ifindex, resolver slot).
-    pub fn add(&self, kind: DnsCountKind, counts: impl IntoIterator<Item = ((u32, u8), u64)>) {
+    /// Adds the agent's counts: `n` of `kind` for each (ifindex, resolver slot, transport).
+    pub fn add(&self, kind: DnsCountKind, counts: impl IntoIterator<Item = (SlotKey, u64)>) {
         let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        for ((ifindex, resolver), n) in counts {
+        for ((ifindex, resolver, transport), n) in counts {
             let key = DnsCountKey {
                 ifindex,
                 resolver,
                 kind: kind as u8,
                 rcode: 0,
-                pad: 0,
+                transport,
             };
             add_count(&mut t.agent_counts, key, n);
         }
@@ -128,12 +131,7 @@ impl DnsTables {
             .counts
             .keys()
             .map(|k| k.resolver)
-            .chain(
-                snapshot
-                    .latency
-                    .keys()
-                    .filter_map(|k| u8::try_from(k.resolver).ok()),
-            )
+            .chain(snapshot.latency.keys().map(|k| k.resolver))
             .filter(|s| *s != RESOLVER_OTHER && !named.contains(s))
             .collect();
         left.sort_unstable();
@@ -177,12 +175,13 @@ impl DnsTables {
             };
             add_count(&mut t.agent_counts, other, n);
         }
-        let mut latency: BTreeMap<u32, Histogram> = BTreeMap::new();
+        // By (device, transport).
+        let mut latency: BTreeMap<(u32, u8), Histogram> = BTreeMap::new();
         let kernel: Vec<(DnsSlotKey, Histogram)> = t
             .latency
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, _)| k.resolver == u32::from(slot))
+            .filter(|(k, _)| k.resolver == slot)
             .map(|(k, per_cpu)| {
                 let mut h = Histogram::default();
                 per_cpu.iter().for_each(|l| h.add(l));
@@ -190,7 +189,7 @@ impl DnsTables {
             })
             .collect();
         for (k, h) in &kernel {
-            let sum = latency.entry(k.ifindex).or_default();
+            let sum = latency.entry((k.ifindex, k.transport)).or_default();
             sum.add(&h.as_latency());
             let _ = t.latency.remove(k);
         }
@@ -198,16 +197,18 @@ impl DnsTables {
             .agent_latency
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, _)| k.resolver == u32::from(slot))
+            .filter(|(k, _)| k.resolver == slot)
             .collect();
         for (k, l) in &agent {
-            latency.entry(k.ifindex).or_default().add(l);
+            latency.entry((k.ifindex, k.transport)).or_default().add(l);
             let _ = t.agent_latency.remove(k);
         }
-        for (ifindex, h) in latency {
+        for ((ifindex, transport), h) in latency {
             let other = DnsSlotKey {
                 ifindex,
-                resolver: u32::from(RESOLVER_OTHER),
+                resolver: RESOLVER_OTHER,
+                transport,
+                pad: 0,
             };
             let mut total = Histogram::default();
             if let Ok(l) = t.agent_latency.get(&other, 0) {

@@ -16,7 +16,7 @@ pub const DEFAULT_DIR: &str = "/sys/fs/bpf/eni-monitor";
 
 /// The layout of the pinned maps. Bump it whenever a pinned map's type, key, value or
 /// size changes: an agent never reads a map laid out for another version.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
