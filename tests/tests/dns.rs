@@ -22,10 +22,12 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn on(device: &str, resolver: &str) -> [(&'static str, String); 2] {
+/// A series of `device` and `resolver` over UDP.
+fn on(device: &str, resolver: &str) -> [(&'static str, String); 3] {
     [
         ("device", device.to_owned()),
         ("resolver", resolver.to_owned()),
+        ("transport", "udp".to_owned()),
     ]
 }
 

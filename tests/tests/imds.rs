@@ -60,7 +60,11 @@ fn eni_ids_and_the_vpc_resolver_come_from_imds() {
         s.sum("eni_monitor_dns_responses_total", &[]) >= 5.0
     });
     // VPC+2 keeps its address as its label; IMDS made it Amazon's in the info series.
-    let q = [("device", "eth0"), ("resolver", "10.250.0.2")];
+    let q = [
+        ("device", "eth0"),
+        ("resolver", "10.250.0.2"),
+        ("transport", "udp"),
+    ];
     assert_eq!(
         s.get("eni_monitor_dns_queries_total", &q),
         Some(5.0),

@@ -146,7 +146,10 @@ fn dns_totals_stay_exact_through_churn_sprays_floods_and_restarts() {
     let s = settled(&agent, &sim, &sent, "the current resolver stopped");
     assert!(named(&s, current), "{}", s.text);
     assert_eq!(
-        s.get(UNANSWERED, &[("device", "eth0"), ("resolver", current)]),
+        s.get(
+            UNANSWERED,
+            &[("device", "eth0"), ("resolver", current), ("transport", "udp")]
+        ),
         Some(4.0),
         "{}",
         s.text
@@ -228,7 +231,10 @@ fn dns_totals_stay_exact_through_churn_sprays_floods_and_restarts() {
     sent.add(7, answered);
     let s = settled(&agent, &sim, &sent, "a fresh resolver");
     assert!(
-        s.get(QUERIES, &[("device", "eth0"), ("resolver", fresh)]) >= Some(7.0),
+        s.get(
+            QUERIES,
+            &[("device", "eth0"), ("resolver", fresh), ("transport", "udp")]
+        ) >= Some(7.0),
         "{}",
         s.text
     );
