@@ -15,6 +15,9 @@ pub const OK_NAME: &str = "a.ok.sim";
 pub const NX_NAME: &str = "x.nx.sim";
 pub const SERVFAIL_NAME: &str = "y.fail.sim";
 pub const REFUSED_NAME: &str = "z.refused.sim";
+/// A name whose answer (40 A records, 656 bytes) does not fit 512 bytes: truncated over
+/// UDP without EDNS, whole over TCP.
+pub const BIG_NAME: &str = "big.ok.sim";
 
 /// unbound on `addresses` port 53 inside `ns`; stopped on drop.
 pub struct Resolver {
@@ -31,8 +34,11 @@ impl Resolver {
             .iter()
             .fold(String::new(), |acc, a| acc + &format!("  interface: {a}\n"));
         let conf = format!(
-            "server:\n{interfaces}  port: 53\n  do-daemonize: no\n  use-syslog: no\n  logfile: \"\"\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  verbosity: 0\n  access-control: 0.0.0.0/0 allow\n  access-control: ::/0 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  num-threads: 1\n  local-zone: \"ok.sim.\" static\n  local-data: \"{OK_NAME}. 60 IN A 10.1.2.3\"\n  local-zone: \"nx.sim.\" always_nxdomain\n  local-zone: \"refused.sim.\" always_refuse\nforward-zone:\n  name: \"fail.sim.\"\n  forward-addr: 127.0.0.1@5353\n",
-            dir = dir.display()
+            "server:\n{interfaces}  port: 53\n  do-daemonize: no\n  use-syslog: no\n  logfile: \"\"\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  verbosity: 0\n  access-control: 0.0.0.0/0 allow\n  access-control: ::/0 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  num-threads: 1\n  local-zone: \"ok.sim.\" static\n  local-data: \"{OK_NAME}. 60 IN A 10.1.2.3\"\n{big}  local-zone: \"nx.sim.\" always_nxdomain\n  local-zone: \"refused.sim.\" always_refuse\nforward-zone:\n  name: \"fail.sim.\"\n  forward-addr: 127.0.0.1@5353\n",
+            dir = dir.display(),
+            big = (1..=40).fold(String::new(), |acc, i| {
+                acc + &format!("  local-data: \"{BIG_NAME}. 60 IN A 10.9.0.{i}\"\n")
+            }),
         );
         let conf_path = dir.join("unbound.conf");
         std::fs::write(&conf_path, conf).unwrap();

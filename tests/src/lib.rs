@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod dns;
+pub mod dns_tcp;
 pub mod floor;
 pub mod golden;
 pub mod imds;

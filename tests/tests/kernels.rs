@@ -215,18 +215,49 @@ impl Run<'_> {
             "{}",
             self.fail("dns client")
         );
+        assert_eq!(
+            self.c.block("dns-tcp"),
+            "answered 3\nrefused 1",
+            "{}",
+            self.fail("dns over tcp client")
+        );
         let s = self.scrape("dns");
         let server = [("device", "eth0"), ("resolver", "10.0.0.2")];
-        assert_eq!(s.sum(QUERIES, &server), 13.0, "{}", self.fail("queries"));
-        for (rcode, n) in [("NOERROR", 10.0), ("NXDOMAIN", 3.0)] {
-            let labels = [server[0], server[1], ("rcode", rcode)];
+        for (transport, queries) in [("udp", 13.0), ("tcp", 3.0)] {
+            let labels = [server[0], server[1], ("transport", transport)];
+            assert_eq!(s.sum(QUERIES, &labels), queries, "{}", self.fail(transport));
+        }
+        for (rcode, transport, n) in [
+            ("NOERROR", "udp", 10.0),
+            ("NXDOMAIN", "udp", 3.0),
+            ("NOERROR", "tcp", 3.0),
+        ] {
+            let labels = [
+                server[0],
+                server[1],
+                ("rcode", rcode),
+                ("transport", transport),
+            ];
             assert_eq!(s.sum(RESPONSES, &labels), n, "{}", self.fail(rcode));
         }
         let eth0 = [("device", "eth0")];
-        assert_eq!(s.sum(RESPONSES, &eth0), 14.0, "{}", self.fail("responses"));
+        assert_eq!(s.sum(RESPONSES, &eth0), 17.0, "{}", self.fail("responses"));
+        let tcp_latency = [server[0], server[1], ("transport", "tcp")];
+        assert_eq!(
+            s.sum("eni_monitor_dns_latency_seconds_count", &tcp_latency),
+            3.0,
+            "{}",
+            self.fail("tcp latency")
+        );
         let other = [("device", "eth0"), ("resolver", "other")];
         assert_eq!(s.sum(QUERIES, &other), 1.0, "{}", self.fail("other"));
         assert_eq!(s.sum(UNANSWERED, &eth0), 0.0, "{}", self.fail("unanswered"));
+        assert_eq!(
+            s.sum("eni_monitor_dns_tcp_connect_failures_total", &other),
+            1.0,
+            "{}",
+            self.fail("refused")
+        );
     }
 
     /// A DNS socket that never reads: every datagram that did not fit its queue is one
@@ -315,9 +346,10 @@ impl Run<'_> {
             "{}",
             self.fail("tracked after restart")
         );
+        // The held connections, and the two of DNS over TCP (closed since).
         assert_eq!(
             s.sum(CREATED, &tcp),
-            5.0,
+            7.0,
             "{}",
             self.fail("created after restart")
         );

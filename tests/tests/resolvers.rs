@@ -148,7 +148,11 @@ fn dns_totals_stay_exact_through_churn_sprays_floods_and_restarts() {
     assert_eq!(
         s.get(
             UNANSWERED,
-            &[("device", "eth0"), ("resolver", current), ("transport", "udp")]
+            &[
+                ("device", "eth0"),
+                ("resolver", current),
+                ("transport", "udp")
+            ]
         ),
         Some(4.0),
         "{}",
@@ -233,7 +237,11 @@ fn dns_totals_stay_exact_through_churn_sprays_floods_and_restarts() {
     assert!(
         s.get(
             QUERIES,
-            &[("device", "eth0"), ("resolver", fresh), ("transport", "udp")]
+            &[
+                ("device", "eth0"),
+                ("resolver", fresh),
+                ("transport", "udp")
+            ]
         ) >= Some(7.0),
         "{}",
         s.text

@@ -148,15 +148,26 @@ dump flows
 
 phase "phase-4"
 # Phase 4: DNS through eth0: one query that has the agent name the resolver (it counts
-# as other), then 10 answered NOERROR, 3 NXDOMAIN.
+# as other), then 10 answered NOERROR, 3 NXDOMAIN; then over TCP.
 nettool dns-query 10.0.0.2:53 a.example 1 >/dev/null
 wait_for '^eni_monitor_dns_resolver_info{resolver="10.0.0.2"'
 mark BEGIN dns-client
 nettool dns-query 10.0.0.2:53 a.example 10
 nettool dns-query 10.0.0.2:53 nx.example 3
 mark END dns-client
-wait_for '^eni_monitor_dns_responses_total{.*rcode="NXDOMAIN"} 3'
+wait_for '^eni_monitor_dns_responses_total{.*rcode="NXDOMAIN",transport="udp"} 3'
+# DNS over TCP: 3 queries written at once on one connection, answered; a connection to
+# an address of the VPC where nothing listens on port 53, refused.
+ip -n vpc addr add 10.0.0.3/24 dev vpc0
+mark BEGIN dns-tcp
+nettool dns-query-tcp 10.0.0.2:53 a.example 3
+nettool tcp-connect 10.0.0.3:53 1
+mark END dns-tcp
+wait_for '^eni_monitor_dns_responses_total{.*transport="tcp"} 3'
+wait_for '^eni_monitor_dns_tcp_connect_failures_total{device="eth0",.*} 1'
 dump dns
+# Both connections closed: EC2 forgets them 5 s later, and the held ones remain.
+wait_for '^eni_monitor_tracked_flows{device="eth0",.*protocol="tcp"} 5'
 
 # Phase 5: a DNS socket on the node that never reads: what does not fit its receive
 # queue is a UDP receive-queue drop, and a DNS drop on eth0.

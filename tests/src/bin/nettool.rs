@@ -3,8 +3,12 @@
 //! compares the agent's counts with the traffic that was really sent and answered.
 //!
 //! ```text
-//! nettool dns-server ADDR             answer every query: NXDOMAIN for names under nx., else NOERROR
+//! nettool dns-server ADDR             answer every query, over UDP and TCP: NXDOMAIN for
+//!                                     names under nx., else NOERROR
 //! nettool dns-query SERVER NAME N     N queries, one socket each; prints how many were answered
+//! nettool dns-query-tcp SERVER NAME N N queries over one TCP connection, all written at
+//!                                     once; prints how many were answered
+//! nettool tcp-connect ADDR N          N connections; prints how many were refused
 //! nettool udp-send ADDR N             N datagrams from one socket
 //! nettool udp-flows ADDR N            one datagram from each of N sockets (N flows)
 //! nettool udp-sink ADDR               read and discard
@@ -48,6 +52,23 @@ fn run(args: &[&str]) -> Result<(), String> {
         ["dns-query", server, name, n] => {
             let answered = dns_query(addr(server)?, name, count(n)?).map_err(io)?;
             println!("answered {answered}");
+            Ok(())
+        }
+        ["dns-query-tcp", server, name, n] => {
+            let answered = dns_query_tcp(addr(server)?, name, count(n)?).map_err(io)?;
+            println!("answered {answered}");
+            Ok(())
+        }
+        ["tcp-connect", a, n] => {
+            let mut refused = 0;
+            for _ in 0..count(n)? {
+                match TcpStream::connect_timeout(&addr(a)?, Duration::from_secs(2)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                    Err(e) => return Err(io(e)),
+                    Ok(_) => {}
+                }
+            }
+            println!("refused {refused}");
             Ok(())
         }
         ["udp-send", a, n] => {
@@ -177,21 +198,89 @@ fn dns_query(server: SocketAddr, name: &str, n: usize) -> std::io::Result<usize>
     Ok(answered)
 }
 
+/// N queries with ids from 1 over one connection, written in one segment; the answers
+/// matched by id.
+fn dns_query_tcp(server: SocketAddr, name: &str, n: usize) -> std::io::Result<usize> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(2))?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let q = query(u16::try_from(i + 1).unwrap_or(0), name);
+        out.extend_from_slice(&u16::try_from(q.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&q);
+    }
+    conn.write_all(&out)?;
+    let mut answered = 0;
+    for _ in 0..n {
+        let mut len = [0u8; 2];
+        if conn.read_exact(&mut len).is_err() {
+            break;
+        }
+        let mut m = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        conn.read_exact(&mut m)?;
+        if m.len() >= 12 && m[2] & 0x80 != 0 {
+            answered += 1;
+        }
+    }
+    Ok(answered)
+}
+
+/// The answer to a query: the query itself, flagged a response, NXDOMAIN for a name
+/// whose first label is `nx`.
+fn answer(q: &[u8]) -> Option<Vec<u8>> {
+    if q.len() < 13 {
+        return None;
+    }
+    // The first label of the question.
+    let first = usize::from(q[12]);
+    let nx = q.get(13..13 + first) == Some(b"nx".as_slice());
+    let mut reply = q.to_vec();
+    reply[2] = 0x81; // QR, RD
+    reply[3] = if nx { 0x83 } else { 0x80 }; // RA, rcode
+    Some(reply)
+}
+
 fn dns_server(bind: SocketAddr) -> std::io::Result<()> {
+    let tcp = TcpListener::bind(bind)?;
+    std::thread::spawn(move || {
+        for conn in tcp.incoming().flatten() {
+            std::thread::spawn(move || serve_tcp(conn));
+        }
+    });
     let sock = UdpSocket::bind(bind)?;
     let mut buf = [0u8; 512];
     loop {
         let (len, peer) = sock.recv_from(&mut buf)?;
-        if len < 13 {
-            continue;
+        if let Some(reply) = answer(&buf[..len]) {
+            sock.send_to(&reply, peer)?;
         }
-        // The first label of the question.
-        let first = usize::from(buf[12]);
-        let nx = buf.get(13..13 + first) == Some(b"nx".as_slice());
-        let mut reply = buf[..len].to_vec();
-        reply[2] = 0x81; // QR, RD
-        reply[3] = if nx { 0x83 } else { 0x80 }; // RA, rcode
-        sock.send_to(&reply, peer)?;
+    }
+}
+
+/// Answers each length-prefixed query on a connection until the client closes it.
+fn serve_tcp(mut conn: TcpStream) {
+    use std::io::{Read as _, Write as _};
+    loop {
+        let mut len = [0u8; 2];
+        if conn.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if conn.read_exact(&mut q).is_err() {
+            return;
+        }
+        if let Some(reply) = answer(&q) {
+            let mut out = u16::try_from(reply.len())
+                .unwrap_or(0)
+                .to_be_bytes()
+                .to_vec();
+            out.extend_from_slice(&reply);
+            if conn.write_all(&out).is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -204,6 +293,16 @@ mod tests {
         let q = query(0x1234, "nx.example");
         assert_eq!(&q[..12], &[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&q[12..], b"\x02nx\x07example\x00\x00\x01\x00\x01");
+    }
+
+    #[test]
+    fn the_server_answers_pipelined_queries_over_tcp() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = server.local_addr().unwrap();
+        drop(server);
+        std::thread::spawn(move || dns_server(at));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(dns_query_tcp(at, "a.example", 3).unwrap(), 3);
     }
 
     #[test]
