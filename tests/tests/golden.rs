@@ -9,6 +9,7 @@ use std::{collections::BTreeSet, time::Duration};
 use integration_tests::{
     Agent, SimNode, addr,
     dns::{self, NX_NAME, OK_NAME, Resolver, SERVFAIL_NAME},
+    dns_tcp,
     golden::{self, VARIES},
     require_root, send_udp,
     servers::{TcpHold, UdpEcho, tcp_connections, udp_flows},
@@ -112,6 +113,26 @@ fn the_exposition_is_the_golden_one() {
                 &[("resolver", r), ("kind", "custom")],
             ) == Some(1.0)
         })
+    });
+    // Two queries in one segment over TCP, answered; a TCP connection to the resolver
+    // that does not listen on TCP, refused. Both connections closed and forgotten (5 s
+    // after their close) before the rest, so that the tracked flows are the held ones.
+    let answers = dns_tcp::pipelined(
+        &sim.node,
+        vpc_resolver,
+        &[&[(OK_NAME, 1), (NX_NAME, 2)]],
+        wait,
+    );
+    assert_eq!(answers.len(), 2);
+    assert_eq!(dns_tcp::connect_attempts(&sim.node, dead, 1, wait), (1, 0));
+    let tcp = [("protocol", "tcp")];
+    agent.scrape_until(&sim.node, "the DNS connections counted and tracked", |s| {
+        s.sum("eni_monitor_dns_tcp_connect_failures_total", &[]) == 1.0
+            && s.sum("eni_monitor_dns_responses_total", &[("transport", "tcp")]) == 2.0
+            && s.sum("eni_monitor_tracked_flows", &tcp) == 2.0
+    });
+    agent.scrape_until(&sim.node, "the DNS connections forgotten", |s| {
+        s.sum("eni_monitor_tracked_flows", &tcp) == 0.0
     });
     let names = [(OK_NAME, 5), (NX_NAME, 2), (SERVFAIL_NAME, 1)];
     assert_eq!(
