@@ -87,3 +87,37 @@ pub fn tcp_connections(ns: &Netns, dst: SocketAddr, n: usize) -> Vec<TcpStream> 
             .collect()
     })
 }
+
+/// Echoes what each TCP connection sends back to it, a thread a connection, until
+/// dropped.
+pub struct TcpEcho {
+    _server: Background,
+}
+
+impl TcpEcho {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        let listener = ns.run(move || TcpListener::bind(addr).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let server = Background::spawn(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        std::thread::spawn(move || {
+                            use std::io::{Read as _, Write as _};
+                            s.set_nonblocking(false).unwrap();
+                            s.set_nodelay(true).unwrap();
+                            let mut buf = [0u8; 2048];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self { _server: server }
+    }
+}

@@ -15,6 +15,7 @@ mod dns;
 mod flows;
 mod rate;
 mod report;
+mod tcp;
 
 use report::{Report, machine, write_reports};
 
@@ -43,6 +44,9 @@ fn main() {
     } else {
         0.0
     };
+    if want("tcp") {
+        tcp::tcp_segments(&mut report);
+    }
     if want("agent") {
         agent::agent_itself(&mut report, cpu);
     }
