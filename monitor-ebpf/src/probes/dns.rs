@@ -160,11 +160,19 @@ pub fn handle_tcp(
     };
     let mut off = p.l4 + usize::from(doff >> 4) * 4;
     let end = ctx.len() as usize;
-    for _ in 0..TCP_MESSAGES {
+    for i in 0..TCP_MESSAGES {
         if off + TCP_LENGTH_PREFIX + DNS_HLEN > end {
             return;
         }
-        let Ok(m) = ctx.load::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(off) else {
+        // The first in place where the linear data holds it; the others, and a first the
+        // linear data does not hold, copied out (a helper call: their offsets are past
+        // what the verifier lets a packet pointer reach).
+        let m = if i == 0 {
+            read::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(ctx, off)
+        } else {
+            None
+        };
+        let Some(m) = m.or_else(|| ctx.load::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(off).ok()) else {
             return;
         };
         let len = usize::from(u16::from_be_bytes([m[0], m[1]]));
