@@ -197,8 +197,7 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 0,
             evicted: 0,
             inflight: 1,
-            linklocal: 0,
-            refused: 0,
+            ..Counts::default()
         }
     );
     // The same query again is a retransmission: still one in flight, the first copy
@@ -212,8 +211,7 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 1,
-            linklocal: 0,
-            refused: 0,
+            ..Counts::default()
         }
     );
     // A response with another id, or from another port, matches nothing.
@@ -235,8 +233,7 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 1,
-            linklocal: 0,
-            refused: 0,
+            ..Counts::default()
         }
     );
     let response = ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(7, 0x8183, 1, QUESTION));
@@ -249,8 +246,7 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 0,
-            linklocal: 0,
-            refused: 0,
+            ..Counts::default()
         }
     );
     // A duplicate response is not a second answer.
@@ -263,8 +259,7 @@ fn query_and_response_matched(probe: &Probe) {
             superseded: 1,
             evicted: 0,
             inflight: 0,
-            linklocal: 0,
-            refused: 0,
+            ..Counts::default()
         }
     );
     // IPv6, and the link-local resolver.
@@ -392,8 +387,7 @@ fn malformed_dns_moves_no_count() {
             superseded: 0,
             evicted: 0,
             inflight: 2,
-            linklocal: 0,
-            refused: 0,
+            ..Counts::default()
         }
     );
 }
@@ -1144,14 +1138,31 @@ fn malformed_tcp_segments_move_no_count() {
     }
 }
 
-fn tcp_malformed(probe: &Probe) {
+/// Random payloads to port 53 never fail the program.
+fn random_segments_pass(probe: &Probe) {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..500 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = usize::try_from(seed % 80).unwrap();
+        let payload: Vec<u8> = (0..len)
+            .map(|i| u8::try_from((seed >> (i % 8 * 8)) & 0xff).unwrap())
+            .collect();
+        let packet = segment(SRC4, DST4, 40003, 53, PSH_ACK, &payload);
+        assert_eq!(run(probe, "tc_egress", &packet), TC_ACT_UNSPEC);
+    }
+}
+
+/// Segments to and from port 53 that hold no DNS message to count, by what is wrong.
+fn malformed_segments() -> Vec<(&'static str, Vec<u8>)> {
     let q = dns(1, 0x0100, 1, QUESTION);
     let with_length = |len: u16, body: &[u8]| {
         let mut m = len.to_be_bytes().to_vec();
         m.extend_from_slice(body);
         m
     };
-    let cases: Vec<(&str, Vec<u8>)> = vec![
+    vec![
         ("one byte", segment(SRC4, DST4, 40000, 53, PSH_ACK, &[0])),
         (
             "a length and part of a header",
@@ -1178,7 +1189,14 @@ fn tcp_malformed(probe: &Probe) {
         ),
         (
             "not port 53",
-            segment(SRC4, DST4, 40000, 5353, PSH_ACK, &framed(&[q.clone()])),
+            segment(
+                SRC4,
+                DST4,
+                40000,
+                5353,
+                PSH_ACK,
+                &framed(std::slice::from_ref(&q)),
+            ),
         ),
         (
             "a header length past the segment",
@@ -1186,7 +1204,14 @@ fn tcp_malformed(probe: &Probe) {
         ),
         (
             "a query from the server's port",
-            segment(DST4, SRC4, 53, 40000, PSH_ACK, &framed(&[q.clone()])),
+            segment(
+                DST4,
+                SRC4,
+                53,
+                40000,
+                PSH_ACK,
+                &framed(std::slice::from_ref(&q)),
+            ),
         ),
         (
             "a response nobody asked for",
@@ -1199,8 +1224,17 @@ fn tcp_malformed(probe: &Probe) {
                 &framed(&[dns(3, 0x8180, 1, QUESTION)]),
             ),
         ),
-    ];
-    for (what, packet) in cases {
+    ]
+}
+
+fn tcp_malformed(probe: &Probe) {
+    let q = dns(1, 0x0100, 1, QUESTION);
+    let with_length = |len: u16, body: &[u8]| {
+        let mut m = len.to_be_bytes().to_vec();
+        m.extend_from_slice(body);
+        m
+    };
+    for (what, packet) in malformed_segments() {
         assert_eq!(run(probe, "tc_egress", &packet), TC_ACT_UNSPEC, "{what}");
         run(probe, "tc_ingress", &packet);
         assert_eq!(counts(probe), Counts::default(), "{what}");
@@ -1215,7 +1249,15 @@ fn tcp_malformed(probe: &Probe) {
     run(
         probe,
         "tc_egress",
-        &ipv4_tcp_doff(SRC4, DST4, 40001, 53, PSH_ACK, 8, &framed(&[q.clone()])),
+        &ipv4_tcp_doff(
+            SRC4,
+            DST4,
+            40001,
+            53,
+            PSH_ACK,
+            8,
+            &framed(std::slice::from_ref(&q)),
+        ),
     );
     assert_eq!((counts(probe).queries, counts(probe).inflight), (2, 2));
     // More messages than a segment is read for: the first four.
@@ -1226,17 +1268,7 @@ fn tcp_malformed(probe: &Probe) {
         &segment(SRC4, DST4, 40002, 53, PSH_ACK, &framed(&five)),
     );
     assert_eq!(counts(probe).queries, 6);
-    // Random payloads never fail the program.
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    for _ in 0..500 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let len = usize::try_from(seed % 80).unwrap();
-        let payload: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8).collect();
-        let packet = segment(SRC4, DST4, 40003, 53, PSH_ACK, &payload);
-        assert_eq!(run(probe, "tc_egress", &packet), TC_ACT_UNSPEC);
-    }
+    random_segments_pass(probe);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! DNS over TCP for the simulated node: a client that pipelines queries on one
 //! connection, connection attempts, a server that accepts and never answers, a UDP query
 //! whose answer comes back truncated, and a node-local cache (unbound) that forwards to
-//! the VPC's resolver over TCP, as NodeLocal DNSCache does with `force_tcp`.
+//! the VPC's resolver over TCP, as `NodeLocal DNSCache` does with `force_tcp`.
 
 use std::{
     collections::BTreeMap,
@@ -136,8 +136,8 @@ pub fn udp_truncated(ns: &Netns, server: SocketAddr, name: &str, id: u16) -> Opt
     })
 }
 
-/// unbound on the node as its DNS cache (NodeLocal DNSCache's role), on `listen` port 53
-/// (an address of the node's loopback, where NodeLocal DNSCache uses a dummy device), forwarding every name to `upstream` over TCP only
+/// unbound on the node as its DNS cache (`NodeLocal DNSCache`'s role), on `listen` port 53
+/// (an address of the node's loopback, where `NodeLocal DNSCache` uses a dummy device), forwarding every name to `upstream` over TCP only
 /// (`tcp-upstream`), without query name minimisation, so each name a client asks that
 /// is not in its cache is one query upstream. Stopped on drop.
 pub struct NodeLocalCache {

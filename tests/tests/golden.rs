@@ -4,7 +4,7 @@
 //! `UPDATE_GOLDEN=1 cargo xtask test --test golden` and review the diff.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use integration_tests::{
     Agent, SimNode, addr,
@@ -57,6 +57,25 @@ fn normalise(text: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Two queries in one segment over TCP, answered; a TCP connection to the resolver that
+/// does not listen on TCP, refused. Both connections closed and forgotten (5 s after
+/// their close) before the rest, so that the tracked flows are the held ones.
+fn dns_over_tcp(sim: &SimNode, agent: &Agent, resolver: SocketAddr, dead: SocketAddr) {
+    let wait = Duration::from_secs(2);
+    let answers = dns_tcp::pipelined(&sim.node, resolver, &[&[(OK_NAME, 1), (NX_NAME, 2)]], wait);
+    assert_eq!(answers.len(), 2);
+    assert_eq!(dns_tcp::connect_attempts(&sim.node, dead, 1, wait), (1, 0));
+    let tcp = [("protocol", "tcp")];
+    agent.scrape_until(&sim.node, "the DNS connections counted and tracked", |s| {
+        s.sum("eni_monitor_dns_tcp_connect_failures_total", &[]) == 1.0
+            && s.sum("eni_monitor_dns_responses_total", &[("transport", "tcp")]) == 2.0
+            && s.sum("eni_monitor_tracked_flows", &tcp) == 2.0
+    });
+    agent.scrape_until(&sim.node, "the DNS connections forgotten", |s| {
+        s.sum("eni_monitor_tracked_flows", &tcp) == 0.0
+    });
 }
 
 #[test]
@@ -114,26 +133,7 @@ fn the_exposition_is_the_golden_one() {
             ) == Some(1.0)
         })
     });
-    // Two queries in one segment over TCP, answered; a TCP connection to the resolver
-    // that does not listen on TCP, refused. Both connections closed and forgotten (5 s
-    // after their close) before the rest, so that the tracked flows are the held ones.
-    let answers = dns_tcp::pipelined(
-        &sim.node,
-        vpc_resolver,
-        &[&[(OK_NAME, 1), (NX_NAME, 2)]],
-        wait,
-    );
-    assert_eq!(answers.len(), 2);
-    assert_eq!(dns_tcp::connect_attempts(&sim.node, dead, 1, wait), (1, 0));
-    let tcp = [("protocol", "tcp")];
-    agent.scrape_until(&sim.node, "the DNS connections counted and tracked", |s| {
-        s.sum("eni_monitor_dns_tcp_connect_failures_total", &[]) == 1.0
-            && s.sum("eni_monitor_dns_responses_total", &[("transport", "tcp")]) == 2.0
-            && s.sum("eni_monitor_tracked_flows", &tcp) == 2.0
-    });
-    agent.scrape_until(&sim.node, "the DNS connections forgotten", |s| {
-        s.sum("eni_monitor_tracked_flows", &tcp) == 0.0
-    });
+    dns_over_tcp(&sim, &agent, vpc_resolver, dead);
     let names = [(OK_NAME, 5), (NX_NAME, 2), (SERVFAIL_NAME, 1)];
     assert_eq!(
         dns::from_one_socket(&sim.node, vpc_resolver, &names, wait),

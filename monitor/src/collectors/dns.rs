@@ -16,7 +16,7 @@ use prometheus_client::{
 use super::{Metric, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::Devices,
-    loader::dns::{DnsTables, Histogram},
+    loader::dns::{DnsSnapshot, DnsTables, Histogram},
     model::{
         dns::{RankedClients, rcode_name},
         resolvers::ResolverSlots,
@@ -92,6 +92,56 @@ fn encode_histogram(family: &mut MetricEncoder, h: &Histogram) -> Result<(), std
     family.encode_histogram::<NoLabelSet>(secs(h.sum_ns), h.buckets.iter().sum(), &buckets, None)
 }
 
+/// The DNS series by their labels, summed from the counts' keys.
+#[derive(Default)]
+struct Series {
+    queries: BTreeMap<Labels3, u64>,
+    responses: BTreeMap<(Labels3, String), u64>,
+    unanswered: BTreeMap<Labels3, u64>,
+    refused: BTreeMap<Labels2, u64>,
+    latency: BTreeMap<Labels3, Histogram>,
+}
+
+impl Series {
+    /// `labels` names a key's (device, resolver slot), or `None` for a device no longer
+    /// monitored.
+    fn of(snapshot: DnsSnapshot, labels: impl Fn(u32, usize) -> Option<Labels2>) -> Self {
+        let mut out = Self::default();
+        for (key, n) in snapshot.counts {
+            let Some((device, resolver)) = labels(key.ifindex, usize::from(key.resolver)) else {
+                continue;
+            };
+            let l = (device, resolver, transport(key.transport));
+            match DnsCountKind::from_u8(key.kind) {
+                Some(DnsCountKind::Query) => *out.queries.entry(l).or_default() += n,
+                Some(DnsCountKind::Response) => {
+                    *out.responses.entry((l, rcode_name(key.rcode))).or_default() += n;
+                }
+                // Every way a query ends without its response.
+                Some(
+                    DnsCountKind::Superseded | DnsCountKind::Evicted | DnsCountKind::Unanswered,
+                ) => *out.unanswered.entry(l).or_default() += n,
+                Some(DnsCountKind::ConnectFailure) => {
+                    *out.refused.entry((l.0, l.1)).or_default() += n;
+                }
+                None => {}
+            }
+        }
+        for (key, h) in snapshot.latency {
+            let Some((device, resolver)) = labels(key.ifindex, usize::from(key.resolver)) else {
+                continue;
+            };
+            let l = (device, resolver, transport(key.transport));
+            let sum = out.latency.entry(l).or_default();
+            for (s, b) in sum.buckets.iter_mut().zip(h.buckets) {
+                *s += b;
+            }
+            sum.sum_ns += h.sum_ns;
+        }
+        out
+    }
+}
+
 impl Collector for DnsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
@@ -111,43 +161,13 @@ impl Collector for DnsCollector {
             let name = names.get(resolver).map_or("other", String::as_str);
             Some((d.name.clone(), name.to_owned()))
         };
-        let mut queries: BTreeMap<Labels3, u64> = BTreeMap::new();
-        let mut responses: BTreeMap<(Labels3, String), u64> = BTreeMap::new();
-        let mut unanswered: BTreeMap<Labels3, u64> = BTreeMap::new();
-        let mut refused: BTreeMap<Labels2, u64> = BTreeMap::new();
-        for (key, n) in snapshot.counts {
-            let Some((device, resolver)) = labels(key.ifindex, usize::from(key.resolver)) else {
-                continue;
-            };
-            let l = (device, resolver, transport(key.transport));
-            match DnsCountKind::from_u8(key.kind) {
-                Some(DnsCountKind::Query) => *queries.entry(l).or_default() += n,
-                Some(DnsCountKind::Response) => {
-                    *responses.entry((l, rcode_name(key.rcode))).or_default() += n;
-                }
-                // Every way a query ends without its response.
-                Some(
-                    DnsCountKind::Superseded | DnsCountKind::Evicted | DnsCountKind::Unanswered,
-                ) => *unanswered.entry(l).or_default() += n,
-                Some(DnsCountKind::ConnectFailure) => {
-                    *refused.entry((l.0, l.1)).or_default() += n;
-                }
-                None => {}
-            }
-        }
-        let mut latency: BTreeMap<Labels3, Histogram> = BTreeMap::new();
-        for (key, h) in snapshot.latency {
-            let Some((device, resolver)) = labels(key.ifindex, usize::from(key.resolver)) else {
-                continue;
-            };
-            let l = (device, resolver, transport(key.transport));
-            let sum = latency.entry(l).or_default();
-            for (s, b) in sum.buckets.iter_mut().zip(h.buckets) {
-                *s += b;
-            }
-            sum.sum_ns += h.sum_ns;
-        }
-
+        let Series {
+            queries,
+            responses,
+            unanswered,
+            refused,
+            latency,
+        } = Series::of(snapshot, labels);
         let with = |(device, resolver, transport): Labels3| {
             [
                 ("device", device),
