@@ -57,12 +57,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         .with_context(|| format!("listening on {} (--listen)", cli.listen))?;
 
     let facts = KernelFacts::read(Path::new(kernel::BTF_PATH))?;
-    let pins = pins::prepare(&cli.state_dir, cli.flow_table_size)?;
-    let loaded = loader::load(
-        &facts,
-        Sizes::with_flows(cli.flow_table_size),
-        pins.as_deref(),
-    )?;
+    let sizes = Sizes::with_flows(cli.flow_table_size);
+    let pins = pins::prepare(&cli.state_dir, &loader::layout(&facts, sizes)?)?;
+    let loaded = loader::load(&facts, sizes, pins.as_deref())?;
 
     let all = devices::interfaces()?;
     for glob in &cli.devices {

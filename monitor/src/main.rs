@@ -23,9 +23,13 @@ fn main() {
                 std::process::exit(1);
             }
         },
-        Some(Command::Cleanup) => pins::cleanup(&cli.state_dir).map(|removed| match removed {
-            Some(dir) => info!("removed {}", dir.display()),
-            None => info!("nothing to remove at {}", cli.state_dir.display()),
+        Some(Command::Cleanup) => pins::cleanup(&cli.state_dir).map(|removed| {
+            if removed.is_empty() {
+                info!("nothing to remove at {}", cli.state_dir.display());
+            }
+            for path in removed {
+                info!("removed {}", path.display());
+            }
         }),
         None => run(cli),
     };

@@ -4,6 +4,11 @@
 
 use std::{process::Command, time::Duration};
 
+use monitor::{
+    kernel::{self, KernelFacts},
+    loader::Sizes,
+};
+
 use integration_tests::{
     Agent, BpfState, Scrape, SimNode, addr, monitor_bin, require_root, send_udp,
     servers::{TcpHold, UdpEcho, tcp_connections, udp_flows},
@@ -40,6 +45,46 @@ impl Carried {
             unanswered: s.sum(UNANSWERED, &[("device", "eth0")]),
         }
     }
+}
+
+/// The layout directory of this kernel's agent with a flow table of `flows`.
+fn layout(flows: u32) -> String {
+    let facts = KernelFacts::read(std::path::Path::new(kernel::BTF_PATH)).unwrap();
+    monitor::loader::layout(&facts, Sizes::with_flows(flows)).unwrap()
+}
+
+/// `monitor cleanup --state-dir dir`: whether it succeeded, and what it logged.
+fn cleanup(dir: &std::path::Path) -> (bool, String) {
+    let out = Command::new(monitor_bin())
+        .args(["cleanup", "--state-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Pins a map of another program's at `path`: (key, value) bytes.
+fn foreign_map(path: &std::path::Path, key: u32, value: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(path)
+        .args([
+            "type",
+            "array",
+            "key",
+            &key.to_string(),
+            "value",
+            &value.to_string(),
+        ])
+        .args(["entries", "1", "name", &name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }
 
 fn one_program_per_hook(sim: &SimNode) {
@@ -146,7 +191,7 @@ fn another_layout_starts_over_and_says_so_and_cleanup_removes_it() {
     assert_eq!(
         log.matches(&format!(
             "replacing the state of another layout ({})",
-            monitor::loader::pins::layout(64)
+            layout(64)
         ))
         .count(),
         1,
@@ -155,21 +200,113 @@ fn another_layout_starts_over_and_says_so_and_cleanup_removes_it() {
 
     // Uninstall: the pins go, and a second cleanup has nothing to do.
     let dir = state.dir();
+    assert!(dir.join(layout(262_144)).join("FLOWS").exists());
+    let (ok, log) = cleanup(&dir);
     assert!(
-        dir.join(monitor::loader::pins::layout(262_144))
-            .join("FLOWS")
-            .exists()
+        ok && log.contains(&format!("removed {}", dir.display())),
+        "{log}"
     );
-    let cleanup = || {
-        let out = Command::new(monitor_bin())
-            .args(["cleanup", "--state-dir"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    assert!(cleanup().contains(&format!("removed {}", dir.display())));
     assert!(!dir.exists());
-    assert!(cleanup().contains("nothing to remove"));
+    let (ok, log) = cleanup(&dir);
+    assert!(ok && log.contains("nothing to remove"), "{log}");
+}
+
+#[test]
+fn other_programs_pins_are_kept_whatever_the_state_dir_says() {
+    if !require_root("other_programs_pins_are_kept_whatever_the_state_dir_says") {
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    let state = BpfState::new(&format!("foreign-{}", std::process::id()));
+    let bpffs = state.dir().parent().unwrap().to_path_buf();
+    // A CNI's pins at the root of the bpffs, and one in the agent's own directory.
+    let theirs = [
+        bpffs.join("tc/globals/cni_policy"),
+        bpffs.join("aws_node_map"),
+        state.dir().join("not_ours"),
+    ];
+    for path in &theirs {
+        foreign_map(path, 4, 4);
+    }
+    let kept = || theirs.iter().all(|p| p.exists());
+
+    // The root of the bpffs as the state directory: refused, in one line, nothing touched.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &sim.node.name])
+        .arg(monitor_bin())
+        .args([
+            "--listen",
+            "127.0.0.1:9436",
+            "--device",
+            "eth0",
+            "--state-dir",
+        ])
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is the root of a BPF filesystem"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("ERROR")).count(),
+        1,
+        "{err}"
+    );
+    assert!(kept());
+    let (ok, log) = cleanup(&bpffs);
+    assert!(
+        !ok && log.contains("is the root of a BPF filesystem"),
+        "{log}"
+    );
+    assert!(kept());
+
+    // Its own directory: started and stopped, then cleaned up; the others stay.
+    let mut agent = Agent::start_with_state(&sim.node, &["--device", "eth0"], &state);
+    agent.scrape(&sim.node);
+    assert!(agent.stop().success());
+    let log = agent.log_text();
+    assert!(
+        log.contains("not_ours in the state directory: not this agent's"),
+        "{log}"
+    );
+    assert!(kept());
+    assert!(state.dir().join(layout(262_144)).join("FLOWS").exists());
+    let (ok, log) = cleanup(&state.dir());
+    assert!(ok, "{log}");
+    assert!(!state.dir().join(layout(262_144)).exists(), "{log}");
+    assert!(kept(), "{log}");
+}
+
+#[test]
+fn a_pinned_map_of_another_shape_is_replaced_not_read() {
+    if !require_root("a_pinned_map_of_another_shape_is_replaced_not_read") {
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    let state = BpfState::new(&format!("shape-{}", std::process::id()));
+    let mut agent = Agent::start_with_state(&sim.node, &["--device", "eth0"], &state);
+    send_udp(&sim.vpc, addr(&eth0.node_v4, 9999), 4, b"closed");
+    agent.scrape_until(&sim.node, "4 drops", |s| Carried::of(s).drops == 4.0);
+    assert!(agent.stop().success());
+
+    // A release that changed a value's size and kept the map's name and the layout's:
+    // the kernel's description of the pinned map says so.
+    let dir = state.dir().join(layout(262_144));
+    for name in ["DNS_KEYS", "DROPS"] {
+        std::fs::remove_file(dir.join(name)).unwrap();
+        foreign_map(&dir.join(name), 4, 8);
+    }
+    let mut agent = Agent::start_with_state(&sim.node, &["--device", "eth0"], &state);
+    send_udp(&sim.vpc, addr(&eth0.node_v4, 9999), 2, b"closed");
+    // The drop counts start over (their map was replaced); the rest continues.
+    agent.scrape_until(&sim.node, "2 drops", |s| Carried::of(s).drops == 2.0);
+    assert!(agent.stop().success());
+    let log = agent.log_text();
+    for name in ["DNS_KEYS", "DROPS"] {
+        let line = format!("replacing the pinned map {}", dir.join(name).display());
+        assert_eq!(log.matches(&line).count(), 1, "{log}");
+    }
+    assert!(log.contains("value 8 B, 1 entries"), "{log}");
+    assert!(log.contains("continuing from the state in"), "{log}");
 }

@@ -20,11 +20,11 @@ use aya::{
 };
 use monitor_common::{DNS_INFLIGHT_MAX_ENTRIES, DNS_PENDING_SETS, globals};
 
-use self::maps::names;
 pub use self::{
     attach::{Attachment, Attachments, ClassifierLinks, Programs},
     maps::Maps,
 };
+use self::{maps::names, pins::MapShape};
 use crate::kernel::KernelFacts;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -60,17 +60,68 @@ pub struct Loaded {
     pub maps: Maps,
 }
 
-/// Loads the object for `facts` with maps of `sizes`. With `pins`, the maps that carry
-/// state are reused from there when pinned, else created and pinned there.
-pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Loaded> {
-    let mut loader = EbpfLoader::new();
-    // Queries in flight wait in one table or the other, by what the kernel can do; the
-    // other is left at one entry.
-    let (inflight, pending_sets) = if facts.atomics {
+/// The object for `facts`'s kernel.
+fn object(facts: &KernelFacts) -> &'static [u8] {
+    if facts.atomics { OBJECT } else { OBJECT_COMPAT }
+}
+
+/// (`DNS_INFLIGHT` entries, `DNS_PENDING` sets): queries in flight wait in one table or
+/// the other, by what the kernel can do; the other is left at one entry.
+fn dns_tables(facts: &KernelFacts, sizes: Sizes) -> (u32, u32) {
+    if facts.atomics {
         (1, sizes.dns_pending_sets)
     } else {
         (sizes.dns_inflight, 1)
-    };
+    }
+}
+
+/// The shape this agent makes each pinned map on `facts`'s kernel: the object's
+/// definition, with the sizes the agent sets.
+pub fn pinned_shapes(facts: &KernelFacts, sizes: Sizes) -> Result<Vec<(&'static str, MapShape)>> {
+    let object = aya_obj::Object::parse(object(facts)).context("parsing the eBPF object")?;
+    let (inflight, pending_sets) = dns_tables(facts, sizes);
+    names::PINNED
+        .iter()
+        .map(|&name| {
+            let m = object
+                .maps
+                .get(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
+            let max_entries = match name {
+                names::FLOWS => sizes.flows,
+                names::DNS_INFLIGHT => inflight,
+                names::DNS_PENDING => pending_sets,
+                _ => m.max_entries(),
+            };
+            Ok((
+                name,
+                MapShape {
+                    map_type: m.map_type(),
+                    key_size: m.key_size(),
+                    value_size: m.value_size(),
+                    max_entries,
+                    flags: m.map_flags(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The directory the pinned maps of this agent live in on `facts`'s kernel, named by
+/// their shapes: another release whose maps are shaped alike continues from them.
+pub fn layout(facts: &KernelFacts, sizes: Sizes) -> Result<String> {
+    Ok(pins::layout(&pinned_shapes(facts, sizes)?, sizes.flows))
+}
+
+/// Loads the object for `facts` with maps of `sizes`. With `pins`, the maps that carry
+/// state are reused from there when pinned and shaped as this agent makes them, else
+/// created and pinned there.
+pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Loaded> {
+    if let Some(dir) = pins {
+        pins::replace_mismatched(dir, &pinned_shapes(facts, sizes)?);
+    }
+    let mut loader = EbpfLoader::new();
+    let (inflight, pending_sets) = dns_tables(facts, sizes);
     loader.map_max_entries(names::FLOWS, sizes.flows);
     loader.map_max_entries(names::DNS_INFLIGHT, inflight);
     loader.map_max_entries(names::DNS_PENDING, pending_sets);
@@ -93,8 +144,7 @@ pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Lo
             loader.map_pin_path(name, dir.join(name));
         }
     }
-    let object = if facts.atomics { OBJECT } else { OBJECT_COMPAT };
-    let mut ebpf = loader.load(object).with_context(|| match pins {
+    let mut ebpf = loader.load(object(facts)).with_context(|| match pins {
         Some(dir) => format!("loading the eBPF object with its maps in {}", dir.display()),
         None => "loading the eBPF object".to_owned(),
     })?;
