@@ -16,8 +16,9 @@ const ETHTOOL_GSTATS: u32 = 0x1d;
 const ETHTOOL_GSSET_INFO: u32 = 0x37;
 const ETH_SS_STATS: u32 = 1;
 pub const ETH_GSTRING_LEN: usize = 32;
-/// Statistics a driver may add between the count and the read.
-const STATS_MARGIN: usize = 64;
+/// Room for statistics a driver may add between the count and the read (a change of
+/// queues: ENA has about 30 a queue pair): twice the count, and this many more.
+const STATS_MARGIN: usize = 1024;
 
 /// Pairs a string table (`ETH_GSTRING_LEN` bytes a name) with its values.
 pub fn parse(strings: &[u8], values: &[u64]) -> BTreeMap<String, u64> {
@@ -43,6 +44,69 @@ fn ioctl(sock: &OwnedFd, device: &str, buf: &mut [u64]) -> io::Result<()> {
     Ok(())
 }
 
+/// Words the kernel writes into, ending where an inaccessible page begins. The kernel
+/// writes as many names and values as the driver has when it answers, whatever the
+/// buffer: one that grew past the room left fails with `EFAULT` at the guard page,
+/// where it would have written over the agent's memory.
+struct Guarded {
+    base: *mut libc::c_void,
+    len: usize,
+    words: usize,
+}
+
+impl Guarded {
+    fn new(words: usize) -> io::Result<Self> {
+        let page = page_size();
+        let bytes = (words * 8).div_ceil(page) * page;
+        let len = bytes + page;
+        // SAFETY: a private anonymous mapping of `len` bytes, unmapped on drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let g = Self { base, len, words };
+        // SAFETY: the last page of the mapping just made.
+        if unsafe { libc::mprotect(base.cast::<u8>().add(bytes).cast(), page, libc::PROT_NONE) }
+            != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(g)
+    }
+
+    /// The `words` words that end at the guard page.
+    fn words(&mut self) -> &mut [u64] {
+        // SAFETY: the words lie inside the writable part of the mapping, ending at the
+        // guard page (the writable part is a whole number of pages, each 8-aligned).
+        unsafe {
+            let writable = self.len - page_size();
+            let start = self.base.cast::<u8>().add(writable - self.words * 8);
+            std::slice::from_raw_parts_mut(start.cast::<u64>(), self.words)
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
 /// The statistics of `device`; empty when the driver has none.
 pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
     let sock = control_socket()?;
@@ -61,35 +125,59 @@ pub fn stats(device: &str) -> io::Result<BTreeMap<String, u64>> {
     if count == 0 || count > 1 << 16 {
         return Ok(BTreeMap::new());
     }
-    // The kernel writes as many names and values as the driver has when it answers,
-    // which may be more than GSSET_INFO said a moment before (a driver adding
-    // statistics): every buffer has room to spare, and a count that changed between
-    // the calls makes this read an error rather than names paired with wrong values.
-    let room = count + STATS_MARGIN;
+    read(&sock, device, count, 2 * count + STATS_MARGIN)
+}
+
+/// The names and values of `device`'s `count` statistics, in buffers with room for
+/// `room`. A count that changed since it was read, or outgrew the room, makes this read
+/// an error rather than names paired with wrong values (or memory written over).
+fn read(
+    sock: &OwnedFd,
+    device: &str,
+    count: usize,
+    room: usize,
+) -> io::Result<BTreeMap<String, u64>> {
+    let changed = |named: usize, returned: usize| {
+        io::Error::other(format!(
+            "{device}: the driver's statistics changed while being read ({count}, then {named} names and {returned} values)"
+        ))
+    };
+    let faulted = |e: io::Error| {
+        if e.raw_os_error() == Some(libc::EFAULT) {
+            io::Error::other(format!(
+                "{device}: the driver's statistics outgrew room for {room} while being read ({count} a moment before)"
+            ))
+        } else {
+            e
+        }
+    };
     // struct ethtool_gstrings { u32 cmd; u32 string_set; u32 len; u8 data[]; }: the
     // header is 12 bytes, so the names start 4 bytes into the second u64.
-    let mut strings = vec![0u64; 2 + (room * ETH_GSTRING_LEN).div_ceil(8)];
-    strings[0] = u64::from(ETHTOOL_GSTRINGS) | (u64::from(ETH_SS_STATS) << 32);
-    strings[1] = count as u64;
-    ioctl(&sock, device, &mut strings)?;
-    let named = (strings[1] & 0xffff_ffff) as usize;
-    let table: Vec<u8> = strings
+    let mut strings = Guarded::new(2 + (room * ETH_GSTRING_LEN).div_ceil(8))?;
+    let words = strings.words();
+    words[0] = u64::from(ETHTOOL_GSTRINGS) | (u64::from(ETH_SS_STATS) << 32);
+    words[1] = count as u64;
+    ioctl(sock, device, words).map_err(faulted)?;
+    let named = (words[1] & 0xffff_ffff) as usize;
+    if named != count {
+        return Err(changed(named, 0));
+    }
+    let table: Vec<u8> = words
         .iter()
         .flat_map(|w| w.to_ne_bytes())
         .skip(12)
         .take(count * ETH_GSTRING_LEN)
         .collect();
     // struct ethtool_stats { u32 cmd; u32 n_stats; u64 data[]; }
-    let mut values = vec![0u64; 1 + room];
-    values[0] = u64::from(ETHTOOL_GSTATS) | ((count as u64) << 32);
-    ioctl(&sock, device, &mut values)?;
-    let returned = (values[0] >> 32) as usize;
-    if named != count || returned != count {
-        return Err(io::Error::other(format!(
-            "{device}: the driver's statistics changed while being read ({count}, then {named} names and {returned} values)"
-        )));
+    let mut values = Guarded::new(1 + room)?;
+    let words = values.words();
+    words[0] = u64::from(ETHTOOL_GSTATS) | ((count as u64) << 32);
+    ioctl(sock, device, words).map_err(faulted)?;
+    let returned = (words[0] >> 32) as usize;
+    if returned != count {
+        return Err(changed(named, returned));
     }
-    Ok(parse(&table, &values[1..=count]))
+    Ok(parse(&table, &words[1..=count]))
 }
 
 #[cfg(test)]
@@ -164,5 +252,69 @@ pub(crate) mod tests {
         assert!(s.contains_key("rx_queue_0_drops"), "{s:?}");
         assert!(stats("no-such-dev0").is_err());
         assert!(stats("lo").unwrap().is_empty());
+    }
+
+    #[test]
+    fn statistics_that_outgrow_the_buffer_are_an_error_not_memory_written_over() {
+        if !integration_tests::require_root("statistics_that_outgrow_the_buffer") {
+            return;
+        }
+        // A veth with 64 queues: its statistics are counted by queue, a few hundred.
+        let name = format!("emq{}", std::process::id() % 100_000);
+        let ok = std::process::Command::new("ip")
+            .args([
+                "link",
+                "add",
+                &name,
+                "numtxqueues",
+                "64",
+                "numrxqueues",
+                "64",
+            ])
+            .args(["type", "veth", "peer", "name", &format!("{name}p")])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let all = stats(&name);
+        let sock = control_socket().unwrap();
+        // As if the count had been read before the queues were added: far less room
+        // than the driver has statistics. A kernel since 6.10 writes none and says 0
+        // names; an older one writes them all, and the guard page stops it.
+        let short = read(&sock, &name, 4, 4);
+        // The right count with no room to spare reads whole.
+        let n = all.as_ref().map_or(0, BTreeMap::len);
+        let exact = read(&sock, &name, n, n);
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &name])
+            .status();
+        let all = all.unwrap();
+        assert!(all.len() > 200, "{}", all.len());
+        let e = short.unwrap_err().to_string();
+        assert!(
+            e.contains("changed while being read (4, then 0 names")
+                || e.contains("outgrew room for 4"),
+            "{e}"
+        );
+        assert_eq!(exact.unwrap(), all);
+    }
+
+    #[test]
+    fn the_kernel_writing_past_a_guarded_buffer_faults() {
+        // uname(2) writes a 390-byte struct with one copy: into 8 words before the guard
+        // page it cannot, and says so rather than write on.
+        let mut g = Guarded::new(8).unwrap();
+        let words = g.words();
+        words.fill(7);
+        // SAFETY: a pointer into the mapping; the kernel checks every byte it writes.
+        let r = unsafe { libc::uname(words.as_mut_ptr().cast()) };
+        assert_eq!(r, -1);
+        assert_eq!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::EFAULT)
+        );
+        let mut g = Guarded::new(64).unwrap();
+        // SAFETY: as above, with room for the whole struct.
+        assert_eq!(unsafe { libc::uname(g.words().as_mut_ptr().cast()) }, 0);
     }
 }
