@@ -261,6 +261,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
                 flows_created,
             },
             links: HashMap::new(),
+            retries: HashMap::new(),
         },
         amazon,
         addrs,

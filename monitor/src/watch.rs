@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -15,7 +15,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     devices::{self, Device, Devices},
-    loader::{ClassifierLinks, Programs, maps::Monitored, slots::SlotArray},
+    loader::{ClassifierLinks, Programs, attach::CLASSIFIERS, maps::Monitored, slots::SlotArray},
 };
 
 /// The per-slot arrays zeroed when a slot changes hands.
@@ -42,6 +42,37 @@ pub struct Watcher {
     pub devices: Devices,
     pub slots: SlotArrays,
     pub links: HashMap<u32, ClassifierLinks>,
+    /// Devices whose classifiers did not all attach, by ifindex: tried again with
+    /// backoff until they do, with no restart.
+    pub retries: HashMap<u32, Retry>,
+}
+
+/// When to try a device's attach again, and how long to wait after that.
+#[derive(Clone, Copy, Debug)]
+pub struct Retry {
+    at: Instant,
+    wait: Duration,
+}
+
+/// The first wait before an attach is tried again; it doubles up to `LAST_RETRY_WAIT`.
+const FIRST_RETRY_WAIT: Duration = Duration::from_secs(1);
+const LAST_RETRY_WAIT: Duration = Duration::from_secs(60);
+
+impl Retry {
+    fn first(now: Instant) -> Self {
+        Self {
+            at: now + FIRST_RETRY_WAIT,
+            wait: FIRST_RETRY_WAIT,
+        }
+    }
+
+    fn next(self, now: Instant) -> Self {
+        let wait = (self.wait * 2).min(LAST_RETRY_WAIT);
+        Self {
+            at: now + wait,
+            wait,
+        }
+    }
 }
 
 /// Keeps the devices still present (and their slots: a device renamed in place is the
@@ -114,6 +145,7 @@ impl Watcher {
             };
             if gone {
                 let links = self.links.remove(ifindex).unwrap_or_default();
+                self.retries.remove(ifindex);
                 self.programs.detach_classifiers(&old.name, links);
             }
         }
@@ -130,15 +162,51 @@ impl Watcher {
         self.monitored
             .set(next.iter().map(|d| (d.name.as_str(), d.ifindex, d.slot)))?;
         self.devices.replace(next.clone());
+        let now = Instant::now();
         for d in &next {
             if self.links.contains_key(&d.ifindex) {
                 continue;
             }
             info!("monitoring {}", d.name);
             let links = self.programs.attach_classifiers(&d.name);
+            if links.len() < CLASSIFIERS.len() && self.programs.classifiers_loaded() {
+                self.retries.insert(d.ifindex, Retry::first(now));
+            }
             self.links.insert(d.ifindex, links);
         }
+        self.retry_due(now);
         Ok(())
+    }
+
+    /// Tries again each device whose attach failed and whose wait is over: the hooks it
+    /// lacks only, so a working direction is never detached for it.
+    pub fn retry_due(&mut self, now: Instant) {
+        let due: Vec<u32> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.at <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        let devices = self.devices.snapshot();
+        for ifindex in due {
+            let (Some(d), Some(links)) = (devices.get(&ifindex), self.links.get_mut(&ifindex))
+            else {
+                self.retries.remove(&ifindex);
+                continue;
+            };
+            if self.programs.attach_missing(&d.name, links) {
+                info!("{}: every hook attached on a later try", d.name);
+                self.retries.remove(&ifindex);
+            } else if let Some(r) = self.retries.get_mut(&ifindex) {
+                *r = r.next(now);
+                info!("{}: trying the attach again in {:?}", d.name, r.wait);
+            }
+        }
+    }
+
+    /// When the next attach is due to be tried again, if any is.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.retries.values().map(|r| r.at).min()
     }
 }
 
@@ -213,12 +281,25 @@ pub async fn run(mut watcher: Watcher) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             drain(events.get_ref())
         };
-        if let Err(e) = waited.await {
-            warn!("reading link events: {e}");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        if let Err(e) = watcher.reconcile() {
-            warn!("updating monitored devices: {e:#}");
+        // Or an attach to try again, whichever comes first.
+        let retry = watcher.next_retry();
+        let due = async {
+            match retry {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = waited => {
+                if let Err(e) = r {
+                    warn!("reading link events: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                if let Err(e) = watcher.reconcile() {
+                    warn!("updating monitored devices: {e:#}");
+                }
+            }
+            () = due => watcher.retry_due(Instant::now()),
         }
     }
 }

@@ -104,6 +104,16 @@ impl Netns {
     }
 
     /// The MAC address of `device` in this namespace.
+    /// The interface index of `device` as this namespace sees it.
+    pub fn ifindex(&self, device: &str) -> u32 {
+        // "N: eth0@ifM: ..."
+        self.ip(&format!("-o link show dev {device}"))
+            .split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no interface {device} in {}", self.name))
+    }
+
     pub fn mac(&self, device: &str) -> String {
         let out = self.ip(&format!("-o link show dev {device}"));
         let after = out

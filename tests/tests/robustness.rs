@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Agent, BpfState, Scrape, SimNode, monitor_bin, require_root, sh};
+use integration_tests::{
+    Agent, BpfState, Scrape, SimNode, floor::FloorClassifier, monitor_bin, require_root, sh,
+};
 
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
@@ -201,4 +203,68 @@ fn off_ec2_the_metadata_service_is_never_called() {
     let log = agent.log_text();
     assert_eq!(log.matches("not an EC2 instance (DMI)").count(), 1, "{log}");
     assert!(!log.contains("IMDS:"), "{log}");
+}
+
+#[test]
+fn a_device_that_refuses_the_first_attach_is_attached_later_without_a_restart() {
+    if !require_root("a_device_that_refuses_the_first_attach_is_attached_later_without_a_restart") {
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    // eth0's egress hook full (as many programs as TCX takes), and a clsact qdisc whose
+    // filter blocks are shared, which takes no filter by device: the egress attach fails
+    // every way the agent can make it.
+    let ifindex = sim.node.ifindex("eth0");
+    let mut blockers = sim.node.run(move || {
+        let mut held = Vec::new();
+        loop {
+            match FloorClassifier::attach(ifindex, BPF_TCX_EGRESS) {
+                Ok(p) => held.push(p),
+                Err(e) if e.raw_os_error() == Some(libc::ERANGE) => return held,
+                Err(e) => panic!("filling eth0's egress hook: {e}"),
+            }
+        }
+    });
+    assert!(blockers.len() >= 60, "{}", blockers.len());
+    sh(sim
+        .node
+        .command("tc")
+        .args(["qdisc", "add", "dev", "eth0", "ingress_block", "10"])
+        .args(["egress_block", "20", "clsact"]));
+    let agent = Agent::start(&sim.node, &["--device", "eth0"]);
+    let egress = [("program", "tc_egress"), ("device", "eth0")];
+    let s = agent.scrape(&sim.node);
+    assert_eq!(
+        s.sum("eni_monitor_program_attached", &egress),
+        0.0,
+        "{}",
+        agent.log_text()
+    );
+    let (code, body) = agent.get(&sim.node, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("tc/egress on eth0"), "{body}");
+
+    // Room on the hook again: the agent attaches on its next try, with no restart.
+    blockers.pop();
+    agent.scrape_until(&sim.node, "tc_egress attached on a later try", |s| {
+        s.sum("eni_monitor_program_attached", &egress) == 1.0
+    });
+    assert_eq!(
+        agent.get(&sim.node, "/readyz").unwrap(),
+        (200, "ready\n".to_owned())
+    );
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("eth0: every hook attached on a later try")
+            .count(),
+        1,
+        "{log}"
+    );
+    // The ingress hook, attached at once, was never detached for the retry.
+    assert_eq!(
+        log.matches("attached tc/ingress on eth0").count(),
+        1,
+        "{log}"
+    );
+    drop(blockers);
 }

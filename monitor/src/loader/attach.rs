@@ -196,7 +196,23 @@ impl Programs {
     /// of ours changes a packet's path.
     pub fn attach_classifiers(&mut self, device: &str) -> ClassifierLinks {
         let mut links = Vec::new();
+        self.attach_missing(device, &mut links);
+        links
+    }
+
+    /// Whether the classifiers loaded: without them no attach can succeed, and none is
+    /// tried again.
+    pub fn classifiers_loaded(&self) -> bool {
+        self.classifiers_loaded
+    }
+
+    /// Attaches to `device` each classifier `links` lacks, adding it there; whether it
+    /// now has them all.
+    pub fn attach_missing(&mut self, device: &str, links: &mut ClassifierLinks) -> bool {
         for (name, attach_type, hook) in CLASSIFIERS {
+            if links.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
             let result = if self.classifiers_loaded {
                 self.attach_classifier(name, device, attach_type)
             } else {
@@ -207,7 +223,7 @@ impl Programs {
                 links.push((name, id));
             }
         }
-        links
+        links.len() == CLASSIFIERS.len()
     }
 
     fn attach_classifier(

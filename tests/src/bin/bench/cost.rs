@@ -94,21 +94,9 @@ pub(crate) fn bpf_stats(on: bool) {
     ]));
 }
 
-/// The interface index of `dev` as `ns` sees it.
-pub(crate) fn ifindex(ns: &Netns, dev: &str) -> u32 {
-    // "N: eth0@ifM: ..."
-    ns.ip(&format!("-o link show dev {dev}"))
-        .split(':')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Empty classifiers on both directions of `dev`, beside the agent's: the floor.
 pub(crate) fn floor_classifiers(ns: &Netns, dev: &str) -> (FloorClassifier, FloorClassifier) {
-    let ifindex = ifindex(ns, dev);
+    let ifindex = ns.ifindex(dev);
     ns.run(move || {
         (
             FloorClassifier::attach(ifindex, BPF_TCX_INGRESS)
