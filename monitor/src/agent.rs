@@ -5,10 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::Path,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
     time::Duration,
 };
 
@@ -25,7 +22,7 @@ use crate::{
         conntrack::ConntrackCollector,
         dns::DnsCollector,
         drops::DropsCollector,
-        ena::{EnaCollector, Ethtool},
+        ena::{AtMostEvery, ENA_READ_PERIOD, EnaCollector, Ethtool},
         flows::FlowsCollector,
         linklocal::LinkLocalCollector,
         udp::UdpQueueCollector,
@@ -90,11 +87,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 
     tasks.extend(label_enis(&cli, devices, amazon, addrs, names)?);
 
-    let state = Arc::new(http::State {
-        registry,
-        started: AtomicBool::default(),
-        attachments,
-    });
+    let state = Arc::new(http::State::new(registry, attachments));
     tasks.push(tokio::spawn(http::serve(listener, Arc::clone(&state))));
     state.started.store(true, Ordering::Release);
     info!("serving /metrics on {}", cli.listen);
@@ -207,7 +200,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
     }));
     registry.register_collector(Box::new(ConntrackCollector::new()));
     registry.register_collector(Box::new(EnaCollector {
-        stats: Ethtool,
+        stats: AtMostEvery::new(Ethtool, ENA_READ_PERIOD),
         devices: devices.clone(),
         flows: flow_counts.clone(),
         allowance: Mutex::new(Allowance::new(cli.conntrack_allowance)),

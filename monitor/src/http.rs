@@ -31,6 +31,24 @@ pub struct State {
     /// Set once the attach phase is over.
     pub started: AtomicBool,
     pub attachments: Attachments,
+    /// Scrapes encoded at once, each on a thread of its own off the runtime (they read
+    /// maps and the driver's statistics, which may wait on the kernel); the others wait
+    /// their turn, and `/healthz` and `/readyz` answer meanwhile.
+    encoding: tokio::sync::Semaphore,
+}
+
+/// Scrapes encoded at once.
+const ENCODING: usize = 2;
+
+impl State {
+    pub fn new(registry: Registry, attachments: Attachments) -> Self {
+        Self {
+            registry,
+            started: AtomicBool::default(),
+            attachments,
+            encoding: tokio::sync::Semaphore::new(ENCODING),
+        }
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -43,25 +61,45 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
+/// The exposition of every collector.
+fn metrics(state: &State) -> Response<Full<Bytes>> {
+    let mut body = String::with_capacity(16 * 1024);
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        warn!("encoding metrics: {e}");
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding metrics failed\n",
+        );
+    }
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+    r
+}
+
+/// `/metrics` off the runtime, one of `ENCODING` at a time.
+async fn metrics_off_runtime(state: Arc<State>) -> Response<Full<Bytes>> {
+    let Ok(_turn) = state.encoding.acquire().await else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    };
+    let encoding = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || metrics(&encoding))
+        .await
+        .unwrap_or_else(|e| {
+            warn!("encoding metrics: {e}");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding metrics failed\n",
+            )
+        })
+}
+
 fn handle(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     match req.uri().path() {
-        "/metrics" => {
-            let mut body = String::with_capacity(16 * 1024);
-            if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-                warn!("encoding metrics: {e}");
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding metrics failed\n",
-                );
-            }
-            let mut r = text(StatusCode::OK, body);
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
-            r
-        }
+        "/metrics" => metrics(state),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             if !state.started.load(Ordering::Acquire) {
@@ -99,9 +137,18 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = handle(&state, &req);
-                async move { Ok::<_, Infallible>(resp) }
+            let service = service_fn(move |req: Request<Incoming>| {
+                let state = Arc::clone(&state);
+                async move {
+                    let scrape = req.uri().path() == "/metrics"
+                        && (req.method() == Method::GET || req.method() == Method::HEAD);
+                    let resp = if scrape {
+                        metrics_off_runtime(state).await
+                    } else {
+                        handle(&state, &req)
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             // A client that never finishes its request does not hold a descriptor forever.
             if let Err(e) = http1::Builder::new()
@@ -113,5 +160,86 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 debug!("connection from {peer}: {e}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, TcpStream},
+        time::{Duration, Instant},
+    };
+
+    use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
+    use super::*;
+
+    /// A collector that takes its time, as one reading a driver behind a busy RTNL lock.
+    #[derive(Debug)]
+    struct Slow(Duration);
+
+    impl Collector for Slow {
+        fn encode(&self, _: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            std::thread::sleep(self.0);
+            Ok(())
+        }
+    }
+
+    /// One GET: the status code, and how long it took.
+    fn get(at: SocketAddr, path: &str) -> (u16, Duration) {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(at).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let code = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, started.elapsed())
+    }
+
+    #[test]
+    fn health_and_readiness_answer_during_slow_scrapes() {
+        let slow = Duration::from_millis(1500);
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Slow(slow)));
+        let state = Arc::new(State::new(registry, Attachments::default()));
+        state.started.store(true, Ordering::Release);
+        // The agent's runtime: one thread.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let at = listener.local_addr().unwrap();
+        std::thread::spawn(move || runtime.block_on(serve(listener, state)));
+        // More slow scrapes than are encoded at once.
+        let scrapes: Vec<_> = (0..ENCODING + 1)
+            .map(|_| std::thread::spawn(move || get(at, "/metrics")))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        for path in ["/healthz", "/readyz"] {
+            let (code, took) = get(at, path);
+            assert_eq!(code, 200, "{path}");
+            assert!(took < Duration::from_millis(500), "{path} took {took:?}");
+        }
+        let mut took: Vec<Duration> = scrapes
+            .into_iter()
+            .map(|s| {
+                let (code, took) = s.join().unwrap();
+                assert_eq!(code, 200);
+                took
+            })
+            .collect();
+        took.sort();
+        // Two at once, the third after them.
+        assert!(took[ENCODING] >= slow * 2, "{took:?}");
     }
 }

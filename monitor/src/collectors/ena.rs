@@ -2,8 +2,9 @@
 //! allowance and its utilization (the model in `model::allowance`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
@@ -53,8 +54,50 @@ impl DriverStats for Ethtool {
     }
 }
 
+/// A device's statistics read at most once a `period`, however many scrapes ask: each
+/// ethtool read takes the host-wide RTNL lock and reaches the device, and any pod can
+/// scrape as often as it likes. A scrape within the period gets the last reading (a
+/// failed read counts as a reading of nothing); scrapes that arrive during a read wait
+/// for it and share it.
 #[derive(Debug)]
-pub struct EnaCollector<S = Ethtool> {
+pub struct AtMostEvery<S> {
+    inner: S,
+    period: Duration,
+    last: Mutex<HashMap<String, (Instant, BTreeMap<String, u64>)>>,
+}
+
+/// How often the ENA statistics are read at most.
+pub const ENA_READ_PERIOD: Duration = Duration::from_secs(1);
+
+impl<S> AtMostEvery<S> {
+    pub fn new(inner: S, period: Duration) -> Self {
+        Self {
+            inner,
+            period,
+            last: Mutex::default(),
+        }
+    }
+}
+
+impl<S: DriverStats> DriverStats for AtMostEvery<S> {
+    fn read(&self, device: &str) -> std::io::Result<BTreeMap<String, u64>> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if let Some((at, stats)) = last.get(device)
+            && now.duration_since(*at) < self.period
+        {
+            return Ok(stats.clone());
+        }
+        let stats = self.inner.read(device).unwrap_or_default();
+        // Devices gone long since are forgotten: the map holds the devices scraped now.
+        last.retain(|_, (at, _)| now.duration_since(*at) < self.period * 60);
+        last.insert(device.to_owned(), (now, stats.clone()));
+        Ok(stats)
+    }
+}
+
+#[derive(Debug)]
+pub struct EnaCollector<S = AtMostEvery<Ethtool>> {
     pub stats: S,
     pub devices: Devices,
     pub flows: FlowCounts,
@@ -153,6 +196,57 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
         Exposition::parse(&text).unwrap()
+    }
+
+    /// Counts reads by device, each taking `delay`.
+    #[derive(Debug, Default)]
+    struct Counting {
+        reads: Mutex<BTreeMap<String, usize>>,
+        delay: Duration,
+    }
+
+    impl DriverStats for Counting {
+        fn read(&self, device: &str) -> std::io::Result<BTreeMap<String, u64>> {
+            std::thread::sleep(self.delay);
+            *self
+                .reads
+                .lock()
+                .unwrap()
+                .entry(device.to_owned())
+                .or_default() += 1;
+            Ok(BTreeMap::from([(AVAILABLE_STAT.to_owned(), 5)]))
+        }
+    }
+
+    #[test]
+    fn a_scrape_storm_reads_each_device_at_most_once_a_period() {
+        let period = Duration::from_millis(200);
+        let stats = AtMostEvery::new(
+            Counting {
+                delay: Duration::from_millis(20),
+                ..Counting::default()
+            },
+            period,
+        );
+        let started = Instant::now();
+        // Eight scrapers as fast as they go, over two devices, for 5 periods.
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    while started.elapsed() < period * 5 {
+                        for device in ["eth0", "eth1"] {
+                            assert_eq!(stats.read(device).unwrap()[AVAILABLE_STAT], 5);
+                        }
+                    }
+                });
+            }
+        });
+        let reads = stats.inner.reads.lock().unwrap().clone();
+        // One at the start, then one each period (a period begins when a read ends).
+        for device in ["eth0", "eth1"] {
+            let n = reads[device];
+            assert!((4..=6).contains(&n), "{device}: {n} reads in 5 periods");
+        }
     }
 
     #[test]
