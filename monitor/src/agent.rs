@@ -41,6 +41,7 @@ use crate::{
         resolvers::ResolverSlots,
     },
     watch::{self, SlotArrays, Watcher},
+    webconfig::Web,
 };
 
 /// Where the firmware describes the machine.
@@ -48,10 +49,15 @@ const DMI: &str = "/sys/class/dmi/id";
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cli: Cli) -> Result<()> {
-    // Bind first: a port in use or a bad address fails before anything is attached.
+    // Bind first: a port in use, a bad address or a bad web configuration fails before
+    // anything is attached.
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("listening on {} (--listen)", cli.listen))?;
+    let web = match &cli.web_config_file {
+        Some(path) => Web::load(path)?,
+        None => Web::default(),
+    };
 
     let facts = KernelFacts::read(Path::new(kernel::BTF_PATH))?;
     let sizes = Sizes::with_flows(cli.flow_table_size);
@@ -87,7 +93,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 
     tasks.extend(label_enis(&cli, devices, amazon, addrs, names)?);
 
-    let state = Arc::new(http::State::new(registry, attachments));
+    let state = Arc::new(http::State::new(registry, attachments, web));
     tasks.push(tokio::spawn(http::serve(listener, Arc::clone(&state))));
     state.started.store(true, Ordering::Release);
     info!("serving /metrics on {}", cli.listen);

@@ -73,6 +73,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "MONITOR_TOP", default_value = "10", value_parser = clap::value_parser!(u16).range(1..=100))]
     pub top: u16,
 
+    /// TLS and basic auth for the endpoints, in node_exporter's web configuration format
+    /// (`tls_server_config`, `basic_auth_users` with bcrypt hashes).
+    #[arg(long, value_name = "FILE", env = "MONITOR_WEB_CONFIG_FILE")]
+    pub web_config_file: Option<PathBuf>,
+
     /// Where the maps that survive a restart are pinned, on a BPF filesystem.
     #[arg(long, value_name = "DIR", env = "MONITOR_STATE_DIR", default_value = crate::loader::pins::DEFAULT_DIR, global = true)]
     pub state_dir: PathBuf,

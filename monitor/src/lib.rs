@@ -22,3 +22,4 @@ pub mod loader;
 pub mod model;
 pub mod status;
 pub mod watch;
+pub mod webconfig;
