@@ -145,11 +145,7 @@ impl Paging {
     /// An instant query's JSON answer.
     pub fn query(&self, ns: &Netns, expr: &str) -> Option<Value> {
         assert_eq!(ns.name, self.ns_name);
-        get_json(
-            ns,
-            PROMETHEUS,
-            &format!("/api/v1/query?query={}", percent_encode(expr)),
-        )
+        query(ns, expr)
     }
 
     /// The alerts Alertmanager holds named `alertname` whose labels include `labels`
@@ -186,4 +182,54 @@ fn get_json(ns: &Netns, addr: &str, path: &str) -> Option<Value> {
     (code == 200)
         .then(|| serde_json::from_str(&body).ok())
         .flatten()
+}
+
+/// An instant query's JSON answer from the Prometheus in `ns`.
+fn query(ns: &Netns, expr: &str) -> Option<Value> {
+    get_json(
+        ns,
+        PROMETHEUS,
+        &format!("/api/v1/query?query={}", percent_encode(expr)),
+    )
+}
+
+/// Debian's Prometheus alone in `ns`, scraping every second with `job` (one
+/// `scrape_configs` entry, YAML, indented as a list item); stopped on drop.
+pub struct Prometheus {
+    ns_name: String,
+    _daemon: Daemon,
+    _dir: DirGuard,
+}
+
+impl Prometheus {
+    pub fn start(ns: &Netns, job: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-prometheus", ns.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{job}"),
+        )
+        .unwrap();
+        let d = |p: &str| dir.join(p).display().to_string();
+        let daemon = start(
+            ns,
+            "prometheus",
+            &[
+                format!("--config.file={}", d("prometheus.yml")),
+                format!("--storage.tsdb.path={}", d("tsdb")),
+                format!("--web.listen-address={PROMETHEUS}"),
+            ],
+        );
+        Self {
+            ns_name: ns.name.clone(),
+            _daemon: daemon,
+            _dir: DirGuard(dir),
+        }
+    }
+
+    /// An instant query's JSON answer.
+    pub fn query(&self, ns: &Netns, expr: &str) -> Option<Value> {
+        assert_eq!(ns.name, self.ns_name);
+        query(ns, expr)
+    }
 }

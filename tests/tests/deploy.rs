@@ -143,13 +143,24 @@ fn the_daemonset_is_valid_kubernetes() {
         "readOnlyRootFilesystem: true",
         "privileged: false",
         "drop: [\"ALL\"]",
-        "kind: PodMonitor",
+        "type: RuntimeDefault",
+        "mountPath: /sys/fs/bpf/eni-monitor",
         "path: /healthz",
         "path: /readyz",
         "maxUnavailable:",
     ] {
         assert!(text.contains(must), "daemonset.yaml lacks {must}");
     }
+    // It applies on a cluster without prometheus-operator: no object of its kinds, and
+    // of the host's bpffs only the agent's own directory.
+    assert!(
+        !text.contains("kind: PodMonitor"),
+        "daemonset.yaml holds a PodMonitor"
+    );
+    assert!(
+        !text.contains("mountPath: /sys/fs/bpf }"),
+        "the whole bpffs is mounted"
+    );
     // Only the capabilities the agent needs.
     let added: Vec<&str> = text
         .split("add:")
@@ -227,20 +238,37 @@ fn the_daemonset_is_the_chart_rendered() {
         &[
             "--set",
             "namespace.create=true,prometheusRule.enabled=false",
-            OPERATOR_APIS[0],
-            OPERATOR_APIS[1],
             "--skip-tests",
         ],
     );
-    let file = std::fs::read_to_string(root().join("daemonset.yaml")).unwrap();
-    let body = file
-        .split_once("\n---\n")
-        .map(|(_, rest)| format!("---\n{rest}"))
-        .unwrap();
+    let body = |file: &str| {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        text.split_once("\n---\n")
+            .map(|(_, rest)| format!("---\n{rest}"))
+            .unwrap()
+    };
     assert_eq!(
-        body, rendered,
+        body("daemonset.yaml"),
+        rendered,
         "daemonset.yaml is stale: run `cargo xtask render`"
     );
+    // The PodMonitor beside it, for clusters with the operator.
+    let podmonitor = helm_template(
+        &helm,
+        &[
+            OPERATOR_APIS[0],
+            OPERATOR_APIS[1],
+            "--show-only",
+            "templates/podmonitor.yaml",
+            "--skip-tests",
+        ],
+    );
+    assert_eq!(
+        body("deploy/podmonitor.yaml"),
+        podmonitor,
+        "deploy/podmonitor.yaml is stale: run `cargo xtask render`"
+    );
+    assert_eq!(kinds(&podmonitor), ["PodMonitor"]);
 }
 
 #[test]
@@ -328,6 +356,36 @@ fn the_chart_lints_and_renders_valid_kubernetes() {
         }
         assert!(!report.contains("ERROR"), "{name}:\n{report}");
     }
+
+    // A web configuration: the agent reads it from the Secret, the probes use HTTPS, the
+    // PodMonitor scrapes over https with what it is given.
+    let web = helm_template(
+        &helm,
+        &[
+            "--set",
+            "webConfig.secretName=eni-monitor-web,podMonitor.basicAuth.username.name=scrape,podMonitor.basicAuth.username.key=user,podMonitor.tlsConfig.serverName=eni-monitor",
+            OPERATOR_APIS[0],
+            OPERATOR_APIS[1],
+        ],
+    );
+    for must in [
+        "- --web-config-file=/etc/eni-monitor/web/web-config.yml",
+        "httpGet: { path: /healthz, port: metrics, scheme: HTTPS }",
+        "httpGet: { path: /readyz, port: metrics, scheme: HTTPS }",
+        "- { name: web, mountPath: /etc/eni-monitor/web, readOnly: true }",
+        "secret: { secretName: eni-monitor-web }",
+        "scheme: https",
+        "serverName: eni-monitor",
+        "key: user",
+    ] {
+        assert!(web.contains(must), "{must}:\n{web}");
+    }
+    let report = validate(&web, "web");
+    assert!(
+        report.contains("passed for resource daemonset/"),
+        "{report}"
+    );
+    assert!(!report.contains("ERROR"), "{report}");
 
     // Every agent value reaches the command line as the agent spells its flags.
     let custom_yaml = helm_template(&helm, &["--set", custom]);

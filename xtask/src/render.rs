@@ -22,13 +22,14 @@ spec:
 /// The header of `daemonset.yaml`, which `cargo xtask render` writes from the chart.
 const MANIFEST_HEADER: &str =
     "# eni-monitor: one agent per node, in the node's network namespace, serving /metrics on
-# :9435. Apply with `kubectl apply -f daemonset.yaml`, or install the Helm chart in
-# deploy/helm/eni-monitor. Written by `cargo xtask render` from the chart's default
-# values: edit the chart, not this file.
+# :9435. Apply with `kubectl apply -f daemonset.yaml` (and, with prometheus-operator,
+# deploy/podmonitor.yaml), or install the Helm chart in deploy/helm/eni-monitor. Written
+# by `cargo xtask render` from the chart's default values: edit the chart, not this file.
 ";
 
-/// The arguments that render `daemonset.yaml` from the chart.
-pub const MANIFEST_ARGS: [&str; 10] = [
+/// The arguments that render `daemonset.yaml` from the chart: no prometheus-operator
+/// object, so that it applies on any cluster.
+pub const MANIFEST_ARGS: [&str; 8] = [
     "template",
     "eni-monitor",
     CHART,
@@ -36,8 +37,26 @@ pub const MANIFEST_ARGS: [&str; 10] = [
     "eni-monitor",
     "--set",
     "namespace.create=true,prometheusRule.enabled=false",
+    "--skip-tests",
+];
+
+/// The header of `deploy/podmonitor.yaml`.
+const PODMONITOR_HEADER: &str =
+    "# The PodMonitor for clusters with prometheus-operator, beside daemonset.yaml. Written by
+# `cargo xtask render` from the chart's default values: edit the chart, not this file.
+";
+
+/// The arguments that render `deploy/podmonitor.yaml`: the chart's PodMonitor alone.
+pub const PODMONITOR_ARGS: [&str; 10] = [
+    "template",
+    "eni-monitor",
+    CHART,
+    "--namespace",
+    "eni-monitor",
     "--api-versions",
     "monitoring.coreos.com/v1/PodMonitor",
+    "--show-only",
+    "templates/podmonitor.yaml",
     "--skip-tests",
 ];
 
@@ -74,5 +93,15 @@ pub fn render() -> Result<()> {
         root.join("daemonset.yaml"),
         format!("{MANIFEST_HEADER}{rendered}"),
     )
-    .context("writing daemonset.yaml")
+    .context("writing daemonset.yaml")?;
+    let rendered = output(
+        Command::new(helm()?)
+            .current_dir(&root)
+            .args(PODMONITOR_ARGS),
+    )?;
+    std::fs::write(
+        root.join("deploy/podmonitor.yaml"),
+        format!("{PODMONITOR_HEADER}{rendered}"),
+    )
+    .context("writing deploy/podmonitor.yaml")
 }

@@ -25,6 +25,9 @@ const APT_PACKAGES: &[&str] = &[
     // The VPC resolver of the simulated node, and a refusing upstream behind it.
     "unbound",
     "dnsmasq-base",
+    // --web-config-file: certificates for the TLS test, and a client that shows refusals.
+    "openssl",
+    "curl",
     // The benchmark's load generators.
     "iperf3",
     "dnsperf",

@@ -15,3 +15,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "eni-monitor.fullname" -}}
 {{- if eq .Release.Name .Chart.Name }}{{ .Chart.Name }}{{ else }}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}{{ end }}
 {{- end }}
+
+{{/* The probes' scheme: HTTPS when the endpoints are served over TLS. */}}
+{{- define "eni-monitor.probeScheme" -}}
+{{- if .Values.webConfig.secretName }}HTTPS{{ else }}HTTP{{ end }}
+{{- end }}
