@@ -82,18 +82,27 @@ fn the_image_holds_the_agent_alone_and_its_entrypoint_serves_metrics() {
     let args = Agent::default_args(&[]).join(" ");
     let r = rootfs.display();
     // The DaemonSet's capabilities, and CAP_SYS_CHROOT, which the chroot step needs (a
-    // runtime enters the root filesystem before it drops capabilities).
+    // runtime enters the root filesystem before it drops capabilities), under the
+    // seccomp profile containerd generates for them (`seccompProfile: RuntimeDefault`).
     // bpffs where the DaemonSet mounts the host's, for the state the agent pins.
+    let profile =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/seccomp/containerd-default.json");
+    let seccomp = env!("CARGO_BIN_EXE_seccomp-exec");
+    let p = profile.display();
     let script = format!(
         "mount -t proc proc {r}/proc && mount -t sysfs sysfs {r}/sys && \
          mount -t bpf bpf {r}/sys/fs/bpf && \
-         exec setpriv --inh-caps=-all --bounding-set=-all,+bpf,+perfmon,+net_admin,+sys_chroot \
+         exec {seccomp} {p} \
+         setpriv --inh-caps=-all --bounding-set=-all,+bpf,+perfmon,+net_admin,+sys_chroot \
          chroot {r} /monitor {args} --device eth0"
     );
     let mut command = Command::new("ip");
     command.args(["netns", "exec", &sim.node.name, "sh", "-c", &script]);
     let mut agent = Agent::start_command(&sim.node, command);
 
+    // The agent runs under the filter (mode 2), and every hook loaded and attached.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    assert!(status.contains("Seccomp:\t2"), "{status}");
     let s = agent.scrape(&sim.node);
     for (program, device) in HOOKS {
         assert_eq!(

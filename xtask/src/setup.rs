@@ -37,6 +37,9 @@ const APT_PACKAGES: &[&str] = &[
     // The kernel matrix: the booted kernels' userland, and their compressed modules.
     "busybox-static",
     "xz-utils",
+    // The image test's seccomp filter (libseccomp, through its crate).
+    "libseccomp-dev",
+    "pkg-config",
     // The container image, built without a daemon, and unpacked to run in the tests.
     "buildah",
     "umoci",
