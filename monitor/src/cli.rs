@@ -73,7 +73,7 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "MONITOR_TOP", default_value = "10", value_parser = clap::value_parser!(u16).range(1..=100))]
     pub top: u16,
 
-    /// TLS and basic auth for the endpoints, in node_exporter's web configuration format
+    /// TLS and basic auth for the endpoints, in `node_exporter`'s web configuration format
     /// (`tls_server_config`, `basic_auth_users` with bcrypt hashes).
     #[arg(long, value_name = "FILE", env = "MONITOR_WEB_CONFIG_FILE")]
     pub web_config_file: Option<PathBuf>,

@@ -90,7 +90,12 @@ impl Guarded {
         unsafe {
             let writable = self.len - page_size();
             let start = self.base.cast::<u8>().add(writable - self.words * 8);
-            std::slice::from_raw_parts_mut(start.cast::<u64>(), self.words)
+            #[expect(
+                clippy::cast_ptr_alignment,
+                reason = "a page-aligned mapping less a whole number of words: 8-aligned"
+            )]
+            let words = start.cast::<u64>();
+            std::slice::from_raw_parts_mut(words, self.words)
         }
     }
 }

@@ -274,7 +274,7 @@ mod tests {
         let at = listener.local_addr().unwrap();
         std::thread::spawn(move || runtime.block_on(serve(listener, state)));
         // More slow scrapes than are encoded at once.
-        let scrapes: Vec<_> = (0..ENCODING + 1)
+        let scrapes: Vec<_> = (0..=ENCODING)
             .map(|_| std::thread::spawn(move || get(at, "/metrics")))
             .collect();
         std::thread::sleep(Duration::from_millis(200));

@@ -56,7 +56,7 @@ pub struct Retry {
 
 /// The first wait before an attach is tried again; it doubles up to `LAST_RETRY_WAIT`.
 const FIRST_RETRY_WAIT: Duration = Duration::from_secs(1);
-const LAST_RETRY_WAIT: Duration = Duration::from_secs(60);
+const LAST_RETRY_WAIT: Duration = Duration::from_mins(1);
 
 impl Retry {
     fn first(now: Instant) -> Self {

@@ -1,4 +1,4 @@
-//! `--web-config-file`: node_exporter's web configuration (the Prometheus exporter
+//! `--web-config-file`: `node_exporter`'s web configuration (the Prometheus exporter
 //! toolkit's format). `tls_server_config` serves the endpoints over TLS, with client
 //! certificates verified against `client_ca_file` where given; `basic_auth_users` asks
 //! for a user and password on `/metrics`, checked against bcrypt hashes. The kubelet's
@@ -25,7 +25,7 @@ use rustls::{
 use serde::Deserialize;
 use tokio_rustls::TlsAcceptor;
 
-/// The file as written: node_exporter's keys, unknown ones refused.
+/// The file as written: `node_exporter`'s keys, unknown ones refused.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -73,7 +73,9 @@ pub struct Tls {
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls").field("files", &self.files).finish()
+        f.debug_struct("Tls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
     }
 }
 

@@ -357,36 +357,6 @@ fn the_chart_lints_and_renders_valid_kubernetes() {
         assert!(!report.contains("ERROR"), "{name}:\n{report}");
     }
 
-    // A web configuration: the agent reads it from the Secret, the probes use HTTPS, the
-    // PodMonitor scrapes over https with what it is given.
-    let web = helm_template(
-        &helm,
-        &[
-            "--set",
-            "webConfig.secretName=eni-monitor-web,podMonitor.basicAuth.username.name=scrape,podMonitor.basicAuth.username.key=user,podMonitor.tlsConfig.serverName=eni-monitor",
-            OPERATOR_APIS[0],
-            OPERATOR_APIS[1],
-        ],
-    );
-    for must in [
-        "- --web-config-file=/etc/eni-monitor/web/web-config.yml",
-        "httpGet: { path: /healthz, port: metrics, scheme: HTTPS }",
-        "httpGet: { path: /readyz, port: metrics, scheme: HTTPS }",
-        "- { name: web, mountPath: /etc/eni-monitor/web, readOnly: true }",
-        "secret: { secretName: eni-monitor-web }",
-        "scheme: https",
-        "serverName: eni-monitor",
-        "key: user",
-    ] {
-        assert!(web.contains(must), "{must}:\n{web}");
-    }
-    let report = validate(&web, "web");
-    assert!(
-        report.contains("passed for resource daemonset/"),
-        "{report}"
-    );
-    assert!(!report.contains("ERROR"), "{report}");
-
     // Every agent value reaches the command line as the agent spells its flags.
     let custom_yaml = helm_template(&helm, &["--set", custom]);
     let args = "          args:
@@ -454,4 +424,38 @@ fn the_dashboard_queries_only_exported_metrics() {
         vars.contains(&"node") && vars.contains(&"device"),
         "{vars:?}"
     );
+}
+
+#[test]
+fn a_web_config_reaches_the_agent_the_probes_and_the_pod_monitor() {
+    let Some(helm) = helm() else { return };
+    // A web configuration: the agent reads it from the Secret, the probes use HTTPS, the
+    // PodMonitor scrapes over https with what it is given.
+    let web = helm_template(
+        &helm,
+        &[
+            "--set",
+            "webConfig.secretName=eni-monitor-web,podMonitor.basicAuth.username.name=scrape,podMonitor.basicAuth.username.key=user,podMonitor.tlsConfig.serverName=eni-monitor",
+            OPERATOR_APIS[0],
+            OPERATOR_APIS[1],
+        ],
+    );
+    for must in [
+        "- --web-config-file=/etc/eni-monitor/web/web-config.yml",
+        "httpGet: { path: /healthz, port: metrics, scheme: HTTPS }",
+        "httpGet: { path: /readyz, port: metrics, scheme: HTTPS }",
+        "- { name: web, mountPath: /etc/eni-monitor/web, readOnly: true }",
+        "secret: { secretName: eni-monitor-web }",
+        "scheme: https",
+        "serverName: eni-monitor",
+        "key: user",
+    ] {
+        assert!(web.contains(must), "{must}:\n{web}");
+    }
+    let report = validate(&web, "web");
+    assert!(
+        report.contains("passed for resource daemonset/"),
+        "{report}"
+    );
+    assert!(!report.contains("ERROR"), "{report}");
 }

@@ -92,8 +92,24 @@ fn signed(dir: &Path, name: &str, ca: &str, ext: &str) {
     );
 }
 
-/// The agent in the node's namespace with `args`; killed on drop.
+/// The agent in the node's namespace with a web configuration; killed on drop.
 struct Running(Child);
+
+impl Running {
+    fn start(sim: &SimNode, web: &Path) -> Self {
+        Self(
+            sim.node
+                .command(monitor_bin().to_str().unwrap())
+                .args(["--listen", LISTEN, "--device", "eth0"])
+                .args(["--imds-endpoint", "http://127.0.0.1:1", "--web-config-file"])
+                .arg(web)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -166,17 +182,7 @@ fn prometheus_scrapes_over_tls_with_a_password_and_the_rest_are_refused() {
     )
     .unwrap();
     let web = dir.join("web.yml");
-    let _agent = Running(
-        sim.node
-            .command(monitor_bin().to_str().unwrap())
-            .args(["--listen", LISTEN, "--device", "eth0"])
-            .args(["--imds-endpoint", "http://127.0.0.1:1", "--web-config-file"])
-            .arg(&web)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Running::start(&sim, &web);
     let client = [
         "--cacert",
         "ca.crt",

@@ -46,7 +46,7 @@ const PODMONITOR_HEADER: &str =
 # `cargo xtask render` from the chart's default values: edit the chart, not this file.
 ";
 
-/// The arguments that render `deploy/podmonitor.yaml`: the chart's PodMonitor alone.
+/// The arguments that render `deploy/podmonitor.yaml`: the chart's `PodMonitor` alone.
 pub const PODMONITOR_ARGS: [&str; 10] = [
     "template",
     "eni-monitor",

@@ -63,8 +63,11 @@ impl DriverStats for Ethtool {
 pub struct AtMostEvery<S> {
     inner: S,
     period: Duration,
-    last: Mutex<HashMap<String, (Instant, BTreeMap<String, u64>)>>,
+    last: Mutex<HashMap<String, Reading>>,
 }
+
+/// A device's statistics, and when they were read.
+type Reading = (Instant, BTreeMap<String, u64>);
 
 /// How often the ENA statistics are read at most.
 pub const ENA_READ_PERIOD: Duration = Duration::from_secs(1);
