@@ -121,6 +121,7 @@ mod tests {
         assert_eq!(UdpQueuePort::Dns.label(), "dns");
         assert_eq!(DnsCountKind::from_u8(2), Some(DnsCountKind::Superseded));
         assert_eq!(DnsCountKind::from_u8(4), Some(DnsCountKind::Unanswered));
-        assert_eq!(DnsCountKind::from_u8(5), None);
+        assert_eq!(DnsCountKind::from_u8(5), Some(DnsCountKind::ConnectFailure));
+        assert_eq!(DnsCountKind::from_u8(6), None);
     }
 }

@@ -52,13 +52,26 @@ pub(crate) fn record_cost<'a>(
     }
 }
 
+/// Flows of the interleaved cases: `sockets` source sockets, each sending to `ports`
+/// destination ports in turn.
+#[derive(Clone, Copy)]
+pub(crate) struct Spread {
+    pub(crate) sockets: u16,
+    pub(crate) ports: u16,
+}
+
+impl Spread {
+    pub(crate) fn flows(self) -> u32 {
+        u32::from(self.sockets) * u32::from(self.ports)
+    }
+}
+
 /// Sends 64-byte datagrams from `ns` to `dst` as fast as one thread can, for `dur`,
-/// cycling over `ports` destination ports from one socket: that many flows, their
-/// packets interleaved.
+/// over `spread`'s flows, each packet to the next flow: their packets interleaved.
 pub(crate) fn blast(
     ns: &Netns,
     dst: SocketAddr,
-    ports: u16,
+    spread: Spread,
     dur: Duration,
 ) -> std::thread::JoinHandle<u64> {
     let path = format!("/run/netns/{}", ns.name);
@@ -69,14 +82,18 @@ pub(crate) fn blast(
             unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
             0
         );
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let socks: Vec<UdpSocket> = (0..spread.sockets)
+            .map(|_| UdpSocket::bind("0.0.0.0:0").unwrap())
+            .collect();
         let payload = [0u8; 22]; // 14 + 20 + 8 + 22 = 64 bytes on the wire
         let end = Instant::now() + dur;
         let mut n = 0u64;
         let mut to = dst;
         while Instant::now() < end {
             for _ in 0..256 {
-                to.set_port(dst.port() + (n % u64::from(ports)) as u16);
+                let flow = n % u64::from(spread.flows());
+                let sock = &socks[(flow % u64::from(spread.sockets)) as usize];
+                to.set_port(dst.port() + (flow / u64::from(spread.sockets)) as u16);
                 if sock.send_to(&payload, to).is_ok() {
                     n += 1;
                 }
@@ -113,11 +130,17 @@ pub(crate) fn over_floor(per: &BTreeMap<&str, Vec<f64>>, n: &str, floor: &str) -
     Some(stat(v.iter().zip(f).map(|(x, f)| x - f).collect()))
 }
 
-/// Flows interleaved on the busy case: each packet of a different flow than the last.
-pub(crate) const INTERLEAVED_FLOWS: u16 = 2000;
+/// The interleaved cases: (name, flows each way, target over the floor in ns). Past a
+/// CPU's flow cache (about 6000 flows) every packet misses it.
+pub(crate) const CURVE: [(&str, Spread, f64); 4] = [
+    ("1 flow", Spread { sockets: 1, ports: 1 }, 40.0),
+    ("2000 flows", Spread { sockets: 1, ports: 2000 }, 80.0),
+    ("20000 flows", Spread { sockets: 1, ports: 20_000 }, 150.0),
+    ("100000 flows", Spread { sockets: 4, ports: 25_000 }, 150.0),
+];
 
 /// Section 1, cost per packet of the classifiers and per drop of `kfree_skb`, beside empty
-/// programs on the same events in the same run: one flow each way, then 2000 flows each
+/// programs on the same events in the same run: 1, 2000, 20 000 and 100 000 flows each
 /// way with their packets interleaved, every packet to a closed port (a drop).
 pub(crate) fn program_cost(report: &mut Report) {
     let sim = SimNode::ipv4_only();
@@ -135,20 +158,20 @@ pub(crate) fn program_cost(report: &mut Report) {
         "floor_tc",
         "floor_tp",
     ];
-    for (case, flows) in [("1 flow", 1), ("2000 flows", INTERLEAVED_FLOWS)] {
+    for (case, spread, target) in CURVE {
         let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for _ in 0..runs() {
             let before = prog_stats();
             let a = blast(
                 &sim.vpc,
                 SocketAddr::new(eth0.node_v4.parse().unwrap(), 20_000),
-                flows,
+                spread,
                 Duration::from_secs(2),
             );
             let b = blast(
                 &sim.node,
                 SocketAddr::new(eth0.vpc_v4.parse().unwrap(), 20_000),
-                flows,
+                spread,
                 Duration::from_secs(2),
             );
             a.join().unwrap();
@@ -170,7 +193,6 @@ pub(crate) fn program_cost(report: &mut Report) {
                 );
             }
         }
-        let target = if flows == 1 { 40.0 } else { 80.0 };
         for n in ["tc_ingress", "tc_egress"] {
             if let Some(s) = over_floor(&per, n, "floor_tc") {
                 report.add(
@@ -194,4 +216,81 @@ pub(crate) fn program_cost(report: &mut Report) {
     }
     bpf_stats(false);
     drop((floor_tc, floor_tp));
+}
+
+/// New flows a run opens: `NEW_FLOW_SOCKETS` fresh sockets, each sending one datagram to
+/// each of `NEW_FLOW_PORTS` ports.
+const NEW_FLOW_SOCKETS: u16 = 8;
+const NEW_FLOW_PORTS: u16 = 5000;
+
+/// Section 1b, the first packet of a new flow: every datagram leaving is a 5-tuple the
+/// flow table has not seen, against the empty classifier on the same packets. The table
+/// is sized for every run's flows, so none finds it full.
+pub(crate) fn new_flow_cost(report: &mut Report) {
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    let agent = Agent::start(
+        &sim.node,
+        &["--device", "eth0", "--flow-table-size", "1048576"],
+    );
+    let floor = floor_classifiers(&sim.node, "eth0");
+    let names = ["tc_egress", "floor_tc"];
+    let dst: std::net::IpAddr = eth0.vpc_v4.parse().unwrap();
+    bpf_stats(true);
+    let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut opened = 0u32;
+    for _ in 0..runs() {
+        let before = prog_stats();
+        opened += sim.node.run(move || {
+            let socks: Vec<UdpSocket> = (0..NEW_FLOW_SOCKETS)
+                .map(|_| UdpSocket::bind("0.0.0.0:0").unwrap())
+                .collect();
+            let mut sent = 0u32;
+            for port in 0..NEW_FLOW_PORTS {
+                for sock in &socks {
+                    let to = SocketAddr::new(dst, 20_000 + port);
+                    while sock.send_to(&[0u8; 22], to).is_err() {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    sent += 1;
+                }
+            }
+            sent
+        });
+        let after = prog_stats();
+        record_cost(&mut per, &names, &before, &after);
+    }
+    bpf_stats(false);
+    drop(floor);
+    let s = agent.scrape(&sim.node);
+    let full = s.sum("eni_monitor_flow_table_full_total", &[]);
+    let created = s.sum(
+        "eni_monitor_flows_created_total",
+        &[("device", "eth0"), ("protocol", "udp")],
+    );
+    if let Some(v) = per.get("floor_tc") {
+        report.add(
+            "programs",
+            "new flows: floor, empty classifier",
+            "ns",
+            stat(v.clone()),
+            None,
+        );
+    }
+    if let Some(s) = over_floor(&per, "tc_egress", "floor_tc") {
+        report.add(
+            "programs",
+            format!("new flows: tc_egress over the floor, the first packet of each ({opened} flows)"),
+            "ns/pkt",
+            s,
+            Some(("<= 300 ns".into(), s.median <= 300.0)),
+        );
+    }
+    report.add(
+        "programs",
+        "new flows: created by the agent's count - opened",
+        "flows",
+        stat(vec![created - f64::from(opened)]),
+        Some(("0, table never full".into(), created >= f64::from(opened) && full == 0.0)),
+    );
 }

@@ -35,6 +35,7 @@ fn main() {
     let want = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
     if want("programs") {
         cost::program_cost(&mut report);
+        cost::new_flow_cost(&mut report);
     }
     if want("rate") {
         rate::packet_rate(&mut report);
