@@ -133,10 +133,38 @@ pub(crate) fn over_floor(per: &BTreeMap<&str, Vec<f64>>, n: &str, floor: &str) -
 /// The interleaved cases: (name, flows each way, target over the floor in ns). Past a
 /// CPU's flow cache (about 6000 flows) every packet misses it.
 pub(crate) const CURVE: [(&str, Spread, f64); 4] = [
-    ("1 flow", Spread { sockets: 1, ports: 1 }, 40.0),
-    ("2000 flows", Spread { sockets: 1, ports: 2000 }, 80.0),
-    ("20000 flows", Spread { sockets: 1, ports: 20_000 }, 150.0),
-    ("100000 flows", Spread { sockets: 4, ports: 25_000 }, 150.0),
+    (
+        "1 flow",
+        Spread {
+            sockets: 1,
+            ports: 1,
+        },
+        40.0,
+    ),
+    (
+        "2000 flows",
+        Spread {
+            sockets: 1,
+            ports: 2000,
+        },
+        80.0,
+    ),
+    (
+        "20000 flows",
+        Spread {
+            sockets: 1,
+            ports: 20_000,
+        },
+        150.0,
+    ),
+    (
+        "100000 flows",
+        Spread {
+            sockets: 4,
+            ports: 25_000,
+        },
+        150.0,
+    ),
 ];
 
 /// Section 1, cost per packet of the classifiers and per drop of `kfree_skb`, beside empty
@@ -280,7 +308,9 @@ pub(crate) fn new_flow_cost(report: &mut Report) {
     if let Some(s) = over_floor(&per, "tc_egress", "floor_tc") {
         report.add(
             "programs",
-            format!("new flows: tc_egress over the floor, the first packet of each ({opened} flows)"),
+            format!(
+                "new flows: tc_egress over the floor, the first packet of each ({opened} flows)"
+            ),
             "ns/pkt",
             s,
             Some(("<= 300 ns".into(), s.median <= 300.0)),
@@ -291,6 +321,9 @@ pub(crate) fn new_flow_cost(report: &mut Report) {
         "new flows: created by the agent's count - opened",
         "flows",
         stat(vec![created - f64::from(opened)]),
-        Some(("0, table never full".into(), created >= f64::from(opened) && full == 0.0)),
+        Some((
+            "0, table never full".into(),
+            created >= f64::from(opened) && full == 0.0,
+        )),
     );
 }
