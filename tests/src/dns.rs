@@ -3,7 +3,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
@@ -30,18 +30,13 @@ impl Resolver {
     pub fn start(ns: &Netns, addresses: &[IpAddr]) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-resolver", ns.name));
         std::fs::create_dir_all(&dir).unwrap();
-        let interfaces = addresses
-            .iter()
-            .fold(String::new(), |acc, a| acc + &format!("  interface: {a}\n"));
-        let conf = format!(
-            "server:\n{interfaces}  port: 53\n  do-daemonize: no\n  use-syslog: no\n  logfile: \"\"\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  verbosity: 0\n  access-control: 0.0.0.0/0 allow\n  access-control: ::/0 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  num-threads: 1\n  local-zone: \"ok.sim.\" static\n  local-data: \"{OK_NAME}. 60 IN A 10.1.2.3\"\n{big}  local-zone: \"nx.sim.\" always_nxdomain\n  local-zone: \"refused.sim.\" always_refuse\nforward-zone:\n  name: \"fail.sim.\"\n  forward-addr: 127.0.0.1@5353\n",
-            dir = dir.display(),
-            big = (1..=40).fold(String::new(), |acc, i| {
-                acc + &format!("  local-data: \"{BIG_NAME}. 60 IN A 10.9.0.{i}\"\n")
-            }),
+        let big = (1..=40).fold(String::new(), |acc, i| {
+            acc + &format!("  local-data: \"{BIG_NAME}. 60 IN A 10.9.0.{i}\"\n")
+        });
+        let server = format!(
+            "  access-control: ::/0 allow\n  local-zone: \"ok.sim.\" static\n  local-data: \"{OK_NAME}. 60 IN A 10.1.2.3\"\n{big}  local-zone: \"nx.sim.\" always_nxdomain\n  local-zone: \"refused.sim.\" always_refuse\n"
         );
-        let conf_path = dir.join("unbound.conf");
-        std::fs::write(&conf_path, conf).unwrap();
+        let zones = "forward-zone:\n  name: \"fail.sim.\"\n  forward-addr: 127.0.0.1@5353\n";
         // dnsmasq with no upstream refuses everything; unbound turns that into SERVFAIL.
         let upstream = ns
             .command("dnsmasq")
@@ -57,27 +52,14 @@ impl Resolver {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting dnsmasq");
-        let unbound = ns
-            .command("unbound")
-            .args(["-d", "-c", conf_path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting unbound");
+        let unbound = unbound(ns, &dir, addresses, &server, zones);
         let resolver = Self {
             unbound,
             upstream,
             dir,
         };
-        let server = SocketAddr::new(addresses[0], 53);
-        let deadline = Instant::now() + Duration::from_secs(10);
         // Ask from inside the VPC, so that the agent on the node sees nothing of it.
-        while query(ns, server, OK_NAME, 1, Duration::from_millis(200)).is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "unbound did not answer on {server} within 10 s"
-            );
-        }
+        await_answer(ns, SocketAddr::new(addresses[0], 53), OK_NAME, "unbound");
         resolver
     }
 }
@@ -89,6 +71,45 @@ impl Drop for Resolver {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// unbound in `ns`, its files in `dir`: on `interfaces` port 53, in the foreground,
+/// without logs, the iterator alone on one thread, answering anyone; then `server`'s
+/// lines of the server section, and `zones` after it.
+pub(crate) fn unbound(
+    ns: &Netns,
+    dir: &Path,
+    interfaces: &[IpAddr],
+    server: &str,
+    zones: &str,
+) -> Child {
+    let interfaces = interfaces
+        .iter()
+        .fold(String::new(), |acc, a| acc + &format!("  interface: {a}\n"));
+    let conf = format!(
+        "server:\n{interfaces}  port: 53\n  do-daemonize: no\n  use-syslog: no\n  logfile: \"\"\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  verbosity: 0\n  access-control: 0.0.0.0/0 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  num-threads: 1\n{server}{zones}",
+        dir = dir.display()
+    );
+    let conf_path = dir.join("unbound.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    ns.command("unbound")
+        .args(["-d", "-c", conf_path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting unbound")
+}
+
+/// Asks `server` for `name` from inside `ns` until it answers; `what` it is, for the
+/// failure after 10 s.
+pub(crate) fn await_answer(ns: &Netns, server: SocketAddr, name: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while query(ns, server, name, 1, Duration::from_millis(200)).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not answer on {server} within 10 s"
+        );
     }
 }
 

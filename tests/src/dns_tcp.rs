@@ -8,7 +8,7 @@ use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
-    process::{Child, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -151,31 +151,14 @@ impl NodeLocalCache {
         node.ip(&format!("addr add {listen}/32 dev lo"));
         let dir = std::env::temp_dir().join(format!("{}-nodelocal", node.name));
         std::fs::create_dir_all(&dir).unwrap();
-        let conf = format!(
-            "server:\n  interface: {listen}\n  port: 53\n  do-daemonize: no\n  use-syslog: no\n  logfile: \"\"\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  verbosity: 0\n  access-control: 0.0.0.0/0 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  num-threads: 1\n  qname-minimisation: no\n  prefetch: no\n  tcp-upstream: yes\n  do-ip6: no\nforward-zone:\n  name: \".\"\n  forward-addr: {upstream}\n",
-            dir = dir.display()
-        );
-        let conf_path = dir.join("unbound.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let unbound = node
-            .command("unbound")
-            .args(["-d", "-c", conf_path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting unbound as the node-local cache");
+        let server =
+            "  qname-minimisation: no\n  prefetch: no\n  tcp-upstream: yes\n  do-ip6: no\n";
+        let zones = format!("forward-zone:\n  name: \".\"\n  forward-addr: {upstream}\n");
+        let unbound = crate::dns::unbound(node, &dir, &[listen], server, &zones);
         let cache = Self { unbound, dir };
         // Listening: a name the upstream does not know, asked until the cache answers.
-        let server = SocketAddr::new(listen, 53);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while crate::dns::query(node, server, "ready.nx.sim", 1, Duration::from_millis(200))
-            .is_none()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the node-local cache did not answer on {server} within 10 s"
-            );
-        }
+        let at = SocketAddr::new(listen, 53);
+        crate::dns::await_answer(node, at, "ready.nx.sim", "the node-local cache");
         cache
     }
 }
