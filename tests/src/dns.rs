@@ -126,7 +126,7 @@ pub fn query_packet(name: &str, id: u16) -> Vec<u8> {
     p
 }
 
-fn bind_for(server: SocketAddr) -> UdpSocket {
+pub(crate) fn bind_for(server: SocketAddr) -> UdpSocket {
     let bind: SocketAddr = if server.is_ipv4() {
         "0.0.0.0:0"
     } else {

@@ -120,14 +120,7 @@ impl SilentTcp {
 pub fn udp_truncated(ns: &Netns, server: SocketAddr, name: &str, id: u16) -> Option<(bool, u8)> {
     let packet = query_packet(name, id);
     ns.run(move || {
-        let bind: SocketAddr = if server.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .unwrap();
-        let sock = std::net::UdpSocket::bind(bind).unwrap();
+        let sock = crate::dns::bind_for(server);
         sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         sock.send_to(&packet, server).unwrap();
         let mut buf = [0u8; 1500];
