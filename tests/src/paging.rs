@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
@@ -32,6 +32,21 @@ fn start(ns: &Netns, program: &str, args: &[String]) -> Daemon {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {program}: {e}")),
+    )
+}
+
+/// Debian's Prometheus in `ns` with `config`, its files in `dir`, on `PROMETHEUS`.
+fn prometheus(ns: &Netns, dir: &Path, config: &str) -> Daemon {
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let d = |p: &str| dir.join(p).display().to_string();
+    start(
+        ns,
+        "prometheus",
+        &[
+            format!("--config.file={}", d("prometheus.yml")),
+            format!("--storage.tsdb.path={}", d("tsdb")),
+            format!("--web.listen-address={PROMETHEUS}"),
+        ],
     )
 }
 
@@ -92,15 +107,6 @@ impl Paging {
             "route:\n  receiver: 'null'\n  group_wait: 1s\n  group_interval: 1s\nreceivers:\n  - name: 'null'\n",
         )
         .unwrap();
-        // The evaluation interval is the test's; the rules are the shipped ones, unchanged.
-        std::fs::write(
-            dir.join("prometheus.yml"),
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{ALERTMANAGER}']\nscrape_configs:\n  - job_name: eni-monitor\n    static_configs:\n      - targets: ['{agent}']\n        labels:\n          node: {node}\n",
-                rules.display(),
-            ),
-        )
-        .unwrap();
         let d = |p: &str| dir.join(p).display().to_string();
         let alertmanager = start(
             ns,
@@ -112,14 +118,14 @@ impl Paging {
                 "--cluster.listen-address=".into(),
             ],
         );
-        let prometheus = start(
+        // The evaluation interval is the test's; the rules are the shipped ones, unchanged.
+        let prometheus = prometheus(
             ns,
-            "prometheus",
-            &[
-                format!("--config.file={}", d("prometheus.yml")),
-                format!("--storage.tsdb.path={}", d("tsdb")),
-                format!("--web.listen-address={PROMETHEUS}"),
-            ],
+            &dir,
+            &format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{ALERTMANAGER}']\nscrape_configs:\n  - job_name: eni-monitor\n    static_configs:\n      - targets: ['{agent}']\n        labels:\n          node: {node}\n",
+                rules.display(),
+            ),
         );
         let paging = Self {
             ns_name: ns.name.clone(),
@@ -205,20 +211,10 @@ impl Prometheus {
     pub fn start(ns: &Netns, job: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-prometheus", ns.name));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("prometheus.yml"),
-            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{job}"),
-        )
-        .unwrap();
-        let d = |p: &str| dir.join(p).display().to_string();
-        let daemon = start(
+        let daemon = prometheus(
             ns,
-            "prometheus",
-            &[
-                format!("--config.file={}", d("prometheus.yml")),
-                format!("--storage.tsdb.path={}", d("tsdb")),
-                format!("--web.listen-address={PROMETHEUS}"),
-            ],
+            &dir,
+            &format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{job}"),
         );
         Self {
             ns_name: ns.name.clone(),

@@ -26,50 +26,40 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "openssl {args:?}: {out:?}");
 }
 
-/// A CA: `name.crt`, `name.key`.
-fn ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
+/// A new P-256 key in `name.key`, and with `then` a self-signed certificate
+/// (`-x509 -out name.crt`) or a request (`-out name.csr`).
+fn key_and(dir: &Path, name: &str, then: &[&str]) {
+    let key = format!("{name}.key");
+    let subject = format!("/CN={name}");
+    let args = [
         &[
             "req",
-            "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
             "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-subj",
-            &format!("/CN={name}"),
-            "-days",
-            "2",
-        ],
+        ][..],
+        &["-keyout", &key, "-subj", &subject],
+        then,
+    ]
+    .concat();
+    openssl(dir, &args);
+}
+
+/// A CA: `name.crt`, `name.key`.
+fn ca(dir: &Path, name: &str) {
+    key_and(
+        dir,
+        name,
+        &["-x509", "-days", "2", "-out", &format!("{name}.crt")],
     );
 }
 
 /// A certificate for `name` signed by `ca`, with the extensions `ext`.
 fn signed(dir: &Path, name: &str, ca: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
+    key_and(dir, name, &["-out", &format!("{name}.csr")]);
     openssl(
         dir,
         &[
