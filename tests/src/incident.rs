@@ -50,6 +50,7 @@ pub struct Outcome {
     pub dns_unanswered_alert_at: Option<f64>,
     pub dns_alert_labels: serde_json::Value,
     pub critical_alert_labels: serde_json::Value,
+    pub linklocal_alert_at: Option<f64>,
     pub linklocal_alert_before_drop: bool,
     pub linklocal_alert_labels: serde_json::Value,
     pub linklocal_drops: f64,
@@ -59,6 +60,10 @@ pub struct Outcome {
     /// nothing yet.
     pub max_utilization_before_drop: f64,
     pub status_screen: String,
+    /// When the ramp began and the replay ended, in Unix seconds: the range of the
+    /// replay's series in Prometheus.
+    pub started_unix: f64,
+    pub ended_unix: f64,
 }
 
 impl Outcome {
@@ -215,12 +220,16 @@ impl Incident {
 
     /// Runs the replay, telling `say` each step as it happens (seconds, what).
     pub fn replay(&self, say: &mut dyn FnMut(f64, &str)) -> Outcome {
-        let mut out = Outcome::default();
+        let mut out = Outcome {
+            started_unix: unix_now(),
+            ..Outcome::default()
+        };
         let start = Instant::now();
         let held = self.ramp(&mut out, start, say);
         self.dns_fails(&mut out, start, say);
         self.linklocal(&mut out, start, say);
         drop(held);
+        out.ended_unix = unix_now();
         out
     }
 
@@ -348,13 +357,20 @@ impl Incident {
                     if let Ok(s) = UdpSocket::bind("0.0.0.0:0") {
                         let _ = s.send_to(&dns::query_packet(OK_NAME, id), server);
                     }
+                    // Once a second a client falls back to TCP (a truncated answer, say):
+                    // its SYN is a new connection, and the hypervisor drops it.
+                    if id % 4 == 0 {
+                        let _ = TcpStream::connect_timeout(&server, Duration::from_millis(100));
+                    }
                     std::thread::sleep(Duration::from_millis(250));
                 }
             })
         };
         say(
             at(start),
-            &format!("pods query their resolver at {VPC_SERVER}, 4 a second"),
+            &format!(
+                "pods query their resolver at {VPC_SERVER}, 4 a second over UDP and once over TCP"
+            ),
         );
         wait_for("the DNS alert", Duration::from_mins(5), || {
             let Some(a) = self.alert("EniMonitorDnsUnanswered", &[("device", "eth0")]) else {
@@ -395,6 +411,7 @@ impl Incident {
             let Some(a) = self.alert("EniMonitorLinkLocalPeakHigh", &[("device", "eth0")]) else {
                 return false;
             };
+            out.linklocal_alert_at = Some(at(start));
             out.linklocal_alert_labels = a["labels"].clone();
             out.linklocal_alert_before_drop = self.hv_drops("linklocal_drops") == 0.0;
             say(
@@ -445,6 +462,12 @@ impl Incident {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Whether Debian's packages the replay uses are installed.

@@ -21,7 +21,9 @@ pub mod incident;
 pub mod netns;
 pub mod node;
 pub mod paging;
+pub mod panels;
 pub mod servers;
+pub mod timeline;
 pub mod traffic;
 pub mod vm;
 
@@ -103,13 +105,8 @@ impl Drop for Background {
 
 /// Every `PromQL` expression of a Grafana dashboard, in panel order.
 pub fn dashboard_queries(dash: &serde_json::Value) -> Vec<String> {
-    let mut out = Vec::new();
-    for panel in dash["panels"].as_array().into_iter().flatten() {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            if let Some(e) = target["expr"].as_str() {
-                out.push(e.to_owned());
-            }
-        }
-    }
-    out
+    panels::panels(dash)
+        .into_iter()
+        .flat_map(|p| p.exprs)
+        .collect()
 }

@@ -154,6 +154,64 @@ impl Paging {
         query(ns, expr)
     }
 
+    /// A range query's series, `[start, end]` in Unix seconds every `step` seconds:
+    /// each series' labels and its points (Unix seconds, value; `NaN` kept out).
+    pub fn query_range(
+        &self,
+        ns: &Netns,
+        expr: &str,
+        (start, end, step): (f64, f64, f64),
+    ) -> Vec<(Value, Vec<(f64, f64)>)> {
+        assert_eq!(ns.name, self.ns_name);
+        let v = get_json(
+            ns,
+            PROMETHEUS,
+            &format!(
+                "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={step}",
+                percent_encode(expr)
+            ),
+        )
+        .unwrap_or_else(|| panic!("Prometheus refused the range query {expr}"));
+        assert_eq!(v["status"], "success", "{expr}: {v}");
+        v["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let points = s["values"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| {
+                        let t = p[0].as_f64()?;
+                        let v: f64 = p[1].as_str()?.parse().ok()?;
+                        (!v.is_nan()).then_some((t, v))
+                    })
+                    .collect();
+                (s["metric"].clone(), points)
+            })
+            .collect()
+    }
+
+    /// The values of label `label` on the series `selector` matches, as Grafana's
+    /// `label_values(selector, label)` asks for them.
+    pub fn label_values(&self, ns: &Netns, selector: &str, label: &str) -> Vec<String> {
+        assert_eq!(ns.name, self.ns_name);
+        get_json(
+            ns,
+            PROMETHEUS,
+            &format!(
+                "/api/v1/label/{label}/values?match[]={}",
+                percent_encode(selector)
+            ),
+        )
+        .and_then(|v| v["data"].as_array().cloned())
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect()
+    }
+
     /// The alerts Alertmanager holds named `alertname` whose labels include `labels`
     /// and that have not ended.
     pub fn active(&self, ns: &Netns, alertname: &str, labels: &[(&str, &str)]) -> Vec<Value> {
@@ -203,24 +261,39 @@ fn query(ns: &Netns, expr: &str) -> Option<Value> {
 /// `scrape_configs` entry, YAML, indented as a list item); stopped on drop.
 pub struct Prometheus {
     ns_name: String,
-    _daemon: Daemon,
+    daemon: Daemon,
     _dir: DirGuard,
 }
 
 impl Prometheus {
     pub fn start(ns: &Netns, job: &str) -> Self {
+        Self::with_config(
+            ns,
+            &format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{job}"),
+        )
+    }
+
+    /// Debian's Prometheus in `ns` with the whole configuration `config`.
+    pub fn with_config(ns: &Netns, config: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-prometheus", ns.name));
         std::fs::create_dir_all(&dir).unwrap();
-        let daemon = prometheus(
-            ns,
-            &dir,
-            &format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{job}"),
-        );
+        let daemon = prometheus(ns, &dir, config);
         Self {
             ns_name: ns.name.clone(),
-            _daemon: daemon,
+            daemon,
             _dir: DirGuard(dir),
         }
+    }
+
+    /// The process id, for its resident memory.
+    pub fn pid(&self) -> u32 {
+        self.daemon.0.id()
+    }
+
+    /// A JSON answer of the HTTP API at `path` (`/api/v1/...`).
+    pub fn api(&self, ns: &Netns, path: &str) -> Option<Value> {
+        assert_eq!(ns.name, self.ns_name);
+        get_json(ns, PROMETHEUS, path)
     }
 
     /// An instant query's JSON answer.

@@ -4,9 +4,85 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
 use integration_tests::{
-    incident::{ALLOWANCE, AMAZON_RESOLVER, ENI_ID, Incident, NODE, runnable},
-    require_root,
+    incident::{ALLOWANCE, AMAZON_RESOLVER, ENI_ID, Incident, NODE, Outcome, runnable},
+    panels, require_root, timeline,
 };
+
+/// Panels that cannot draw anything in the replay, and why: their source does not exist
+/// on a veth. Each must stay empty, so the list cannot go stale.
+const EMPTY_IN_REPLAY: [(&str, &str); 2] = [
+    (
+        "Allowance available (ENA driver)",
+        "the ENA driver's counters: the replay's ENI is a veth",
+    ),
+    (
+        "ENA allowance exceeded (packets per interval)",
+        "the ENA driver's counters: the replay's ENI is a veth",
+    ),
+];
+
+/// The critical alert's threshold, from the shipped rules.
+fn critical_threshold() -> f64 {
+    let rules = std::fs::read_to_string(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/rules.yml"),
+    )
+    .unwrap();
+    let block = rules
+        .split("- alert: ")
+        .find(|b| b.starts_with("EniMonitorConntrackAllowanceCritical"))
+        .unwrap();
+    let expr = block.lines().find(|l| l.trim().starts_with("expr:")).unwrap();
+    expr.rsplit('>').next().unwrap().trim().parse().unwrap()
+}
+
+/// Every panel of the shipped dashboard, run as Grafana runs it with the incident's node
+/// and ENI selected, over the replay: each draws something (but those that cannot here),
+/// and the allowance panel crosses the critical threshold.
+fn the_dashboard_shows_the_incident(incident: &Incident, out: &Outcome) {
+    let dash = panels::dashboard();
+    let selected: [(&str, &[&str]); 2] = [("node", &[NODE]), ("device", &["eth0"])];
+    for (name, values) in panels::variable_values(&incident.paging, &incident.node, &dash, &selected) {
+        let want = if name == "node" { NODE } else { "eth0" };
+        assert!(values.iter().any(|v| v == want), "variable {name} lists {values:?}");
+    }
+    let shown = panels::show(
+        &incident.paging,
+        &incident.node,
+        &dash,
+        &selected,
+        (out.started_unix, out.ended_unix, 1.0),
+    );
+    let mut missing = Vec::new();
+    for panel in &shown {
+        let expected_empty = EMPTY_IN_REPLAY.iter().any(|(t, _)| *t == panel.title);
+        eprintln!(
+            "panel {:?}: {}",
+            panel.title,
+            if panel.has_data() { "data" } else { "no data" }
+        );
+        if panel.has_data() == expected_empty {
+            missing.push(panel.title.clone());
+        }
+    }
+    assert!(missing.is_empty(), "panels not as expected: {missing:?}");
+    assert_eq!(
+        shown.len(),
+        panels::panels(&dash).len(),
+        "every panel ran"
+    );
+
+    let allowance = shown
+        .iter()
+        .find(|p| p.title.starts_with("Allowance utilization"))
+        .unwrap();
+    let threshold = critical_threshold();
+    let points = &allowance.queries[0].1[0].1;
+    let first_over = points.iter().position(|(_, v)| *v > threshold);
+    assert!(
+        first_over.is_some_and(|i| i > 0 && points[..i].iter().all(|(_, v)| *v <= threshold)),
+        "the allowance panel does not cross {threshold}: {points:?}"
+    );
+}
 
 #[test]
 fn the_page_comes_before_the_allowance_fills_and_says_why() {
@@ -23,6 +99,21 @@ fn the_page_comes_before_the_allowance_fills_and_says_why() {
     }
     let incident = Incident::build();
     let out = incident.replay(&mut |t, what| eprintln!("[{t:6.1} s] {what}"));
+    the_dashboard_shows_the_incident(&incident, &out);
+    let (picture, path) = timeline::write(&incident, &out).unwrap();
+    eprintln!("the timeline: {}", path.canonicalize().unwrap().display());
+    // The picture has every line and every event the replay produced.
+    assert!(
+        picture.curves.iter().all(|c| c.points.len() >= 10),
+        "a line of the picture is (almost) empty"
+    );
+    for event in ["the page", "first drop", "DNS unanswered", "link-local"] {
+        assert!(
+            picture.events.iter().any(|(_, what)| what.contains(event)),
+            "{event} missing from {:?}",
+            picture.events
+        );
+    }
 
     // The page came first, and with time to act.
     let lead = out.lead().expect("both the page and the drop happened");

@@ -4,7 +4,10 @@
 //! Alertmanager, the first drop, DNS failing, and the lead time the page gave.
 //! `--keep` leaves Prometheus and Alertmanager running until Enter is pressed.
 
-use integration_tests::incident::{Incident, runnable};
+use integration_tests::{
+    incident::{Incident, runnable},
+    timeline,
+};
 
 fn main() {
     let keep = std::env::args().any(|a| a == "--keep");
@@ -38,6 +41,13 @@ fn main() {
             dns - drop,
             out.dns_alert_labels["eni"]
         );
+    }
+    match timeline::write(&incident, &out) {
+        Ok((_, path)) => println!(
+            "\nThe timeline, as a picture: {}",
+            path.canonicalize().unwrap_or(path).display()
+        ),
+        Err(e) => eprintln!("error: {e}"),
     }
     if keep {
         println!(
