@@ -56,7 +56,10 @@ pub fn metric_names(text: &str) -> BTreeSet<String> {
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .unwrap_or(tail.len());
-        names.insert(tail[..end].to_owned());
+        // `level:eni_monitor_...:operation` is a recording rule's series, not the agent's.
+        if !rest[..i].ends_with(':') {
+            names.insert(tail[..end].to_owned());
+        }
         rest = &tail[end..];
     }
     names
@@ -65,6 +68,14 @@ pub fn metric_names(text: &str) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_series_are_not_the_agents() {
+        let names = metric_names(
+            "max by (node) (node:eni_monitor_x:max) / eni_monitor_y_total{a=\"b\"}",
+        );
+        assert_eq!(names, BTreeSet::from(["eni_monitor_y_total".to_owned()]));
+    }
 
     #[test]
     fn families_name_their_series_by_type() {

@@ -44,7 +44,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
     let out = run(Command::new("promtool")
         .args(["check", "rules", "rules.yml"])
         .current_dir(&dir));
-    assert!(out.contains("SUCCESS: 14 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 19 rules found"), "{out}");
     let out = run(Command::new("promtool")
         .args(["test", "rules", "rules.test.yml"])
         .current_dir(&dir));
@@ -93,6 +93,27 @@ fn every_alert_is_unit_tested_both_ways_and_documented() {
         assert!(
             exported.contains(&name),
             "rules use {name}, which the agent does not export"
+        );
+    }
+}
+
+#[test]
+fn every_recording_rule_is_unit_tested() {
+    let dir = root().join("deploy/alerts");
+    let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("rules.test.yml")).unwrap();
+    let records: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .collect();
+    assert_eq!(records.len(), 5);
+    for r in records {
+        assert!(
+            tests
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("- expr: "))
+                .any(|e| e.contains(r)),
+            "{r} has no promql_expr_test"
         );
     }
 }
