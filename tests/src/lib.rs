@@ -12,6 +12,7 @@
 )]
 
 pub mod agent;
+pub mod busy;
 pub mod dns;
 pub mod dns_tcp;
 pub mod floor;

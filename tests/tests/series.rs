@@ -1,16 +1,12 @@
 //! The series budget: what one node costs the Prometheus that scrapes it. A busy node
-//! (two ENIs, three resolvers, ten pods behind one ENI, drops of several reasons) is
-//! counted series by series; the worst case follows from the bounds the agent keeps.
+//! (`integration_tests::busy`: two ENIs, three resolvers, ten pods behind one ENI, drops
+//! of two reasons) is counted series by series; the worst case follows from the bounds
+//! the agent keeps.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::collections::BTreeMap;
 
-use integration_tests::{
-    Agent, Scrape, SimNode, addr,
-    dns::{self, NX_NAME, OK_NAME, Resolver, SERVFAIL_NAME, SlowResolver},
-    dns_tcp, require_root, send_udp,
-    servers::{UdpEcho, udp_flows},
-};
+use integration_tests::{Scrape, busy::BusyNode, require_root};
 use monitor_common::{
     DNS_LATENCY_BUCKETS, DNS_RCODES, DNS_TRANSPORTS, FlowClass, MAX_DEVICES, RESOLVER_SLOTS,
 };
@@ -124,58 +120,7 @@ fn a_busy_node_costs_the_series_the_budget_says() {
     if !require_root("a_busy_node_costs_the_series_the_budget_says") {
         return;
     }
-    let mut sim = SimNode::ipv4_only();
-    sim.add_eni("eth1");
-    let (eth0, eth1) = (sim.eni("eth0"), sim.eni("eth1"));
-    let (eth0_vpc, eth1_vpc, eth1_node) = (
-        eth0.vpc_v4.clone(),
-        eth1.vpc_v4.clone(),
-        eth1.node_v4.clone(),
-    );
-    let slow = "10.200.0.53";
-    sim.vpc.ip(&format!("addr add {slow}/24 dev vpc0"));
-    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-    let _resolver = Resolver::start(&sim.vpc, &[ip(&eth0_vpc), ip(&eth1_vpc)]);
-    let _slow = SlowResolver::start(&sim.vpc, addr(slow, 53), Duration::from_secs(3));
-    let _echo = UdpEcho::start(&sim.vpc, addr(&eth0_vpc, 7000));
-    let pods: Vec<_> = (0..10).map(|n| sim.add_pod(n)).collect();
-    sim.node.nft("table inet busy {\n chain input {\n  type filter hook input priority 0;\n  udp dport 7777 drop\n }\n}\n");
-    let agent = Agent::start(
-        &sim.node,
-        &["--device", "eth*", "--dns-timeout", "1s", "--conntrack-allowance", "100000"],
-    );
-
-    // DNS: the three resolvers named first (each naming query counts under `other`), then
-    // three answers of three rcodes and two lost through eth0, UDP and TCP on eth1.
-    let wait = Duration::from_secs(2);
-    let (resolver0, lost, resolver1) = (
-        addr(&eth0_vpc, 53),
-        addr(slow, 53),
-        addr(&eth1_vpc, 53),
-    );
-    for r in [resolver0, lost, resolver1] {
-        agent.name_resolver(&sim.node, &sim.node, r);
-    }
-    for name in [OK_NAME, NX_NAME, SERVFAIL_NAME] {
-        assert!(dns::query(&sim.node, resolver0, name, 1, wait).is_some());
-    }
-    assert_eq!(dns::queries(&sim.node, lost, OK_NAME, 2, Duration::from_millis(500)), 0);
-    assert!(dns::query(&sim.node, resolver1, OK_NAME, 2, wait).is_some());
-    assert_eq!(dns_tcp::pipelined(&sim.node, resolver1, &[&[(OK_NAME, 3)]], wait).len(), 1);
-    // Flows: one from each pod through eth0.
-    for pod in &pods {
-        assert_eq!(udp_flows(&pod.ns, addr(&eth0_vpc, 7000), 1), 1);
-    }
-    // Drops: a closed port on eth0's node address, a firewalled one on eth1's.
-    send_udp(&sim.vpc, addr(&eth0.node_v4, 9), 1, b"closed");
-    send_udp(&sim.vpc, addr(&eth1_node, 7777), 1, b"firewalled");
-
-    let s = agent.scrape_until(&sim.node, "the busy node's traffic counted", |s| {
-        s.sum("eni_monitor_dns_unanswered_total", &[]) == 3.0
-            && s.sum("eni_monitor_dns_drops_total", &[("device", "eth0")]) == 3.0
-            && s.sum("eni_monitor_drops_total", &[("device", "eth1")]) >= 1.0
-            && s.label_values("eni_monitor_top_flow_owners", &[("device", "eth0")], "address").len() == 10
-    });
+    let (_node, s) = BusyNode::build();
     let got = families(&s);
     let want: BTreeMap<String, usize> = BUSY
         .iter()

@@ -12,6 +12,7 @@
 mod agent;
 mod cost;
 mod dns;
+mod fleet;
 mod flows;
 mod rate;
 mod report;
@@ -53,6 +54,9 @@ fn main() {
     }
     if want("flows") {
         flows::flow_table(&mut report);
+    }
+    if want("fleet") {
+        fleet::fleet(&mut report);
     }
     write_reports(&report, &machine);
 }
