@@ -44,7 +44,14 @@ enum Cmd {
     Bench,
     /// Write the generated deployment files: deploy/alerts/prometheusrule.yaml, the Helm
     /// chart's copies of the rules and the dashboard, and daemonset.yaml from the chart.
-    Render,
+    Render {
+        /// Where your team serves RUNBOOK.md: also write target/render/rules.yml and
+        /// target/render/prometheusrule.yaml with each alert's `runbook_url` at
+        /// `<URL>#<alert name in lower case>` (as the chart's
+        /// `prometheusRule.runbookBaseUrl` does).
+        #[arg(long, value_name = "URL")]
+        runbook_base_url: Option<String>,
+    },
     /// Build the container image (a static `monitor` on scratch) with buildah, offline,
     /// into target/image/oci.
     Image,
@@ -73,9 +80,13 @@ fn main() -> Result<()> {
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Cmd::Render => {
+        Cmd::Render { runbook_base_url } => {
             setup::setup_helm()?;
-            render::render()
+            render::render()?;
+            match runbook_base_url {
+                Some(base) => render::with_runbooks(&base),
+                None => Ok(()),
+            }
         }
         Cmd::Image => {
             setup()?;

@@ -60,10 +60,8 @@ pub const PODMONITOR_ARGS: [&str; 10] = [
     "--skip-tests",
 ];
 
-pub fn render() -> Result<()> {
-    let root = workspace_root()?;
-    let dir = root.join("deploy/alerts");
-    let rules = std::fs::read_to_string(dir.join("rules.yml")).context("reading rules.yml")?;
+/// The `PrometheusRule` carrying `rules` (a rules file's text).
+fn prometheus_rule(rules: &str) -> String {
     let body: String = rules
         .lines()
         .skip_while(|l| l.starts_with('#'))
@@ -75,11 +73,59 @@ pub fn render() -> Result<()> {
             }
         })
         .collect();
-    std::fs::write(
-        dir.join("prometheusrule.yaml"),
-        format!("{PROMETHEUS_RULE_HEADER}{body}"),
-    )
-    .context("writing prometheusrule.yaml")?;
+    format!("{PROMETHEUS_RULE_HEADER}{body}")
+}
+
+/// `rules` with a `runbook_url` annotation on each alert, `<base>#<name in lower case>`
+/// (the anchor of the alert's section in RUNBOOK.md), first among its annotations.
+pub fn add_runbook_urls(rules: &str, base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let mut out = String::with_capacity(rules.len() * 2);
+    let mut alert: Option<String> = None;
+    for line in rules.lines() {
+        out.push_str(line);
+        out.push('\n');
+        let trimmed = line.trim_start();
+        if let Some(name) = trimmed.strip_prefix("- alert: ") {
+            alert = Some(name.trim().to_lowercase());
+        } else if trimmed == "annotations:"
+            && let Some(name) = alert.take()
+        {
+            let indent = line.len() - trimmed.len() + 2;
+            out.push_str(&format!(
+                "{:indent$}runbook_url: \"{base}#{name}\"\n",
+                ""
+            ));
+        }
+    }
+    out
+}
+
+/// Writes target/render/rules.yml and target/render/prometheusrule.yaml with each alert
+/// linking its runbook section under `base`.
+pub fn with_runbooks(base: &str) -> Result<()> {
+    let root = workspace_root()?;
+    let rules = std::fs::read_to_string(root.join("deploy/alerts/rules.yml"))
+        .context("reading rules.yml")?;
+    let linked = add_runbook_urls(&rules, base);
+    let out = root.join("target/render");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("rules.yml"), &linked).context("writing target/render/rules.yml")?;
+    std::fs::write(out.join("prometheusrule.yaml"), prometheus_rule(&linked))
+        .context("writing target/render/prometheusrule.yaml")?;
+    println!(
+        "wrote {0}/rules.yml and {0}/prometheusrule.yaml, runbooks under {base}",
+        out.display()
+    );
+    Ok(())
+}
+
+pub fn render() -> Result<()> {
+    let root = workspace_root()?;
+    let dir = root.join("deploy/alerts");
+    let rules = std::fs::read_to_string(dir.join("rules.yml")).context("reading rules.yml")?;
+    std::fs::write(dir.join("prometheusrule.yaml"), prometheus_rule(&rules))
+        .context("writing prometheusrule.yaml")?;
     let files = root.join(CHART).join("files");
     std::fs::copy(dir.join("rules.yml"), files.join("rules.yml"))
         .context("copying rules.yml into the chart")?;
@@ -104,4 +150,42 @@ pub fn render() -> Result<()> {
         format!("{PODMONITOR_HEADER}{rendered}"),
     )
     .context("writing deploy/podmonitor.yaml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped alert gets its link, to its own section, and nothing else changes.
+    #[test]
+    fn each_alert_links_its_runbook_section() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/rules.yml");
+        let rules = std::fs::read_to_string(path).unwrap();
+        let linked = add_runbook_urls(&rules, "https://runbooks.example/eni-monitor/RUNBOOK.md/");
+        let alerts: Vec<&str> = rules
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- alert: "))
+            .collect();
+        assert!(!alerts.is_empty());
+        let links: Vec<&str> = linked
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+            .collect();
+        assert_eq!(links.len(), alerts.len());
+        for (alert, link) in alerts.iter().zip(&links) {
+            assert_eq!(
+                *link,
+                format!(
+                    "\"https://runbooks.example/eni-monitor/RUNBOOK.md#{}\"",
+                    alert.to_lowercase()
+                )
+            );
+        }
+        let without: String = linked
+            .lines()
+            .filter(|l| !l.trim().starts_with("runbook_url: "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(without, rules);
+    }
 }
