@@ -60,6 +60,11 @@ pub struct Outcome {
     /// nothing yet.
     pub max_utilization_before_drop: f64,
     pub status_screen: String,
+    /// The alerts paged for the node while the allowance was exceeded and DNS failed
+    /// (each notification's firing alerts), and those that reached Alertmanager but were
+    /// inhibited, by name.
+    pub paged: Vec<String>,
+    pub inhibited: Vec<String>,
     /// When the ramp began and the replay ended, in Unix seconds: the range of the
     /// replay's series in Prometheus.
     pub started_unix: f64,
@@ -210,12 +215,56 @@ impl Incident {
             .unwrap_or(0.0)
     }
 
-    /// The first alert named `alertname` with `labels` in Alertmanager, if any.
+    /// The first alert named `alertname` with `labels` in Alertmanager, paged or
+    /// inhibited, if any.
     fn alert(&self, alertname: &str, labels: &[(&str, &str)]) -> Option<serde_json::Value> {
         self.paging
-            .active(&self.node, alertname, labels)
+            .received(&self.node, alertname, labels)
             .into_iter()
             .next()
+    }
+
+    /// The names of the alerts for the node paged so far, in the order they were.
+    fn paged(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for page in self.paging.pages() {
+            for a in page["alerts"].as_array().into_iter().flatten() {
+                let name = a["labels"]["alertname"].as_str().unwrap_or_default();
+                if a["status"] == "firing"
+                    && a["labels"]["node"] == NODE
+                    && !names.iter().any(|n| n == name)
+                {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        names
+    }
+
+    /// Which of the alerts the allowance's page stands for reached Alertmanager for the
+    /// node and are kept quiet by an inhibit rule.
+    fn inhibited(&self) -> Vec<String> {
+        [
+            "EniMonitorConntrackAllowanceHigh",
+            "EniMonitorConntrackAllowanceExhaustionPredicted",
+            "EniMonitorDnsUnanswered",
+            "EniMonitorDnsTcpConnectFailures",
+            "EniMonitorDnsPacketsDropped",
+        ]
+        .into_iter()
+        .filter(|name| {
+            self.paging
+                .received(&self.node, name, &[("node", NODE)])
+                .iter()
+                .any(|a| {
+                    a["status"]["state"] == "suppressed"
+                        && a["status"]["inhibitedBy"]
+                            .as_array()
+                            .is_some_and(|by| !by.is_empty())
+                })
+        })
+        .map(str::to_owned)
+        .collect()
     }
 
     /// Runs the replay, telling `say` each step as it happens (seconds, what).
@@ -387,6 +436,16 @@ impl Incident {
             );
             true
         });
+        out.paged = self.paged();
+        out.inhibited = self.inhibited();
+        say(
+            at(start),
+            &format!(
+                "pages for {NODE} so far: {}; inhibited: {}",
+                out.paged.join(", "),
+                out.inhibited.join(", ")
+            ),
+        );
         out.status_screen = self.status();
         say(
             at(start),

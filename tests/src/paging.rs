@@ -62,6 +62,7 @@ impl Drop for DirGuard {
 /// Prometheus and Alertmanager in `ns`; stopped on drop, then their files removed.
 pub struct Paging {
     ns_name: String,
+    pager: Pager,
     _alertmanager: Daemon,
     _prometheus: Daemon,
     dir: DirGuard,
@@ -102,9 +103,18 @@ impl Paging {
             .join("../deploy/alerts/rules.yml")
             .canonicalize()
             .unwrap();
+        // Every alert its own page (`group_by: ['...']`, as many on-call setups route),
+        // delivered to a webhook that keeps them; the shipped inhibit rules, unchanged.
+        let pager = Pager::start(ns);
+        let inhibit = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/alertmanager-inhibit.yml"),
+        )
+        .unwrap();
         std::fs::write(
             dir.join("alertmanager.yml"),
-            "route:\n  receiver: 'null'\n  group_wait: 1s\n  group_interval: 1s\nreceivers:\n  - name: 'null'\n",
+            format!(
+                "route:\n  receiver: pager\n  group_by: ['...']\n  group_wait: 1s\n  group_interval: 1s\nreceivers:\n  - name: pager\n    webhook_configs:\n      - url: 'http://{PAGER}/'\n{inhibit}"
+            ),
         )
         .unwrap();
         let d = |p: &str| dir.join(p).display().to_string();
@@ -129,6 +139,7 @@ impl Paging {
         );
         let paging = Self {
             ns_name: ns.name.clone(),
+            pager,
             _alertmanager: alertmanager,
             _prometheus: prometheus,
             dir: DirGuard(dir),
@@ -212,9 +223,30 @@ impl Paging {
         .collect()
     }
 
+    /// The pages delivered so far: each notification, as Alertmanager's webhook sends it.
+    pub fn pages(&self) -> Vec<Value> {
+        self.pager.pages()
+    }
+
     /// The alerts Alertmanager holds named `alertname` whose labels include `labels`
-    /// and that have not ended.
+    /// and that have not ended, paged or not (an inhibited alert is `suppressed`).
+    pub fn received(&self, ns: &Netns, alertname: &str, labels: &[(&str, &str)]) -> Vec<Value> {
+        self.alerts(ns, alertname, labels, &["active", "suppressed"])
+    }
+
+    /// The alerts Alertmanager holds named `alertname` whose labels include `labels`
+    /// and that have not ended, and pages.
     pub fn active(&self, ns: &Netns, alertname: &str, labels: &[(&str, &str)]) -> Vec<Value> {
+        self.alerts(ns, alertname, labels, &["active"])
+    }
+
+    fn alerts(
+        &self,
+        ns: &Netns,
+        alertname: &str,
+        labels: &[(&str, &str)],
+        states: &[&str],
+    ) -> Vec<Value> {
         let Some(alerts) = get_json(ns, ALERTMANAGER, "/api/v2/alerts") else {
             return Vec::new();
         };
@@ -226,7 +258,7 @@ impl Paging {
             .into_iter()
             .filter(|a| a["labels"]["alertname"] == alertname)
             .filter(|a| labels.iter().all(|(k, v)| a["labels"][*k] == *v))
-            .filter(|a| a["status"]["state"] == "active")
+            .filter(|a| states.iter().any(|s| a["status"]["state"] == *s))
             .filter(|a| {
                 // Prometheus sends endsAt in the past once the alert resolved.
                 let ends = a["endsAt"].as_str().unwrap_or("");
@@ -239,6 +271,74 @@ impl Paging {
     pub fn dir(&self) -> &PathBuf {
         &self.dir.0
     }
+}
+
+/// Where Alertmanager delivers pages, in the paging namespace.
+const PAGER: &str = "127.0.0.1:9099";
+
+/// A webhook receiver that keeps every notification Alertmanager delivers.
+struct Pager {
+    pages: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    _server: crate::Background,
+}
+
+impl Pager {
+    fn start(ns: &Netns) -> Self {
+        let listener = ns.run(|| std::net::TcpListener::bind(PAGER).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let pages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&pages);
+        let server = crate::Background::spawn(move |stop| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        if let Some(page) = receive(conn) {
+                            kept.lock().unwrap().push(page);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            pages,
+            _server: server,
+        }
+    }
+
+    fn pages(&self) -> Vec<Value> {
+        self.pages.lock().unwrap().clone()
+    }
+}
+
+/// One webhook request: its JSON body, answered 200.
+fn receive(conn: std::net::TcpStream) -> Option<Value> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    conn.set_nonblocking(false).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut reader = std::io::BufReader::new(conn.try_clone().ok()?);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    let mut conn = conn;
+    conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    serde_json::from_slice(&body).ok()
 }
 
 fn get_json(ns: &Netns, addr: &str, path: &str) -> Option<Value> {

@@ -97,12 +97,17 @@ impl Timeline {
                 ),
             },
         ];
+        let dns = if out.inhibited.iter().any(|i| i == "EniMonitorDnsUnanswered") {
+            "DNS unanswered, inhibited"
+        } else {
+            "DNS unanswered pages"
+        };
         let mut events = Vec::new();
         for (at, what) in [
             (out.high_alert_at, "High (warning)"),
             (out.critical_alert_at, "Critical: the page"),
             (out.first_drop_at, "first drop"),
-            (out.dns_unanswered_alert_at, "DNS unanswered pages"),
+            (out.dns_unanswered_alert_at, dns),
             (out.linklocal_alert_at, "link-local peak pages"),
         ] {
             if let Some(at) = at {

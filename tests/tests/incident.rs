@@ -141,6 +141,14 @@ fn the_page_comes_before_the_allowance_fills_and_says_why() {
     assert_eq!(out.dns_alert_labels["eni"], ENI_ID);
     assert_eq!(out.dns_alert_labels["resolver"], "10.71.0.2");
 
+    // One page for one problem: while the allowance is exceeded and DNS fails, the node
+    // paged once; the DNS alerts reached Alertmanager and the shipped inhibit rules kept
+    // them quiet.
+    assert_eq!(out.paged, ["EniMonitorConntrackAllowanceCritical"], "{out:?}");
+    for quiet in ["EniMonitorDnsUnanswered", "EniMonitorDnsTcpConnectFailures"] {
+        assert!(out.inhibited.iter().any(|i| i == quiet), "{quiet}: {out:?}");
+    }
+
     // The link-local limit pages before it drops, and the drops are unanswered queries.
     assert!(out.linklocal_alert_before_drop, "{out:?}");
     assert_eq!(out.linklocal_alert_labels["eni"], ENI_ID);
