@@ -408,7 +408,7 @@ impl Incident {
                     }
                     // Once a second a client falls back to TCP (a truncated answer, say):
                     // its SYN is a new connection, and the hypervisor drops it.
-                    if id % 4 == 0 {
+                    if id.is_multiple_of(4) {
                         let _ = TcpStream::connect_timeout(&server, Duration::from_millis(100));
                     }
                     std::thread::sleep(Duration::from_millis(250));

@@ -172,7 +172,7 @@ impl Paging {
         ns: &Netns,
         expr: &str,
         (start, end, step): (f64, f64, f64),
-    ) -> Vec<(Value, Vec<(f64, f64)>)> {
+    ) -> Vec<crate::panels::Series> {
         assert_eq!(ns.name, self.ns_name);
         let v = get_json(
             ns,
@@ -231,17 +231,18 @@ impl Paging {
     /// The alerts Alertmanager holds named `alertname` whose labels include `labels`
     /// and that have not ended, paged or not (an inhibited alert is `suppressed`).
     pub fn received(&self, ns: &Netns, alertname: &str, labels: &[(&str, &str)]) -> Vec<Value> {
-        self.alerts(ns, alertname, labels, &["active", "suppressed"])
+        assert_eq!(ns.name, self.ns_name);
+        Self::alerts(ns, alertname, labels, &["active", "suppressed"])
     }
 
     /// The alerts Alertmanager holds named `alertname` whose labels include `labels`
     /// and that have not ended, and pages.
     pub fn active(&self, ns: &Netns, alertname: &str, labels: &[(&str, &str)]) -> Vec<Value> {
-        self.alerts(ns, alertname, labels, &["active"])
+        assert_eq!(ns.name, self.ns_name);
+        Self::alerts(ns, alertname, labels, &["active"])
     }
 
     fn alerts(
-        &self,
         ns: &Netns,
         alertname: &str,
         labels: &[(&str, &str)],

@@ -110,10 +110,13 @@ pub fn substitute(expr: &str, vars: &[(&str, String)], (interval, rate): (f64, f
     out
 }
 
-/// What one panel showed: per query, its series with their points.
+/// A series a range query returned: its labels and its points (Unix seconds, value).
+pub type Series = (Value, Vec<(f64, f64)>);
+
+/// What one panel showed: per query (as run), its series.
 pub struct Shown {
     pub title: String,
-    pub queries: Vec<(String, Vec<(Value, Vec<(f64, f64)>)>)>,
+    pub queries: Vec<(String, Vec<Series>)>,
 }
 
 impl Shown {

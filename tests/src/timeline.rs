@@ -170,13 +170,13 @@ impl Timeline {
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
         }
         // Each event a vertical line, its name beside it, staggered so names do not meet.
-        for (i, (at, what)) in self.events.iter().enumerate() {
+        for ((at, what), i) in self.events.iter().zip(0u32..) {
             let colour = if what.starts_with("first drop") {
                 ORANGE
             } else {
                 GREEN
             };
-            let y = top * (0.97 - 0.05 * (i as f64));
+            let y = top * (0.97 - 0.05 * f64::from(i));
             chart
                 .draw_series([PathElement::new([(*at, 0.0), (*at, y)], colour.stroke_width(1))])
                 .map_err(e)?;

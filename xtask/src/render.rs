@@ -1,7 +1,7 @@
 //! `cargo xtask render`: the files generated from others (the `PrometheusRule`, the
 //! chart's copies of the rules and the dashboard, `daemonset.yaml` from the chart).
 
-use std::process::Command;
+use std::{fmt::Write as _, process::Command};
 
 use anyhow::{Context as _, Result};
 
@@ -92,10 +92,7 @@ pub fn add_runbook_urls(rules: &str, base: &str) -> String {
             && let Some(name) = alert.take()
         {
             let indent = line.len() - trimmed.len() + 2;
-            out.push_str(&format!(
-                "{:indent$}runbook_url: \"{base}#{name}\"\n",
-                ""
-            ));
+            let _ = writeln!(out, "{:indent$}runbook_url: \"{base}#{name}\"", "");
         }
     }
     out
@@ -184,7 +181,7 @@ mod tests {
         let without: String = linked
             .lines()
             .filter(|l| !l.trim().starts_with("runbook_url: "))
-            .map(|l| format!("{l}\n"))
+            .flat_map(|l| [l, "\n"])
             .collect();
         assert_eq!(without, rules);
     }

@@ -103,7 +103,7 @@ fn render(comments: &[String], lines: &[Line], n: usize, elapsed: f64) -> String
     // A spread in [0, 1) from the node's number.
     let x = ((n.wrapping_mul(2_654_435_761) >> 8) % 1000) as f64 / 1000.0;
     let f = 0.5 + x;
-    let troubled = n % 100 == 0;
+    let troubled = n.is_multiple_of(100);
     let mut out = String::with_capacity(lines.len() * 96);
     for c in comments {
         out.push_str(c);
@@ -149,7 +149,7 @@ fn serve(ns: &Netns, comments: Vec<String>, lines: Vec<Line>) -> Background {
 /// Answers the requests of one connection (Prometheus keeps it open).
 fn answer(conn: TcpStream, comments: &[String], lines: &[Line], started: Instant) {
     let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = conn.set_read_timeout(Some(Duration::from_mins(1)));
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut conn = conn;
     loop {
