@@ -225,7 +225,7 @@ impl Incident {
     }
 
     /// The names of the alerts for the node paged so far, in the order they were.
-    fn paged(&self) -> Vec<String> {
+    pub fn paged(&self) -> Vec<String> {
         let mut names = Vec::new();
         for page in self.paging.pages() {
             for a in page["alerts"].as_array().into_iter().flatten() {

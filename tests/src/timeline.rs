@@ -1,9 +1,13 @@
 //! The incident's picture: utilization against the allowance, the link-local peak against
-//! its 1024 packets/s, DNS queries unanswered, and each alert as it reached Alertmanager
-//! and the hypervisor's first drop, on one time axis. The series come from the replay's
+//! its 1024 packets/s, DNS queries unanswered, and each alert as Prometheus fired it to
+//! Alertmanager (paged, or kept quiet there) and the hypervisor's first drop, on one time
+//! axis. The series come from the replay's
 //! own Prometheus; the SVG is drawn by `plotters`.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use plotters::{
     prelude::*,
@@ -15,6 +19,7 @@ use crate::incident::{Incident, NODE, Outcome, VPC_SERVER};
 const GREEN: RGBColor = RGBColor(56, 142, 60);
 const ORANGE: RGBColor = RGBColor(245, 124, 0);
 const PURPLE: RGBColor = RGBColor(142, 36, 170);
+const GREY: RGBColor = RGBColor(117, 117, 117);
 
 /// Where `cargo xtask demo` and the incident test leave the picture.
 pub fn path() -> PathBuf {
@@ -97,27 +102,49 @@ impl Timeline {
                 ),
             },
         ];
-        let dns = if out.inhibited.iter().any(|i| i == "EniMonitorDnsUnanswered") {
-            "DNS unanswered, inhibited"
-        } else {
-            "DNS unanswered pages"
-        };
-        let mut events = Vec::new();
-        for (at, what) in [
-            (out.high_alert_at, "High (warning)"),
-            (out.critical_alert_at, "Critical: the page"),
-            (out.first_drop_at, "first drop"),
-            (out.dns_unanswered_alert_at, dns),
-            (out.linklocal_alert_at, "link-local peak pages"),
-        ] {
-            if let Some(at) = at {
-                events.push((at, what.to_owned()));
-            }
+        // Each alert when it first fired: when Prometheus sent it to Alertmanager.
+        let range = (out.started_unix, out.ended_unix, 1.0);
+        let fired = incident.paging.query_range(
+            &incident.node,
+            &format!("ALERTS{{alertstate=\"firing\", {node}}}"),
+            range,
+        );
+        let mut first: BTreeMap<String, f64> = BTreeMap::new();
+        for (labels, points) in fired {
+            let (Some(name), Some((t, _))) = (labels["alertname"].as_str(), points.first()) else {
+                continue;
+            };
+            let t = t - out.started_unix;
+            let at = first.entry(name.to_owned()).or_insert(t);
+            *at = at.min(t);
         }
+        // Paged: the pager received it. Not paged: it fired well before the end (every
+        // alert is routed to the pager after a second) and never came, so Alertmanager
+        // kept it quiet.
+        let paged = incident.paged();
+        let end = out.ended_unix - out.started_unix;
+        let mut events: Vec<(f64, String)> = first
+            .into_iter()
+            .map(|(name, at)| {
+                let short = name.strip_prefix("EniMonitor").unwrap_or(&name);
+                let how = if paged.contains(&name) {
+                    ", paged"
+                } else if at < end - 5.0 {
+                    ", not paged"
+                } else {
+                    ""
+                };
+                (at, format!("{short}{how}"))
+            })
+            .collect();
+        if let Some(at) = out.first_drop_at {
+            events.push((at, "first drop".to_owned()));
+        }
+        events.sort_by(|a, b| a.0.total_cmp(&b.0));
         Self {
             curves,
             events,
-            end: out.ended_unix - out.started_unix,
+            end,
         }
     }
 
@@ -171,10 +198,14 @@ impl Timeline {
         }
         // Each event a vertical line, its name beside it, staggered so names do not meet.
         for ((at, what), i) in self.events.iter().zip(0u32..) {
+            // The drop in orange, pages in green, the rest (kept quiet, or too late in the
+            // replay to tell) in grey.
             let colour = if what.starts_with("first drop") {
                 ORANGE
-            } else {
+            } else if what.ends_with(", paged") {
                 GREEN
+            } else {
+                GREY
             };
             let y = top * (0.97 - 0.05 * f64::from(i));
             chart
@@ -239,7 +270,7 @@ mod tests {
                 },
             ],
             events: vec![
-                (85.0, "Critical: the page".to_owned()),
+                (85.0, "ConntrackAllowanceCritical, paged".to_owned()),
                 (150.0, "first drop".to_owned()),
                 (285.0, "link-local peak pages".to_owned()),
             ],
@@ -253,7 +284,7 @@ mod tests {
             "allowance used (%)",
             "DNS unanswered (%)",
             "the allowance (100%)",
-            "Critical: the page (85 s)",
+            "ConntrackAllowanceCritical, paged (85 s)",
             "first drop (150 s)",
             "link-local peak pages (285 s)",
         ] {

@@ -107,7 +107,13 @@ fn the_page_comes_before_the_allowance_fills_and_says_why() {
         picture.curves.iter().all(|c| c.points.len() >= 10),
         "a line of the picture is (almost) empty"
     );
-    for event in ["the page", "first drop", "DNS unanswered", "link-local"] {
+    for event in [
+        "ConntrackAllowanceCritical, paged",
+        "first drop",
+        "DnsUnanswered, not paged",
+        "DnsTcpConnectFailures, not paged",
+        "LinkLocalPeakHigh",
+    ] {
         assert!(
             picture.events.iter().any(|(_, what)| what.contains(event)),
             "{event} missing from {:?}",
