@@ -50,7 +50,6 @@ pub struct Outcome {
     pub dns_unanswered_alert_at: Option<f64>,
     pub dns_alert_labels: serde_json::Value,
     pub critical_alert_labels: serde_json::Value,
-    pub linklocal_alert_at: Option<f64>,
     pub linklocal_alert_before_drop: bool,
     pub linklocal_alert_labels: serde_json::Value,
     pub linklocal_drops: f64,
@@ -470,7 +469,6 @@ impl Incident {
             let Some(a) = self.alert("EniMonitorLinkLocalPeakHigh", &[("device", "eth0")]) else {
                 return false;
             };
-            out.linklocal_alert_at = Some(at(start));
             out.linklocal_alert_labels = a["labels"].clone();
             out.linklocal_alert_before_drop = self.hv_drops("linklocal_drops") == 0.0;
             say(
