@@ -128,6 +128,22 @@ impl Shown {
     }
 }
 
+/// Each of `vars` (name, values; no values is "All") as Grafana writes it into a query,
+/// "All" as the dashboard's `allValue` for that variable.
+fn selected<'a>(dash: &Value, vars: &[(&'a str, &[&str])]) -> Vec<(&'a str, String)> {
+    let templating = dash["templating"]["list"].as_array().cloned().unwrap_or_default();
+    vars.iter()
+        .map(|(name, values)| {
+            let var = templating
+                .iter()
+                .find(|v| v["name"] == *name)
+                .unwrap_or_else(|| panic!("the dashboard has no variable {name}"));
+            let all_value = var["allValue"].as_str().unwrap_or(".*");
+            (*name, regex_value(values, values.is_empty(), all_value))
+        })
+        .collect()
+}
+
 /// Every panel of `dash` over `[start, end]` (Unix seconds) against the Prometheus in
 /// `ns`, as a 1000-pixel-wide panel would ask with `vars` selected (name, values; no
 /// values is "All") and the data source's scrape interval `scrape`.
@@ -139,18 +155,7 @@ pub fn show(
     (start, end, scrape): (f64, f64, f64),
 ) -> Vec<Shown> {
     let intervals = intervals(end - start, 1000.0, scrape);
-    let templating = dash["templating"]["list"].as_array().cloned().unwrap_or_default();
-    let values: Vec<(&str, String)> = vars
-        .iter()
-        .map(|(name, values)| {
-            let var = templating
-                .iter()
-                .find(|v| v["name"] == *name)
-                .unwrap_or_else(|| panic!("the dashboard has no variable {name}"));
-            let all_value = var["allValue"].as_str().unwrap_or(".*");
-            (*name, regex_value(values, values.is_empty(), all_value))
-        })
-        .collect();
+    let values = selected(dash, vars);
     panels(dash)
         .into_iter()
         .map(|panel| Shown {
@@ -176,10 +181,7 @@ pub fn variable_values(
     dash: &Value,
     vars: &[(&str, &[&str])],
 ) -> Vec<(String, Vec<String>)> {
-    let values: Vec<(&str, String)> = vars
-        .iter()
-        .map(|(name, values)| (*name, regex_value(values, values.is_empty(), ".*")))
-        .collect();
+    let values = selected(dash, vars);
     dash["templating"]["list"]
         .as_array()
         .into_iter()

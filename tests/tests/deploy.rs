@@ -38,6 +38,15 @@ fn exported() -> BTreeSet<String> {
     golden::series_names(&golden::text())
 }
 
+/// The names of a rules file's alerts (`kind` "alert") or recording rules ("record").
+fn named<'a>(rules: &'a str, kind: &str) -> Vec<&'a str> {
+    let prefix = format!("- {kind}: ");
+    rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(prefix.as_str()))
+        .collect()
+}
+
 #[test]
 fn alert_rules_pass_promtool_check_and_unit_tests() {
     let dir = root().join("deploy/alerts");
@@ -57,10 +66,7 @@ fn every_alert_is_unit_tested_both_ways_and_documented() {
     let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
     let tests = std::fs::read_to_string(dir.join("rules.test.yml")).unwrap();
     let runbook = std::fs::read_to_string(root().join("RUNBOOK.md")).unwrap();
-    let alerts: Vec<&str> = rules
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- alert: "))
-        .collect();
+    let alerts = named(&rules, "alert");
     assert_eq!(alerts.len(), 14);
     for a in alerts {
         // One firing case (exp_labels carries the alertname) and one silent case.
@@ -158,10 +164,7 @@ fn the_chart_links_each_alert_to_its_runbook_section_when_told_where() {
     let yaml = helm_template(&helm, &[&OPERATOR_APIS[..], &["--set", &set][..]].concat());
     let rules = std::fs::read_to_string(root().join("deploy/alerts/rules.yml")).unwrap();
     let runbook = std::fs::read_to_string(root().join("RUNBOOK.md")).unwrap();
-    let alerts: Vec<&str> = rules
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- alert: "))
-        .collect();
+    let alerts = named(&rules, "alert");
     let links: Vec<&str> = yaml
         .lines()
         .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
@@ -188,10 +191,7 @@ fn every_recording_rule_is_unit_tested() {
     let dir = root().join("deploy/alerts");
     let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
     let tests = std::fs::read_to_string(dir.join("rules.test.yml")).unwrap();
-    let records: Vec<&str> = rules
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- record: "))
-        .collect();
+    let records = named(&rules, "record");
     assert_eq!(records.len(), 5);
     for r in records {
         assert!(
