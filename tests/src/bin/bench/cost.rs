@@ -215,8 +215,12 @@ pub(crate) fn program_cost(report: &mut Report) {
         let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let (mut in_socks, mut out_socks) = (sockets(&sim.vpc, spread), sockets(&sim.node, spread));
         let mut sent = Vec::new();
+        let mut created = Vec::new();
         for dur in std::iter::once(None).chain((0..runs()).map(|_| Some(Duration::from_secs(2)))) {
             bpf_stats(dur.is_some());
+            let flows_before = agent
+                .scrape(&sim.node)
+                .sum("eni_monitor_flows_created_total", &[]);
             let before = prog_stats();
             let a = blast(in_socks, to_node, spread, dur);
             let b = blast(out_socks, to_vpc, spread, dur);
@@ -227,6 +231,12 @@ pub(crate) fn program_cost(report: &mut Report) {
             if dur.is_some() {
                 record_cost(&mut per, &names, &before, &after);
                 sent.push((na + nb) as f64);
+                created.push(
+                    agent
+                        .scrape(&sim.node)
+                        .sum("eni_monitor_flows_created_total", &[])
+                        - flows_before,
+                );
             }
         }
         bpf_stats(false);
@@ -235,6 +245,13 @@ pub(crate) fn program_cost(report: &mut Report) {
             format!("{case}: packets a run, both ways"),
             "pkts",
             stat(sent),
+            None,
+        );
+        report.add(
+            "programs",
+            format!("{case}: flows created a run"),
+            "flows",
+            stat(created),
             None,
         );
         for (name, floor) in [
