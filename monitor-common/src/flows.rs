@@ -23,6 +23,96 @@ pub struct FlowKey {
 pub const FLOW_KEY_WORDS: usize = 11;
 const _: () = assert!(size_of::<FlowKey>() == FLOW_KEY_WORDS * 4);
 
+impl FlowKey {
+    /// The key as its words, as the classifiers build it.
+    pub const fn words(&self) -> [u32; FLOW_KEY_WORDS] {
+        let (a, b) = (self.addr_a, self.addr_b);
+        [
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+            b[0],
+            b[1],
+            b[2],
+            b[3],
+            self.port_a as u32 | ((self.port_b as u32) << 16),
+            self.ifindex,
+            self.proto as u32,
+        ]
+    }
+
+    /// Whether both sides are IPv4 (mapped) addresses.
+    pub fn is_v4(&self) -> bool {
+        let mapped = [0, 0, crate::V4_MAPPED_WORD];
+        self.addr_a[..3] == mapped && self.addr_b[..3] == mapped
+    }
+
+    /// The set of `FLOW_SETS` (of `sets`) an IPv4 flow lives in, by the programs' hash
+    /// keyed with `seed`.
+    pub fn set(&self, seed: u64, sets: u32) -> u32 {
+        flow_set(flow_hash_v4(&self.words(), seed), sets)
+    }
+}
+
+const K: u64 = 0x9e37_79b9_7f4a_7c15;
+const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
+const K3: u64 = 0x1656_67b1_9e37_79f9;
+
+#[inline]
+const fn pair(lo: u32, hi: u32) -> u64 {
+    lo as u64 | ((hi as u64) << 32)
+}
+
+#[inline]
+const fn round(h: u64, v: u64) -> u64 {
+    let h = (h ^ v).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+/// Joins two lanes into the hash.
+#[inline]
+const fn finish(x: u64, y: u64) -> u64 {
+    let h = x.wrapping_add(y.wrapping_mul(K2));
+    let h = (h ^ (h >> 32)).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+/// A keyed 64-bit hash of a flow's key words, in two lanes of three rounds that the CPU
+/// runs side by side (one chain of six multiplications waits on each in turn), joined at
+/// the end. Its top 32 bits pick a set (of the per-CPU cache, of `FLOW_SETS`), its low
+/// bits are the fingerprint.
+#[inline]
+pub const fn flow_hash(w: &[u32; FLOW_KEY_WORDS], seed: u64) -> u64 {
+    let (mut x, mut y) = (seed, seed ^ K2);
+    x = round(x, pair(w[0], w[1]));
+    y = round(y, pair(w[2], w[3]));
+    x = round(x, pair(w[4], w[5]));
+    y = round(y, pair(w[6], w[7]));
+    x = round(x, pair(w[8], w[9]));
+    y = round(y, w[10] as u64);
+    finish(x, y)
+}
+
+/// `flow_hash` of an IPv4 flow's key, whose addresses' first three words are the same
+/// for every IPv4 flow: one round a lane over the words that differ, keyed apart from
+/// `flow_hash` so that the two kinds of key are no likelier to meet than any two keys.
+#[inline]
+pub const fn flow_hash_v4(w: &[u32; FLOW_KEY_WORDS], seed: u64) -> u64 {
+    let x = round(seed ^ K3, pair(w[3], w[7]));
+    let y = round(seed ^ K2 ^ K3, pair(w[8], w[9]));
+    // The protocol by a multiplication of its own, beside the lanes: keys that differ in
+    // it alone always differ in the hash.
+    finish(x, y ^ (w[10] as u64).wrapping_mul(K3))
+}
+
+/// The set of `sets` a hash picks, by its top 32 bits (multiply and shift: any number of
+/// sets).
+#[inline]
+pub const fn flow_set(h: u64, sets: u32) -> u32 {
+    (((h >> 32) * sets as u64) >> 32) as u32
+}
+
 /// Value of `FLOWS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,6 +142,172 @@ pub const FLOW_LOCAL_B: u8 = 64;
 pub const FLOW_CACHE_SETS: u32 = 1536;
 /// Ways of each `FLOW_CACHE_SETS` set.
 pub const FLOW_CACHE_WAYS: usize = 4;
+
+/// Slots of each `FLOW_SETS` set: two IPv4 flows to a cache line.
+pub const FLOW_SET_SLOTS: usize = SLOTS_A_SET as usize;
+const SLOTS_A_SET: u32 = 2;
+
+/// One IPv4 flow of `FLOW_SETS`: its key and its row of `FLOWS` in 32 bytes. Words a
+/// program reads whole while another CPU may write them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    /// Side a's address in the low half, side b's in the high half: the last word of each
+    /// IPv4-mapped `Addr`, as it lies in memory.
+    pub addrs: u64,
+    /// The key's ports word (`port_a | port_b << 16`) in the low half, the device's
+    /// ifindex in the high half.
+    pub ports_dev: u64,
+    /// `first_seen` in the low half, `last_seen` in the high half.
+    pub seen: u64,
+    /// `SLOT_CLAIMED` or `SLOT_VALID`, the flow's `FLOW_*` bits at `SLOT_FLAGS_SHIFT`,
+    /// its protocol at `SLOT_PROTO_SHIFT` and a fingerprint of its key at
+    /// `SLOT_FP_SHIFT`; changed only by compare-and-exchange and atomic or.
+    pub ctl: u64,
+}
+/// A slot's words; the control word is the last.
+pub const FLOW_SETS_SLOT_WORDS: usize = 4;
+const _: () = assert!(size_of::<FlowSlot>() == FLOW_SETS_SLOT_WORDS * 8);
+
+/// One set of `FLOW_SETS`, a cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSet {
+    pub slots: [FlowSlot; FLOW_SET_SLOTS],
+}
+const _: () = assert!(size_of::<FlowSet>() == 64);
+
+/// A program is writing a new flow into the slot; only the flow's fingerprint, protocol
+/// and bits are there yet (unless `SLOT_VALID` is set too).
+pub const SLOT_CLAIMED: u64 = 1;
+/// The slot holds a flow: set, with the flow's bits, once the rest of it is written.
+pub const SLOT_VALID: u64 = 2;
+/// A slot with neither bit is free, whatever else its control word holds.
+pub const SLOT_STATE_MASK: u64 = SLOT_CLAIMED | SLOT_VALID;
+/// In slot 0's control word, marks of the whole set: flows of it live in `FLOWS` (the
+/// set was full when they began), so a flow missing from the set is looked for there.
+pub const SET_SPILLED: u64 = 4;
+/// A flow of the set went to `FLOWS` since the agent's pass last cleared this: the pass
+/// takes `SET_SPILLED` away only when no flow of the set is in `FLOWS` and none went
+/// there while it looked.
+pub const SET_SPILLED_AGAIN: u64 = 8;
+/// The marks a slot's claim and release keep.
+pub const SET_MARKS: u64 = SET_SPILLED | SET_SPILLED_AGAIN;
+pub const SLOT_FLAGS_SHIFT: u32 = 8;
+pub const SLOT_PROTO_SHIFT: u32 = 16;
+pub const SLOT_FP_SHIFT: u32 = 24;
+
+impl FlowSlot {
+    /// The words an IPv4 flow's slot holds its key in (`addrs`, `ports_dev`), from the
+    /// key's words.
+    #[inline]
+    pub const fn key_of(w: &[u32; FLOW_KEY_WORDS]) -> [u64; 2] {
+        [
+            w[3] as u64 | ((w[7] as u64) << 32),
+            w[8] as u64 | ((w[9] as u64) << 32),
+        ]
+    }
+
+    /// The flow of a slot as the hash table would hold it.
+    pub fn flow(&self) -> (FlowKey, Flow) {
+        let mapped = [0, 0, crate::V4_MAPPED_WORD];
+        let [a, b] = halves(self.addrs);
+        let [ports, ifindex] = halves(self.ports_dev);
+        let [first_seen, last_seen] = halves(self.seen);
+        let p = ports.to_le_bytes();
+        let ctl = self.ctl.to_le_bytes();
+        let key = FlowKey {
+            addr_a: [mapped[0], mapped[1], mapped[2], a],
+            addr_b: [mapped[0], mapped[1], mapped[2], b],
+            port_a: u16::from_le_bytes([p[0], p[1]]),
+            port_b: u16::from_le_bytes([p[2], p[3]]),
+            ifindex,
+            proto: ctl[(SLOT_PROTO_SHIFT / 8) as usize],
+            pad: [0; 3],
+        };
+        let flow = Flow {
+            first_seen,
+            last_seen,
+            flags: ctl[(SLOT_FLAGS_SHIFT / 8) as usize],
+            pad: [0; 3],
+        };
+        (key, flow)
+    }
+
+    /// Whether the slot holds a flow.
+    pub const fn is_valid(&self) -> bool {
+        self.ctl & SLOT_VALID != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_gives_back_the_key_and_flow_it_was_written_from() {
+        let key = FlowKey {
+            addr_a: crate::addr_from_ip("10.0.0.2".parse().unwrap()),
+            addr_b: crate::addr_from_ip("192.168.7.9".parse().unwrap()),
+            port_a: 443,
+            port_b: 51_234,
+            ifindex: 70_000,
+            proto: 6,
+            pad: [0; 3],
+        };
+        assert!(key.is_v4());
+        let [addrs, ports_dev] = FlowSlot::key_of(&key.words());
+        let slot = FlowSlot {
+            addrs,
+            ports_dev,
+            seen: 7 | (9 << 32),
+            ctl: SLOT_VALID
+                | (u64::from(FLOW_AB | FLOW_RST) << SLOT_FLAGS_SHIFT)
+                | (6 << SLOT_PROTO_SHIFT),
+        };
+        let flow = Flow {
+            first_seen: 7,
+            last_seen: 9,
+            flags: FLOW_AB | FLOW_RST,
+            pad: [0; 3],
+        };
+        assert_eq!(slot.flow(), (key, flow));
+        assert!(slot.is_valid());
+        let v6 = FlowKey {
+            addr_a: crate::addr_from_ip("fd00::1".parse().unwrap()),
+            ..key
+        };
+        assert!(!v6.is_v4());
+    }
+}
+
+/// The low and high halves of a word.
+const fn halves(w: u64) -> [u32; 2] {
+    let b = w.to_le_bytes();
+    [
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    ]
+}
+
+/// `FLOW_SETS` sets for a flow table of `flows` (`--flow-table-size`): slots for three
+/// quarters as many, 24 bytes a flow of the table's size, which with the buckets of
+/// `FLOWS` (16 bytes a flow) keeps the maps within their idle budget at the default size.
+pub const fn flow_sets_for(flows: u32) -> u32 {
+    let sets = flows / 4 * 3 / SLOTS_A_SET;
+    if sets == 0 { 1 } else { sets }
+}
+
+/// `FLOW_COUNT` entries: flows the programs began, and flows the agent's pass ended.
+pub const FLOW_COUNT_BEGUN: u32 = 0;
+pub const FLOW_COUNT_ENDED: u32 = 1;
+
+/// `HASH_KEYS` holds the keys of the programs' hashes, kept beside the tables they pick
+/// sets in so that a restarted agent finds what it left there: these entries.
+pub const HASH_KEYS: u32 = 3;
+pub const HASH_KEY_DNS: u32 = 0;
+pub const HASH_KEY_FLOW_LO: u32 = 1;
+pub const HASH_KEY_FLOW_HI: u32 = 2;
 
 labelled! {
     /// Protocol classes of the flow metrics: the index into a device's `FLOWS_CREATED`,

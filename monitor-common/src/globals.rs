@@ -21,10 +21,15 @@ pub const KFREE_SKB_HAS_REASON: &str = "KFREE_SKB_HAS_REASON";
 pub const REASON_NOT_SPECIFIED: &str = "REASON_NOT_SPECIFIED";
 /// 1 when the kernel has `bpf_ktime_get_coarse_ns` (5.11+).
 pub const HAVE_COARSE_CLOCK: &str = "HAVE_COARSE_CLOCK";
-/// The key of the flow cache's hash (two words), random at each load: no one outside
-/// can aim flows at one set and fingerprint.
-pub const FLOW_CACHE_KEY_LO: &str = "FLOW_CACHE_KEY_LO";
-pub const FLOW_CACHE_KEY_HI: &str = "FLOW_CACHE_KEY_HI";
+/// The key of the flows' hash (two words), random when the flow tables are made and
+/// kept with them (`HASH_KEYS`): no one outside can aim flows at one set and fingerprint.
+pub const FLOW_HASH_KEY_LO: &str = "FLOW_HASH_KEY_LO";
+pub const FLOW_HASH_KEY_HI: &str = "FLOW_HASH_KEY_HI";
+/// Sets in `FLOW_SETS` as loaded (one on kernels without BPF atomics, which keep every
+/// flow in `FLOWS`).
+pub const FLOW_TABLE_SETS: &str = "FLOW_TABLE_SETS";
+/// `--flow-table-size`: the flows both tables may hold together.
+pub const FLOW_TABLE_SIZE: &str = "FLOW_TABLE_SIZE";
 /// The key of the hash that picks a DNS query's set in `DNS_PENDING`.
 pub const DNS_SET_KEY: &str = "DNS_SET_KEY";
 /// Sets in `DNS_PENDING` as loaded (`DNS_PENDING_SETS` unless sized otherwise).

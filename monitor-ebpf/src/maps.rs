@@ -2,12 +2,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use monitor_common::{ADDRS_MAX_ENTRIES, Addr, AddrInfo, MAX_DEVICES, MapFull};
 
 /// `BPF_NOEXIST`: insert only a key not yet in the map.
 pub const BPF_NOEXIST: u64 = 1;
+/// `BPF_F_MMAPABLE`: an array the agent maps into its memory, and reads and claims in
+/// place.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `-EEXIST`: the key was already there.
 pub const EEXIST: i32 = -17;
 
@@ -15,6 +18,12 @@ pub const EEXIST: i32 = -17;
 /// `MAX_DEVICES`, which indexes the per-device arrays.
 #[map]
 pub static MONITORED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICES, 0);
+
+/// The keys of the programs' hashes (`HASH_KEY_*`: the DNS query's set in `DNS_PENDING`,
+/// the flow's set in `FLOW_SETS`), kept by the agent beside the tables they key so that a
+/// restarted agent finds what it left in them. The programs read them as globals.
+#[map]
+static HASH_KEYS: Array<u32> = Array::with_max_entries(monitor_common::HASH_KEYS, 0);
 
 /// What the agent told the programs of an address: the link-local service it is (EC2's
 /// services, VPC+2 resolvers) and the resolver slot it counts under.

@@ -293,7 +293,7 @@ fn a_pinned_map_of_another_shape_is_replaced_not_read() {
     // A release that changed a value's size and kept the map's name and the layout's:
     // the kernel's description of the pinned map says so.
     let dir = state.dir().join(layout(262_144));
-    for name in ["DNS_KEYS", "DROPS"] {
+    for name in ["HASH_KEYS", "DROPS"] {
         std::fs::remove_file(dir.join(name)).unwrap();
         foreign_map(&dir.join(name), 4, 8);
     }
@@ -303,7 +303,7 @@ fn a_pinned_map_of_another_shape_is_replaced_not_read() {
     agent.scrape_until(&sim.node, "2 drops", |s| Carried::of(s).drops == 2.0);
     assert!(agent.stop().success());
     let log = agent.log_text();
-    for name in ["DNS_KEYS", "DROPS"] {
+    for name in ["HASH_KEYS", "DROPS"] {
         let line = format!("replacing the pinned map {}", dir.join(name).display());
         assert_eq!(log.matches(&line).count(), 1, "{log}");
     }

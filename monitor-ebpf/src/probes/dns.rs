@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use monitor_common::{
@@ -55,11 +55,6 @@ static DNS_AGENT_COUNTS: HashMap<DnsCountKey, u64> =
 #[map]
 static DNS_AGENT_LATENCY: HashMap<DnsSlotKey, DnsLatency> =
     HashMap::with_max_entries(DNS_LATENCY_MAX_ENTRIES, BPF_F_NO_PREALLOC);
-
-/// The key of the hash that picks a query's set in `DNS_PENDING`, kept by the agent
-/// beside the table it keys so that a restarted agent finds the queries in flight.
-#[map]
-static DNS_KEYS: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Servers without a slot that queries went to, with a rough count: what the agent
 /// names its next resolvers from. Least recently used out first: a pod spraying
@@ -464,11 +459,8 @@ mod pending {
     use super::{Ended, KeyWords, Meta};
     use crate::{
         kernel::{layout, now_ns},
-        maps::map_full,
+        maps::{BPF_F_MMAPABLE, map_full},
     };
-
-    /// `BPF_F_MMAPABLE`: the agent's sweep claims ways in place.
-    const BPF_F_MMAPABLE: u32 = 1 << 10;
 
     #[map]
     static DNS_PENDING: Array<DnsPendingSet> =

@@ -1,7 +1,10 @@
-//! The flow table: one entry per direction-agnostic 5-tuple on each ENI, with first and
+//! The flow tables: one entry per direction-agnostic 5-tuple on each ENI, with first and
 //! last seen second and the TCP close state, so the agent can model which connections
 //! EC2 still tracks. An established flow costs a look into a per-CPU cache; the shared
-//! table is read and written once a second per flow, or when its flags change.
+//! tables are read and written once a second per flow, or when its flags change. An
+//! IPv4 flow lives in its set of `FLOW_SETS` (one cache line, no helper call) while the
+//! set has room, on kernels with BPF atomics; an IPv6 flow, or one whose set is full,
+//! in the hash table `FLOWS`. A flow is in one table or the other, never both.
 
 use aya_ebpf::{
     macros::map,
@@ -10,9 +13,11 @@ use aya_ebpf::{
 use monitor_common::{
     BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CACHE_WAYS, FLOW_FIN_AB,
     FLOW_FIN_BA, FLOW_KEY_WORDS, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowClass, FlowKey,
-    MAX_DEVICES,
+    MAX_DEVICES, flow_hash, flow_hash_v4, flow_set,
     proto::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+use self::sets::{Insert, Want};
 
 use super::packet::Packet;
 use crate::{
@@ -22,7 +27,9 @@ use crate::{
 };
 
 /// Sized by the agent (`--flow-table-size`) at load; entries are allocated as flows
-/// appear, so its memory follows the flows tracked, not the table's maximum.
+/// appear, so its memory follows the flows tracked, not the table's maximum. IPv6 flows,
+/// IPv4 flows whose set in `FLOW_SETS` was full, and every flow on kernels without BPF
+/// atomics.
 #[map]
 static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
@@ -57,60 +64,9 @@ const WAY_FP_SHIFT: u32 = 20;
 /// The fingerprint: the hash's low 64 - `WAY_FP_SHIFT` bits.
 const WAY_FP_MASK: u64 = (1 << (64 - WAY_FP_SHIFT)) - 1;
 
-const K: u64 = 0x9e37_79b9_7f4a_7c15;
-const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
-const K3: u64 = 0x1656_67b1_9e37_79f9;
-
-#[inline(always)]
-fn pair(lo: u32, hi: u32) -> u64 {
-    u64::from(lo) | (u64::from(hi) << 32)
-}
-
-#[inline(always)]
-fn round(h: u64, v: u64) -> u64 {
-    let h = (h ^ v).wrapping_mul(K);
-    h ^ (h >> 29)
-}
-
-/// Joins two lanes into the hash.
-#[inline(always)]
-fn finish(x: u64, y: u64) -> u64 {
-    let h = x.wrapping_add(y.wrapping_mul(K2));
-    let h = (h ^ (h >> 32)).wrapping_mul(K);
-    h ^ (h >> 29)
-}
-
 #[inline(always)]
 fn seed() -> u64 {
-    pair(layout::flow_cache_key_lo(), layout::flow_cache_key_hi())
-}
-
-/// A keyed 64-bit hash of a key, in two lanes of three rounds that the CPU runs side
-/// by side (one chain of six multiplications waits on each in turn), joined at the end.
-#[inline(always)]
-fn hash(w: &KeyWords) -> u64 {
-    let seed = seed();
-    let (mut x, mut y) = (seed, seed ^ K2);
-    x = round(x, pair(w[0], w[1]));
-    y = round(y, pair(w[2], w[3]));
-    x = round(x, pair(w[4], w[5]));
-    y = round(y, pair(w[6], w[7]));
-    x = round(x, pair(w[8], w[9]));
-    y = round(y, u64::from(w[10]));
-    finish(x, y)
-}
-
-/// `hash` of an IPv4 flow's key, whose addresses' first three words are the same for
-/// every IPv4 flow: one round a lane over the words that differ, keyed apart from
-/// `hash` so that the two kinds of key are no likelier to meet than any two keys.
-#[inline(always)]
-fn hash_v4(w: &KeyWords) -> u64 {
-    let seed = seed();
-    let x = round(seed ^ K3, pair(w[3], w[7]));
-    let y = round(seed ^ K2 ^ K3, pair(w[8], w[9]));
-    // The protocol by a multiplication of its own, beside the lanes: keys that differ in
-    // it alone always differ in the hash.
-    finish(x, y ^ u64::from(w[10]).wrapping_mul(K3))
+    u64::from(layout::flow_hash_key_lo()) | (u64::from(layout::flow_hash_key_hi()) << 32)
 }
 
 /// The direction bits a cache way keeps, in its low 4 bits (`WAY_BITS_MASK`).
@@ -177,12 +133,12 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     // Packets that change a flow's state always go to the table.
     let closing = bits & CLOSED != 0 || opening;
     let h = if p.is_v6 {
-        hash(&words)
+        flow_hash(&words, seed())
     } else {
-        hash_v4(&words)
+        flow_hash_v4(&words, seed())
     };
     // The set from the hash's top 32 bits, by multiply and shift (any number of sets).
-    let set = FLOW_CACHE.get_ptr_mut((((h >> 32) * u64::from(FLOW_CACHE_SETS)) >> 32) as u32);
+    let set = FLOW_CACHE.get_ptr_mut(flow_set(h, FLOW_CACHE_SETS));
     let tag = ((h & WAY_FP_MASK) << WAY_FP_SHIFT)
         | (u64::from(now & WAY_SECOND_MASK) << WAY_SECOND_SHIFT);
     let want = cache_bits(bits);
@@ -198,15 +154,8 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
             return;
         }
     }
-    // SAFETY: `FlowKey` is `repr(C)`, 11 words without padding between fields.
-    let key: FlowKey = unsafe { core::mem::transmute(words) };
-    let flags = if let Some(flow) = FLOWS.get_ptr_mut(&key) {
-        refresh(flow, bits, now, opening, p, ifindex)
-    } else {
-        if !insert(p, &key, bits, now, ifindex) {
-            return;
-        }
-        bits
+    let Some(flags) = store(p, h, &words, bits, now, opening, ifindex) else {
+        return;
     };
     if let Some(set) = set {
         let way = tag | cache_bits(flags);
@@ -228,6 +177,63 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
 
 /// The state bits of a closed TCP connection.
 const CLOSED: u8 = FLOW_FIN_AB | FLOW_FIN_BA | FLOW_RST;
+
+/// Writes a packet into its flow, in whichever table holds it, or begins the flow: in its
+/// set of `FLOW_SETS` when it can live there and the set has room, else in `FLOWS`. The
+/// flow's bits after it; None when the tables hold `--flow-table-size` flows already, or
+/// `FLOWS` is full.
+#[inline(always)]
+fn store(
+    p: &Packet,
+    h: u64,
+    words: &KeyWords,
+    bits: u8,
+    now: u32,
+    opening: bool,
+    ifindex: u32,
+) -> Option<u8> {
+    // The flow's set, when it may live in one.
+    let mut set = None;
+    if crate::ATOMICS
+        && !p.is_v6
+        && let Some(s) = sets::set(h)
+    {
+        let want = Want::of(words, p.proto, h);
+        if let Some((flags, begun)) = sets::refresh(s, &want, bits, now, opening) {
+            if begun {
+                created(p, ifindex);
+            }
+            return Some(flags);
+        }
+        set = Some((s, want));
+    }
+    // SAFETY: `FlowKey` is `repr(C)`, 11 words without padding between fields.
+    let key: FlowKey = unsafe { core::mem::transmute(*words) };
+    // A flow missing from its set is in `FLOWS` only if the set is marked spilled.
+    let look = set.as_ref().is_none_or(|(s, _)| sets::spilled(*s));
+    if look && let Some(flow) = FLOWS.get_ptr_mut(&key) {
+        return Some(refresh(flow, bits, now, opening, p, ifindex));
+    }
+    // A new flow.
+    if !room::take() {
+        bump(&FLOW_TABLE_FULL, 0);
+        return None;
+    }
+    if let Some((s, want)) = set {
+        match sets::insert(s, &want, bits, now) {
+            Some(Insert::New) => {
+                created(p, ifindex);
+                return Some(bits);
+            }
+            Some(Insert::Joined(flags)) => {
+                room::give_back();
+                return Some(flags);
+            }
+            None => sets::spill(s),
+        }
+    }
+    insert(p, &key, bits, now, ifindex).then_some(bits)
+}
 
 /// Writes a packet into its flow in the table: the second, and its bits or-ed in; or, a
 /// SYN on a closed flow, the flow begun again. The flow's bits after it.
@@ -273,10 +279,300 @@ fn insert(p: &Packet, key: &FlowKey, bits: u8, now: u32, ifindex: u32) -> bool {
             true
         }
         // Another CPU inserted the same flow first: it counted it.
-        Err(e) if e == EEXIST => true,
+        Err(e) if e == EEXIST => {
+            room::give_back();
+            true
+        }
         Err(_) => {
+            room::give_back();
             bump(&FLOW_TABLE_FULL, 0);
             false
         }
+    }
+}
+
+/// How many flows the tables hold, against `--flow-table-size`, on kernels with BPF
+/// atomics (where the sets and `FLOWS` together have more room than that); without, the
+/// size of `FLOWS` is the limit.
+mod room {
+    use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xadd, atomic_xsub};
+
+    use aya_ebpf::{macros::map, maps::Array};
+    use monitor_common::{FLOW_COUNT_BEGUN, FLOW_COUNT_ENDED};
+
+    use crate::kernel::layout;
+
+    /// Flows the programs began (`FLOW_COUNT_BEGUN`, atomically) and flows the agent's
+    /// pass ended (`FLOW_COUNT_ENDED`, written by the agent only).
+    #[map]
+    static FLOW_COUNT: Array<u64> = Array::with_max_entries(2, 0);
+
+    /// Takes room for a new flow; false when the tables hold all they may.
+    #[inline(always)]
+    pub fn take() -> bool {
+        if !crate::ATOMICS {
+            return true;
+        }
+        let (Some(begun), Some(ended)) = (
+            FLOW_COUNT.get_ptr_mut(FLOW_COUNT_BEGUN),
+            FLOW_COUNT.get_ptr(FLOW_COUNT_ENDED),
+        ) else {
+            return true;
+        };
+        // The count taken first and read after (an atomic add's result is not to be had
+        // on every kernel): flows begun at once on other CPUs may make this one give its
+        // room back too, never let one more in than there is room for.
+        // SAFETY: words of a map value the kernel keeps for the program's run.
+        unsafe {
+            atomic_xadd::<u64, u64, { SeqCst }>(begun, 1);
+            let held =
+                core::ptr::read_volatile(begun).saturating_sub(core::ptr::read_volatile(ended));
+            if held <= u64::from(layout::flow_table_size()) {
+                return true;
+            }
+            atomic_xsub::<u64, u64, { SeqCst }>(begun, 1);
+        }
+        false
+    }
+
+    /// Gives back the room taken for a flow that did not begin after all.
+    #[inline(always)]
+    pub fn give_back() {
+        if !crate::ATOMICS {
+            return;
+        }
+        if let Some(begun) = FLOW_COUNT.get_ptr_mut(FLOW_COUNT_BEGUN) {
+            // SAFETY: as above.
+            unsafe { atomic_xsub::<u64, u64, { SeqCst }>(begun, 1) };
+        }
+    }
+}
+
+/// `FLOW_SETS`: IPv4 flows in sets of `FLOW_SET_SLOTS` slots, a set a cache line, picked
+/// by the flow's hash, in an array the agent maps. A slot is claimed with
+/// compare-and-exchange and published with an atomic or; its control word carries the
+/// flow's protocol, bits and a fingerprint of its key, so a packet finds its flow, or the
+/// flow another CPU is writing, in the one line. No helper call, lock or allocation.
+mod sets {
+    use core::intrinsics::{AtomicOrdering::SeqCst, atomic_and, atomic_cxchg, atomic_or};
+
+    use aya_ebpf::{macros::map, maps::Array};
+    use monitor_common::{
+        FLOW_SET_SLOTS, FLOW_SETS_SLOT_WORDS, FlowSet, FlowSlot, SET_MARKS, SET_SPILLED,
+        SET_SPILLED_AGAIN, SLOT_CLAIMED, SLOT_FLAGS_SHIFT, SLOT_FP_SHIFT, SLOT_PROTO_SHIFT,
+        SLOT_STATE_MASK, SLOT_VALID, flow_set,
+    };
+
+    use super::{CLOSED, KeyWords};
+    use crate::{kernel::layout, maps::BPF_F_MMAPABLE};
+
+    /// Sized by the agent at load (`flow_sets_for`); one set on kernels without atomics.
+    #[map]
+    static FLOW_SETS: Array<FlowSet> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+    /// The protocol and fingerprint bits of a control word: what names a flow in it.
+    const ID_MASK: u64 = !((1 << SLOT_PROTO_SHIFT) - 1);
+    const FLAGS_MASK: u64 = 0xff << SLOT_FLAGS_SHIFT;
+
+    /// A flow as its slot holds it.
+    pub struct Want {
+        addrs: u64,
+        ports_dev: u64,
+        /// Protocol and fingerprint (the hash's low bits), in place.
+        id: u64,
+    }
+
+    impl Want {
+        #[inline(always)]
+        pub fn of(w: &KeyWords, proto: u8, h: u64) -> Self {
+            let [addrs, ports_dev] = FlowSlot::key_of(w);
+            Self {
+                addrs,
+                ports_dev,
+                id: (u64::from(proto) << SLOT_PROTO_SHIFT) | (h << SLOT_FP_SHIFT),
+            }
+        }
+    }
+
+    /// The set of a flow's hash, from its top 32 bits (as the cache picks its set).
+    #[inline(always)]
+    pub fn set(h: u64) -> Option<*mut FlowSet> {
+        FLOW_SETS.get_ptr_mut(flow_set(h, layout::flow_sets()))
+    }
+
+    /// Slot `i` of a set.
+    #[derive(Clone, Copy)]
+    struct Slot {
+        set: *mut FlowSet,
+        i: usize,
+    }
+
+    #[inline(always)]
+    fn flags_of(ctl: u64) -> u8 {
+        (ctl >> SLOT_FLAGS_SHIFT) as u8
+    }
+
+    impl Slot {
+        fn word(self, at: usize) -> *mut u64 {
+            // SAFETY: only the address is taken, inside the set (`i` below the slots, `at`
+            // below a slot's four words).
+            unsafe {
+                (&raw mut (*self.set).slots)
+                    .cast::<u64>()
+                    .wrapping_add(self.i * FLOW_SETS_SLOT_WORDS + at)
+            }
+        }
+
+        fn ctl(self) -> *mut u64 {
+            self.word(3)
+        }
+
+        /// A word of the slot, as it is now (another CPU may be writing it).
+        fn load(self, at: usize) -> u64 {
+            // SAFETY: a word of a map value the kernel keeps for the program's run.
+            unsafe { core::ptr::read_volatile(self.word(at)) }
+        }
+
+        fn holds(self, want: &Want) -> bool {
+            self.load(0) == want.addrs && self.load(1) == want.ports_dev
+        }
+
+        /// Ors `bits` into the control word (atomic, with a full barrier on every CPU:
+        /// what was written before is seen by whoever sees the bits); the word before.
+        fn or(self, bits: u64) -> u64 {
+            // SAFETY: as above.
+            unsafe { atomic_or::<u64, u64, { SeqCst }>(self.ctl(), bits) }
+        }
+
+        fn cxchg(self, from: u64, to: u64) -> bool {
+            // SAFETY: as above.
+            unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(self.ctl(), from, to).1 }
+        }
+
+        /// Writes a second into the slot's `seen` word: its high half, or both.
+        fn seen(self, first: Option<u32>, last: u32) {
+            // SAFETY: as above; a second is written whole, and any CPU writes the same.
+            unsafe {
+                match first {
+                    Some(f) => core::ptr::write_volatile(
+                        self.word(2),
+                        u64::from(f) | (u64::from(last) << 32),
+                    ),
+                    None => {
+                        core::ptr::write_volatile(self.word(2).cast::<u32>().wrapping_add(1), last);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes a packet into its flow if the set holds it: the second, and its bits; or,
+    /// a SYN on a closed flow, the flow begun again. The flow's bits after it, and
+    /// whether it began again.
+    #[inline(always)]
+    pub fn refresh(
+        set: *mut FlowSet,
+        want: &Want,
+        bits: u8,
+        now: u32,
+        opening: bool,
+    ) -> Option<(u8, bool)> {
+        for i in 0..FLOW_SET_SLOTS {
+            let slot = Slot { set, i };
+            let c = slot.load(3);
+            if c & ID_MASK != want.id || c & SLOT_STATE_MASK == 0 {
+                continue;
+            }
+            if c & SLOT_VALID == 0 {
+                // This flow's first packet, on another CPU, is writing it: this packet's
+                // bits join it.
+                return Some((
+                    flags_of(slot.or(u64::from(bits) << SLOT_FLAGS_SHIFT)) | bits,
+                    false,
+                ));
+            }
+            if !slot.holds(want) {
+                continue;
+            }
+            if opening && flags_of(c) & CLOSED != 0 {
+                let begun = (c & !FLAGS_MASK) | (u64::from(bits) << SLOT_FLAGS_SHIFT);
+                if slot.cxchg(c, begun) {
+                    slot.seen(Some(now), now);
+                    return Some((bits, true));
+                }
+            }
+            if (slot.load(2) >> 32) as u32 != now {
+                slot.seen(None, now);
+            }
+            if flags_of(c) & bits != bits {
+                return Some((
+                    flags_of(slot.or(u64::from(bits) << SLOT_FLAGS_SHIFT)) | bits,
+                    false,
+                ));
+            }
+            return Some((flags_of(c), false));
+        }
+        None
+    }
+
+    /// Whether flows of the set live in `FLOWS` (it was full when they began): only
+    /// then may a flow missing from the set be there.
+    #[inline(always)]
+    pub fn spilled(set: *mut FlowSet) -> bool {
+        Slot { set, i: 0 }.load(3) & SET_SPILLED != 0
+    }
+
+    /// Marks the set before a flow of it goes to `FLOWS`.
+    #[inline(always)]
+    pub fn spill(set: *mut FlowSet) {
+        Slot { set, i: 0 }.or(SET_SPILLED | SET_SPILLED_AGAIN);
+    }
+
+    pub enum Insert {
+        /// The flow begins in a slot of its own.
+        New,
+        /// Another CPU began the same flow in this set first: the packet joined it.
+        Joined(u8),
+    }
+
+    /// Begins a flow in a free slot of its set; None when the set is full.
+    #[inline(always)]
+    pub fn insert(set: *mut FlowSet, want: &Want, bits: u8, now: u32) -> Option<Insert> {
+        let mine = u64::from(bits) << SLOT_FLAGS_SHIFT;
+        for i in 0..FLOW_SET_SLOTS {
+            let slot = Slot { set, i };
+            let c = slot.load(3);
+            if c & SLOT_STATE_MASK == 0 && slot.cxchg(c, want.id | SLOT_CLAIMED | (c & SET_MARKS)) {
+                // Slots are claimed lowest first: the same flow begun on another CPU
+                // meanwhile holds a lower slot, and this CPU, which claimed after it, sees
+                // it and joins it (a full barrier lies between each claim and each look).
+                for j in 0..i {
+                    let other = Slot { set, i: j };
+                    let oc = other.load(3);
+                    if oc & ID_MASK == want.id && oc & SLOT_STATE_MASK != 0 {
+                        // SAFETY: the slot this CPU claimed, freed (the set's marks kept).
+                        unsafe { atomic_and::<u64, u64, { SeqCst }>(slot.ctl(), SET_MARKS) };
+                        return Some(Insert::Joined(flags_of(other.or(mine)) | bits));
+                    }
+                }
+                // SAFETY: the slot is this CPU's until it is published.
+                unsafe {
+                    core::ptr::write_volatile(slot.word(0), want.addrs);
+                    core::ptr::write_volatile(slot.word(1), want.ports_dev);
+                }
+                slot.seen(Some(now), now);
+                slot.or(SLOT_VALID | mine);
+                return Some(Insert::New);
+            }
+            // Taken, perhaps by this flow's first packet on another CPU since the look.
+            let c = slot.load(3);
+            if c & ID_MASK == want.id
+                && c & SLOT_STATE_MASK != 0
+                && (c & SLOT_VALID == 0 || slot.holds(want))
+            {
+                return Some(Insert::Joined(flags_of(slot.or(mine)) | bits));
+            }
+        }
+        None
     }
 }

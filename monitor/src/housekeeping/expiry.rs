@@ -1,6 +1,6 @@
-//! The flow expiry pass: reads the whole flow table in batches, deletes what EC2 would
-//! have forgotten (by the model's timeouts) and publishes the counts; scrapes read the
-//! published counts and never walk the table.
+//! The flow expiry pass: reads both flow tables (the sets in place, the hash table in
+//! batches), deletes what EC2 would have forgotten (by the model's timeouts) and
+//! publishes the counts; scrapes read the published counts and never walk the tables.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -8,13 +8,20 @@ use monitor_common::FlowKey;
 
 use crate::{
     devices::{Device, Devices},
-    loader::maps::FlowTable,
+    loader::maps::Flows,
     model::flows::{FlowCounts, PassResult, Timeouts},
 };
 
-/// Owns the flow table and runs the expiry passes.
+/// What a read of the tables found stale: the hash table's flows to delete, and how many
+/// flows of the sets it freed.
+pub struct Stale {
+    pub keys: Vec<FlowKey>,
+    pub freed: u64,
+}
+
+/// Owns the flow tables and runs the expiry passes.
 pub struct Expiry {
-    pub flows: FlowTable,
+    pub flows: Flows,
     pub timeouts: Timeouts,
     pub counts: FlowCounts,
     /// Flows of devices no longer monitored are deleted.
@@ -25,9 +32,10 @@ pub struct Expiry {
 
 impl Expiry {
     /// One pass at `now` (`CLOCK_MONOTONIC` seconds).
-    pub fn pass(&mut self, now: u32) -> std::io::Result<PassResult> {
+    pub fn pass(&mut self, now: u32) -> anyhow::Result<PassResult> {
         let (result, stale) = self.read(now)?;
-        let mut result = self.reap(now, result, &stale)?;
+        let (mut result, deleted) = self.reap(now, result, &stale.keys)?;
+        self.flows.count.ended(stale.freed + deleted)?;
         result.rank(self.top);
         self.counts.set(result.clone());
         Ok(result)
@@ -44,41 +52,51 @@ impl Expiry {
         self.timeouts.expired(now, key, flow) || !devices.contains_key(&key.ifindex)
     }
 
-    /// Reads the table in batches: the flows still tracked, and those that looked stale.
-    pub fn read(&self, now: u32) -> std::io::Result<(PassResult, Vec<FlowKey>)> {
+    /// Reads both tables: the flows still tracked, and those of the hash table that
+    /// looked stale. Stale flows in the sets are freed as they are read.
+    pub fn read(&self, now: u32) -> std::io::Result<(PassResult, Stale)> {
         let mut result = PassResult::default();
         let mut stale: Vec<FlowKey> = Vec::new();
         let devices = self.devices.snapshot();
-        self.flows.for_each(|key, flow| {
+        let mut spilled = self.flows.sets.begin_pass();
+        self.flows.table.for_each(|key, flow| {
+            if let Some(set) = self.flows.sets.set_of(key) {
+                spilled.add(set);
+            }
             if self.expired(now, key, flow, &devices) {
                 stale.push(*key);
             } else {
                 result.add(key, flow);
             }
         })?;
-        Ok((result, stale))
+        let freed = self.flows.sets.expire(
+            &spilled,
+            |key, flow| self.expired(now, key, flow, &devices),
+            |key, flow| result.add(key, flow),
+        );
+        Ok((result, Stale { keys: stale, freed }))
     }
 
-    /// Deletes the stale flows. A pass over a large table takes a while: a flow stale
+    /// Deletes the stale flows of the hash table. A pass over a large table takes a while: a flow stale
     /// when read may have been refreshed since. Each is read again and deleted only if it
     /// is still stale, or it would be counted new at its next packet.
+    /// With the flows deleted.
     pub fn reap(
         &self,
         now: u32,
         mut result: PassResult,
         stale: &[FlowKey],
-    ) -> std::io::Result<PassResult> {
+    ) -> std::io::Result<(PassResult, u64)> {
         let devices = self.devices.snapshot();
+        let mut deleted = 0;
         for key in stale {
-            match self.flows.get(key)? {
+            match self.flows.table.get(key)? {
                 Some(flow) if !self.expired(now, key, &flow, &devices) => result.add(key, &flow),
-                Some(_) => {
-                    self.flows.delete(key)?;
-                }
+                Some(_) => deleted += u64::from(self.flows.table.delete(key)?),
                 None => {}
             }
         }
-        Ok(result)
+        Ok((result, deleted))
     }
 
     /// How often to pass.

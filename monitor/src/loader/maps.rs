@@ -10,16 +10,18 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
 };
 use monitor_common::{
-    Addr, AddrInfo, DnsFlight, DnsFlightKey, DropKey, Flow, FlowClass, FlowKey, LL_WINDOW,
-    LinkLocalSecond, LinkLocalService, RESOLVER_OTHER, SERVICE_NONE, addr_from_ip, addr_to_ip,
+    Addr, AddrInfo, DnsFlight, DnsFlightKey, DropKey, FLOW_COUNT_BEGUN, FLOW_COUNT_ENDED, Flow,
+    FlowClass, FlowKey, LL_WINDOW, LinkLocalSecond, LinkLocalService, RESOLVER_OTHER, SERVICE_NONE,
+    addr_from_ip, addr_to_ip,
 };
 
 use super::{
     batch,
     dns::{DnsTables, SeenServers, Tables},
+    flowsets::FlowSets,
     pending::PendingTable,
     slots::SlotArray,
 };
@@ -29,6 +31,8 @@ pub mod names {
     pub const MONITORED: &str = "MONITORED";
     pub const MAP_FULL: &str = "MAP_FULL";
     pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_SETS: &str = "FLOW_SETS";
+    pub const FLOW_COUNT: &str = "FLOW_COUNT";
     pub const FLOWS_CREATED: &str = "FLOWS_CREATED";
     pub const FLOW_TABLE_FULL: &str = "FLOW_TABLE_FULL";
     pub const DNS_INFLIGHT: &str = "DNS_INFLIGHT";
@@ -38,7 +42,7 @@ pub mod names {
     pub const DNS_AGENT_COUNTS: &str = "DNS_AGENT_COUNTS";
     pub const DNS_AGENT_LATENCY: &str = "DNS_AGENT_LATENCY";
     pub const DNS_SEEN: &str = "DNS_SEEN";
-    pub const DNS_KEYS: &str = "DNS_KEYS";
+    pub const HASH_KEYS: &str = "HASH_KEYS";
     pub const DROPS: &str = "DROPS";
     pub const UDP_QUEUE_DROPS: &str = "UDP_QUEUE_DROPS";
     pub const ADDRS: &str = "ADDRS";
@@ -46,14 +50,16 @@ pub mod names {
     pub const LL_SECONDS: &str = "LL_SECONDS";
 
     /// The maps that carry state across a restart, pinned under the state directory.
-    pub const PINNED: [&str; 16] = [
+    pub const PINNED: [&str; 18] = [
         MONITORED,
         FLOWS,
+        FLOW_SETS,
+        FLOW_COUNT,
         FLOWS_CREATED,
         FLOW_TABLE_FULL,
         DNS_INFLIGHT,
         DNS_PENDING,
-        DNS_KEYS,
+        HASH_KEYS,
         DNS_COUNTS,
         DNS_LATENCY,
         DNS_AGENT_COUNTS,
@@ -86,11 +92,19 @@ fn take_hash(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
     }
 }
 
+/// The raw data of an array, to map into the agent.
+fn take_array(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
+    match take(ebpf, name)? {
+        Map::Array(data) => Ok(data),
+        _ => Err(anyhow!("map {name} is not an array")),
+    }
+}
+
 /// Every map the agent reads or writes, taken out of the object.
 pub struct Maps {
     pub monitored: Monitored,
     pub map_full: PerCpuArray<MapData, u64>,
-    pub flows: FlowTable,
+    pub flows: Flows,
     /// New flows per (slot, [`FlowClass`]).
     pub flows_created: SlotArray<u64>,
     pub flow_table_full: PerCpuArray<MapData, u64>,
@@ -108,22 +122,25 @@ pub struct Maps {
 }
 
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
+    /// The maps of `ebpf`, whose flow hash is keyed with `flow_seed`.
+    pub(super) fn take(ebpf: &mut Ebpf, flow_seed: u64) -> Result<Self> {
         use names::{
             ADDRS, DNS_AGENT_COUNTS, DNS_AGENT_LATENCY, DNS_COUNTS, DNS_INFLIGHT, DNS_LATENCY,
-            DNS_PENDING, DNS_SEEN, DROPS, FLOW_TABLE_FULL, FLOWS, FLOWS_CREATED, LL_PACKETS,
-            LL_SECONDS, MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
+            DNS_PENDING, DNS_SEEN, DROPS, FLOW_COUNT, FLOW_SETS, FLOW_TABLE_FULL, FLOWS,
+            FLOWS_CREATED, LL_PACKETS, LL_SECONDS, MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
         };
-        let pending = match take(ebpf, DNS_PENDING)? {
-            Map::Array(data) => {
-                PendingTable::map(data).context("mapping DNS_PENDING into the agent")?
-            }
-            _ => return Err(anyhow!("map {DNS_PENDING} is not an array")),
-        };
+        let pending = PendingTable::map(take_array(ebpf, DNS_PENDING)?)
+            .context("mapping DNS_PENDING into the agent")?;
+        let sets = FlowSets::map(take_array(ebpf, FLOW_SETS)?, flow_seed)
+            .context("mapping FLOW_SETS into the agent")?;
         Ok(Self {
             monitored: Monitored(take_typed(ebpf, MONITORED)?),
             map_full: take_typed(ebpf, MAP_FULL)?,
-            flows: FlowTable(take_hash(ebpf, FLOWS)?),
+            flows: Flows {
+                table: FlowTable(take_hash(ebpf, FLOWS)?),
+                sets,
+                count: FlowCount(take_typed(ebpf, FLOW_COUNT)?),
+            },
             flows_created: SlotArray::new(take_typed(ebpf, FLOWS_CREATED)?, FlowClass::COUNT),
             flow_table_full: take_typed(ebpf, FLOW_TABLE_FULL)?,
             dns_inflight: InflightTable(take_hash(ebpf, DNS_INFLIGHT)?),
@@ -223,6 +240,58 @@ impl Addresses {
             .filter(|(_, i)| i.resolver != RESOLVER_OTHER)
             .map(|(a, i)| (addr_to_ip(a), i.resolver))
             .collect()
+    }
+}
+
+/// The flows of both tables: `FLOW_SETS` (IPv4 flows while their set has room, on
+/// kernels with BPF atomics) and `FLOWS` (the rest). A flow is in one or the other.
+pub struct Flows {
+    pub table: FlowTable,
+    pub sets: FlowSets,
+    pub count: FlowCount,
+}
+
+impl Flows {
+    /// Calls `f` with every flow of both tables.
+    pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &Flow)) -> std::io::Result<()> {
+        self.sets.for_each(&mut f);
+        self.table.for_each(f)
+    }
+
+    /// Counts the flows the tables hold, before the programs run: what `FLOW_COUNT`
+    /// starts from (pinned tables hold what a previous agent left).
+    pub fn recount(&mut self) -> Result<()> {
+        let mut n = 0u64;
+        self.for_each(|_, _| n += 1)?;
+        self.count.start(n)
+    }
+}
+
+/// `FLOW_COUNT`: flows the programs began and flows the agent's passes ended, whose
+/// difference the programs hold to `--flow-table-size` where the two tables together
+/// have more room (kernels with BPF atomics).
+pub struct FlowCount(Array<MapData, u64>);
+
+impl FlowCount {
+    fn start(&mut self, flows: u64) -> Result<()> {
+        self.0.set(FLOW_COUNT_BEGUN, flows, 0)?;
+        self.0.set(FLOW_COUNT_ENDED, 0, 0)?;
+        Ok(())
+    }
+
+    /// Counts `n` more flows ended (the agent is the only writer).
+    pub fn ended(&mut self, n: u64) -> Result<()> {
+        if n > 0 {
+            let ended = self.0.get(&FLOW_COUNT_ENDED, 0)?;
+            self.0.set(FLOW_COUNT_ENDED, ended + n, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Flows the tables hold by the count.
+    pub fn held(&self) -> Result<u64> {
+        let begun = self.0.get(&FLOW_COUNT_BEGUN, 0)?;
+        Ok(begun.saturating_sub(self.0.get(&FLOW_COUNT_ENDED, 0)?))
     }
 }
 

@@ -6,6 +6,8 @@
 pub mod attach;
 mod batch;
 pub mod dns;
+pub mod flowsets;
+mod mapped;
 pub mod maps;
 pub mod pending;
 pub mod pins;
@@ -18,7 +20,10 @@ use aya::{
     EbpfLoader,
     maps::{Array, Map, MapData},
 };
-use monitor_common::{DNS_INFLIGHT_MAX_ENTRIES, DNS_PENDING_SETS, globals};
+use monitor_common::{
+    DNS_INFLIGHT_MAX_ENTRIES, DNS_PENDING_SETS, HASH_KEY_DNS, HASH_KEY_FLOW_HI, HASH_KEY_FLOW_LO,
+    HASH_KEYS, flow_sets_for, globals,
+};
 
 pub use self::{
     attach::{Attachment, Attachments, ClassifierLinks, Programs},
@@ -75,6 +80,16 @@ fn dns_tables(facts: &KernelFacts, sizes: Sizes) -> (u32, u32) {
     }
 }
 
+/// `FLOW_SETS` sets: IPv4 flows live there on kernels with BPF atomics; without, every
+/// flow is in `FLOWS` and the array is left at one set.
+fn flow_sets(facts: &KernelFacts, sizes: Sizes) -> u32 {
+    if facts.atomics {
+        flow_sets_for(sizes.flows)
+    } else {
+        1
+    }
+}
+
 /// The shape this agent makes each pinned map on `facts`'s kernel: the object's
 /// definition, with the sizes the agent sets.
 pub fn pinned_shapes(facts: &KernelFacts, sizes: Sizes) -> Result<Vec<(&'static str, MapShape)>> {
@@ -89,6 +104,7 @@ pub fn pinned_shapes(facts: &KernelFacts, sizes: Sizes) -> Result<Vec<(&'static 
                 .with_context(|| format!("map {name} missing from the object"))?;
             let max_entries = match name {
                 names::FLOWS => sizes.flows,
+                names::FLOW_SETS => flow_sets(facts, sizes),
                 names::DNS_INFLIGHT => inflight,
                 names::DNS_PENDING => pending_sets,
                 _ => m.max_entries(),
@@ -123,21 +139,45 @@ pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Lo
     let mut loader = EbpfLoader::new();
     let (inflight, pending_sets) = dns_tables(facts, sizes);
     loader.map_max_entries(names::FLOWS, sizes.flows);
+    loader.override_global(globals::FLOW_TABLE_SIZE, &sizes.flows, true);
+    let sets = flow_sets(facts, sizes);
+    loader.map_max_entries(names::FLOW_SETS, sets);
+    loader.override_global(globals::FLOW_TABLE_SETS, &sets, true);
     loader.map_max_entries(names::DNS_INFLIGHT, inflight);
     loader.map_max_entries(names::DNS_PENDING, pending_sets);
     let layout = facts.globals();
     for (name, value) in &layout {
         loader.override_global(name, value, true);
     }
-    let keys = random_words::<3>();
-    loader.override_global(globals::FLOW_CACHE_KEY_LO, &keys[0], true);
-    loader.override_global(globals::FLOW_CACHE_KEY_HI, &keys[1], true);
-    // The queries in flight are found by this key: a restarted agent keeps the one they
-    // were filed by.
-    let dns_set_key = pins
-        .and_then(|dir| pinned_dns_set_key(&dir.join(names::DNS_KEYS)))
-        .unwrap_or(keys[2]);
-    loader.override_global(globals::DNS_SET_KEY, &dns_set_key, true);
+    // The keys of the hashes that pick sets in the pinned tables: a restarted agent keeps
+    // the ones their entries were filed by. Without them, what those tables hold cannot
+    // be found: they start empty.
+    let kept = pins.and_then(|dir| pinned_hash_keys(&dir.join(names::HASH_KEYS)));
+    if let (Some(dir), None) = (pins, kept) {
+        for name in [names::FLOW_SETS, names::DNS_PENDING] {
+            let path = dir.join(name);
+            if path.exists() {
+                log::warn!(
+                    "{}: its hash keys are gone, starting it empty",
+                    path.display()
+                );
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+    let keys = kept.unwrap_or_else(random_words::<{ HASH_KEYS as usize }>);
+    loader.override_global(
+        globals::FLOW_HASH_KEY_LO,
+        &keys[HASH_KEY_FLOW_LO as usize],
+        true,
+    );
+    loader.override_global(
+        globals::FLOW_HASH_KEY_HI,
+        &keys[HASH_KEY_FLOW_HI as usize],
+        true,
+    );
+    loader.override_global(globals::DNS_SET_KEY, &keys[HASH_KEY_DNS as usize], true);
     loader.override_global(globals::PENDING_SETS, &pending_sets, true);
     if let Some(dir) = pins {
         for name in names::PINNED {
@@ -148,22 +188,25 @@ pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Lo
         Some(dir) => format!("loading the eBPF object with its maps in {}", dir.display()),
         None => "loading the eBPF object".to_owned(),
     })?;
-    let mut dns_keys: Array<MapData, u32> = ebpf
-        .take_map(names::DNS_KEYS)
-        .context("map DNS_KEYS missing from the object")?
+    let mut hash_keys: Array<MapData, u32> = ebpf
+        .take_map(names::HASH_KEYS)
+        .context("map HASH_KEYS missing from the object")?
         .try_into()?;
-    dns_keys
-        .set(0, dns_set_key, 0)
-        .context("keeping the DNS set key")?;
-    let maps = Maps::take(&mut ebpf)?;
+    for (i, key) in (0..).zip(keys) {
+        hash_keys.set(i, key, 0).context("keeping the hash keys")?;
+    }
+    let flow_seed = u64::from(keys[HASH_KEY_FLOW_LO as usize])
+        | (u64::from(keys[HASH_KEY_FLOW_HI as usize]) << 32);
+    let mut maps = Maps::take(&mut ebpf, flow_seed)?;
+    maps.flows.recount().context("counting the pinned flows")?;
     Ok(Loaded {
         programs: Programs::new(ebpf, Attachments::default()),
         maps,
     })
 }
 
-/// The DNS set key a previous agent kept in its pinned `DNS_KEYS`, if there is one.
-fn pinned_dns_set_key(path: &Path) -> Option<u32> {
+/// The hash keys a previous agent kept in its pinned `HASH_KEYS`, if there are any.
+fn pinned_hash_keys(path: &Path) -> Option<[u32; HASH_KEYS as usize]> {
     if !path.exists() {
         return None;
     }
@@ -171,7 +214,11 @@ fn pinned_dns_set_key(path: &Path) -> Option<u32> {
         .map_err(|e| log::warn!("reading {}: {e}", path.display()))
         .ok()?;
     let keys: Array<MapData, u32> = Map::Array(data).try_into().ok()?;
-    keys.get(&0, 0).ok()
+    let mut out = [0; HASH_KEYS as usize];
+    for (i, k) in (0..).zip(&mut out) {
+        *k = keys.get(&i, 0).ok()?;
+    }
+    Some(out)
 }
 
 /// `N` random words from the kernel, keys of the programs' hashes drawn afresh at each

@@ -3,17 +3,14 @@
 //! compare-and-exchange the programs use, so a query ends answered or unanswered, never
 //! both.
 
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
-    sync::atomic::{AtomicU64, Ordering::SeqCst},
-};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 use aya::maps::MapData;
 use monitor_common::{
     DNS_PENDING_WAYS, DnsFlightKey, DnsPendingSet, PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
 };
+
+use super::mapped::Mapped;
 
 /// A query the sweep took out of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,46 +24,17 @@ pub struct Expired {
 }
 
 pub struct PendingTable {
-    base: NonNull<DnsPendingSet>,
-    sets: usize,
-    len: usize,
+    sets: Mapped<DnsPendingSet>,
     /// Ways seen held in the last pass, by (set, way, start).
     held: Vec<(usize, usize, u64)>,
-    _map: MapData,
 }
-
-// SAFETY: the mapping is shared memory owned by this value; every access to a way's
-// state is atomic, and the other fields are read only after a claim.
-unsafe impl Send for PendingTable {}
 
 impl PendingTable {
     /// Maps the array (created `BPF_F_MMAPABLE`) into the agent.
-    pub fn map(map: MapData) -> io::Result<Self> {
-        let info = map.info().map_err(io::Error::other)?;
-        let sets = usize::try_from(info.max_entries()).map_err(io::Error::other)?;
-        let len = sets * size_of::<DnsPendingSet>();
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: a shared mapping of the map's own size, unmapped on drop.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+    pub fn map(map: MapData) -> std::io::Result<Self> {
         Ok(Self {
-            base,
-            sets,
-            len,
+            sets: Mapped::map(map)?,
             held: Vec::new(),
-            _map: map,
         })
     }
 
@@ -78,9 +46,8 @@ impl PendingTable {
     /// and freeing the way, and is taken now.
     pub fn sweep(&mut self, deadline_ns: u64, mut f: impl FnMut(Expired)) {
         let mut held = Vec::new();
-        for s in 0..self.sets {
-            // SAFETY: inside the mapping.
-            let set = unsafe { self.base.as_ptr().add(s) };
+        for s in 0..self.sets.entries() {
+            let set = self.sets.entry(s);
             for i in 0..DNS_PENDING_WAYS {
                 let way = Way { set, i };
                 let taken = match way.state().load(SeqCst) {
@@ -184,9 +151,8 @@ impl PendingTable {
     /// Queries waiting for their response now.
     pub fn waiting(&self) -> usize {
         let mut n = 0;
-        for s in 0..self.sets {
-            // SAFETY: inside the mapping.
-            let set = unsafe { self.base.as_ptr().add(s) };
+        for s in 0..self.sets.entries() {
+            let set = self.sets.entry(s);
             for i in 0..DNS_PENDING_WAYS {
                 if (Way { set, i }).state().load(SeqCst) == PENDING_WAITING {
                     n += 1;
@@ -198,15 +164,7 @@ impl PendingTable {
 
     /// Set `s` as the programs see it, for tests that write ways as the programs do.
     pub fn set_mut(&mut self, s: usize) -> &mut DnsPendingSet {
-        assert!(s < self.sets);
         // SAFETY: inside the mapping, borrowed mutably with the table.
-        unsafe { &mut *self.base.as_ptr().add(s) }
-    }
-}
-
-impl Drop for PendingTable {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        unsafe { &mut *self.sets.entry(s) }
     }
 }

@@ -294,14 +294,14 @@ mod tests {
 
     #[test]
     fn a_change_of_shape_or_size_is_another_layout() {
-        let base = [("FLOWS", shape(8, 262_144)), ("DNS_KEYS", shape(4, 1))];
+        let base = [("FLOWS", shape(8, 262_144)), ("HASH_KEYS", shape(4, 1))];
         let name = layout(&base, 262_144);
         assert_eq!(name, layout(&base, 262_144));
         assert!(name.ends_with("-flows262144"), "{name}");
         assert!(is_layout(&name));
         // A pinned hash map cannot be resized; a value that grew cannot be read.
-        let resized = [("FLOWS", shape(8, 1_048_576)), ("DNS_KEYS", shape(4, 1))];
-        let grown = [("FLOWS", shape(16, 262_144)), ("DNS_KEYS", shape(4, 1))];
+        let resized = [("FLOWS", shape(8, 1_048_576)), ("HASH_KEYS", shape(4, 1))];
+        let grown = [("FLOWS", shape(16, 262_144)), ("HASH_KEYS", shape(4, 1))];
         assert_ne!(layout(&resized, 262_144), name);
         assert_ne!(layout(&grown, 262_144), name);
     }
