@@ -237,54 +237,7 @@ pub(crate) fn program_cost(report: &mut Report) {
             }
         }
         bpf_stats(false);
-        report.add(
-            "programs",
-            format!("{case}: packets a run, both ways"),
-            "pkts",
-            stat(sent),
-            None,
-        );
-        report.add(
-            "programs",
-            format!("{case}: flows created a run"),
-            "flows",
-            stat(created),
-            None,
-        );
-        for (name, floor) in [
-            ("floor_tc", "empty classifier"),
-            ("floor_tp", "empty kfree_skb"),
-        ] {
-            if let Some(v) = per.get(name) {
-                report.add(
-                    "programs",
-                    format!("{case}: floor, {floor}"),
-                    "ns",
-                    stat(v.clone()),
-                    None,
-                );
-            }
-        }
-        for n in ["tc_ingress", "tc_egress"] {
-            if let Some(s) = over_floor(&per, n, "floor_tc") {
-                report.add(
-                    "programs",
-                    format!("{case}: {n} over the floor"),
-                    "ns/pkt",
-                    s,
-                    Some((format!("<= {target} ns"), s.median <= target)),
-                );
-            }
-        }
-        if let Some(s) = over_floor(&per, "kfree_skb", "floor_tp") {
-            report.add(
-                "programs",
-                format!("{case}: kfree_skb over the floor"),
-                "ns/drop",
-                s,
-                Some(("<= 150 ns".into(), s.median <= 150.0)),
-            );
-        }
+        report_case(report, case, target, &per, sent, created);
     }
     drop((floor_tc, floor_tp));
     let full = agent
@@ -297,6 +250,66 @@ pub(crate) fn program_cost(report: &mut Report) {
         stat(vec![full]),
         Some(("0".into(), full == 0.0)),
     );
+}
+
+/// One interleaved case's rows: packets and new flows a run, the floors, each program
+/// over its floor.
+fn report_case(
+    report: &mut Report,
+    case: &str,
+    target: f64,
+    per: &BTreeMap<&str, Vec<f64>>,
+    sent: Vec<f64>,
+    created: Vec<f64>,
+) {
+    report.add(
+        "programs",
+        format!("{case}: packets a run, both ways"),
+        "pkts",
+        stat(sent),
+        None,
+    );
+    report.add(
+        "programs",
+        format!("{case}: flows created a run"),
+        "flows",
+        stat(created),
+        None,
+    );
+    for (name, floor) in [
+        ("floor_tc", "empty classifier"),
+        ("floor_tp", "empty kfree_skb"),
+    ] {
+        if let Some(v) = per.get(name) {
+            report.add(
+                "programs",
+                format!("{case}: floor, {floor}"),
+                "ns",
+                stat(v.clone()),
+                None,
+            );
+        }
+    }
+    for n in ["tc_ingress", "tc_egress"] {
+        if let Some(s) = over_floor(per, n, "floor_tc") {
+            report.add(
+                "programs",
+                format!("{case}: {n} over the floor"),
+                "ns/pkt",
+                s,
+                Some((format!("<= {target} ns"), s.median <= target)),
+            );
+        }
+    }
+    if let Some(s) = over_floor(per, "kfree_skb", "floor_tp") {
+        report.add(
+            "programs",
+            format!("{case}: kfree_skb over the floor"),
+            "ns/drop",
+            s,
+            Some(("<= 150 ns".into(), s.median <= 150.0)),
+        );
+    }
 }
 
 /// New flows a run opens: `NEW_FLOW_SOCKETS` fresh sockets, each sending one datagram to
