@@ -154,7 +154,16 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
             return;
         }
     }
-    let Some(flags) = store(p, h, &words, bits, now, opening, ifindex) else {
+    let packet = Stored {
+        p,
+        h,
+        words: &words,
+        bits,
+        now,
+        opening,
+        ifindex,
+    };
+    let Some(flags) = store(&packet) else {
         return;
     };
     if let Some(set) = set {
@@ -178,20 +187,34 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
 /// The state bits of a closed TCP connection.
 const CLOSED: u8 = FLOW_FIN_AB | FLOW_FIN_BA | FLOW_RST;
 
-/// Writes a packet into its flow, in whichever table holds it, or begins the flow: in its
-/// set of `FLOW_SETS` when it can live there and the set has room, else in `FLOWS`. The
-/// flow's bits after it; None when the tables hold `--flow-table-size` flows already, or
-/// `FLOWS` is full.
-#[inline(always)]
-fn store(
-    p: &Packet,
+/// What `store` is given of a packet.
+struct Stored<'a> {
+    p: &'a Packet,
     h: u64,
-    words: &KeyWords,
+    words: &'a KeyWords,
     bits: u8,
     now: u32,
     opening: bool,
     ifindex: u32,
-) -> Option<u8> {
+}
+
+/// Writes a packet into its flow, in whichever table holds it, or begins the flow: in its
+/// set of `FLOW_SETS` when it can live there and the set has room, else in `FLOWS`. The
+/// flow's bits after it; None when the tables hold `--flow-table-size` flows already, or
+/// `FLOWS` is full. A function of its own in the program: the verifier walks its many
+/// ways once, and what follows it (the DNS probes) once for all of them, where inlined it
+/// walked what follows once for each (minutes on 6.1 under emulation).
+#[inline(never)]
+fn store(packet: &Stored) -> Option<u8> {
+    let &Stored {
+        p,
+        h,
+        words,
+        bits,
+        now,
+        opening,
+        ifindex,
+    } = packet;
     // The flow's set, when it may live in one.
     let mut set = None;
     if crate::ATOMICS
