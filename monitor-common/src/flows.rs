@@ -1,4 +1,5 @@
-//! The flow table: the EC2 tracking model's one row per flow.
+//! The flow tables: the EC2 tracking model's one row per flow, in its set of `FLOW_SETS` or in
+//! `FLOWS`.
 
 use crate::{
     Addr, labelled,
@@ -26,20 +27,14 @@ const _: () = assert!(size_of::<FlowKey>() == FLOW_KEY_WORDS * 4);
 impl FlowKey {
     /// The key as its words, as the classifiers build it.
     pub const fn words(&self) -> [u32; FLOW_KEY_WORDS] {
-        let (a, b) = (self.addr_a, self.addr_b);
-        [
-            a[0],
-            a[1],
-            a[2],
-            a[3],
-            b[0],
-            b[1],
-            b[2],
-            b[3],
-            self.port_a as u32 | ((self.port_b as u32) << 16),
+        flow_key_words(
+            &self.addr_a,
+            &self.addr_b,
+            self.port_a,
+            self.port_b,
             self.ifindex,
-            self.proto as u32,
-        ]
+            self.proto,
+        )
     }
 
     /// Whether both sides are IPv4 (mapped) addresses.
@@ -53,6 +48,32 @@ impl FlowKey {
     pub fn set(&self, seed: u64, sets: u32) -> u32 {
         flow_set(flow_hash_v4(&self.words(), seed), sets)
     }
+}
+
+/// A flow's key as the words `FlowKey` lays out, from its sides (side a first): what the
+/// classifiers build and hash a word at a time.
+#[inline]
+pub const fn flow_key_words(
+    a: &Addr,
+    b: &Addr,
+    port_a: u16,
+    port_b: u16,
+    ifindex: u32,
+    proto: u8,
+) -> [u32; FLOW_KEY_WORDS] {
+    [
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        b[0],
+        b[1],
+        b[2],
+        b[3],
+        port_a as u32 | ((port_b as u32) << 16),
+        ifindex,
+        proto as u32,
+    ]
 }
 
 const K: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use monitor_common::{
     BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CACHE_WAYS, FLOW_FIN_AB,
     FLOW_FIN_BA, FLOW_KEY_WORDS, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowClass, FlowKey,
-    MAX_DEVICES, flow_hash, flow_hash_v4, flow_set,
+    MAX_DEVICES, flow_hash, flow_hash_v4, flow_key_words, flow_set,
     proto::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -97,20 +97,7 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     } else {
         (&p.dst, &p.src, p.dport, p.sport)
     };
-    // The key as the words `FlowKey` lays out, built and hashed a word at a time.
-    let words: KeyWords = [
-        a[0],
-        a[1],
-        a[2],
-        a[3],
-        b[0],
-        b[1],
-        b[2],
-        b[3],
-        u32::from(port_a) | (u32::from(port_b) << 16),
-        ifindex,
-        u32::from(p.proto),
-    ];
+    let words: KeyWords = flow_key_words(a, b, port_a, port_b, ifindex, p.proto);
     let mut bits = if forward { FLOW_AB } else { FLOW_BA };
     // The local side sends what leaves and receives what arrives: who owns the flow.
     bits |= if forward == egress {
