@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use aya::maps::MapData;
 use monitor_common::{
     FLOW_SET_SLOTS, FLOW_SETS_SLOT_WORDS, Flow, FlowKey, FlowSet, FlowSlot, SET_MARKS, SET_SPILLED,
-    SET_SPILLED_AGAIN, SLOT_FLAGS_SHIFT, SLOT_VALID,
+    SET_SPILLED_AGAIN, SLOT_FLAGS_SHIFT,
 };
 
 use super::mapped::Mapped;
@@ -74,9 +74,8 @@ impl Slot {
     }
 
     /// The flow in the slot, if it holds one.
-    fn flow(self) -> Option<(u64, FlowSlot)> {
-        let ctl = self.ctl().load(SeqCst);
-        (ctl & SLOT_VALID != 0).then(|| (ctl, self.read(ctl)))
+    fn flow(self) -> Option<FlowSlot> {
+        Some(self.read(self.ctl().load(SeqCst))).filter(FlowSlot::is_valid)
     }
 
     /// Frees the slot if its control word is still `ctl`: no packet changed its flow's
@@ -121,7 +120,7 @@ impl FlowSets {
     /// Calls `f` with every flow in the sets.
     pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &Flow)) {
         self.slots(|slot| {
-            if let Some((_, s)) = slot.flow() {
+            if let Some(s) = slot.flow() {
                 let (key, flow) = s.flow();
                 f(&key, &flow);
             }
@@ -157,15 +156,15 @@ impl FlowSets {
             let mut held: [Option<(Slot, FlowKey)>; FLOW_SET_SLOTS] = [None; FLOW_SET_SLOTS];
             for i in 0..FLOW_SET_SLOTS {
                 let slot = Slot { set, i };
-                let Some((ctl, s)) = slot.flow() else {
+                let Some(s) = slot.flow() else {
                     continue;
                 };
                 let (key, flow) = s.flow();
                 if expired(&key, &flow) {
                     // Read again: a packet may have refreshed it since.
-                    if let Some((ctl, s)) = slot.flow() {
+                    if let Some(s) = slot.flow() {
                         let (key, flow) = s.flow();
-                        if expired(&key, &flow) && slot.free(ctl) {
+                        if expired(&key, &flow) && slot.free(s.ctl) {
                             freed += 1;
                             continue;
                         }
@@ -175,7 +174,7 @@ impl FlowSets {
                     continue;
                 }
                 if let Some((lower, _)) = held.iter().flatten().find(|(_, k)| *k == key) {
-                    if slot.free(ctl) {
+                    if slot.free(s.ctl) {
                         freed += 1;
                         lower
                             .ctl()
