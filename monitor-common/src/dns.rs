@@ -22,10 +22,11 @@ pub enum DnsCountKind {
     /// before any response came: the copy waits in its place, the first is unanswered.
     /// So every query packet ends answered or unanswered, retransmissions included.
     Superseded = 2,
-    /// A query ended unanswered to make room: its set of the in-flight table was full,
-    /// and the oldest query waiting there (or, where there is none to take, the new one)
-    /// was ended.
-    Evicted = 3,
+    /// A query whose end could not be seen, so that it is neither answered nor
+    /// unanswered: the in-flight table had no room it could take (the query refused, or
+    /// ended to make room for another), its client already held its share of the table,
+    /// or it waited while no agent watched (left by an agent that stopped).
+    Untracked = 3,
     /// A query with no response within `--dns-timeout` (counted by the agent's sweep).
     Unanswered = 4,
     /// A TCP connection to port 53 refused (RST to its SYN), or whose SYN had no answer
@@ -39,7 +40,7 @@ impl DnsCountKind {
             0 => Some(Self::Query),
             1 => Some(Self::Response),
             2 => Some(Self::Superseded),
-            3 => Some(Self::Evicted),
+            3 => Some(Self::Untracked),
             4 => Some(Self::Unanswered),
             5 => Some(Self::ConnectFailure),
             _ => None,
@@ -72,6 +73,11 @@ pub struct DnsCountKey {
     pub transport: u8,
 }
 const _: () = assert!(size_of::<DnsCountKey>() == 8);
+
+/// The counts' resolver for queries of resolvers that gave their slot up (`retired`),
+/// written by the agent only: outside the slots, so that a departed resolver's lifetime
+/// counts never move into `other`, whose rate the alerts read.
+pub const RESOLVER_RETIRED: u8 = 0xff;
 
 /// Rcodes a response's header can carry (4 bits).
 pub const DNS_RCODES: u32 = 16;
@@ -221,3 +227,42 @@ pub const PENDING_WAITING: u64 = 2;
 /// within milliseconds; at the default 2 s timeout this holds 4,000 unanswered queries a
 /// second before a full set counts.
 pub const DNS_PENDING_SETS: u32 = 2048;
+
+/// Buckets of `DNS_CLIENTS`: queries in flight per client, a client being its address
+/// hashed to a bucket (a power of two).
+pub const DNS_CLIENT_BUCKETS: u32 = 4096;
+
+/// One client may hold at most this share of the in-flight table (1 / this): a client
+/// that floods a server that never answers cannot push out the queries of the others.
+pub const DNS_CLIENT_SHARE: u32 = 4;
+
+/// The bucket of `DNS_CLIENTS` a client's queries count in: its address's words hashed
+/// with the table's key (the agent's sweep recounts the buckets with the same function).
+#[inline(always)]
+pub fn dns_client_bucket(client: [u32; 4], key: u32) -> u32 {
+    let mut h = key;
+    for w in client {
+        // Multiplied after each word, so that which word a bit is in matters (an IPv4
+        // address fills the last word of its IPv4-mapped form).
+        h = (h ^ w).wrapping_mul(0x9e37_79b1);
+    }
+    h >> (32 - DNS_CLIENT_BUCKETS.trailing_zeros())
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+
+    #[test]
+    fn client_buckets_spread_and_stay_in_range() {
+        let mut seen = [0u32; DNS_CLIENT_BUCKETS as usize];
+        for i in 0..4096u32 {
+            let b = dns_client_bucket([0, 0, crate::V4_MAPPED_WORD, (0x0a00_0000 + i).to_be()], 7);
+            seen[b as usize] += 1;
+        }
+        assert!(seen.iter().all(|n| *n <= 8), "{:?}", seen.iter().max());
+        assert!(seen.iter().filter(|n| **n > 0).count() > 2000);
+        let a = [0, 0, crate::V4_MAPPED_WORD, 0x0102_000a];
+        assert_ne!(dns_client_bucket(a, 1), dns_client_bucket(a, 2));
+    }
+}

@@ -2,7 +2,7 @@
 //! work started, the collectors registered and served, until SIGTERM.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::IpAddr,
     path::Path,
     sync::{Arc, Mutex, PoisonError, atomic::Ordering},
@@ -132,6 +132,9 @@ struct Wired {
 )]
 fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired> {
     let loader::Loaded { mut programs, maps } = loaded;
+    // Queries in flight that began before this instant were left by an agent that
+    // stopped: their answers may have come while no program watched.
+    let watching_since_ns = housekeeping::monotonic_ns();
     programs.attach_tracepoints(facts);
     if let Err(e) = programs.load_classifiers() {
         log::error!("{e:#}");
@@ -144,6 +147,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         flow_table_full,
         dns_inflight,
         dns_pending,
+        dns_clients,
         dns,
         dns_seen,
         drops,
@@ -223,6 +227,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         devices: devices.clone(),
     }));
 
+    let last_queries = housekeeping::sweep::slot_queries(&dns);
     Ok(Wired {
         registry,
         sweeper: Sweeper {
@@ -236,7 +241,9 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
             recent: RecentClients::default(),
             ranked,
             top,
-            last_queries: BTreeMap::new(),
+            last_queries,
+            clients: dns_clients,
+            watching_since_ns,
         },
         expiry: Expiry {
             flows,

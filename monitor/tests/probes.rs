@@ -79,8 +79,8 @@ struct Counts {
     responses: u64,
     /// Copies replaced by a retransmission, counted unanswered.
     superseded: u64,
-    /// Queries ended to make room in a full set, counted unanswered.
-    evicted: u64,
+    /// Queries the table could not keep (refused, or ended to make room), untracked.
+    untracked: u64,
     inflight: usize,
     linklocal: u64,
     /// TCP connections to port 53 refused.
@@ -104,7 +104,7 @@ fn counts(probe: &Probe) -> Counts {
             DnsCountKind::Query => c.queries += n,
             DnsCountKind::Response => c.responses += n,
             DnsCountKind::Superseded => c.superseded += n,
-            DnsCountKind::Evicted => c.evicted += n,
+            DnsCountKind::Untracked => c.untracked += n,
             DnsCountKind::Unanswered => panic!("the agent's count, not the programs'"),
             DnsCountKind::ConnectFailure => c.refused += n,
         }
@@ -199,7 +199,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 1,
             responses: 0,
             superseded: 0,
-            evicted: 0,
+            untracked: 0,
             inflight: 1,
             ..Counts::default()
         }
@@ -213,7 +213,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 2,
             responses: 0,
             superseded: 1,
-            evicted: 0,
+            untracked: 0,
             inflight: 1,
             ..Counts::default()
         }
@@ -235,7 +235,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 2,
             responses: 0,
             superseded: 1,
-            evicted: 0,
+            untracked: 0,
             inflight: 1,
             ..Counts::default()
         }
@@ -248,7 +248,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 2,
             responses: 1,
             superseded: 1,
-            evicted: 0,
+            untracked: 0,
             inflight: 0,
             ..Counts::default()
         }
@@ -261,7 +261,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 2,
             responses: 1,
             superseded: 1,
-            evicted: 0,
+            untracked: 0,
             inflight: 0,
             ..Counts::default()
         }
@@ -290,7 +290,7 @@ fn query_and_response_matched(probe: &Probe) {
             queries: 4,
             responses: 1,
             superseded: 1,
-            evicted: 0,
+            untracked: 0,
             inflight: 2,
             linklocal: 1,
             refused: 0,
@@ -389,7 +389,7 @@ fn malformed_dns_moves_no_count() {
             queries: 2,
             responses: 0,
             superseded: 0,
-            evicted: 0,
+            untracked: 0,
             inflight: 2,
             ..Counts::default()
         }
@@ -479,44 +479,50 @@ fn a_full_table_of_queries_in_flight_is_counted_not_silent() {
 }
 
 fn full_table_counted(probe: &Probe) {
-    let query = |id: u16| ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
-    let answer = |id: u16| ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(id, 0x8180, 1, QUESTION));
-    for id in 0..4u16 {
-        run(probe, "tc_egress", &query(id));
-    }
+    // Clients A to E: A = SRC4, the others beside it.
+    let client = |c: u8| [10, 0, 0, 100 + c];
+    let query =
+        |c: u8, id: u16| ipv4_udp(client(c), DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
+    let answer =
+        |c: u8, id: u16| ipv4_udp(DST4, client(c), 53, 40000, 0, &dns(id, 0x8180, 1, QUESTION));
+    run(probe, "tc_egress", &query(0, 0));
     // A retransmission of a query in flight is not a full table: it takes the copy's way.
-    run(probe, "tc_egress", &query(0));
+    run(probe, "tc_egress", &query(0, 0));
     assert_eq!(map_full(probe, MapFull::DnsInflight), 0);
-    // Two more: the table is full. The oldest waiting query is ended to make room (the
-    // hash table of older kernels has no oldest: the new query is ended instead), and
-    // every query still ends answered, unanswered or in flight.
-    run(probe, "tc_egress", &query(4));
-    run(probe, "tc_egress", &query(5));
+    run(probe, "tc_egress", &query(0, 1));
+    for c in 1..=4 {
+        run(probe, "tc_egress", &query(c, 0));
+    }
+    // With sets (one of four ways here), each client holds at most a quarter of the
+    // table: A's second query is refused, B, C and D take the free ways, and E, holding
+    // none, makes room from the heaviest client's oldest (A's first). The hash table of
+    // older kernels (four entries here, the share of its full size) refuses whatever
+    // finds it full: D and E. Every query ends answered, unanswered, untracked or in
+    // flight.
     let c = counts(probe);
     assert_eq!(
-        (c.queries, c.superseded, c.evicted, c.inflight),
+        (c.queries, c.superseded, c.untracked, c.inflight),
         (7, 1, 2, 4),
         "{c:?}"
     );
-    assert_eq!(c.queries, c.superseded + c.evicted + c.inflight as u64);
+    assert_eq!(c.queries, c.superseded + c.untracked + c.inflight as u64);
     assert_eq!(map_full(probe, MapFull::DnsInflight), 2);
     assert_eq!(map_full(probe, MapFull::DnsCounts), 0);
-    // Which ones ended: the oldest (ids 1 and 2; 0 was sent again), or the newest.
-    let (ended, waiting) = if probe.atomics {
-        ([1, 2], [0, 3, 4, 5])
+    let (ended, waiting): ([(u8, u16); 2], [(u8, u16); 4]) = if probe.atomics {
+        ([(0, 0), (0, 1)], [(1, 0), (2, 0), (3, 0), (4, 0)])
     } else {
-        ([4, 5], [0, 1, 2, 3])
+        ([(3, 0), (4, 0)], [(0, 0), (0, 1), (1, 0), (2, 0)])
     };
-    for id in ended {
-        run(probe, "tc_ingress", &answer(id));
+    for (c, id) in ended {
+        run(probe, "tc_ingress", &answer(c, id));
     }
     assert_eq!(
         counts(probe).responses,
         0,
-        "an ended query's response matches nothing"
+        "an untracked query's response matches nothing"
     );
-    for id in waiting {
-        run(probe, "tc_ingress", &answer(id));
+    for (c, id) in waiting {
+        run(probe, "tc_ingress", &answer(c, id));
     }
     let c = counts(probe);
     assert_eq!((c.responses, c.inflight), (4, 0), "{c:?}");
@@ -524,7 +530,7 @@ fn full_table_counted(probe: &Probe) {
 
 #[test]
 fn queries_count_under_their_resolvers_slot_and_the_rest_under_other() {
-    use monitor_common::RESOLVER_OTHER;
+    use monitor_common::{RESOLVER_OTHER, RESOLVER_RETIRED};
     if !integration_tests::require_root(
         "queries_count_under_their_resolvers_slot_and_the_rest_under_other",
     ) {
@@ -569,12 +575,14 @@ fn queries_count_under_their_resolvers_slot_and_the_rest_under_other() {
         assert_eq!(seen, [(std::net::IpAddr::from(unnamed), 1)]);
         assert!(probe.maps.dns_seen.drain().is_empty());
         // Retired (as a restarted agent retires a slot it finds no name for): the slot's
-        // counts move to other, and the slot starts from zero.
+        // counts move to `retired`, never into `other`, and the slot starts from zero.
         probe.maps.dns.retire_unnamed(&[]);
         let s = by_slot(&probe);
         assert_eq!(s.get(&(3, DnsCountKind::Query)), None, "{s:?}");
-        assert_eq!(s.get(&(RESOLVER_OTHER, DnsCountKind::Query)), Some(&3));
-        assert_eq!(s.get(&(RESOLVER_OTHER, DnsCountKind::Response)), Some(&2));
+        assert_eq!(s.get(&(RESOLVER_RETIRED, DnsCountKind::Query)), Some(&2));
+        assert_eq!(s.get(&(RESOLVER_RETIRED, DnsCountKind::Response)), Some(&1));
+        assert_eq!(s.get(&(RESOLVER_OTHER, DnsCountKind::Query)), Some(&1));
+        assert_eq!(s.get(&(RESOLVER_OTHER, DnsCountKind::Response)), Some(&1));
     }
 }
 
@@ -882,6 +890,7 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
         sweep(&mut table),
         vec![Expired {
             key: key(1),
+            start_ns: 100,
             ifindex: 3,
             resolver: 5,
             egress: true,
@@ -891,6 +900,7 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
         sweep(&mut table),
         vec![Expired {
             key: key(3),
+            start_ns: 50,
             ifindex: 4,
             resolver: 0,
             egress: false,

@@ -59,11 +59,8 @@ impl BusyNode {
         );
 
         let wait = Duration::from_secs(2);
-        let (resolver0, lost, resolver1) = (
-            addr(&eth0_vpc, 53),
-            addr(SLOW, 53),
-            addr(&eth1_vpc, 53),
-        );
+        let (resolver0, lost, resolver1) =
+            (addr(&eth0_vpc, 53), addr(SLOW, 53), addr(&eth1_vpc, 53));
         for r in [resolver0, lost, resolver1] {
             agent.name_resolver(&sim.node, &sim.node, r);
         }
@@ -85,8 +82,12 @@ impl BusyNode {
             s.sum("eni_monitor_dns_unanswered_total", &[]) == 3.0
                 && s.sum("eni_monitor_dns_drops_total", &[("device", "eth0")]) == 3.0
                 && s.sum("eni_monitor_drops_total", &[("device", "eth1")]) >= 1.0
-                && s.label_values("eni_monitor_top_flow_owners", &[("device", "eth0")], "address")
-                    .len()
+                && s.label_values(
+                    "eni_monitor_top_flow_owners",
+                    &[("device", "eth0")],
+                    "address",
+                )
+                .len()
                     == 10
         });
         let node = Self {

@@ -71,9 +71,8 @@ mod tests {
 
     #[test]
     fn recorded_series_are_not_the_agents() {
-        let names = metric_names(
-            "max by (node) (node:eni_monitor_x:max) / eni_monitor_y_total{a=\"b\"}",
-        );
+        let names =
+            metric_names("max by (node) (node:eni_monitor_x:max) / eni_monitor_y_total{a=\"b\"}");
         assert_eq!(names, BTreeSet::from(["eni_monitor_y_total".to_owned()]));
     }
 

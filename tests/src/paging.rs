@@ -107,7 +107,8 @@ impl Paging {
         // delivered to a webhook that keeps them; the shipped inhibit rules, unchanged.
         let pager = Pager::start(ns);
         let inhibit = std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/alertmanager-inhibit.yml"),
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/alerts/alertmanager-inhibit.yml"),
         )
         .unwrap();
         std::fs::write(
@@ -242,12 +243,7 @@ impl Paging {
         Self::alerts(ns, alertname, labels, &["active"])
     }
 
-    fn alerts(
-        ns: &Netns,
-        alertname: &str,
-        labels: &[(&str, &str)],
-        states: &[&str],
-    ) -> Vec<Value> {
+    fn alerts(ns: &Netns, alertname: &str, labels: &[(&str, &str)], states: &[&str]) -> Vec<Value> {
         let Some(alerts) = get_json(ns, ALERTMANAGER, "/api/v2/alerts") else {
             return Vec::new();
         };

@@ -131,7 +131,10 @@ impl Shown {
 /// Each of `vars` (name, values; no values is "All") as Grafana writes it into a query,
 /// "All" as the dashboard's `allValue` for that variable.
 fn selected<'a>(dash: &Value, vars: &[(&'a str, &[&str])]) -> Vec<(&'a str, String)> {
-    let templating = dash["templating"]["list"].as_array().cloned().unwrap_or_default();
+    let templating = dash["templating"]["list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     vars.iter()
         .map(|(name, values)| {
             let var = templating

@@ -71,9 +71,7 @@ impl Timeline {
                 points: series(
                     incident,
                     out,
-                    &format!(
-                        "max(eni_monitor_conntrack_allowance_utilization_ratio{{{node}}})"
-                    ),
+                    &format!("max(eni_monitor_conntrack_allowance_utilization_ratio{{{node}}})"),
                     100.0,
                 ),
             },
@@ -154,7 +152,8 @@ impl Timeline {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
         let root = SVGBackend::new(path, (1200, 620)).into_drawing_area();
-        let e = |e: DrawingAreaErrorKind<std::io::Error>| format!("drawing {}: {e}", path.display());
+        let e =
+            |e: DrawingAreaErrorKind<std::io::Error>| format!("drawing {}: {e}", path.display());
         root.fill(&WHITE).map_err(e)?;
         // Past the allowance the agent still counts what the pods try: room for it.
         let highest = self
@@ -191,10 +190,15 @@ impl Timeline {
         for c in &self.curves {
             let colour = c.colour;
             chart
-                .draw_series(LineSeries::new(c.points.iter().copied(), colour.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    c.points.iter().copied(),
+                    colour.stroke_width(2),
+                ))
                 .map_err(e)?
                 .label(c.legend)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
         }
         // Each event a vertical line, its name beside it, staggered so names do not meet.
         for ((at, what), i) in self.events.iter().zip(0u32..) {
@@ -209,7 +213,10 @@ impl Timeline {
             };
             let y = top * (0.97 - 0.05 * f64::from(i));
             chart
-                .draw_series([PathElement::new([(*at, 0.0), (*at, y)], colour.stroke_width(1))])
+                .draw_series([PathElement::new(
+                    [(*at, 0.0), (*at, y)],
+                    colour.stroke_width(1),
+                )])
                 .map_err(e)?;
             // Names of events in the right half go on the line's left, inside the plot.
             let side = if *at > self.end * 0.6 {
@@ -254,7 +261,9 @@ mod tests {
     /// A replay's shape drawn: every legend and every event named in the SVG.
     #[test]
     fn the_picture_names_each_line_and_event() {
-        let ramp = (0..300).map(|t| (f64::from(t), 88.0 + f64::from(t) * 0.08)).collect();
+        let ramp = (0..300)
+            .map(|t| (f64::from(t), 88.0 + f64::from(t) * 0.08))
+            .collect();
         let dns = (160..300).map(|t| (f64::from(t), 100.0)).collect();
         let timeline = Timeline {
             curves: vec![

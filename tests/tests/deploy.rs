@@ -89,7 +89,6 @@ fn every_alert_is_unit_tested_both_ways_and_documented() {
             runbook.contains(&format!("## {a}\n")),
             "{a} has no runbook section"
         );
-
     }
     let exported = exported();
     for name in golden::metric_names(&rules) {
@@ -109,9 +108,19 @@ fn address_allowed(url: &str) -> bool {
         .split(['/', '#'])
         .next()
         .unwrap_or_default();
-    let host = host.rsplit_once(':').filter(|(h, _)| !h.ends_with(':')).map_or(host, |(h, _)| h);
-    ["127.0.0.1", "localhost", "169.254.169.254", "[fd00:ec2::254]", "host", "{LISTEN}"]
-        .contains(&host)
+    let host = host
+        .rsplit_once(':')
+        .filter(|(h, _)| !h.ends_with(':'))
+        .map_or(host, |(h, _)| h);
+    [
+        "127.0.0.1",
+        "localhost",
+        "169.254.169.254",
+        "[fd00:ec2::254]",
+        "host",
+        "{LISTEN}",
+    ]
+    .contains(&host)
         || host.ends_with(".example")
         || host == "example.com"
 }
@@ -173,7 +182,10 @@ fn the_chart_links_each_alert_to_its_runbook_section_when_told_where() {
     for a in &alerts {
         let link = format!("{base}#{}", a.to_lowercase());
         assert!(links.contains(&link.as_str()), "{a}: {links:?}");
-        assert!(runbook.contains(&format!("\n## {a}\n")), "{a}: no section to link");
+        assert!(
+            runbook.contains(&format!("\n## {a}\n")),
+            "{a}: no section to link"
+        );
     }
     // The templates of the annotations are untouched, the alerts all there.
     assert!(yaml.contains("{{ $labels.node }}"), "{yaml}");

@@ -31,7 +31,10 @@ fn critical_threshold() -> f64 {
         .split("- alert: ")
         .find(|b| b.starts_with("EniMonitorConntrackAllowanceCritical"))
         .unwrap();
-    let expr = block.lines().find(|l| l.trim().starts_with("expr:")).unwrap();
+    let expr = block
+        .lines()
+        .find(|l| l.trim().starts_with("expr:"))
+        .unwrap();
     expr.rsplit('>').next().unwrap().trim().parse().unwrap()
 }
 
@@ -41,9 +44,14 @@ fn critical_threshold() -> f64 {
 fn the_dashboard_shows_the_incident(incident: &Incident, out: &Outcome) {
     let dash = panels::dashboard();
     let selected: [(&str, &[&str]); 2] = [("node", &[NODE]), ("device", &["eth0"])];
-    for (name, values) in panels::variable_values(&incident.paging, &incident.node, &dash, &selected) {
+    for (name, values) in
+        panels::variable_values(&incident.paging, &incident.node, &dash, &selected)
+    {
         let want = if name == "node" { NODE } else { "eth0" };
-        assert!(values.iter().any(|v| v == want), "variable {name} lists {values:?}");
+        assert!(
+            values.iter().any(|v| v == want),
+            "variable {name} lists {values:?}"
+        );
     }
     let shown = panels::show(
         &incident.paging,
@@ -65,11 +73,7 @@ fn the_dashboard_shows_the_incident(incident: &Incident, out: &Outcome) {
         }
     }
     assert!(missing.is_empty(), "panels not as expected: {missing:?}");
-    assert_eq!(
-        shown.len(),
-        panels::panels(&dash).len(),
-        "every panel ran"
-    );
+    assert_eq!(shown.len(), panels::panels(&dash).len(), "every panel ran");
 
     let allowance = shown
         .iter()
@@ -150,7 +154,11 @@ fn the_page_comes_before_the_allowance_fills_and_says_why() {
     // One page for one problem: while the allowance is exceeded and DNS fails, the node
     // paged once; the DNS alerts reached Alertmanager and the shipped inhibit rules kept
     // them quiet.
-    assert_eq!(out.paged, ["EniMonitorConntrackAllowanceCritical"], "{out:?}");
+    assert_eq!(
+        out.paged,
+        ["EniMonitorConntrackAllowanceCritical"],
+        "{out:?}"
+    );
     for quiet in ["EniMonitorDnsUnanswered", "EniMonitorDnsTcpConnectFailures"] {
         assert!(out.inhibited.iter().any(|i| i == quiet), "{quiet}: {out:?}");
     }

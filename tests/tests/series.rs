@@ -2,7 +2,11 @@
 //! (`integration_tests::busy`: two ENIs, three resolvers, ten pods behind one ENI, drops
 //! of two reasons) is counted series by series; the worst case follows from the bounds
 //! the agent keeps.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 use std::collections::BTreeMap;
 
@@ -49,7 +53,10 @@ const BUSY: [(&str, usize); 29] = [
     ("eni_monitor_dns_unanswered_total", 2),
     ("eni_monitor_dns_tcp_connect_failures_total", 0),
     // One histogram for each (device, resolver, transport) with an answer.
-    ("eni_monitor_dns_latency_seconds_bucket", 5 * DNS_LATENCY_BUCKETS),
+    (
+        "eni_monitor_dns_latency_seconds_bucket",
+        5 * DNS_LATENCY_BUCKETS,
+    ),
     ("eni_monitor_dns_latency_seconds_sum", 5),
     ("eni_monitor_dns_latency_seconds_count", 5),
     ("eni_monitor_top_dns_clients_unanswered", 1),
@@ -61,7 +68,10 @@ const BUSY: [(&str, usize); 29] = [
     ("eni_monitor_conntrack_allowance", 1),
     ("eni_monitor_conntrack_allowance_utilization_ratio", 1),
     ("eni_monitor_tracked_flows", 2 * FlowClass::COUNT as usize),
-    ("eni_monitor_flows_created_total", 2 * FlowClass::COUNT as usize),
+    (
+        "eni_monitor_flows_created_total",
+        2 * FlowClass::COUNT as usize,
+    ),
     // The node's own address on each ENI and ten pods on eth0: eth0 holds its top ten.
     ("eni_monitor_top_flow_owners", 11),
     ("eni_monitor_flow_table_full_total", 1),

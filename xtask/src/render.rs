@@ -156,7 +156,8 @@ mod tests {
     /// Every shipped alert gets its link, to its own section, and nothing else changes.
     #[test]
     fn each_alert_links_its_runbook_section() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/rules.yml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/rules.yml");
         let rules = std::fs::read_to_string(path).unwrap();
         let linked = add_runbook_urls(&rules, "https://runbooks.example/eni-monitor/RUNBOOK.md/");
         let alerts: Vec<&str> = rules

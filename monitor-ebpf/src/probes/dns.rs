@@ -6,21 +6,21 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use monitor_common::{
-    Addr, AddrInfo, BPF_F_NO_PREALLOC, DNS_COUNTS_MAX_ENTRIES, DNS_FLIGHT_KEY_WORDS,
-    DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS, DNS_LATENCY_MAX_ENTRIES,
-    DNS_SEEN_MAX_ENTRIES, DNS_TCP, DNS_UDP, DnsCountKey, DnsCountKind, DnsFlight, DnsFlightKey,
-    DnsLatency, DnsSlotKey, FLIGHT_CONNECT, MapFull, RESOLVER_OTHER,
+    Addr, AddrInfo, BPF_F_NO_PREALLOC, DNS_CLIENT_BUCKETS, DNS_COUNTS_MAX_ENTRIES,
+    DNS_FLIGHT_KEY_WORDS, DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS,
+    DNS_LATENCY_MAX_ENTRIES, DNS_SEEN_MAX_ENTRIES, DNS_TCP, DNS_UDP, DnsCountKey, DnsCountKind,
+    DnsFlight, DnsFlightKey, DnsLatency, DnsSlotKey, FLIGHT_CONNECT, MapFull, RESOLVER_OTHER,
     proto::{DNS_HLEN, DNS_PORT, TCP_ACK, TCP_RST, TCP_SYN, UDP_HLEN},
 };
 
 use super::packet::{Packet, read};
 use crate::{
     kernel::now_ns,
-    maps::{BPF_NOEXIST, EEXIST, addr_info, increment, map_full},
+    maps::{BPF_F_MMAPABLE, BPF_NOEXIST, EEXIST, addr_info, increment, map_full},
 };
 
 /// The QR bit of a DNS header's flags: a response.
@@ -62,6 +62,61 @@ static DNS_AGENT_LATENCY: HashMap<DnsSlotKey, DnsLatency> =
 #[map]
 static DNS_SEEN: LruHashMap<Addr, u64> = LruHashMap::with_max_entries(DNS_SEEN_MAX_ENTRIES, 0);
 
+/// Queries in flight per client (its address hashed to a bucket): the programs add and
+/// take one as queries begin and end, with plain stores that a race between CPUs may
+/// leave a few off; the agent's sweep writes the true counts, from its walk of the table,
+/// every pass. A client holding its share of the table takes no more room, and a full
+/// set makes room from the client holding the most.
+#[map]
+static DNS_CLIENTS: Array<u32> = Array::with_max_entries(DNS_CLIENT_BUCKETS, BPF_F_MMAPABLE);
+
+/// What a client's queries in flight count in.
+mod clients {
+    use monitor_common::{DNS_CLIENT_SHARE, dns_client_bucket};
+
+    use super::{DNS_CLIENTS, KeyWords};
+    use crate::kernel::layout;
+
+    /// The bucket of the client of `key`.
+    #[inline(always)]
+    pub fn of(key: &KeyWords) -> u32 {
+        dns_client_bucket([key[0], key[1], key[2], key[3]], layout::dns_set_key())
+    }
+
+    /// Queries in flight of the clients of `bucket`.
+    #[inline(always)]
+    pub fn held(bucket: u32) -> u32 {
+        DNS_CLIENTS
+            .get_ptr(bucket)
+            // SAFETY: a word of a map value the kernel keeps for the program's run.
+            .map_or(0, |n| unsafe { core::ptr::read_volatile(n) })
+    }
+
+    /// Whether `held` queries are a client's whole share of a table of `room`.
+    #[inline(always)]
+    pub fn at_share(held: u32, room: u32) -> bool {
+        held >= room / DNS_CLIENT_SHARE
+    }
+
+    #[inline(always)]
+    pub fn add(bucket: u32) {
+        if let Some(n) = DNS_CLIENTS.get_ptr_mut(bucket) {
+            // SAFETY: as above; a racing CPU may lose one, which the sweep puts right.
+            unsafe { core::ptr::write_volatile(n, core::ptr::read_volatile(n).wrapping_add(1)) };
+        }
+    }
+
+    #[inline(always)]
+    pub fn take(bucket: u32) {
+        if let Some(n) = DNS_CLIENTS.get_ptr_mut(bucket) {
+            // SAFETY: as above.
+            unsafe {
+                core::ptr::write_volatile(n, core::ptr::read_volatile(n).saturating_sub(1));
+            };
+        }
+    }
+}
+
 /// The bits of a DNS header's flags word.
 const DNS_OPCODE_SHIFT: u16 = 11;
 const DNS_OPCODE_MASK: u16 = 0x0f;
@@ -84,7 +139,9 @@ pub enum Ended {
     None,
     /// A copy of the new query, still waiting, that it replaced.
     Superseded(Meta),
-    /// The oldest query of a full set (or the new one, where none could be taken).
+    /// A query the table could not keep to its end: the new one (its client at its
+    /// share, or no way it may take), or the one of a full set's heaviest client whose
+    /// way it took. Counted untracked, never unanswered.
     Evicted(Meta),
     /// The same query or connection already waits, and keeps its place: a TCP segment
     /// sent again, or a SYN retransmitted. Nothing new is counted.
@@ -324,7 +381,7 @@ fn ended(e: Ended) {
         Ended::None | Ended::Waiting => {}
         Ended::Superseded(m) | Ended::Evicted(m) if u32::from(m.what) == FLIGHT_CONNECT => {}
         Ended::Superseded(m) => count(m.ifindex, m.resolver, DnsCountKind::Superseded, 0, m.what),
-        Ended::Evicted(m) => count(m.ifindex, m.resolver, DnsCountKind::Evicted, 0, m.what),
+        Ended::Evicted(m) => count(m.ifindex, m.resolver, DnsCountKind::Untracked, 0, m.what),
     }
 }
 
@@ -384,11 +441,22 @@ fn response(p: &Packet, id: u16, rcode: u8, ifindex: u32, transport: u8) {
 type KeyWords = [u32; DNS_FLIGHT_KEY_WORDS];
 
 /// Records a query or a connection in `DNS_INFLIGHT` (kernels without atomics), and what
-/// it ended: a copy of itself still waiting (`replace`), or (the table full) itself.
+/// it ended: a copy of itself still waiting (`replace`), or (the table full, or its
+/// client at its share of it) itself.
 #[inline(always)]
-fn inflight_query(key: &KeyWords, meta: Meta, replace: bool) -> Ended {
-    // SAFETY: `DnsFlightKey` is `repr(C)`, 10 words without padding between fields.
-    let key: DnsFlightKey = unsafe { core::mem::transmute(*key) };
+fn inflight_query(words: &KeyWords, meta: Meta, replace: bool) -> Ended {
+    // SAFETY: `DnsFlightKey` is `repr(C)`, 10 words without padding between fields: the
+    // key the map hashes is the words the probes build and compare.
+    let key: DnsFlightKey = unsafe { core::mem::transmute(*words) };
+    let client = clients::of(words);
+    // A client at its share only replaces or keeps a copy already waiting.
+    // SAFETY: a read of a map value the kernel keeps alive for the program's run.
+    if clients::at_share(clients::held(client), DNS_INFLIGHT_MAX_ENTRIES)
+        && unsafe { DNS_INFLIGHT.get(&key) }.is_none()
+    {
+        map_full(MapFull::DnsInflight);
+        return Ended::Evicted(meta);
+    }
     let flight = DnsFlight {
         start_ns: now_ns(),
         ifindex: meta.ifindex,
@@ -408,6 +476,7 @@ fn inflight_query(key: &KeyWords, meta: Meta, replace: bool) -> Ended {
         if let Some(copy) = copy
             && DNS_INFLIGHT.remove(&key).is_ok()
         {
+            clients::take(client);
             ended = Ended::Superseded(Meta {
                 ifindex: copy.ifindex,
                 resolver: copy.resolver,
@@ -417,14 +486,16 @@ fn inflight_query(key: &KeyWords, meta: Meta, replace: bool) -> Ended {
         }
         r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
     }
-    // EEXIST again: a copy on another CPU got in between, and waits in our place. Any
-    // other failure is a full table: the new query ends here, unanswered (a hash table
-    // has no oldest entry to end instead).
-    if let Err(e) = r
-        && e != EEXIST
-    {
-        map_full(MapFull::DnsInflight);
-        ended = Ended::Evicted(meta);
+    match r {
+        Ok(()) => clients::add(client),
+        // A copy on another CPU got in between, and waits in our place.
+        Err(EEXIST) => {}
+        // A full table: the new query ends here, untracked (a hash table has no
+        // heaviest client to make room from).
+        Err(_) => {
+            map_full(MapFull::DnsInflight);
+            ended = Ended::Evicted(meta);
+        }
     }
     ended
 }
@@ -432,14 +503,15 @@ fn inflight_query(key: &KeyWords, meta: Meta, replace: bool) -> Ended {
 /// Ends the query a response answers in `DNS_INFLIGHT`; its start time and resolver slot
 /// if this response is the one that ends it.
 #[inline(always)]
-fn inflight_answer(key: &KeyWords) -> Option<(u64, u8)> {
-    // SAFETY: as above.
-    let key: DnsFlightKey = unsafe { core::mem::transmute(*key) };
+fn inflight_answer(words: &KeyWords) -> Option<(u64, u8)> {
+    // SAFETY: `DnsFlightKey` is `repr(C)`, 10 words without padding between fields.
+    let key: DnsFlightKey = unsafe { core::mem::transmute(*words) };
     // SAFETY: a read of a map value the kernel keeps alive for the program's run.
     let flight = unsafe { DNS_INFLIGHT.get(&key) }.copied()?;
     // Only the deleter counts: a duplicate response or the agent's timeout sweep
     // racing with this one loses.
     DNS_INFLIGHT.remove(&key).ok()?;
+    clients::take(clients::of(words));
     Some((flight.start_ns, flight.resolver))
 }
 
@@ -456,7 +528,7 @@ mod pending {
         PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
     };
 
-    use super::{Ended, KeyWords, Meta};
+    use super::{Ended, KeyWords, Meta, clients};
     use crate::{
         kernel::{layout, now_ns},
         maps::{BPF_F_MMAPABLE, map_full},
@@ -543,6 +615,15 @@ mod pending {
             }
         }
 
+        /// The client bucket of the query in the way (read as it is: decided on again
+        /// once the way is held).
+        fn client(self) -> u32 {
+            let k = self.key();
+            // SAFETY: inside the way's key.
+            let w = |j: usize| unsafe { core::ptr::read_volatile(k.wrapping_add(j)) };
+            clients::of(&[w(0), w(1), w(2), w(3), 0, 0, 0, 0, 0, 0])
+        }
+
         /// Whether the way holds `key`, read word by word (the way may be changing).
         fn holds(self, key: &KeyWords) -> bool {
             let k = self.key();
@@ -599,9 +680,11 @@ mod pending {
     }
 
     /// Records a query, and what it ended: a copy of itself still waiting, whose way it
-    /// takes over (`replace`; else the copy keeps its way); or, its set full, the oldest
-    /// query waiting there, whose way it takes (counted as a full table too). Every query
-    /// ends answered or unanswered.
+    /// takes over (`replace`; else the copy keeps its way); or, where it cannot take a
+    /// free way, the query of the set's heaviest client (the one with the most queries
+    /// in flight; its oldest), whose way it takes, or itself. A client at its share of
+    /// the table takes no free way, and never pushes out a client lighter than itself:
+    /// one client's flood ends its own queries, untracked, not the others'.
     #[inline(always)]
     pub fn query(key: &KeyWords, meta: Meta, replace: bool) -> Ended {
         let Some(set) = set(key) else {
@@ -623,35 +706,72 @@ mod pending {
                 return Ended::Superseded(copy);
             }
         }
+        let client = clients::of(key);
+        let held = clients::held(client);
+        // The table's ways: its sets (a load-time constant) times the ways of each.
+        if clients::at_share(held, layout::pending_sets() * DNS_PENDING_WAYS as u32) {
+            map_full(MapFull::DnsInflight);
+            return Ended::Evicted(meta);
+        }
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
             if way.is(PENDING_FREE) && way.claim(PENDING_FREE, PENDING_WRITING) {
                 publish(way, key, meta);
+                clients::add(client);
                 return Ended::None;
             }
         }
         map_full(MapFull::DnsInflight);
-        // The oldest query waiting: a flood's own queries, far more than anyone
-        // else's, are the ones it pushes out.
-        let mut oldest = 0;
-        let mut oldest_start = u64::MAX;
+        make_room(set, key, meta, client, held)
+    }
+
+    /// A query `key` of client bucket `client` (holding `held`) in full set `set`: takes
+    /// the way of the heaviest client's oldest query, if that client is itself or holds
+    /// more than it; else the new query ends here.
+    #[inline(always)]
+    fn make_room(
+        set: *mut DnsPendingSet,
+        key: &KeyWords,
+        meta: Meta,
+        client: u32,
+        held: u32,
+    ) -> Ended {
+        let mut victim = DNS_PENDING_WAYS;
+        let mut victim_client = client;
+        let mut victim_held = 0;
+        let mut victim_start = u64::MAX;
         for i in 0..DNS_PENDING_WAYS {
             let way = Way { set, i };
+            if !way.is(PENDING_WAITING) {
+                continue;
+            }
+            let c = way.client();
+            let h = clients::held(c);
             // SAFETY: a word of a map value the kernel keeps for the program's run; what
             // is decided on it is decided again once the way is held.
             let start = unsafe { core::ptr::read_volatile(way.start()) };
-            if way.is(PENDING_WAITING) && start < oldest_start {
-                oldest = i;
-                oldest_start = start;
+            if h > victim_held || (h == victim_held && start < victim_start) {
+                victim = i;
+                victim_client = c;
+                victim_held = h;
+                victim_start = start;
             }
         }
-        let way = Way { set, i: oldest };
+        if victim == DNS_PENDING_WAYS || (victim_client != client && victim_held <= held) {
+            return Ended::Evicted(meta);
+        }
+        let way = Way { set, i: victim };
         if way.claim(PENDING_WAITING, PENDING_WRITING) {
+            // The way's query as it is now that it is held (it may have changed since
+            // the look).
             let evicted = way.meta();
+            let evicted_client = way.client();
             publish(way, key, meta);
+            clients::take(evicted_client);
+            clients::add(client);
             return Ended::Evicted(evicted);
         }
-        // Every way held this instant: the new query ends here.
+        // The way held this instant: the new query ends here.
         Ended::Evicted(meta)
     }
 
@@ -690,6 +810,7 @@ mod pending {
                     )
                 };
                 release(way, PENDING_FREE);
+                clients::take(clients::of(key));
                 return Some((start, resolver));
             }
         }

@@ -6,7 +6,9 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use monitor_common::{DNS_LATENCY_BOUNDS_NS, DNS_TCP, DnsCountKind, RESOLVER_SLOTS};
+use monitor_common::{
+    DNS_LATENCY_BOUNDS_NS, DNS_TCP, DnsCountKind, RESOLVER_RETIRED, RESOLVER_SLOTS,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet},
@@ -33,7 +35,11 @@ const RESPONSES: Metric = Metric {
 };
 const UNANSWERED: Metric = Metric {
     name: "dns_unanswered",
-    help: "DNS queries with no response within --dns-timeout, or ended before it: the client sent the same query again (same port and id), or the in-flight table had to make room.",
+    help: "DNS queries with no response within --dns-timeout, or ended before it by the client sending the same query again (same port and id).",
+};
+const UNTRACKED: Metric = Metric {
+    name: "dns_untracked",
+    help: "DNS queries whose end the agent could not see, neither answered nor unanswered: the in-flight table had no room they could take (one client held its share of it), or they waited while no agent watched. queries = responses + unanswered + untracked + in flight.",
 };
 const CONNECT_FAILURES: Metric = Metric {
     name: "dns_tcp_connect_failures",
@@ -98,6 +104,7 @@ struct Series {
     queries: BTreeMap<Labels3, u64>,
     responses: BTreeMap<(Labels3, String), u64>,
     unanswered: BTreeMap<Labels3, u64>,
+    untracked: BTreeMap<Labels3, u64>,
     refused: BTreeMap<Labels2, u64>,
     latency: BTreeMap<Labels3, Histogram>,
 }
@@ -118,9 +125,10 @@ impl Series {
                     *out.responses.entry((l, rcode_name(key.rcode))).or_default() += n;
                 }
                 // Every way a query ends without its response.
-                Some(
-                    DnsCountKind::Superseded | DnsCountKind::Evicted | DnsCountKind::Unanswered,
-                ) => *out.unanswered.entry(l).or_default() += n,
+                Some(DnsCountKind::Superseded | DnsCountKind::Unanswered) => {
+                    *out.unanswered.entry(l).or_default() += n;
+                }
+                Some(DnsCountKind::Untracked) => *out.untracked.entry(l).or_default() += n,
                 Some(DnsCountKind::ConnectFailure) => {
                     *out.refused.entry((l.0, l.1)).or_default() += n;
                 }
@@ -147,24 +155,30 @@ impl Collector for DnsCollector {
         let devices = self.devices.snapshot();
         // The names and the counts read together: the sweep moves a slot's counts to
         // `other` under the same lock as it renames the slot.
-        let (names, snapshot, info) = {
+        let (names, retired, snapshot, info) = {
             let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
             let names: Vec<String> = (0..=u8::MAX)
                 .take(RESOLVER_SLOTS as usize)
                 .map(|s| slots.label(s))
                 .collect();
-            (names, self.dns.snapshot(), slots.info())
+            let retired = slots.label(RESOLVER_RETIRED);
+            (names, retired, self.dns.snapshot(), slots.info())
         };
         // Labels for a key, or `None` for a device no longer monitored (its series go).
         let labels = |ifindex: u32, resolver: usize| -> Option<Labels2> {
             let d = devices.get(&ifindex)?;
-            let name = names.get(resolver).map_or("other", String::as_str);
+            let name = if resolver == usize::from(RESOLVER_RETIRED) {
+                retired.as_str()
+            } else {
+                names.get(resolver).map_or("other", String::as_str)
+            };
             Some((d.name.clone(), name.to_owned()))
         };
         let Series {
             queries,
             responses,
             unanswered,
+            untracked,
             refused,
             latency,
         } = Series::of(snapshot, labels);
@@ -192,6 +206,11 @@ impl Collector for DnsCollector {
             &mut encoder,
             &UNANSWERED,
             unanswered.into_iter().map(|(l, v)| (with(l), v)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            &UNTRACKED,
+            untracked.into_iter().map(|(l, v)| (with(l), v)),
         )?;
         encode_counters(
             &mut encoder,

@@ -4,7 +4,11 @@
 //! connection whose SYN waited as long, a connect failure); keeps the clients whose
 //! queries go unanswered; and names resolvers by what it saw (the model's
 //! `ResolverSlots`), telling the programs. Only the one that takes a query out counts
-//! it, so a response that matched in the meantime wins.
+//! it, so a response that matched in the meantime wins. A query that began before this
+//! agent's programs watched (left in the pinned table by an agent that stopped) may have
+//! been answered while nobody looked: it is untracked, never unanswered, and such a
+//! connection is no failure. Each pass also recounts every client's queries in flight,
+//! which the programs hold each client's share of the table to.
 
 use std::{
     collections::BTreeMap,
@@ -15,14 +19,15 @@ use std::{
 
 use log::warn;
 use monitor_common::{
-    DNS_TCP, DNS_UDP, DnsCountKind, DnsFlightKey, FLIGHT_CONNECT, RESOLVER_OTHER, addr_to_ip,
+    DNS_CLIENT_BUCKETS, DNS_TCP, DNS_UDP, DnsCountKind, DnsFlightKey, FLIGHT_CONNECT,
+    RESOLVER_OTHER, addr_to_ip,
 };
 
 use crate::{
     loader::{
         dns::{DnsTables, SeenServers, SlotKey},
         maps::{Addresses, InflightTable},
-        pending::{Expired, PendingTable},
+        pending::{ClientCounts, Expired, PendingTable},
     },
     model::{
         dns::{RankedClients, RecentClients, minute},
@@ -46,6 +51,11 @@ pub struct Sweeper {
     pub top: usize,
     /// Each slot's query count at the last pass: a slot whose count moved was active.
     pub last_queries: BTreeMap<u8, u64>,
+    /// Queries in flight per client, recounted each pass.
+    pub clients: ClientCounts,
+    /// `CLOCK_MONOTONIC` nanoseconds from which this agent's programs watch: a query that
+    /// began earlier may have had its answer while none did.
+    pub watching_since_ns: u64,
 }
 
 impl Sweeper {
@@ -55,6 +65,7 @@ impl Sweeper {
         let mut expired: Vec<Expired> = Vec::new();
         self.pending
             .sweep(now_ns.saturating_sub(timeout), |e| expired.push(e));
+        let mut clients = vec![0u32; DNS_CLIENT_BUCKETS as usize];
         let mut stale: Vec<(DnsFlightKey, Expired)> = Vec::new();
         self.inflight.for_each(|key, flight| {
             if now_ns.saturating_sub(flight.start_ns) >= timeout {
@@ -62,11 +73,14 @@ impl Sweeper {
                     *key,
                     Expired {
                         key: *key,
+                        start_ns: flight.start_ns,
                         ifindex: flight.ifindex,
                         resolver: flight.resolver,
                         egress: flight.egress != 0,
                     },
                 ));
+            } else if let Some(n) = clients.get_mut(self.clients.bucket(key.client)) {
+                *n += 1;
             }
         })?;
         for (key, e) in stale {
@@ -74,11 +88,28 @@ impl Sweeper {
                 expired.push(e);
             }
         }
+        self.pending.for_each_waiting(|key| {
+            if let Some(n) = clients.get_mut(self.clients.bucket(key.client)) {
+                *n += 1;
+            }
+        });
+        self.clients.set(&clients);
         let this_minute = minute(now_ns);
         let mut unanswered: BTreeMap<SlotKey, u64> = BTreeMap::new();
+        let mut untracked: BTreeMap<SlotKey, u64> = BTreeMap::new();
         let mut refused: BTreeMap<SlotKey, u64> = BTreeMap::new();
         let mut failing: BTreeMap<IpAddr, u64> = BTreeMap::new();
         for e in &expired {
+            let transport = u8::try_from(e.key.what).unwrap_or(DNS_UDP);
+            if e.start_ns < self.watching_since_ns {
+                // Its answer may have come while no program watched.
+                if e.key.what != FLIGHT_CONNECT {
+                    *untracked
+                        .entry((e.ifindex, e.resolver, transport))
+                        .or_default() += 1;
+                }
+                continue;
+            }
             *failing.entry(addr_to_ip(e.key.server)).or_default() += 1;
             // Under the slot its query was counted under: a slot drains for longer than
             // a query waits, so it still is that resolver's (or `other`).
@@ -87,7 +118,6 @@ impl Sweeper {
                 *refused.entry((e.ifindex, e.resolver, DNS_TCP)).or_default() += 1;
                 continue;
             }
-            let transport = u8::try_from(e.key.what).unwrap_or(DNS_UDP);
             *unanswered
                 .entry((e.ifindex, e.resolver, transport))
                 .or_default() += 1;
@@ -101,6 +131,9 @@ impl Sweeper {
         }
         if !refused.is_empty() {
             self.dns.add(DnsCountKind::ConnectFailure, refused);
+        }
+        if !untracked.is_empty() {
+            self.dns.add(DnsCountKind::Untracked, untracked);
         }
         self.ranked.set(self.recent.top(this_minute, self.top));
         self.name_resolvers(now_ns / 1_000_000_000, failing.into_iter().collect());
@@ -143,15 +176,8 @@ impl Sweeper {
         }
     }
 
-    /// Queries counted under each slot but `other`, over every device.
     fn slot_queries(&self) -> BTreeMap<u8, u64> {
-        let mut out = BTreeMap::new();
-        for (k, n) in self.dns.snapshot().counts {
-            if k.kind == DnsCountKind::Query as u8 && k.resolver != RESOLVER_OTHER {
-                *out.entry(k.resolver).or_default() += n;
-            }
-        }
-        out
+        slot_queries(&self.dns)
     }
 
     /// How often to sweep: often enough that a query is declared unanswered soon after
@@ -165,4 +191,17 @@ impl Sweeper {
     pub fn grace(timeout: Duration) -> u64 {
         timeout.as_secs() + 2
     }
+}
+
+/// Queries counted under each slot but `other`, over every device: what the first pass
+/// compares with, so that a restarted agent takes no slot for active on what it counted
+/// before.
+pub fn slot_queries(dns: &DnsTables) -> BTreeMap<u8, u64> {
+    let mut out = BTreeMap::new();
+    for (k, n) in dns.snapshot().counts {
+        if k.kind == DnsCountKind::Query as u8 && k.resolver != RESOLVER_OTHER {
+            *out.entry(k.resolver).or_default() += n;
+        }
+    }
+    out
 }

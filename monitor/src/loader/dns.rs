@@ -11,7 +11,7 @@ use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use log::warn;
 use monitor_common::{
     Addr, DNS_LATENCY_BUCKETS, DnsCountKey, DnsCountKind, DnsLatency, DnsSlotKey, RESOLVER_OTHER,
-    addr_to_ip,
+    RESOLVER_RETIRED, addr_to_ip,
 };
 
 /// `DNS_SEEN`: servers without a slot that queries went to, least recently used out
@@ -123,7 +123,7 @@ impl DnsTables {
         }
     }
 
-    /// Moves to `other` the counts of every slot but `other` and those in `named`: what
+    /// Moves to `retired` the counts of every slot but `other` and those in `named`: what
     /// a killed agent left in slots it had given up and not yet retired.
     pub fn retire_unnamed(&self, named: &[u8]) {
         let snapshot = self.snapshot();
@@ -132,7 +132,7 @@ impl DnsTables {
             .keys()
             .map(|k| k.resolver)
             .chain(snapshot.latency.keys().map(|k| k.resolver))
-            .filter(|s| *s != RESOLVER_OTHER && !named.contains(s))
+            .filter(|s| *s != RESOLVER_OTHER && *s != RESOLVER_RETIRED && !named.contains(s))
             .collect();
         left.sort_unstable();
         left.dedup();
@@ -141,9 +141,9 @@ impl DnsTables {
         }
     }
 
-    /// Moves every count of resolver slot `slot` to `other`: the programs' and the
-    /// agent's keys of the slot are summed into the agent's `other` keys and deleted, so
-    /// that the slot starts from zero for whoever is named in it next.
+    /// Moves every count of resolver slot `slot` to `retired`: the programs' and the
+    /// agent's keys of the slot are summed into the agent's `retired` keys and deleted,
+    /// so that the slot starts from zero for whoever is named in it next.
     pub fn retire(&self, slot: u8) {
         let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let mut moved: BTreeMap<DnsCountKey, u64> = BTreeMap::new();
@@ -170,7 +170,7 @@ impl DnsTables {
         }
         for (k, n) in moved {
             let other = DnsCountKey {
-                resolver: RESOLVER_OTHER,
+                resolver: RESOLVER_RETIRED,
                 ..k
             };
             add_count(&mut t.agent_counts, other, n);
@@ -206,7 +206,7 @@ impl DnsTables {
         for ((ifindex, transport), h) in latency {
             let other = DnsSlotKey {
                 ifindex,
-                resolver: RESOLVER_OTHER,
+                resolver: RESOLVER_RETIRED,
                 transport,
                 pad: 0,
             };
@@ -216,7 +216,7 @@ impl DnsTables {
             }
             total.add(&h.as_latency());
             if let Err(e) = t.agent_latency.insert(other, total.as_latency(), 0) {
-                warn!("moving DNS latency to other: {e}");
+                warn!("moving DNS latency to retired: {e}");
             }
         }
     }

@@ -22,7 +22,7 @@ use super::{
     batch,
     dns::{DnsTables, SeenServers, Tables},
     flowsets::FlowSets,
-    pending::PendingTable,
+    pending::{ClientCounts, PendingTable},
     slots::SlotArray,
 };
 
@@ -37,6 +37,7 @@ pub mod names {
     pub const FLOW_TABLE_FULL: &str = "FLOW_TABLE_FULL";
     pub const DNS_INFLIGHT: &str = "DNS_INFLIGHT";
     pub const DNS_PENDING: &str = "DNS_PENDING";
+    pub const DNS_CLIENTS: &str = "DNS_CLIENTS";
     pub const DNS_COUNTS: &str = "DNS_COUNTS";
     pub const DNS_LATENCY: &str = "DNS_LATENCY";
     pub const DNS_AGENT_COUNTS: &str = "DNS_AGENT_COUNTS";
@@ -110,6 +111,8 @@ pub struct Maps {
     pub flow_table_full: PerCpuArray<MapData, u64>,
     pub dns_inflight: InflightTable,
     pub dns_pending: PendingTable,
+    /// Queries in flight per client bucket, which the sweep recounts.
+    pub dns_clients: ClientCounts,
     pub dns: DnsTables,
     pub dns_seen: SeenServers,
     pub drops: PerCpuHashMap<MapData, DropKey, u64>,
@@ -122,15 +125,18 @@ pub struct Maps {
 }
 
 impl Maps {
-    /// The maps of `ebpf`, whose flow hash is keyed with `flow_seed`.
-    pub(super) fn take(ebpf: &mut Ebpf, flow_seed: u64) -> Result<Self> {
+    /// The maps of `ebpf`, whose flow hash is keyed with `flow_seed` and DNS queries'
+    /// (and their clients') with `dns_key`.
+    pub(super) fn take(ebpf: &mut Ebpf, flow_seed: u64, dns_key: u32) -> Result<Self> {
         use names::{
-            ADDRS, DNS_AGENT_COUNTS, DNS_AGENT_LATENCY, DNS_COUNTS, DNS_INFLIGHT, DNS_LATENCY,
-            DNS_PENDING, DNS_SEEN, DROPS, FLOW_COUNT, FLOW_SETS, FLOW_TABLE_FULL, FLOWS,
-            FLOWS_CREATED, LL_PACKETS, LL_SECONDS, MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
+            ADDRS, DNS_AGENT_COUNTS, DNS_AGENT_LATENCY, DNS_CLIENTS, DNS_COUNTS, DNS_INFLIGHT,
+            DNS_LATENCY, DNS_PENDING, DNS_SEEN, DROPS, FLOW_COUNT, FLOW_SETS, FLOW_TABLE_FULL,
+            FLOWS, FLOWS_CREATED, LL_PACKETS, LL_SECONDS, MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
         };
         let pending = PendingTable::map(take_array(ebpf, DNS_PENDING)?)
             .context("mapping DNS_PENDING into the agent")?;
+        let dns_clients = ClientCounts::map(take_array(ebpf, DNS_CLIENTS)?, dns_key)
+            .context("mapping DNS_CLIENTS into the agent")?;
         let sets = FlowSets::map(take_array(ebpf, FLOW_SETS)?, flow_seed)
             .context("mapping FLOW_SETS into the agent")?;
         Ok(Self {
@@ -145,6 +151,7 @@ impl Maps {
             flow_table_full: take_typed(ebpf, FLOW_TABLE_FULL)?,
             dns_inflight: InflightTable(take_hash(ebpf, DNS_INFLIGHT)?),
             dns_pending: pending,
+            dns_clients,
             dns: DnsTables(Arc::new(Mutex::new(Tables {
                 counts: take_typed(ebpf, DNS_COUNTS)?,
                 latency: take_typed(ebpf, DNS_LATENCY)?,

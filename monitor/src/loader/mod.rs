@@ -197,7 +197,7 @@ pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Lo
     }
     let flow_seed = u64::from(keys[HASH_KEY_FLOW_LO as usize])
         | (u64::from(keys[HASH_KEY_FLOW_HI as usize]) << 32);
-    let mut maps = Maps::take(&mut ebpf, flow_seed)?;
+    let mut maps = Maps::take(&mut ebpf, flow_seed, keys[HASH_KEY_DNS as usize])?;
     maps.flows.recount().context("counting the pinned flows")?;
     Ok(Loaded {
         programs: Programs::new(ebpf, Attachments::default()),

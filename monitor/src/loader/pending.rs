@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 use aya::maps::MapData;
 use monitor_common::{
-    DNS_PENDING_WAYS, DnsFlightKey, DnsPendingSet, PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
+    DNS_CLIENT_BUCKETS, DNS_PENDING_WAYS, DnsFlightKey, DnsPendingSet, PENDING_FREE,
+    PENDING_WAITING, PENDING_WRITING, dns_client_bucket,
 };
 
 use super::mapped::Mapped;
@@ -16,6 +17,8 @@ use super::mapped::Mapped;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Expired {
     pub key: DnsFlightKey,
+    /// `CLOCK_MONOTONIC` nanoseconds of its first copy.
+    pub start_ns: u64,
     pub ifindex: u32,
     /// The resolver slot the query was counted under.
     pub resolver: u8,
@@ -99,6 +102,7 @@ impl Way {
         // SAFETY: inside the mapping.
         unsafe {
             Expired {
+                start_ns: self.start(),
                 key: std::ptr::read_volatile(
                     (&raw const (*self.set).key)
                         .cast::<DnsFlightKey>()
@@ -162,9 +166,65 @@ impl PendingTable {
         n
     }
 
+    /// Calls `f` with the key of every query waiting now.
+    pub fn for_each_waiting(&self, mut f: impl FnMut(&DnsFlightKey)) {
+        for s in 0..self.sets.entries() {
+            let set = self.sets.entry(s);
+            for i in 0..DNS_PENDING_WAYS {
+                let way = Way { set, i };
+                if way.state().load(SeqCst) == PENDING_WAITING {
+                    f(&way.query().key);
+                }
+            }
+        }
+    }
+
     /// Set `s` as the programs see it, for tests that write ways as the programs do.
     pub fn set_mut(&mut self, s: usize) -> &mut DnsPendingSet {
         // SAFETY: inside the mapping, borrowed mutably with the table.
         unsafe { &mut *self.sets.entry(s) }
     }
 }
+
+/// `DNS_CLIENTS` mapped into the agent: queries in flight per client bucket. The
+/// programs add and take one as queries begin and end (plain stores, which racing CPUs
+/// may leave a few off); each sweep writes the counts it found in its walk of the table.
+pub struct ClientCounts {
+    buckets: Mapped<u32>,
+    /// The key of the clients' hash (the DNS queries' key).
+    key: u32,
+}
+
+impl ClientCounts {
+    /// Maps the array (created `BPF_F_MMAPABLE`) into the agent.
+    pub fn map(map: MapData, key: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            buckets: Mapped::map(map)?,
+            key,
+        })
+    }
+
+    /// The bucket of `client`'s queries, as the programs hash it.
+    pub fn bucket(&self, client: [u32; 4]) -> usize {
+        dns_client_bucket(client, self.key) as usize
+    }
+
+    /// Writes the counts of a walk of the table, one a bucket.
+    pub fn set(&self, counts: &[u32]) {
+        for (i, n) in counts.iter().enumerate().take(self.buckets.entries()) {
+            // SAFETY: an entry of the mapping; the programs read and write it with plain
+            // loads and stores too.
+            unsafe { std::ptr::write_volatile(self.buckets.entry(i), *n) };
+        }
+    }
+
+    /// The counts as they are now.
+    pub fn get(&self) -> Vec<u32> {
+        (0..self.buckets.entries())
+            // SAFETY: as above.
+            .map(|i| unsafe { std::ptr::read_volatile(self.buckets.entry(i)) })
+            .collect()
+    }
+}
+
+const _: () = assert!(DNS_CLIENT_BUCKETS.is_power_of_two());

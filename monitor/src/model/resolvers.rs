@@ -2,13 +2,15 @@
 //! slot; the agent gives slots to addresses: Amazon's resolvers always, and up to
 //! `MAX_NAMED_RESOLVERS` others, the failing and the busiest of the last minutes. A
 //! resolver quiet for `idle` gives its slot up: its series go, and what it counted is
-//! reported under `other` from then on, so that a device's sums never go backwards. A
-//! slot given up drains for `grace` (every query it counted has ended by then) before
-//! it is retired (its counts moved to `other`) and may be given again.
+//! reported under `retired` from then on, so that a device's sums never go backwards.
+//! Not `other`: a departed resolver's lifetime counts arriving in one step would read to
+//! `rate()` as a burst of the servers without a name, and page. A slot given up drains
+//! for `grace` (every query it counted has ended by then) before it is retired (its
+//! counts moved to `retired`) and may be given again.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use monitor_common::{MAX_NAMED_RESOLVERS, RESOLVER_OTHER, RESOLVER_SLOTS};
+use monitor_common::{MAX_NAMED_RESOLVERS, RESOLVER_OTHER, RESOLVER_RETIRED, RESOLVER_SLOTS};
 
 use super::dns::AmazonResolvers;
 
@@ -83,7 +85,10 @@ pub struct ResolverSlots {
 
 impl ResolverSlots {
     /// Slots that continue from `named` (address, slot), as a restarted agent finds
-    /// them, all taken as active `now`.
+    /// them. Whether they are still active is not known (the spray of a pod may have
+    /// named them): each is taken as last active just long enough ago that a second of
+    /// quiet lets a newcomer take its name, as one quiet that long would on a running
+    /// agent; one that counts a query keeps it.
     pub fn new(
         amazon: AmazonResolvers,
         named: &[(IpAddr, u8)],
@@ -92,13 +97,14 @@ impl ResolverSlots {
         now: u64,
     ) -> Self {
         let mut slots = vec![Slot::Free; RESOLVER_SLOTS as usize];
+        let last_active = (now + 1).saturating_sub(QUIET_TO_YIELD.min(idle));
         for (ip, slot) in named {
             if let Some(s) = slots.get_mut(usize::from(*slot))
                 && *slot != RESOLVER_OTHER
             {
                 *s = Slot::Named {
                     ip: *ip,
-                    last_active: now,
+                    last_active,
                 };
             }
         }
@@ -124,11 +130,13 @@ impl ResolverSlots {
         })
     }
 
-    /// The `resolver` label of `slot`: the named address, else `other` (a slot given up
-    /// is `other` from the moment it is).
+    /// The `resolver` label of `slot`: the named address; `retired` for a slot given up
+    /// (from the moment it is) and for [`RESOLVER_RETIRED`]; else `other`.
     pub fn label(&self, slot: u8) -> String {
         match self.slots.get(usize::from(slot)) {
             Some(Slot::Named { ip, .. }) => ip.to_string(),
+            Some(Slot::Draining { .. }) => "retired".to_owned(),
+            _ if slot == RESOLVER_RETIRED => "retired".to_owned(),
             _ => "other".to_owned(),
         }
     }
@@ -445,7 +453,10 @@ mod tests {
             ..Activity::default()
         });
         assert_eq!(c.released, [(custom(1), 1)]);
-        assert_eq!(s.label(1), "other");
+        // Its counts are `retired` from now on, never `other`.
+        assert_eq!(s.label(1), "retired");
+        assert_eq!(s.label(RESOLVER_RETIRED), "retired");
+        assert_eq!(s.label(2), "other");
         assert!(s.info().is_empty());
         let c = s.pass(&Activity {
             now: 303,
@@ -474,5 +485,41 @@ mod tests {
         assert_eq!(s.slot_of(custom(8)), None, "slot 0 is other");
         assert_eq!(s.slot_of(custom(9)), None, "past the slots");
         assert_eq!(s.label(5), custom(7).to_string());
+    }
+
+    #[test]
+    fn after_a_restart_that_followed_a_spray_a_new_resolver_is_named_within_a_second() {
+        // Every custom name held by a spray's one-off addresses when the agent restarts.
+        let sprayed: Vec<(IpAddr, u8)> = (0..16u8)
+            .map(|i| (custom(u32::from(i) + 100), i + 2))
+            .collect();
+        let now = 1000;
+        let mut s = ResolverSlots::new(AmazonResolvers::default(), &sprayed, 300, 4, now);
+        let fresh = custom(1);
+        // Half a second on, nothing named yet is quiet long enough.
+        let c = s.pass(&Activity {
+            now,
+            queried: vec![(fresh, 5)],
+            ..Activity::default()
+        });
+        assert!(c.named.is_empty(), "{c:?}");
+        // A second on: the quietest sprayed name yields, the fresh resolver takes it.
+        let c = s.pass(&Activity {
+            now: now + 1,
+            queried: vec![(fresh, 5)],
+            ..Activity::default()
+        });
+        assert_eq!(c.released, [(custom(100), 2)]);
+        assert_eq!(c.named.len(), 1, "{c:?}");
+        assert!(s.slot_of(fresh).is_some());
+        // A restored name that counts queries keeps it.
+        let mut s = ResolverSlots::new(AmazonResolvers::default(), &sprayed, 300, 4, now);
+        let c = s.pass(&Activity {
+            now: now + 1,
+            queried: vec![(fresh, 5)],
+            active: (2..=17).collect(),
+            ..Activity::default()
+        });
+        assert!(c.named.is_empty() && c.released.is_empty(), "{c:?}");
     }
 }

@@ -115,7 +115,10 @@ fn render(comments: &[String], lines: &[Line], n: usize, elapsed: f64) -> String
             Kind::Traffic => true,
             Kind::Trouble => troubled,
         };
-        let v = if l.series.starts_with("eni_monitor_conntrack_allowance_utilization_ratio") {
+        let v = if l
+            .series
+            .starts_with("eni_monitor_conntrack_allowance_utilization_ratio")
+        {
             0.98 * x * x * x
         } else if grows {
             (l.value + elapsed) * f
@@ -244,16 +247,21 @@ pub(crate) fn fleet(report: &mut Report) {
             .unwrap_or(0.0)
     };
     let want = (nodes * per_node) as f64;
-    wait_for("the fleet in Prometheus's head", Duration::from_mins(5), || {
-        head() >= want
-    });
+    wait_for(
+        "the fleet in Prometheus's head",
+        Duration::from_mins(5),
+        || head() >= want,
+    );
     // Evaluations of every group, each cycle's sum, and each group's own.
     let mut all = Vec::new();
     let mut each: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut last = groups(&prom, &ns);
     let deadline = Instant::now() + Duration::from_secs(INTERVAL_S * (CYCLES as u64 + 4));
     while all.len() < CYCLES {
-        assert!(Instant::now() < deadline, "the rules stopped evaluating: {last:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the rules stopped evaluating: {last:?}"
+        );
         std::thread::sleep(Duration::from_secs(1));
         let now = groups(&prom, &ns);
         if now.values().all(|g| !g.0.is_empty())
@@ -288,7 +296,13 @@ pub(crate) fn fleet(report: &mut Report) {
         Some((format!("< {INTERVAL_S} s, the interval"), met)),
     );
     for (name, times) in each {
-        report.add("fleet", format!("group {name}, {nodes} nodes"), "ms", stat(times), None);
+        report.add(
+            "fleet",
+            format!("group {name}, {nodes} nodes"),
+            "ms",
+            stat(times),
+            None,
+        );
     }
     report.add(
         "fleet",
