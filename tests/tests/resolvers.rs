@@ -23,6 +23,7 @@ use integration_tests::{
 const QUERIES: &str = "eni_monitor_dns_queries_total";
 const RESPONSES: &str = "eni_monitor_dns_responses_total";
 const UNANSWERED: &str = "eni_monitor_dns_unanswered_total";
+const UNTRACKED: &str = "eni_monitor_dns_untracked_total";
 const INFO: &str = "eni_monitor_dns_resolver_info";
 
 /// What the test sent and what came back, to hold the agent's totals to.
@@ -39,18 +40,20 @@ impl Sent {
     }
 }
 
-/// Waits until every query has ended (answered, or swept unanswered), then holds the
-/// device's totals to what was sent: queries = answered + unanswered, exactly.
+/// Waits until every query has ended (answered, swept unanswered, or untracked), then
+/// holds the device's totals to what was sent: queries = answered + unanswered +
+/// untracked, exactly.
 fn settled(agent: &Agent, sim: &SimNode, sent: &Sent, what: &str) -> Scrape {
     let eth0 = [("device", "eth0")];
     let s = agent.scrape_until(&sim.node, what, |s| {
         s.sum(QUERIES, &eth0) == sent.queries
-            && s.sum(RESPONSES, &eth0) + s.sum(UNANSWERED, &eth0) == sent.queries
+            && s.sum(RESPONSES, &eth0) + s.sum(UNANSWERED, &eth0) + s.sum(UNTRACKED, &eth0)
+                == sent.queries
     });
     assert_eq!(s.sum(QUERIES, &eth0), sent.queries, "{what}\n{}", s.text);
     assert_eq!(s.sum(RESPONSES, &eth0), sent.answered, "{what}\n{}", s.text);
     assert_eq!(
-        s.sum(UNANSWERED, &eth0),
+        s.sum(UNANSWERED, &eth0) + s.sum(UNTRACKED, &eth0),
         sent.queries - sent.answered,
         "{what}\n{}",
         s.text

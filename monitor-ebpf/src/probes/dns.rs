@@ -66,9 +66,10 @@ static DNS_SEEN: LruHashMap<Addr, u64> = LruHashMap::with_max_entries(DNS_SEEN_M
 /// take one as queries begin and end, with plain stores that a race between CPUs may
 /// leave a few off; the agent's sweep writes the true counts, from its walk of the table,
 /// every pass. A client holding its share of the table takes no more room, and a full
-/// set makes room from the client holding the most.
+/// set makes room from the client holding the most. Whole words: an array's elements
+/// are 8 bytes apart in the memory the agent maps, whatever their size.
 #[map]
-static DNS_CLIENTS: Array<u32> = Array::with_max_entries(DNS_CLIENT_BUCKETS, BPF_F_MMAPABLE);
+static DNS_CLIENTS: Array<u64> = Array::with_max_entries(DNS_CLIENT_BUCKETS, BPF_F_MMAPABLE);
 
 /// What a client's queries in flight count in.
 mod clients {
@@ -85,7 +86,7 @@ mod clients {
 
     /// Queries in flight of the clients of `bucket`.
     #[inline(always)]
-    pub fn held(bucket: u32) -> u32 {
+    pub fn held(bucket: u32) -> u64 {
         DNS_CLIENTS
             .get_ptr(bucket)
             // SAFETY: a word of a map value the kernel keeps for the program's run.
@@ -94,8 +95,8 @@ mod clients {
 
     /// Whether `held` queries are a client's whole share of a table of `room`.
     #[inline(always)]
-    pub fn at_share(held: u32, room: u32) -> bool {
-        held >= room / DNS_CLIENT_SHARE
+    pub fn at_share(held: u64, room: u32) -> bool {
+        held >= u64::from(room / DNS_CLIENT_SHARE)
     }
 
     #[inline(always)]
@@ -734,7 +735,7 @@ mod pending {
         key: &KeyWords,
         meta: Meta,
         client: u32,
-        held: u32,
+        held: u64,
     ) -> Ended {
         let mut victim = DNS_PENDING_WAYS;
         let mut victim_client = client;

@@ -65,7 +65,7 @@ impl Sweeper {
         let mut expired: Vec<Expired> = Vec::new();
         self.pending
             .sweep(now_ns.saturating_sub(timeout), |e| expired.push(e));
-        let mut clients = vec![0u32; DNS_CLIENT_BUCKETS as usize];
+        let mut clients = vec![0u64; DNS_CLIENT_BUCKETS as usize];
         let mut stale: Vec<(DnsFlightKey, Expired)> = Vec::new();
         self.inflight.for_each(|key, flight| {
             if now_ns.saturating_sub(flight.start_ns) >= timeout {

@@ -190,7 +190,7 @@ impl PendingTable {
 /// programs add and take one as queries begin and end (plain stores, which racing CPUs
 /// may leave a few off); each sweep writes the counts it found in its walk of the table.
 pub struct ClientCounts {
-    buckets: Mapped<u32>,
+    buckets: Mapped<u64>,
     /// The key of the clients' hash (the DNS queries' key).
     key: u32,
 }
@@ -210,7 +210,7 @@ impl ClientCounts {
     }
 
     /// Writes the counts of a walk of the table, one a bucket.
-    pub fn set(&self, counts: &[u32]) {
+    pub fn set(&self, counts: &[u64]) {
         for (i, n) in counts.iter().enumerate().take(self.buckets.entries()) {
             // SAFETY: an entry of the mapping; the programs read and write it with plain
             // loads and stores too.
@@ -219,7 +219,7 @@ impl ClientCounts {
     }
 
     /// The counts as they are now.
-    pub fn get(&self) -> Vec<u32> {
+    pub fn get(&self) -> Vec<u64> {
         (0..self.buckets.entries())
             // SAFETY: as above.
             .map(|i| unsafe { std::ptr::read_volatile(self.buckets.entry(i)) })
