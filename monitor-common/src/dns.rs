@@ -238,7 +238,7 @@ pub const DNS_CLIENT_SHARE: u32 = 4;
 
 /// The bucket of `DNS_CLIENTS` a client's queries count in: its address's words hashed
 /// with the table's key (the agent's sweep recounts the buckets with the same function).
-#[inline(always)]
+#[inline]
 pub fn dns_client_bucket(client: [u32; 4], key: u32) -> u32 {
     let mut h = key;
     for w in client {

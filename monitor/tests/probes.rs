@@ -508,8 +508,9 @@ fn full_table_counted(probe: &Probe) {
     assert_eq!(c.queries, c.superseded + c.untracked + c.inflight as u64);
     assert_eq!(map_full(probe, MapFull::DnsInflight), 2);
     assert_eq!(map_full(probe, MapFull::DnsCounts), 0);
-    let (ended, waiting): ([(u8, u16); 2], [(u8, u16); 4]) = if probe.atomics {
-        ([(0, 0), (0, 1)], [(1, 0), (2, 0), (3, 0), (4, 0)])
+    // (client, id) of the queries the table did not keep, and of those waiting.
+    let (ended, waiting) = if probe.atomics {
+        ([(0u8, 0u16), (0, 1)], [(1u8, 0u16), (2, 0), (3, 0), (4, 0)])
     } else {
         ([(3, 0), (4, 0)], [(0, 0), (0, 1), (1, 0), (2, 0)])
     };

@@ -121,7 +121,7 @@ fn a_flood_on_one_client_leaves_the_others_answered_and_tracked() {
     let _eth1_resolver = SlowResolver::start(&sim.vpc, addr("10.201.0.1", 53), slow);
     let agent = Agent::start(&sim.node, &["--device", "eth*", "--dns-timeout", "2s"]);
 
-    let flooder = std::thread::spawn({
+    let flooding = std::thread::spawn({
         let node = sim.node.name.clone();
         move || {
             flood(
@@ -154,7 +154,7 @@ fn a_flood_on_one_client_leaves_the_others_answered_and_tracked() {
         100,
     );
     let (sent2, answered2) = beside.join().unwrap();
-    let flooded = flooder.join().unwrap() as f64;
+    let flooded = flooding.join().unwrap() as f64;
     assert_eq!((sent1, sent2), (1000, 1000));
     assert!(
         answered1 >= 990 && answered2 >= 990,
