@@ -485,14 +485,26 @@ fn full_table_counted(probe: &Probe) {
         |c: u8, id: u16| ipv4_udp(client(c), DST4, 40000, 53, 0, &dns(id, 0x0100, 1, QUESTION));
     let answer =
         |c: u8, id: u16| ipv4_udp(DST4, client(c), 53, 40000, 0, &dns(id, 0x8180, 1, QUESTION));
+    // What each client holds, as the agent's sweep counts it from the table.
+    let counted = |held: &[(u8, u64)]| {
+        let clients = &probe.maps.dns_clients;
+        let mut counts = vec![0; monitor_common::DNS_CLIENT_BUCKETS as usize];
+        for (c, n) in held {
+            counts[clients.bucket(addr_from_ip(client(*c).into()))] = *n;
+        }
+        clients.set(&counts);
+    };
     run(probe, "tc_egress", &query(0, 0));
     // A retransmission of a query in flight is not a full table: it takes the copy's way.
     run(probe, "tc_egress", &query(0, 0));
     assert_eq!(map_full(probe, MapFull::DnsInflight), 0);
+    counted(&[(0, 1)]);
     run(probe, "tc_egress", &query(0, 1));
-    for c in 1..=4 {
+    for c in 1..=3 {
         run(probe, "tc_egress", &query(c, 0));
     }
+    counted(&[(0, 1), (1, 1), (2, 1), (3, 1)]);
+    run(probe, "tc_egress", &query(4, 0));
     // With sets (one of four ways here), each client holds at most a quarter of the
     // table: A's second query is refused, B, C and D take the free ways, and E, holding
     // none, makes room from the heaviest client's oldest (A's first). The hash table of

@@ -128,6 +128,12 @@ ip netns exec vpc nettool tcp-server 10.0.0.2:8080 &
 ip netns exec vpc nettool udp-sink 10.0.0.2:7000 &
 start_agent || exit 1
 classifiers classifiers-attached
+# The agent's reason, where a classifier did not attach (the verifier's last words).
+if [ "$(get /readyz | head -n 1)" != 200 ]; then
+    mark BEGIN agent-log-not-ready
+    grep -v '^ *[0-9]*: ' /tmp/agent.log | tail -n 60
+    mark END agent-log-not-ready
+fi
 
 phase "phase-2"
 # Phase 2: drops on the node, arriving through eth0 at closed ports: 5 plain, 3 DNS.

@@ -62,11 +62,12 @@ static DNS_AGENT_LATENCY: HashMap<DnsSlotKey, DnsLatency> =
 #[map]
 static DNS_SEEN: LruHashMap<Addr, u64> = LruHashMap::with_max_entries(DNS_SEEN_MAX_ENTRIES, 0);
 
-/// Queries in flight per client (its address hashed to a bucket): the programs add and
-/// take one as queries begin and end, with plain stores that a race between CPUs may
-/// leave a few off; the agent's sweep writes the true counts, from its walk of the table,
-/// every pass. A client holding its share of the table takes no more room, and a full
-/// set makes room from the client holding the most. Whole words: an array's elements
+/// Queries in flight per client (its address hashed to a bucket), counted by the agent's
+/// sweep in its walk of the table every pass (at most a second old): the programs only
+/// read them. A client holding its share of the table takes no more room, and a full set
+/// makes room from the client holding the most. Counting them here too would cost a map
+/// update on every query and answer, and branches the verifier walks on every path
+/// after them (6.1 under emulation then took minutes to load the classifiers). Whole words: an array's elements
 /// are 8 bytes apart in the memory the agent maps, whatever their size.
 #[map]
 static DNS_CLIENTS: Array<u64> = Array::with_max_entries(DNS_CLIENT_BUCKETS, BPF_F_MMAPABLE);
@@ -97,24 +98,6 @@ mod clients {
     #[inline(always)]
     pub fn at_share(held: u64, room: u32) -> bool {
         held >= u64::from(room / DNS_CLIENT_SHARE)
-    }
-
-    #[inline(always)]
-    pub fn add(bucket: u32) {
-        if let Some(n) = DNS_CLIENTS.get_ptr_mut(bucket) {
-            // SAFETY: as above; a racing CPU may lose one, which the sweep puts right.
-            unsafe { core::ptr::write_volatile(n, core::ptr::read_volatile(n).wrapping_add(1)) };
-        }
-    }
-
-    #[inline(always)]
-    pub fn take(bucket: u32) {
-        if let Some(n) = DNS_CLIENTS.get_ptr_mut(bucket) {
-            // SAFETY: as above.
-            unsafe {
-                core::ptr::write_volatile(n, core::ptr::read_volatile(n).saturating_sub(1));
-            };
-        }
     }
 }
 
@@ -477,7 +460,6 @@ fn inflight_query(words: &KeyWords, meta: Meta, replace: bool) -> Ended {
         if let Some(copy) = copy
             && DNS_INFLIGHT.remove(&key).is_ok()
         {
-            clients::take(client);
             ended = Ended::Superseded(Meta {
                 ifindex: copy.ifindex,
                 resolver: copy.resolver,
@@ -488,7 +470,7 @@ fn inflight_query(words: &KeyWords, meta: Meta, replace: bool) -> Ended {
         r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
     }
     match r {
-        Ok(()) => clients::add(client),
+        Ok(()) => {}
         // A copy on another CPU got in between, and waits in our place.
         Err(EEXIST) => {}
         // A full table: the new query ends here, untracked (a hash table has no
@@ -512,7 +494,6 @@ fn inflight_answer(words: &KeyWords) -> Option<(u64, u8)> {
     // Only the deleter counts: a duplicate response or the agent's timeout sweep
     // racing with this one loses.
     DNS_INFLIGHT.remove(&key).ok()?;
-    clients::take(clients::of(words));
     Some((flight.start_ns, flight.resolver))
 }
 
@@ -718,7 +699,6 @@ mod pending {
             let way = Way { set, i };
             if way.is(PENDING_FREE) && way.claim(PENDING_FREE, PENDING_WRITING) {
                 publish(way, key, meta);
-                clients::add(client);
                 return Ended::None;
             }
         }
@@ -737,28 +717,11 @@ mod pending {
         client: u32,
         held: u64,
     ) -> Ended {
-        let mut victim = DNS_PENDING_WAYS;
-        let mut victim_client = client;
-        let mut victim_held = 0;
-        let mut victim_start = u64::MAX;
-        for i in 0..DNS_PENDING_WAYS {
-            let way = Way { set, i };
-            if !way.is(PENDING_WAITING) {
-                continue;
-            }
-            let c = way.client();
-            let h = clients::held(c);
-            // SAFETY: a word of a map value the kernel keeps for the program's run; what
-            // is decided on it is decided again once the way is held.
-            let start = unsafe { core::ptr::read_volatile(way.start()) };
-            if h > victim_held || (h == victim_held && start < victim_start) {
-                victim = i;
-                victim_client = c;
-                victim_held = h;
-                victim_start = start;
-            }
-        }
-        if victim == DNS_PENDING_WAYS || (victim_client != client && victim_held <= held) {
+        let chosen = heaviest(set);
+        let victim = (chosen & 0xff) as usize;
+        let victim_client = ((chosen >> 8) & 0xffff_ff) as u32;
+        let victim_held = chosen >> 32;
+        if victim >= DNS_PENDING_WAYS || (victim_client != client && victim_held <= held) {
             return Ended::Evicted(meta);
         }
         let way = Way { set, i: victim };
@@ -766,14 +729,65 @@ mod pending {
             // The way's query as it is now that it is held (it may have changed since
             // the look).
             let evicted = way.meta();
-            let evicted_client = way.client();
             publish(way, key, meta);
-            clients::take(evicted_client);
-            clients::add(client);
             return Ended::Evicted(evicted);
         }
         // The way held this instant: the new query ends here.
         Ended::Evicted(meta)
+    }
+
+    /// The way of the waiting query whose client holds the most queries in flight (the
+    /// oldest of that client's) in a full set, packed: the way in the low byte (or
+    /// `DNS_PENDING_WAYS` when none waits), its client bucket above it, what that client
+    /// holds in the high word. A function of its own in the program: its comparisons
+    /// are walked once by the verifier, and what follows once for each way it can return
+    /// rather than for each path through them (6.1 under emulation took longer than its
+    /// scenario's limit with it inlined).
+    #[inline(never)]
+    fn heaviest(set: *mut DnsPendingSet) -> u64 {
+        let mut best = Heaviest {
+            way: DNS_PENDING_WAYS as u64,
+            client: 0,
+            held: 0,
+            start: u64::MAX,
+        };
+        // Written out, not a loop: LLVM leaves a loop of four here rolled, and 6.1's
+        // verifier refuses a loop around a helper call ("back-edge").
+        best.consider(Way { set, i: 0 });
+        best.consider(Way { set, i: 1 });
+        best.consider(Way { set, i: 2 });
+        best.consider(Way { set, i: 3 });
+        best.way | best.client << 8 | best.held.min(u64::from(u32::MAX)) << 32
+    }
+
+    const _: () = assert!(DNS_PENDING_WAYS == 4, "heaviest considers four ways");
+
+    /// The heaviest client's oldest query seen so far.
+    struct Heaviest {
+        way: u64,
+        client: u64,
+        held: u64,
+        start: u64,
+    }
+
+    impl Heaviest {
+        #[inline(always)]
+        fn consider(&mut self, way: Way) {
+            if !way.is(PENDING_WAITING) {
+                return;
+            }
+            let c = way.client();
+            let h = clients::held(c);
+            // SAFETY: a word of a map value the kernel keeps for the program's run; what
+            // is decided on it is decided again once the way is held.
+            let start = unsafe { core::ptr::read_volatile(way.start()) };
+            if h > self.held || (h == self.held && start < self.start) {
+                self.way = way.i as u64;
+                self.client = u64::from(c);
+                self.held = h;
+                self.start = start;
+            }
+        }
     }
 
     /// Writes a query into a way this CPU claimed (state `PENDING_WRITING`), then marks it
@@ -811,7 +825,6 @@ mod pending {
                     )
                 };
                 release(way, PENDING_FREE);
-                clients::take(clients::of(key));
                 return Some((start, resolver));
             }
         }

@@ -186,9 +186,9 @@ impl PendingTable {
     }
 }
 
-/// `DNS_CLIENTS` mapped into the agent: queries in flight per client bucket. The
-/// programs add and take one as queries begin and end (plain stores, which racing CPUs
-/// may leave a few off); each sweep writes the counts it found in its walk of the table.
+/// `DNS_CLIENTS` mapped into the agent: queries in flight per client bucket, written by
+/// each sweep from its walk of the table and read by the programs, which hold each
+/// client to its share of the table with them.
 pub struct ClientCounts {
     buckets: Mapped<u64>,
     /// The key of the clients' hash (the DNS queries' key).
