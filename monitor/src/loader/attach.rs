@@ -176,6 +176,15 @@ impl Programs {
         for (name, _, _) in CLASSIFIERS {
             let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
+            // What the verifier walked (4.15+ reports it): against its limit of a million,
+            // the margin the programs have on this kernel.
+            if let Some(n) = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+            {
+                info!("loaded {name}: the verifier walked {n} instructions");
+            }
         }
         self.classifiers_loaded = true;
         Ok(())
