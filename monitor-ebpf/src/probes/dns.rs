@@ -526,16 +526,14 @@ fn inflight_query(words: &KeyWords, meta: Meta, replace: bool) -> Ended {
         }
         r = DNS_INFLIGHT.insert(&key, &flight, BPF_NOEXIST);
     }
-    match r {
-        Ok(()) => {}
-        // A copy on another CPU got in between, and waits in our place.
-        Err(EEXIST) => {}
-        // A full table: the new query ends here, untracked (a hash table has no
-        // heaviest client to make room from).
-        Err(_) => {
-            map_full(MapFull::DnsInflight);
-            ended = Ended::evicted(meta);
-        }
+    // EEXIST again: a copy on another CPU got in between, and waits in our place. Any
+    // other failure is a full table: the new query ends here, untracked (a hash table
+    // has no heaviest client to make room from).
+    if let Err(e) = r
+        && e != EEXIST
+    {
+        map_full(MapFull::DnsInflight);
+        ended = Ended::evicted(meta);
     }
     ended
 }
@@ -777,7 +775,7 @@ mod pending {
     ) -> Ended {
         let chosen = heaviest(set);
         let victim = (chosen & 0xff) as usize;
-        let victim_client = ((chosen >> 8) & 0xffff_ff) as u32;
+        let victim_client = ((chosen >> 8) & 0x00ff_ffff) as u32;
         let victim_held = chosen >> 32;
         if victim >= DNS_PENDING_WAYS || (victim_client != client && victim_held <= held) {
             return Ended::evicted(meta);
