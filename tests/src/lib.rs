@@ -30,7 +30,7 @@ pub mod vm;
 
 use std::{process::Command, sync::atomic::Ordering};
 
-pub use agent::{Agent, BpfState, HOOKS, Scrape, monitor_bin};
+pub use agent::{Agent, BpfState, HOOKS, Scrape, monitor_bin, rss_mib};
 pub use netns::{Netns, enter};
 pub use node::{Eni, Pod, SimNode};
 pub use traffic::{addr, http_get, monotonic, send_udp, set_rcvbuf};

@@ -17,7 +17,7 @@ use std::{net::SocketAddr, time::Duration};
 use integration_tests::{
     Agent, BpfState, Scrape, SimNode, addr,
     dns::{self, OK_NAME, Resolver, SlowResolver},
-    require_root,
+    require_root, rss_mib,
 };
 
 const QUERIES: &str = "eni_monitor_dns_queries_total";
@@ -71,17 +71,6 @@ fn settled(agent: &Agent, sim: &SimNode, sent: &Sent, what: &str) -> Scrape {
 
 fn named(s: &Scrape, resolver: &str) -> bool {
     s.get(INFO, &[("resolver", resolver), ("kind", "custom")]) == Some(1.0)
-}
-
-/// The agent's resident memory, in MiB.
-fn rss_mib(agent: &Agent) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
 }
 
 #[test]
@@ -182,7 +171,7 @@ fn dns_totals_stay_exact_through_churn_sprays_floods_and_restarts() {
     );
     let maps = s.get("eni_monitor_kernel_map_memory_bytes", &[]).unwrap() / 1_048_576.0;
     assert!(maps < 16.0, "kernel maps {maps:.1} MiB");
-    let rss = rss_mib(&agent);
+    let rss = rss_mib(agent.pid());
     assert!(rss < 30.0, "agent RSS {rss:.1} MiB");
     eprintln!(
         "after the spray and the flood: {} series, resolvers {:?}, kernel maps {maps:.2} MiB, agent RSS {rss:.1} MiB, {} queries ended to make room",

@@ -29,19 +29,7 @@ pub(crate) fn map_mib(agent: &Agent, ns: &integration_tests::Netns) -> f64 {
         / 1024.0
 }
 
-pub(crate) fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb / 1024.0
-}
+pub(crate) use integration_tests::rss_mib;
 
 /// The part of `pid`'s resident memory that is eBPF maps it mapped (the flow sets, the
 /// DNS queries in flight): kernel map memory, charged once, and counted there.
