@@ -2,15 +2,19 @@
 //! toolkit's format). `tls_server_config` serves the endpoints over TLS, with client
 //! certificates verified against `client_ca_file` where given; `basic_auth_users` asks
 //! for a user and password on `/metrics`, checked against bcrypt hashes. The kubelet's
-//! probes, `/healthz` and `/readyz`, need no password (they tell nothing but whether
-//! the agent is up and attached); TLS covers them too.
+//! probes, `/healthz` and `/readyz`, need no password and no client certificate (they
+//! tell nothing but whether the agent is up and attached, and the kubelet presents
+//! none): where certificates are required, the handshake verifies any certificate given
+//! and lets one without in, and every other path then refuses a connection that gave
+//! none. TLS covers the probes too. A wrong password costs the same bcrypt whether or not
+//! the user exists, and failures are rate-limited.
 
 use std::{
     collections::{BTreeMap, HashSet},
     hash::{BuildHasher as _, RandomState},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -86,6 +90,45 @@ pub struct Users {
     hashes: BTreeMap<String, String>,
     verified: Mutex<HashSet<u64>>,
     key: RandomState,
+    /// A hash of no one's password at the highest cost of the users': what an unknown
+    /// user's password is checked against, so that it costs what a known one's does.
+    nobody: String,
+    /// Checks that may still fail before the next is refused unchecked.
+    failures: Mutex<Bucket>,
+}
+
+/// A token bucket: `FAILURES_BURST` tokens, one more every `1 / FAILURES_PER_SECOND` s.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Failed password checks allowed a second, after a burst: bcrypt takes tens of
+/// milliseconds on purpose, so a client guessing passwords must not have it for free.
+const FAILURES_PER_SECOND: f64 = 2.0;
+const FAILURES_BURST: f64 = 10.0;
+
+impl Bucket {
+    fn full() -> Self {
+        Self {
+            tokens: FAILURES_BURST,
+            at: Instant::now(),
+        }
+    }
+
+    /// Whether a check may run now (a token is left); the failure, if it fails, takes it.
+    fn has_token(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * FAILURES_PER_SECOND;
+        self.tokens = (self.tokens + earned).min(FAILURES_BURST);
+        self.at = now;
+        self.tokens >= 1.0
+    }
+
+    fn take(&mut self) {
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
 }
 
 impl std::fmt::Debug for Users {
@@ -138,6 +181,11 @@ impl Web {
 }
 
 impl Tls {
+    /// Whether paths other than the probes need a verified client certificate.
+    pub fn requires_client_cert(&self) -> bool {
+        self.files.policy() == Some(ClientAuth::RequireAndVerifyClientCert)
+    }
+
     fn new(mut files: TlsFile, dir: &Path) -> Result<Self> {
         // Relative paths are the file's own directory's, as node_exporter has them.
         for p in [
@@ -182,6 +230,15 @@ impl Tls {
 }
 
 impl TlsFile {
+    /// The client certificate policy in force: none without a CA; with one and no
+    /// policy, certificates required and verified, as the exporter toolkit has it.
+    fn policy(&self) -> Option<ClientAuth> {
+        match (&self.client_ca_file, self.client_auth_type) {
+            (None, _) | (Some(_), Some(ClientAuth::NoClientCert)) => None,
+            (Some(_), policy) => Some(policy.unwrap_or(ClientAuth::RequireAndVerifyClientCert)),
+        }
+    }
+
     fn mtimes(&self) -> Vec<Option<SystemTime>> {
         [
             Some(&self.cert_file),
@@ -216,17 +273,9 @@ impl TlsFile {
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(versions)
             .context("TLS versions")?;
-        let auth = match (&self.client_ca_file, self.client_auth_type) {
-            (None, _) | (Some(_), Some(ClientAuth::NoClientCert)) => None,
-            // A CA given and no policy: certificates required and verified, as the
-            // exporter toolkit has it.
-            (Some(ca), policy) => {
-                Some((ca, policy.unwrap_or(ClientAuth::RequireAndVerifyClientCert)))
-            }
-        };
-        let builder = match auth {
-            None => builder.with_no_client_auth(),
-            Some((ca, policy)) => {
+        let builder = match (self.policy(), &self.client_ca_file) {
+            (None, _) | (_, None) => builder.with_no_client_auth(),
+            (Some(_), Some(ca)) => {
                 let mut roots = RootCertStore::empty();
                 for cert in CertificateDer::pem_file_iter(ca)
                     .map_err(|e| anyhow!("{e}"))
@@ -239,13 +288,12 @@ impl TlsFile {
                         .add(cert)
                         .with_context(|| format!("client_ca_file {}", ca.display()))?;
                 }
+                // A certificate given is verified in the handshake; one not given is let
+                // in, so that the kubelet's probes pass, and required by every other path
+                // (`requires_client_cert`).
                 let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-                let verifier = if policy == ClientAuth::VerifyClientCertIfGiven {
-                    verifier.allow_unauthenticated()
-                } else {
-                    verifier
-                };
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .allow_unauthenticated();
                 builder.with_client_cert_verifier(
                     verifier
                         .build()
@@ -280,10 +328,19 @@ impl Users {
                 bail!("basic_auth_users: the password of {user:?} is not a bcrypt hash");
             }
         }
+        let cost = hashes
+            .values()
+            .filter_map(|h| h.split('$').nth(2)?.parse::<u32>().ok())
+            .max()
+            .unwrap_or(bcrypt::DEFAULT_COST);
+        let secret = format!("{:x}", RandomState::new().hash_one(Instant::now()));
+        let nobody = bcrypt::hash(secret, cost).context("basic_auth_users: hashing")?;
         Ok(Self {
             hashes,
             verified: Mutex::default(),
             key: RandomState::new(),
+            nobody,
+            failures: Mutex::new(Bucket::full()),
         })
     }
 
@@ -302,9 +359,9 @@ impl Users {
         let Some((user, password)) = pair.split_once(':') else {
             return false;
         };
-        let Some(hash) = self.hashes.get(user) else {
-            return false;
-        };
+        // An unknown user's password is checked too, against a hash of the same cost.
+        let known = self.hashes.get(user);
+        let hash = known.unwrap_or(&self.nobody);
         let seen = self.key.hash_one((user, password, hash));
         if self
             .verified
@@ -314,7 +371,20 @@ impl Users {
         {
             return true;
         }
-        if !bcrypt::verify(password, hash).unwrap_or(false) {
+        if !self
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_token()
+        {
+            // Too many failures of late: refused without a check.
+            return false;
+        }
+        if !bcrypt::verify(password, hash).unwrap_or(false) || known.is_none() {
+            self.failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
             return false;
         }
         let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
@@ -366,6 +436,43 @@ mod tests {
         assert!(!users.allows(None));
         assert!(!users.allows(Some(b"Bearer x")));
         assert!(!users.allows(Some(b"Basic !!!")));
+    }
+
+    #[test]
+    fn a_wrong_password_costs_the_same_for_any_user_and_failures_are_rate_limited() {
+        let hash = bcrypt::hash("s3cret", 8).unwrap();
+        let users = Users::new(BTreeMap::from([("prometheus".to_owned(), hash)])).unwrap();
+        let basic = |pair: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            )
+        };
+        let time = |pair: &str| {
+            let started = Instant::now();
+            assert!(!users.allows(Some(basic(pair).as_bytes())));
+            started.elapsed()
+        };
+        // Alternated, medians of three each: an unknown user costs a bcrypt too.
+        let mut known = Vec::new();
+        let mut unknown = Vec::new();
+        for i in 0..3 {
+            known.push(time(&format!("prometheus:wrong{i}")));
+            unknown.push(time(&format!("mallory:wrong{i}")));
+        }
+        known.sort();
+        unknown.sort();
+        let ratio = unknown[1].as_secs_f64() / known[1].as_secs_f64();
+        assert!((0.5..2.0).contains(&ratio), "{known:?} {unknown:?}");
+        // Ten failures in all so far less six: four more, then refused unchecked, fast,
+        // even with the right password; and the bucket fills again with time.
+        for i in 0..4 {
+            time(&format!("prometheus:again{i}"));
+        }
+        let refused = time("prometheus:s3cret");
+        assert!(refused < known[0] / 4, "{refused:?} against {known:?}");
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        assert!(users.allows(Some(basic("prometheus:s3cret").as_bytes())));
     }
 
     #[test]

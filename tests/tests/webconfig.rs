@@ -134,8 +134,8 @@ fn curl(sim: &SimNode, dir: &Path, path: &str, args: &[&str]) -> (i32, String) {
     )
 }
 
-fn tls_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("em-tls-{}", std::process::id()));
+fn tls_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("em-tls-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     ca(&dir, "ca");
     ca(&dir, "other-ca");
@@ -161,7 +161,7 @@ fn prometheus_scrapes_over_tls_with_a_password_and_the_rest_are_refused() {
         return;
     }
     let sim = SimNode::ipv4_only();
-    let dir = tls_dir();
+    let dir = tls_dir("scrape");
     let hash = bcrypt::hash("s3cret", 6).unwrap();
     // Relative paths are the file's own directory's, as node_exporter has them.
     std::fs::write(
@@ -200,11 +200,24 @@ fn prometheus_scrapes_over_tls_with_a_password_and_the_rest_are_refused() {
             "{auth:?}"
         );
     }
-    // A client that trusts another CA does not trust the agent (curl: 60); one without a
-    // certificate, or with one of another CA, is refused in the handshake.
+    // A client that trusts another CA does not trust the agent (curl: 60). One without a
+    // certificate, as the kubelet's probes are, gets the probes and nothing else, even
+    // with the password.
     let other_ca = ["--cacert", "other-ca.crt", "-u", "prometheus:s3cret"];
     assert_eq!(curl(&sim, &dir, "/metrics", &other_ca).0, 60);
     let no_cert = ["--cacert", "ca.crt", "-u", "prometheus:s3cret"];
+    assert_eq!(
+        curl(&sim, &dir, "/metrics", &no_cert),
+        (0, "403".to_owned())
+    );
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(
+            curl(&sim, &dir, probe, &["--insecure"]),
+            (0, "200".to_owned()),
+            "the kubelet's {probe}"
+        );
+    }
+    // One with a certificate of another CA is refused in the handshake.
     let stranger = [
         "--cacert",
         "ca.crt",
@@ -215,13 +228,11 @@ fn prometheus_scrapes_over_tls_with_a_password_and_the_rest_are_refused() {
         "-u",
         "prometheus:s3cret",
     ];
-    for args in [&no_cert[..], &stranger[..]] {
-        let (code, status) = curl(&sim, &dir, "/metrics", args);
-        assert!(
-            code != 0 && status == "000",
-            "{args:?}: curl {code}, {status}"
-        );
-    }
+    let (code, status) = curl(&sim, &dir, "/metrics", &stranger);
+    assert!(
+        code != 0 && status == "000",
+        "a stranger's certificate: curl {code}, {status}"
+    );
     // Plain HTTP is not served.
     let plain = sim
         .node
@@ -255,6 +266,107 @@ fn prometheus_scrapes_over_tls_with_a_password_and_the_rest_are_refused() {
     );
     let up = prometheus.query(&sim.node, "up").unwrap();
     assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The chart's probes: each `httpGet` path of the `DaemonSet`'s template.
+fn chart_probe_paths() -> Vec<String> {
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/helm/eni-monitor/templates/daemonset.yaml"),
+    )
+    .unwrap();
+    template
+        .lines()
+        .filter_map(|l| l.split_once("httpGet: { path: "))
+        .filter_map(|(_, rest)| rest.split_once(',').map(|(p, _)| p.to_owned()))
+        .collect()
+}
+
+#[test]
+fn every_documented_web_config_leaves_the_kubelets_probes_passing() {
+    if !require_root("every_documented_web_config_leaves_the_kubelets_probes_passing") {
+        return;
+    }
+    let probes = chart_probe_paths();
+    assert_eq!(probes, ["/healthz", "/readyz"]);
+    let sim = SimNode::ipv4_only();
+    let dir = tls_dir("probes");
+    let hash = bcrypt::hash("s3cret", 6).unwrap();
+    let tls = "tls_server_config:\n  cert_file: agent.crt\n  key_file: agent.key\n";
+    let users = format!("basic_auth_users:\n  prometheus: '{hash}'\n");
+    // README's configurations: TLS, with a client CA under each policy (none is
+    // RequireAndVerifyClientCert), and a password, with TLS and without.
+    let configs = [
+        tls.to_owned(),
+        format!("{tls}  client_ca_file: ca.crt\n"),
+        format!("{tls}  client_ca_file: ca.crt\n  client_auth_type: RequireAndVerifyClientCert\n"),
+        format!("{tls}  client_ca_file: ca.crt\n  client_auth_type: VerifyClientCertIfGiven\n"),
+        format!("{tls}  client_ca_file: ca.crt\n  client_auth_type: NoClientCert\n"),
+        format!("{tls}  client_ca_file: ca.crt\n{users}"),
+        users.clone(),
+    ];
+    for config in configs {
+        let web = dir.join("web.yml");
+        std::fs::write(&web, &config).unwrap();
+        let _agent = Running::start(&sim, &web);
+        // As the kubelet probes: HTTPS when the chart has a web config (and TLS is in
+        // it), the server's certificate not checked, no client certificate, no password.
+        let https = config.contains("tls_server_config");
+        let probe = |path: &str| {
+            if https {
+                curl(&sim, &dir, path, &["--insecure"])
+            } else {
+                let out = sim
+                    .node
+                    .command("curl")
+                    .args([
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "5",
+                    ])
+                    .arg(format!("http://{LISTEN}{path}"))
+                    .output()
+                    .unwrap();
+                (
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                )
+            }
+        };
+        wait_for(
+            &format!("the agent under {config}"),
+            Duration::from_secs(20),
+            || probe("/healthz") == (0, "200".to_owned()),
+        );
+        for path in &probes {
+            assert_eq!(probe(path), (0, "200".to_owned()), "{path} under\n{config}");
+        }
+        // And /metrics still asks for what the configuration requires.
+        let metrics = probe("/metrics");
+        let expected = if config
+            .contains("client_ca_file: ca.crt\n  client_auth_type: VerifyClientCertIfGiven")
+            || config.contains("NoClientCert")
+            || !config.contains("client_ca_file")
+        {
+            if config.contains("basic_auth_users") {
+                "401"
+            } else {
+                "200"
+            }
+        } else {
+            "403"
+        };
+        assert_eq!(
+            metrics,
+            (0, expected.to_owned()),
+            "/metrics under\n{config}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
