@@ -241,13 +241,17 @@ impl ResolverSlots {
         let idle = self.idle;
         self.candidates
             .retain(|_, c| a.now.saturating_sub(c.last_seen) < idle);
-        while self.candidates.len() > CANDIDATES {
-            let least = self
+        if self.candidates.len() > CANDIDATES {
+            // The least busy go, found by one sort, not a scan each (pods choose how many
+            // servers a sweep sees: thousands in a spray).
+            let mut ranked: Vec<(u64, u64, IpAddr)> = self
                 .candidates
                 .iter()
-                .min_by_key(|(ip, c)| (c.queries + c.unanswered, c.last_seen, **ip))
-                .map(|(ip, _)| *ip);
-            if let Some(ip) = least {
+                .map(|(ip, c)| (c.queries + c.unanswered, c.last_seen, *ip))
+                .collect();
+            ranked.sort_unstable();
+            let excess = ranked.len() - CANDIDATES;
+            for (_, _, ip) in ranked.into_iter().take(excess) {
                 self.candidates.remove(&ip);
             }
         }
