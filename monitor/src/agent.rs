@@ -27,7 +27,7 @@ use crate::{
         linklocal::LinkLocalCollector,
         udp::UdpQueueCollector,
     },
-    devices::{self, Devices},
+    devices::{self, Departed, Devices},
     housekeeping::{self, Expiry, Sweeper},
     http,
     imds::{self, Imds},
@@ -89,11 +89,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         warn!("no devices to monitor yet; drops are counted as device=\"other\"");
     }
     let mut tasks = vec![tokio::spawn(watch::run(watcher))];
-    housekeeping::start(sweeper, expiry)?;
+    let health = housekeeping::start(sweeper, expiry)?;
 
     tasks.extend(label_enis(&cli, devices, amazon, addrs, names)?);
 
-    let state = Arc::new(http::State::new(registry, attachments, web));
+    let mut state = http::State::new(registry, attachments, web);
+    state.health = health;
+    let state = Arc::new(state);
     tasks.push(tokio::spawn(http::serve(listener, Arc::clone(&state))));
     state.started.store(true, Ordering::Release);
     info!("serving /metrics on {}", cli.listen);
@@ -195,8 +197,9 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         map_full,
     }));
     registry.register_collector(Box::new(DropsCollector {
-        map: drops,
+        map: Mutex::new(drops),
         devices: devices.clone(),
+        departed: Departed::default(),
         reasons: facts.reasons.clone(),
     }));
     registry.register_collector(Box::new(UdpQueueCollector {
@@ -204,6 +207,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
     }));
     registry.register_collector(Box::new(DnsCollector {
         dns: dns.clone(),
+        departed: Departed::default(),
         slots: Arc::clone(&slots),
         ranked: ranked.clone(),
         devices: devices.clone(),

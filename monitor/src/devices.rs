@@ -2,11 +2,12 @@
 //! agent's network namespace, by default the physical NICs.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Result, anyhow};
@@ -66,6 +67,45 @@ impl Devices {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+}
+
+/// Devices a per-device map holds keys of but that are not monitored (gone, or left in
+/// pinned maps by an earlier agent), with when they were first found so, one record a
+/// map's owner (what one deletes, another may still hold): each ENI
+/// attached is a new interface index, and a long-lived node would otherwise fill the
+/// maps with the keys of ENIs long gone.
+#[derive(Clone, Debug, Default)]
+pub struct Departed(Arc<Mutex<BTreeMap<u32, Instant>>>);
+
+/// How long a device's keys outlive it: a device renamed or re-added in the meantime
+/// keeps them, and a key counted by the programs just before the agent saw its device
+/// is never taken for one of a device gone.
+pub const LINGER: Duration = Duration::from_mins(1);
+
+impl Departed {
+    /// Of the interface indexes `keyed` in a map, those whose keys are to be deleted at
+    /// `now`: not among `monitored` for `LINGER`. `other` (0) is never one.
+    pub fn due(
+        &self,
+        keyed: impl IntoIterator<Item = u32>,
+        monitored: &BTreeMap<u32, Device>,
+        now: Instant,
+    ) -> BTreeSet<u32> {
+        let mut departed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        departed.retain(|ifindex, _| !monitored.contains_key(ifindex));
+        let mut due = BTreeSet::new();
+        for ifindex in keyed {
+            if ifindex == monitor_common::DEVICE_OTHER || monitored.contains_key(&ifindex) {
+                continue;
+            }
+            let since = *departed.entry(ifindex).or_insert(now);
+            if now.duration_since(since) >= LINGER {
+                due.insert(ifindex);
+            }
+        }
+        departed.retain(|ifindex, _| !due.contains(ifindex));
+        due
     }
 }
 
@@ -217,5 +257,47 @@ mod tests {
         let all = interfaces().unwrap();
         assert!(all.iter().any(|(n, i)| n == "lo" && *i >= 1), "{all:?}");
         assert!(!is_physical("lo"));
+    }
+}
+
+#[cfg(test)]
+mod departed_tests {
+    use super::*;
+
+    #[test]
+    fn a_device_gone_a_minute_has_its_keys_deleted_and_other_never() {
+        let departed = Departed::default();
+        let eth0 = Device {
+            name: "eth0".into(),
+            ifindex: 2,
+            eni: String::new(),
+            mac: String::new(),
+            slot: 0,
+        };
+        let monitored = BTreeMap::from([(2, eth0)]);
+        let t0 = Instant::now();
+        assert!(departed.due([0, 2, 7], &monitored, t0).is_empty());
+        assert!(
+            departed
+                .due([0, 2, 7], &monitored, t0 + LINGER / 2)
+                .is_empty()
+        );
+        assert_eq!(
+            departed.due([0, 2, 7, 9], &monitored, t0 + LINGER),
+            BTreeSet::from([7])
+        );
+        // 9 was first found later; 7 is forgotten once deleted.
+        assert!(
+            departed
+                .due([9], &monitored, t0 + LINGER + LINGER / 2)
+                .is_empty()
+        );
+        assert_eq!(
+            departed.due([9], &monitored, t0 + LINGER * 2),
+            BTreeSet::from([9])
+        );
+        // A device monitored again keeps its keys.
+        assert!(departed.due([2], &BTreeMap::new(), t0).is_empty());
+        assert!(departed.due([2], &monitored, t0 + LINGER * 3).is_empty());
     }
 }

@@ -10,7 +10,8 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, BpfState, Scrape, SimNode, floor::FloorClassifier, monitor_bin, require_root, sh,
+    Agent, BpfState, Scrape, SimNode, addr, dns, floor::FloorClassifier, monitor_bin, require_root,
+    send_udp, sh,
 };
 
 const BPF_TCX_INGRESS: u32 = 46;
@@ -35,9 +36,20 @@ fn a_thousand_concurrent_scrapes_are_all_answered() {
     let sim = SimNode::ipv4_only();
     let agent = Agent::start(&sim.node, &["--device", "eth0"]);
     let at = agent.listen;
+    // From 100 addresses of the node's loopback, ten each: the agent holds one address to
+    // a share of its connections, as a pod has one address.
     let answered = sim.node.run(move || {
-        let mut conns: Vec<TcpStream> = (0..1000)
-            .map(|_| TcpStream::connect_timeout(&at, Duration::from_secs(5)).unwrap())
+        let mut conns: Vec<TcpStream> = (0..1000u32)
+            .map(|i| {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                let from =
+                    std::net::SocketAddr::from(([127, 0, 1, u8::try_from(1 + i / 10).unwrap()], 0));
+                sock.bind(&from.into()).unwrap();
+                sock.connect_timeout(&at.into(), Duration::from_secs(5))
+                    .unwrap();
+                TcpStream::from(sock)
+            })
             .collect();
         for c in &mut conns {
             c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -77,18 +89,119 @@ fn devices_in(s: &Scrape, metric: &str) -> Vec<String> {
 
 /// Entries of the pinned `MONITORED` map: the device slots in use.
 fn monitored(state: &BpfState) -> usize {
+    pinned_keys(state, "MONITORED")
+}
+
+/// Entries of the pinned map `name`.
+fn pinned_keys(state: &BpfState, name: &str) -> usize {
+    pinned_dump(state, name).len()
+}
+
+/// The pinned map `name` as bpftool dumps it.
+fn pinned_dump(state: &BpfState, name: &str) -> Vec<serde_json::Value> {
     let pin = std::fs::read_dir(state.dir())
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
         .path()
-        .join("MONITORED");
+        .join(name);
     let out = sh(Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(pin));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v.as_array().unwrap().len()
+    v.as_array().unwrap().clone()
+}
+
+/// Keys of a device in the per-device maps (drops, DNS counts and latencies): those
+/// whose first word, the interface index, is not `other`'s 0.
+fn device_keys(state: &BpfState) -> [usize; 3] {
+    ["DROPS", "DNS_COUNTS", "DNS_LATENCY"].map(|m| {
+        pinned_dump(state, m)
+            .iter()
+            .filter(|e| {
+                e["key"].as_array().unwrap()[..4]
+                    .iter()
+                    .any(|b| b.as_str() != Some("0x00"))
+            })
+            .count()
+    })
+}
+
+/// An ENI's life, the n-th (`eth{n+1}`, a name of its own, as EKS gives): attached, a
+/// DNS query out through it, a DNS packet to a closed port dropped on it, and gone.
+fn life(sim: &mut SimNode, agent: &Agent, n: usize) {
+    let device = format!("eth{}", n + 1);
+    let eni = sim.add_eni(&device);
+    let (node, vpc) = (eni.node_v4.clone(), eni.vpc_v4.clone());
+    agent.scrape_until(&sim.node, &format!("{device} attached"), |s| {
+        s.get(
+            "eni_monitor_program_attached",
+            &[
+                ("program", "tc_egress"),
+                ("hook", "tc/egress"),
+                ("device", &device),
+            ],
+        ) == Some(1.0)
+    });
+    send_udp(
+        &sim.node,
+        addr(&vpc, 53),
+        1,
+        &dns::query_packet(dns::OK_NAME, 1),
+    );
+    send_udp(&sim.vpc, addr(&node, 53), 1, b"closed");
+    agent.scrape_until(&sim.node, &format!("{device} counted"), |s| {
+        s.sum("eni_monitor_dns_queries_total", &[("device", &device)]) >= 1.0
+            && s.sum("eni_monitor_dns_drops_total", &[("device", &device)]) >= 1.0
+    });
+    sim.node.ip(&format!("link del {device}"));
+}
+
+#[test]
+fn eni_churn_across_a_restart_leaves_no_keys_behind() {
+    if !require_root("eni_churn_across_a_restart_leaves_no_keys_behind") {
+        return;
+    }
+    let mut sim = SimNode::ipv4_only();
+    let state = BpfState::new(&format!("churn-{}", std::process::id()));
+    let args = ["--device", "eth*"];
+    let mut agent = Agent::start_with_state(&sim.node, &args, &state);
+    let idle = device_keys(&state);
+    for n in 0..10 {
+        life(&mut sim, &agent, n);
+    }
+    let busy = device_keys(&state);
+    // Each ENI left a drop's key and a query's key (the latency map holds answered
+    // queries only, and none was).
+    assert!(
+        busy[0] >= idle[0] + 10 && busy[1] >= idle[1] + 10,
+        "{idle:?} {busy:?}"
+    );
+    // Killed with ten ENIs' keys left, and ten more under the next agent.
+    agent.kill();
+    agent = Agent::start_with_state(&sim.node, &args, &state);
+    for n in 10..20 {
+        life(&mut sim, &agent, n);
+    }
+    // A minute after, every gone ENI's keys are deleted: what is left is eth0's and
+    // other's, as before the churn.
+    // (Scrapes find them gone, and delete them a minute after.)
+    agent.scrape_until(&sim.node, "the last ENI gone", |s| {
+        !s.text.contains("device=\"eth20\"")
+    });
+    std::thread::sleep(monitor::devices::LINGER + Duration::from_secs(2));
+    let s = agent.scrape(&sim.node);
+    let after = device_keys(&state);
+    assert_eq!(
+        after,
+        idle,
+        "{:?}\n{:?}\n{}",
+        pinned_dump(&state, "DROPS"),
+        pinned_dump(&state, "DNS_COUNTS"),
+        s.text
+    );
+    assert_eq!(agent.get(&sim.node, "/readyz").unwrap().0, 200);
 }
 
 #[test]

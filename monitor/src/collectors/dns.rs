@@ -17,7 +17,7 @@ use prometheus_client::{
 
 use super::{Metric, encode_counters, encode_gauges, gauge};
 use crate::{
-    devices::Devices,
+    devices::{Departed, Devices},
     loader::dns::{DnsSnapshot, DnsTables, Histogram},
     model::{
         dns::{RankedClients, rcode_name},
@@ -60,6 +60,8 @@ const RESOLVER_INFO: Metric = Metric {
 
 pub struct DnsCollector {
     pub dns: DnsTables,
+    /// Devices gone, whose counts are deleted once they have been for a while.
+    pub departed: Departed,
     /// The resolver names in force, by slot.
     pub slots: Arc<Mutex<ResolverSlots>>,
     /// The last ranking of the clients with unanswered queries (the sweep's).
@@ -153,6 +155,11 @@ impl Series {
 impl Collector for DnsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
+        self.dns.forget(&self.departed.due(
+            self.dns.ifindexes(),
+            &devices,
+            std::time::Instant::now(),
+        ));
         // The names and the counts read together: the sweep moves a slot's counts to
         // `other` under the same lock as it renames the slot.
         let (names, retired, snapshot, info) = {

@@ -1,6 +1,10 @@
 //! Kernel drops from the `skb:kfree_skb` program's `DROPS` map.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, PoisonError},
+    time::Instant,
+};
 
 use aya::maps::{MapData, PerCpuHashMap};
 use log::warn;
@@ -8,7 +12,10 @@ use monitor_common::{DEVICE_OTHER, DropKey};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{Metric, encode_counters};
-use crate::{devices::Devices, kernel::DropReasons};
+use crate::{
+    devices::{Departed, Devices},
+    kernel::DropReasons,
+};
 
 const DROPS: Metric = Metric {
     name: "drops",
@@ -20,8 +27,10 @@ const DNS_DROPS: Metric = Metric {
 };
 
 pub struct DropsCollector {
-    pub map: PerCpuHashMap<MapData, DropKey, u64>,
+    /// Written here only to delete the keys of devices gone (`departed`).
+    pub map: Mutex<PerCpuHashMap<MapData, DropKey, u64>>,
     pub devices: Devices,
+    pub departed: Departed,
     pub reasons: DropReasons,
 }
 
@@ -72,13 +81,28 @@ impl DropTotals {
 
 impl Collector for DropsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let entries = self.map.iter().filter_map(|entry| match entry {
-            Ok((key, per_cpu)) => Some((key, per_cpu.iter().sum::<u64>())),
-            Err(e) => {
-                warn!("reading the drops map: {e}");
-                None
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let entries: Vec<(DropKey, u64)> = map
+            .iter()
+            .filter_map(|entry| match entry {
+                Ok((key, per_cpu)) => Some((key, per_cpu.iter().sum::<u64>())),
+                Err(e) => {
+                    warn!("reading the drops map: {e}");
+                    None
+                }
+            })
+            .collect();
+        let due = self.departed.due(
+            entries.iter().map(|(k, _)| k.ifindex),
+            &self.devices.snapshot(),
+            Instant::now(),
+        );
+        for (key, _) in entries.iter().filter(|(k, _)| due.contains(&k.ifindex)) {
+            if let Err(e) = map.remove(key) {
+                warn!("deleting the drops of a device gone: {e}");
             }
-        });
+        }
+        drop(map);
         let totals = DropTotals::fold(entries, &self.devices, &self.reasons);
         encode_counters(
             &mut encoder,

@@ -2,7 +2,7 @@
 //! programs saw without a name.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
 };
@@ -120,6 +120,62 @@ impl DnsTables {
                 transport,
             };
             add_count(&mut t.agent_counts, key, n);
+        }
+    }
+
+    /// The interface indexes the counts are kept by.
+    pub fn ifindexes(&self) -> BTreeSet<u32> {
+        let snapshot = self.snapshot();
+        snapshot
+            .counts
+            .keys()
+            .map(|k| k.ifindex)
+            .chain(snapshot.latency.keys().map(|k| k.ifindex))
+            .collect()
+    }
+
+    /// Deletes every count and latency of the devices `gone`, the programs' and the
+    /// agent's.
+    pub fn forget(&self, gone: &BTreeSet<u32>) {
+        if gone.is_empty() {
+            return;
+        }
+        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let keys: Vec<DnsCountKey> = t
+            .counts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone.contains(&k.ifindex))
+            .collect();
+        for k in &keys {
+            let _ = t.counts.remove(k);
+        }
+        let keys: Vec<DnsCountKey> = t
+            .agent_counts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone.contains(&k.ifindex))
+            .collect();
+        for k in &keys {
+            let _ = t.agent_counts.remove(k);
+        }
+        let keys: Vec<DnsSlotKey> = t
+            .latency
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone.contains(&k.ifindex))
+            .collect();
+        for k in &keys {
+            let _ = t.latency.remove(k);
+        }
+        let keys: Vec<DnsSlotKey> = t
+            .agent_latency
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone.contains(&k.ifindex))
+            .collect();
+        for k in &keys {
+            let _ = t.agent_latency.remove(k);
         }
     }
 
