@@ -111,6 +111,11 @@ impl Drop for Running {
 /// curl in `sim`'s node namespace against the agent over https: its exit code and the
 /// HTTP status it printed.
 fn curl(sim: &SimNode, dir: &Path, path: &str, args: &[&str]) -> (i32, String) {
+    curl_over(sim, dir, "https", path, args)
+}
+
+/// curl against the agent over `scheme`: its exit code and the HTTP status it printed.
+fn curl_over(sim: &SimNode, dir: &Path, scheme: &str, path: &str, args: &[&str]) -> (i32, String) {
     let out: Output = sim
         .node
         .command("curl")
@@ -125,7 +130,7 @@ fn curl(sim: &SimNode, dir: &Path, path: &str, args: &[&str]) -> (i32, String) {
             "5",
         ])
         .args(args)
-        .arg(format!("https://{LISTEN}{path}"))
+        .arg(format!("{scheme}://{LISTEN}{path}"))
         .output()
         .unwrap();
     (
@@ -234,18 +239,11 @@ fn prometheus_scrapes_over_tls_with_a_password_and_the_rest_are_refused() {
         "a stranger's certificate: curl {code}, {status}"
     );
     // Plain HTTP is not served.
-    let plain = sim
-        .node
-        .command("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{LISTEN}/healthz"),
-        ])
-        .output()
-        .unwrap();
-    assert!(!plain.status.success());
+    let (code, status) = curl_over(&sim, &dir, "http", "/healthz", &[]);
+    assert!(
+        code != 0 && status == "000",
+        "plain HTTP: curl {code}, {status}"
+    );
 
     // Debian's Prometheus, as a PodMonitor with the chart's TLS values would have it.
     let d = dir.display();
@@ -317,25 +315,7 @@ fn every_documented_web_config_leaves_the_kubelets_probes_passing() {
             if https {
                 curl(&sim, &dir, path, &["--insecure"])
             } else {
-                let out = sim
-                    .node
-                    .command("curl")
-                    .args([
-                        "-sS",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "--max-time",
-                        "5",
-                    ])
-                    .arg(format!("http://{LISTEN}{path}"))
-                    .output()
-                    .unwrap();
-                (
-                    out.status.code().unwrap_or(-1),
-                    String::from_utf8_lossy(&out.stdout).into_owned(),
-                )
+                curl_over(&sim, &dir, "http", path, &[])
             }
         };
         wait_for(

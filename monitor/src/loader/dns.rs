@@ -141,41 +141,17 @@ impl DnsTables {
             return;
         }
         let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let keys: Vec<DnsCountKey> = t
-            .counts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| gone.contains(&k.ifindex))
-            .collect();
-        for k in &keys {
-            let _ = t.counts.remove(k);
+        for k in of_devices(t.counts.keys(), gone, |k| k.ifindex) {
+            let _ = t.counts.remove(&k);
         }
-        let keys: Vec<DnsCountKey> = t
-            .agent_counts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| gone.contains(&k.ifindex))
-            .collect();
-        for k in &keys {
-            let _ = t.agent_counts.remove(k);
+        for k in of_devices(t.agent_counts.keys(), gone, |k| k.ifindex) {
+            let _ = t.agent_counts.remove(&k);
         }
-        let keys: Vec<DnsSlotKey> = t
-            .latency
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| gone.contains(&k.ifindex))
-            .collect();
-        for k in &keys {
-            let _ = t.latency.remove(k);
+        for k in of_devices(t.latency.keys(), gone, |k| k.ifindex) {
+            let _ = t.latency.remove(&k);
         }
-        let keys: Vec<DnsSlotKey> = t
-            .agent_latency
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| gone.contains(&k.ifindex))
-            .collect();
-        for k in &keys {
-            let _ = t.agent_latency.remove(k);
+        for k in of_devices(t.agent_latency.keys(), gone, |k| k.ifindex) {
+            let _ = t.agent_latency.remove(&k);
         }
     }
 
@@ -276,6 +252,17 @@ impl DnsTables {
             }
         }
     }
+}
+
+/// The keys of a map's key iterator whose device (`ifindex`) is among `gone`.
+fn of_devices<K>(
+    keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
+    gone: &BTreeSet<u32>,
+    ifindex: impl Fn(&K) -> u32,
+) -> Vec<K> {
+    keys.filter_map(Result::ok)
+        .filter(|k| gone.contains(&ifindex(k)))
+        .collect()
 }
 
 fn add_count(map: &mut HashMap<MapData, DnsCountKey, u64>, key: DnsCountKey, n: u64) {
