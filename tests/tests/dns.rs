@@ -13,7 +13,7 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, SimNode,
+    Agent, BpfState, SimNode, addr,
     dns::{self, NX_NAME, OK_NAME, REFUSED_NAME, Resolver, SERVFAIL_NAME},
     require_root, send_udp,
 };
@@ -353,4 +353,40 @@ fn a_dns_socket_that_never_reads_overflows_and_is_counted() {
         "{}",
         s.text
     );
+}
+
+#[test]
+fn queries_a_stopped_agent_left_waiting_are_untracked_not_unanswered() {
+    if !require_root("queries_a_stopped_agent_left_waiting_are_untracked_not_unanswered") {
+        return;
+    }
+    // A server that never answers: what its queries became while no agent watched cannot
+    // be known, so a restart (a rollout) does not count them unanswered.
+    let sim = SimNode::ipv4_only();
+    sim.vpc.ip("addr add 10.200.0.250/32 dev vpc0");
+    sim.vpc.nft("table inet dead {\n chain input {\n  type filter hook input priority 0;\n  ip daddr 10.200.0.250 udp dport 53 drop\n }\n}\n");
+    let state = BpfState::new(&format!("untracked-{}", std::process::id()));
+    let args = ["--device", "eth0", "--dns-timeout", "3s"];
+    let mut agent = Agent::start_with_state(&sim.node, &args, &state);
+    let dead = addr("10.200.0.250", 53);
+    let eth0 = [("device", "eth0")];
+    for id in 1..=5u16 {
+        send_udp(&sim.node, dead, 1, &dns::query_packet(OK_NAME, id));
+    }
+    agent.scrape_until(&sim.node, "five queries", |s| s.sum(QUERIES, &eth0) == 5.0);
+    agent.kill();
+    agent = Agent::start_with_state(&sim.node, &args, &state);
+    let s = agent.scrape_until(&sim.node, "the five swept", |s| {
+        s.sum("eni_monitor_dns_untracked_total", &eth0) == 5.0
+    });
+    assert_eq!(s.sum(UNANSWERED, &eth0), 0.0, "{}", s.text);
+    // The new agent's own queries to it are unanswered, as ever.
+    for id in 6..=8u16 {
+        send_udp(&sim.node, dead, 1, &dns::query_packet(OK_NAME, id));
+    }
+    let s = agent.scrape_until(&sim.node, "three unanswered", |s| {
+        s.sum(UNANSWERED, &eth0) == 3.0
+    });
+    assert_eq!(s.sum(QUERIES, &eth0), 8.0, "{}", s.text);
+    assert_eq!(s.sum("eni_monitor_dns_untracked_total", &eth0), 5.0);
 }
