@@ -8,13 +8,19 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Btf, Ebpf, Endianness,
     programs::{
-        BtfTracePoint, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType,
+        BtfTracePoint, Link as _, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
     },
 };
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::kernel::{self, KernelFacts};
+
+/// Where the classifiers sit under clsact (kernels before 6.6): priority 1, ahead of a
+/// CNI's, and a handle no other tool picks by chance ("ENI" in ASCII), by which a filter
+/// a killed agent left is found and replaced, and nothing else is.
+const FILTER_PRIORITY: u16 = 1;
+const FILTER_HANDLE: tc::TcHandle = tc::TcHandle::new(0x45, 0x4e49);
 
 /// One program attachment the agent tried.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,7 +258,9 @@ impl Programs {
         };
         // No TCX (before 6.6): the clsact qdisc, added when absent and never removed (a
         // CNI may hang its own filters there), and cls_bpf filters, which outlive a killed
-        // agent: ours left behind are recognised by name and replaced rather than stacked.
+        // agent: ours sit at a priority and handle of our own, and one a killed agent left
+        // there is replaced rather than stacked; another tool's filter, whatever its
+        // program is named, is never touched.
         match tc::qdisc_add_clsact(device) {
             Ok(()) => info!("added the clsact qdisc to {device}"),
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -262,16 +270,25 @@ impl Programs {
                 });
             }
         }
-        match tc::qdisc_detach_program(device, attach_type, name) {
-            Ok(()) => info!("removed a {name} filter a previous agent left on {device}"),
-            Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!("looking for {name} filters left on {device}: {e}"),
+        match tc::SchedClassifierLink::attached(
+            device,
+            attach_type,
+            FILTER_PRIORITY,
+            FILTER_HANDLE,
+            None,
+        )
+        .map_err(anyhow::Error::from)
+        .and_then(|left| left.detach().map_err(anyhow::Error::from))
+        {
+            Ok(()) => info!("removed the {name} filter a previous agent left on {device}"),
+            Err(e) => debug!("no {name} filter left on {device}: {e:#}"),
         }
         prog.attach_with_options(
             device,
             attach_type,
             TcAttachOptions::Netlink(NlOptions {
-                priority: 1,
+                priority: FILTER_PRIORITY,
+                handle: FILTER_HANDLE,
                 ..NlOptions::default()
             }),
         )
