@@ -296,7 +296,9 @@ impl Run<'_> {
     }
 
     /// SIGKILL: TCX links die with the agent; `cls_bpf` filters stay behind, and the
-    /// restarted agent replaces them: one classifier per hook, never two.
+    /// restarted agent replaces them: one classifier per hook, never two. Another tool's
+    /// filter on ingress, whose program has our classifier's name (a pin of it), is left
+    /// where it is by every agent.
     fn restart(&self) {
         let count = |block: &str, kind: &str, program: &str| {
             self.c
@@ -308,12 +310,13 @@ impl Run<'_> {
         let netlink = usize::from(!self.expect.tcx);
         for (dir, program) in [("ingress", "tc_ingress"), ("egress", "tc_egress")] {
             let filter = format!("filter {dir}");
+            let foreign = usize::from(dir == "ingress");
             for (block, kind, n) in [
                 ("classifiers-attached", filter.as_str(), netlink),
                 ("classifiers-attached", "loaded", 1),
-                ("classifiers-killed", filter.as_str(), netlink),
-                ("classifiers-restarted", filter.as_str(), netlink),
-                ("classifiers-restarted", "loaded", 1),
+                ("classifiers-killed", filter.as_str(), netlink + foreign),
+                ("classifiers-restarted", filter.as_str(), netlink + foreign),
+                ("classifiers-restarted", "loaded", 1 + foreign),
             ] {
                 assert_eq!(
                     count(block, kind, program),
@@ -323,6 +326,12 @@ impl Run<'_> {
                 );
             }
         }
+        assert_eq!(
+            self.c.block("foreign-filter"),
+            "1",
+            "{}",
+            self.fail("the foreign filter")
+        );
         // The state was pinned: the held connections are still tracked, and the
         // counters go on from where the killed agent left them.
         let s = self.scrape("restarted");

@@ -189,18 +189,26 @@ sleep 1
 dump overflow
 
 phase "phase-6"
-# Phase 6: SIGKILL, then a restarted agent: exactly one classifier per hook.
+# Another tool's cls_bpf filter on eth0 ingress, its program named as ours (a pin of it),
+# at a priority and handle of its own: no agent may remove it.
+bpftool prog pin name tc_ingress /sys/fs/bpf/foreign-tc-ingress
+tc qdisc add dev eth0 clsact 2>/dev/null
+tc filter add dev eth0 ingress prio 7 handle 7 bpf da pinned /sys/fs/bpf/foreign-tc-ingress
+# Phase 6: SIGKILL, then a restarted agent: exactly one classifier of ours per hook.
 kill -KILL $AGENT
 wait $AGENT 2>/dev/null
 classifiers classifiers-killed
 start_agent || exit 1
-# A replaced program is freed after an RCU grace period.
+# A replaced program is freed after an RCU grace period (the foreign filter holds one).
 n=0
-while [ "$(bpftool prog show 2>/dev/null | grep -c 'name tc_ingress')" -gt 1 ] && [ $n -lt 50 ]; do
+while [ "$(bpftool prog show 2>/dev/null | grep -c 'name tc_ingress')" -gt 2 ] && [ $n -lt 50 ]; do
     n=$((n + 1))
     sleep 0.2
 done
 classifiers classifiers-restarted
+mark BEGIN foreign-filter
+tc filter show dev eth0 ingress prio 7 | grep -c 'handle 0x7'
+mark END foreign-filter
 ip netns exec vpc nettool udp-send 10.0.0.1:9 4
 wait_for '^eni_monitor_drops_total{device="eth0",.*} '
 sleep 1
