@@ -155,11 +155,6 @@ impl Series {
 impl Collector for DnsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
-        self.dns.forget(&self.departed.due(
-            self.dns.ifindexes(),
-            &devices,
-            std::time::Instant::now(),
-        ));
         // The names and the counts read together: the sweep moves a slot's counts to
         // `other` under the same lock as it renames the slot.
         let (names, retired, snapshot, info) = {
@@ -171,6 +166,18 @@ impl Collector for DnsCollector {
             let retired = slots.label(RESOLVER_RETIRED);
             (names, retired, self.dns.snapshot(), slots.info())
         };
+        // Keys of devices gone a while are deleted, found in the counts this scrape read
+        // anyway (their series are left out below either way).
+        let keyed = snapshot
+            .counts
+            .keys()
+            .map(|k| k.ifindex)
+            .chain(snapshot.latency.keys().map(|k| k.ifindex));
+        self.dns.forget(
+            &self
+                .departed
+                .due(keyed, &devices, std::time::Instant::now()),
+        );
         // Labels for a key, or `None` for a device no longer monitored (its series go).
         let labels = |ifindex: u32, resolver: usize| -> Option<Labels2> {
             let d = devices.get(&ifindex)?;

@@ -123,17 +123,6 @@ impl DnsTables {
         }
     }
 
-    /// The interface indexes the counts are kept by.
-    pub fn ifindexes(&self) -> BTreeSet<u32> {
-        let snapshot = self.snapshot();
-        snapshot
-            .counts
-            .keys()
-            .map(|k| k.ifindex)
-            .chain(snapshot.latency.keys().map(|k| k.ifindex))
-            .collect()
-    }
-
     /// Deletes every count and latency of the devices `gone`, the programs' and the
     /// agent's.
     pub fn forget(&self, gone: &BTreeSet<u32>) {
