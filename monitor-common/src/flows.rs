@@ -135,17 +135,61 @@ pub const fn flow_set(h: u64, sets: u32) -> u32 {
 }
 
 /// Value of `FLOWS`.
+///
+/// Each `FLOW_*` bit has a byte of its own (`marks`, byte `i` for bit `1 << i`), set to 1
+/// with a plain one-byte store: two CPUs setting different bits of one flow (a FIN each
+/// way) write different bytes, and neither can undo the other, on every kernel and
+/// without atomics (which kernels before 5.12 lack for anything but an add). A read-or-
+/// write of a shared flags byte could lose one and leave a closed connection
+/// "established" for days.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     /// `CLOCK_MONOTONIC` seconds.
     pub first_seen: u32,
     pub last_seen: u32,
-    /// `FLOW_*` bits.
-    pub flags: u8,
-    pub pad: [u8; 3],
+    /// The `FLOW_*` bits, a byte each (`marks_of`).
+    pub marks: u64,
 }
-const _: () = assert!(size_of::<Flow>() == 12);
+const _: () = assert!(size_of::<Flow>() == 16);
+
+/// The byte of each `FLOW_*` bit set (any non-zero byte reads as set).
+pub const FLOW_MARK_BYTES: u64 = 0x0001_0101_0101_0101;
+
+/// `bits` (the seven `FLOW_*` bits) spread out, bit `i` to byte `i`: multiplied by
+/// `2^(7i)` bit `i` lands on bit `8i`, and no two products overlap.
+#[inline]
+pub const fn marks_of(bits: u8) -> u64 {
+    ((bits & 0x7f) as u64).wrapping_mul(0x0000_0408_1020_4081) & FLOW_MARK_BYTES
+}
+
+/// The `FLOW_*` bits of `marks`: a byte that is not zero is its bit set. Each byte is
+/// folded to its low bit, and the low bits gathered into the top byte by one multiply
+/// (bit `8i` times `2^(56-7i)` lands on bit `56+i`; no other product reaches the top
+/// byte).
+#[inline]
+pub const fn bits_of(marks: u64) -> u8 {
+    let mut x = marks;
+    x |= x >> 4;
+    x |= x >> 2;
+    x |= x >> 1;
+    ((x & 0x0101_0101_0101_0101).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8 & 0x7f
+}
+
+impl Flow {
+    pub const fn new(first_seen: u32, last_seen: u32, bits: u8) -> Self {
+        Self {
+            first_seen,
+            last_seen,
+            marks: marks_of(bits),
+        }
+    }
+
+    /// The `FLOW_*` bits.
+    pub const fn flags(&self) -> u8 {
+        bits_of(self.marks)
+    }
+}
 
 /// A packet went from side a to side b.
 pub const FLOW_AB: u8 = 1;
@@ -246,12 +290,7 @@ impl FlowSlot {
             proto: ctl[(SLOT_PROTO_SHIFT / 8) as usize],
             pad: [0; 3],
         };
-        let flow = Flow {
-            first_seen,
-            last_seen,
-            flags: ctl[(SLOT_FLAGS_SHIFT / 8) as usize],
-            pad: [0; 3],
-        };
+        let flow = Flow::new(first_seen, last_seen, ctl[(SLOT_FLAGS_SHIFT / 8) as usize]);
         (key, flow)
     }
 
@@ -286,12 +325,7 @@ mod tests {
                 | (u64::from(FLOW_AB | FLOW_RST) << SLOT_FLAGS_SHIFT)
                 | (6 << SLOT_PROTO_SHIFT),
         };
-        let flow = Flow {
-            first_seen: 7,
-            last_seen: 9,
-            flags: FLOW_AB | FLOW_RST,
-            pad: [0; 3],
-        };
+        let flow = Flow::new(7, 9, FLOW_AB | FLOW_RST);
         assert_eq!(slot.flow(), (key, flow));
         assert!(slot.is_valid());
         let v6 = FlowKey {
@@ -299,6 +333,22 @@ mod tests {
             ..key
         };
         assert!(!v6.is_v4());
+    }
+
+    #[test]
+    fn each_flow_bit_is_a_byte_of_its_own_and_reads_back() {
+        for bits in 0..=0x7f_u8 {
+            let marks = marks_of(bits);
+            for i in 0..8 {
+                let byte = (marks >> (8 * i)) & 0xff;
+                assert_eq!(byte, u64::from(bits >> i & 1), "bits {bits:#x} byte {i}");
+            }
+            assert_eq!(bits_of(marks), bits);
+            // Any value in a set byte reads as set (a byte written by an add, or any
+            // garbage a future writer leaves), and the eighth byte is ignored.
+            let loud = (marks * 0xa5) | (0xff << 56);
+            assert_eq!(bits_of(loud), bits, "{loud:#x}");
+        }
     }
 }
 

@@ -720,12 +720,7 @@ fn a_flow_refreshed_during_a_pass_is_not_deleted() {
         proto: 17,
         pad: [0; 3],
     };
-    let seen = |last_seen: u32| Flow {
-        first_seen: 100,
-        last_seen,
-        flags: FLOW_AB,
-        pad: [0; 3],
-    };
+    let seen = |last_seen: u32| Flow::new(100, last_seen, FLOW_AB);
     let table = probe.maps.flows;
     // Both idle past the UDP timeout (30 s) at second 1000.
     table.table.insert(&key(1), &seen(900)).unwrap();
@@ -814,7 +809,7 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     assert_eq!(t.len(), 1);
     // 10.0.0.2:443 sorts before 10.0.0.5:40000: side a is the server, side b local.
     let both = FLOW_AB | FLOW_BA | FLOW_LOCAL_B;
-    assert_eq!(t[0].1.flags, both, "{t:?}");
+    assert_eq!(t[0].1.flags(), both, "{t:?}");
     // A FIN each way after the cached packets: both reach the table.
     run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x11));
     run(
@@ -823,7 +818,7 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
         &ipv4_tcp(DST4, SRC4, 443, 40000, 0x11),
     );
     assert_eq!(
-        table(&probe)[0].1.flags,
+        table(&probe)[0].1.flags(),
         both | FLOW_FIN_AB | FLOW_FIN_BA,
         "{t:?}"
     );
@@ -843,7 +838,7 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     let udp: Vec<_> = t.iter().filter(|(k, _)| k.proto == 17).collect();
     assert_eq!(udp.len(), 3000);
     // 10.0.0.2:port sorts first: the local sender is side b, seen sending b to a.
-    assert!(udp.iter().all(|(_, f)| f.flags == FLOW_BA | FLOW_LOCAL_B));
+    assert!(udp.iter().all(|(_, f)| f.flags() == FLOW_BA | FLOW_LOCAL_B));
     // The same ports over IPv6 (another hash), and over UDP where TCP had them: flows of
     // their own, none hidden by the cached way of the flow it resembles.
     for _ in 0..3 {
@@ -961,23 +956,113 @@ fn a_syn_on_a_closed_tuple_is_a_live_connection_again() {
         "tc_ingress",
         &ipv4_tcp(DST4, SRC4, 443, 40000, 0x04),
     );
-    assert_ne!(flow(&probe).flags & FLOW_RST, 0);
+    assert_ne!(flow(&probe).flags() & FLOW_RST, 0);
     assert_eq!(created(&probe), 1);
     // The same 5-tuple opens again (a reused port behind SNAT): a live connection, no
     // close bits, counted as a new flow. A SYN-ACK on an open flow changes nothing.
     run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x02));
-    assert_eq!(flow(&probe).flags, FLOW_BA | FLOW_LOCAL_B);
+    assert_eq!(flow(&probe).flags(), FLOW_BA | FLOW_LOCAL_B);
     run(
         &probe,
         "tc_ingress",
         &ipv4_tcp(DST4, SRC4, 443, 40000, 0x12),
     );
-    assert_eq!(flow(&probe).flags, FLOW_AB | FLOW_BA | FLOW_LOCAL_B);
+    assert_eq!(flow(&probe).flags(), FLOW_AB | FLOW_BA | FLOW_LOCAL_B);
     assert_eq!(created(&probe), 2);
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed CPU set with one CPU added, for the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn two_cpus_closing_one_flow_at_once_both_fins_stay() {
+    const FLOWS: u16 = 20_000;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use monitor_common::{FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_B, FlowKey};
+    if !integration_tests::require_root("two_cpus_closing_one_flow_at_once_both_fins_stay") {
+        return;
+    }
+    assert!(
+        std::thread::available_parallelism().unwrap().get() >= 2,
+        "this test needs two CPUs"
+    );
+    // IPv6: in the hash table `FLOWS` under either object (IPv4 flows live in the sets
+    // where there are atomics). fd00::2 sorts first: side a the server, b local.
+    let server = "fd00::2";
+    let local = "fd00::5";
+    let port = |i: u16| 10_000 + i;
+    for probe in both_objects(Sizes::with_flows(u32::from(FLOWS) * 2)) {
+        for i in 0..FLOWS {
+            let out = ipv6_tcp_between((local, port(i)), (server, 443), ACK, &[]);
+            let back = ipv6_tcp_between((server, 443), (local, port(i)), ACK, &[]);
+            run(&probe, "tc_egress", &out);
+            run(&probe, "tc_ingress", &back);
+        }
+        // The two FINs of each flow, one on each CPU, in step: neither CPU begins flow i
+        // before the other has finished flow i - 1, so both write flow i at about the
+        // same moment.
+        let done = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        std::thread::scope(|s| {
+            for me in 0..2 {
+                let (programs, done) = (&probe.programs, &done);
+                s.spawn(move || {
+                    pin_to(me);
+                    for i in 0..FLOWS {
+                        while done[1 - me].load(SeqCst) < usize::from(i) {
+                            std::hint::spin_loop();
+                        }
+                        let (hook, fin) = if me == 0 {
+                            let fin = (local, port(i));
+                            (
+                                "tc_egress",
+                                ipv6_tcp_between(fin, (server, 443), FIN_ACK, &[]),
+                            )
+                        } else {
+                            let fin = (server, 443);
+                            (
+                                "tc_ingress",
+                                ipv6_tcp_between(fin, (local, port(i)), FIN_ACK, &[]),
+                            )
+                        };
+                        run_with(programs, hook, &fin);
+                        done[me].fetch_add(1, SeqCst);
+                    }
+                });
+            }
+        });
+        let mut flags = std::collections::BTreeMap::<u8, usize>::new();
+        probe
+            .maps
+            .flows
+            .for_each(|_: &FlowKey, f| *flags.entry(f.flags()).or_default() += 1)
+            .unwrap();
+        let closed = FLOW_AB | FLOW_BA | FLOW_LOCAL_B | FLOW_FIN_AB | FLOW_FIN_BA;
+        assert_eq!(
+            flags,
+            [(closed, usize::from(FLOWS))].into(),
+            "atomics {}: flows by bits",
+            probe.atomics
+        );
+    }
 }
 
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+const FIN_ACK: u8 = 0x11;
 const PSH_ACK: u8 = 0x18;
 const SYN_ACK: u8 = 0x12;
 const RST_ACK: u8 = 0x14;
@@ -1023,15 +1108,24 @@ fn segment(
 }
 
 fn ipv6_tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    p.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
-    p.extend_from_slice(&u16::try_from(20 + payload.len()).unwrap().to_be_bytes());
-    p.extend_from_slice(&[6, 64]);
     let (src, dst) = if dport == 53 {
         ("fd00::5", "fd00::2")
     } else {
         ("fd00::2", "fd00::5")
     };
+    ipv6_tcp_between((src, sport), (dst, dport), flags, payload)
+}
+
+fn ipv6_tcp_between(
+    (src, sport): (&str, u16),
+    (dst, dport): (&str, u16),
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    p.extend_from_slice(&u16::try_from(20 + payload.len()).unwrap().to_be_bytes());
+    p.extend_from_slice(&[6, 64]);
     p.extend_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
     p.extend_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
     p.extend_from_slice(&sport.to_be_bytes());

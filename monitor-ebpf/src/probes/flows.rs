@@ -13,7 +13,7 @@ use aya_ebpf::{
 use monitor_common::{
     BPF_F_NO_PREALLOC, FLOW_AB, FLOW_BA, FLOW_CACHE_SETS, FLOW_CACHE_WAYS, FLOW_FIN_AB,
     FLOW_FIN_BA, FLOW_KEY_WORDS, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow, FlowClass, FlowKey,
-    MAX_DEVICES, flow_hash, flow_hash_v4, flow_key_words, flow_set,
+    MAX_DEVICES, bits_of, flow_hash, flow_hash_v4, flow_key_words, flow_set, marks_of,
     proto::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -245,27 +245,46 @@ fn store(packet: &Stored) -> Option<u8> {
     insert(p, &key, bits, now, ifindex).then_some(bits)
 }
 
-/// Writes a packet into its flow in the table: the second, and its bits or-ed in; or, a
-/// SYN on a closed flow, the flow begun again. The flow's bits after it.
+/// Writes a packet into its flow in the table: the second, and its bits set; or, a SYN
+/// on a closed flow, the flow begun again. The flow's bits after it.
 #[inline(always)]
 fn refresh(flow: *mut Flow, bits: u8, now: u32, opening: bool, p: &Packet, ifindex: u32) -> u8 {
-    // SAFETY: a value of the shared table; other CPUs may write the same flow, and the
-    // writes are idempotent (a second, bits or-ed in).
+    // SAFETY: a value of the shared table, which the kernel keeps for the program's run;
+    // other CPUs may write the same flow: a second is written whole and any CPU writes
+    // the same, and each bit is a byte of its own (`mark`).
     unsafe {
-        if opening && (*flow).flags & CLOSED != 0 {
+        let flags = bits_of(core::ptr::read_volatile(&raw const (*flow).marks));
+        if opening && flags & CLOSED != 0 {
             (*flow).first_seen = now;
             (*flow).last_seen = now;
-            (*flow).flags = bits;
+            core::ptr::write_volatile(&raw mut (*flow).marks, marks_of(bits));
             created(p, ifindex);
             return bits;
         }
         if (*flow).last_seen != now {
             (*flow).last_seen = now;
         }
-        if (*flow).flags & bits != bits {
-            (*flow).flags |= bits;
+        let new = bits & !flags;
+        if new != 0 {
+            mark(flow, new);
         }
-        (*flow).flags | bits
+        flags | bits
+    }
+}
+
+/// Sets each bit of `new` in the flow: a one-byte store of 1 into the bit's own byte,
+/// which no other bit shares, so a CPU setting another bit at the same time loses
+/// nothing and makes this one lose nothing (`Flow`).
+#[inline(always)]
+fn mark(flow: *mut Flow, new: u8) {
+    // SAFETY: only the address of the flow's `marks` is taken.
+    let marks = unsafe { (&raw mut (*flow).marks).cast::<u8>() };
+    for i in 0..7 {
+        if new & (1 << i) != 0 {
+            // SAFETY: byte `i` of the flow's 8-byte `marks`, in the table's value the
+            // kernel keeps for the program's run.
+            unsafe { core::ptr::write_volatile(marks.wrapping_add(i), 1) };
+        }
     }
 }
 
@@ -281,8 +300,7 @@ fn created(p: &Packet, ifindex: u32) {
 /// Inserts a new flow; false when it is not in the table after all (the table full).
 #[inline(always)]
 fn insert(p: &Packet, key: &FlowKey, bits: u8, now: u32, ifindex: u32) -> bool {
-    // SAFETY: `Flow` is `repr(C)`: two seconds, then the flags byte and its padding.
-    let flow: Flow = unsafe { core::mem::transmute([now, now, u32::from(bits)]) };
+    let flow = Flow::new(now, now, bits);
     match FLOWS.insert(key, &flow, BPF_NOEXIST) {
         Ok(()) => {
             created(p, ifindex);

@@ -178,7 +178,7 @@ impl FlowSets {
                         freed += 1;
                         lower
                             .ctl()
-                            .fetch_or(u64::from(flow.flags) << SLOT_FLAGS_SHIFT, SeqCst);
+                            .fetch_or(u64::from(flow.flags()) << SLOT_FLAGS_SHIFT, SeqCst);
                         let seen = lower.word(2).cast::<u32>().wrapping_add(1);
                         // SAFETY: the lower slot's last second, inside the mapping; a
                         // program writes it whole too.

@@ -30,11 +30,11 @@ pub struct Timeouts {
 impl Timeouts {
     /// How long `flow` stays tracked after it was last seen.
     pub fn for_flow(&self, key: &FlowKey, flow: &Flow) -> Duration {
-        let both_ways = flow.flags & (FLOW_AB | FLOW_BA) == (FLOW_AB | FLOW_BA);
+        let both_ways = flow.flags() & (FLOW_AB | FLOW_BA) == (FLOW_AB | FLOW_BA);
         match key.proto {
             IPPROTO_TCP => {
-                let closed = flow.flags & FLOW_RST != 0
-                    || flow.flags & (FLOW_FIN_AB | FLOW_FIN_BA) == (FLOW_FIN_AB | FLOW_FIN_BA);
+                let closed = flow.flags() & FLOW_RST != 0
+                    || flow.flags() & (FLOW_FIN_AB | FLOW_FIN_BA) == (FLOW_FIN_AB | FLOW_FIN_BA);
                 if closed {
                     TCP_CLOSED_TIMEOUT
                 } else {
@@ -78,9 +78,9 @@ impl PassResult {
             .tracked
             .entry((key.ifindex, FlowClass::from_proto(key.proto)))
             .or_default() += 1;
-        let local = if flow.flags & FLOW_LOCAL_A != 0 {
+        let local = if flow.flags() & FLOW_LOCAL_A != 0 {
             key.addr_a
-        } else if flow.flags & FLOW_LOCAL_B != 0 {
+        } else if flow.flags() & FLOW_LOCAL_B != 0 {
             key.addr_b
         } else {
             return;
@@ -138,12 +138,7 @@ mod tests {
             proto: 6,
             pad: [0; 3],
         };
-        let flow = |flags: u8| Flow {
-            first_seen: 0,
-            last_seen: 0,
-            flags,
-            pad: [0; 3],
-        };
+        let flow = |flags: u8| Flow::new(0, 0, flags);
         let mut r = PassResult::default();
         for port in 0..5 {
             r.add(
@@ -185,12 +180,7 @@ mod tests {
     }
 
     fn flow(flags: u8) -> Flow {
-        Flow {
-            first_seen: 0,
-            last_seen: 0,
-            flags,
-            pad: [0; 3],
-        }
+        Flow::new(0, 0, flags)
     }
 
     #[test]
