@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
+use monitor_common::MAX_DEVICES;
 
 /// A monitored device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,35 +39,83 @@ impl Device {
     }
 }
 
-/// The monitored devices by interface index, shared by the collectors.
+/// The monitored devices by interface index, shared by the collectors, and the devices
+/// gone within `LINGER`, whose counters are still shown.
 #[derive(Clone, Debug, Default)]
-pub struct Devices(Arc<RwLock<BTreeMap<u32, Device>>>);
+pub struct Devices(Arc<RwLock<Known>>);
+
+#[derive(Debug, Default)]
+struct Known {
+    monitored: BTreeMap<u32, Device>,
+    /// Devices no longer monitored, with when they went (at most `MAX_DEVICES`, the
+    /// latest).
+    gone: BTreeMap<u32, (Device, Instant)>,
+}
 
 impl Devices {
     pub fn replace(&self, devices: impl IntoIterator<Item = Device>) {
-        let map = devices.into_iter().map(|d| (d.ifindex, d)).collect();
-        *self
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
+        self.replace_at(devices, Instant::now());
+    }
+
+    /// Makes `devices` the monitored set at `now`; those it no longer has are gone from
+    /// `now`.
+    pub fn replace_at(&self, devices: impl IntoIterator<Item = Device>, now: Instant) {
+        let next: BTreeMap<u32, Device> = devices.into_iter().map(|d| (d.ifindex, d)).collect();
+        let mut known = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let before = std::mem::take(&mut known.monitored);
+        for (ifindex, d) in before {
+            if !next.contains_key(&ifindex) {
+                known.gone.insert(ifindex, (d, now));
+            }
+        }
+        known.gone.retain(|ifindex, (_, since)| {
+            !next.contains_key(ifindex) && now.saturating_duration_since(*since) < LINGER
+        });
+        while known.gone.len() > MAX_DEVICES as usize {
+            let oldest = known.gone.iter().min_by_key(|(_, (_, since))| *since);
+            let Some((&ifindex, _)) = oldest else { break };
+            known.gone.remove(&ifindex);
+        }
+        known.monitored = next;
     }
 
     pub fn set_eni(&self, ifindex: u32, eni: &str) {
-        if let Some(d) = self
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get_mut(&ifindex)
-        {
+        let mut known = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = known.monitored.get_mut(&ifindex) {
             eni.clone_into(&mut d.eni);
         }
     }
 
+    /// The monitored devices.
     pub fn snapshot(&self) -> BTreeMap<u32, Device> {
         self.0
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
+            .monitored
             .clone()
+    }
+
+    /// The devices whose counters are shown at `now`: the monitored ones, and each gone
+    /// less than `LINGER` ago, with the counts it had, so that a counter ends rather
+    /// than vanishes between two scrapes and loses its last increase. A gone device is
+    /// shown only while no device monitored has its name (its series would add up with
+    /// the new device's, then fall back when it goes) or its slot (whose counts are the
+    /// new device's), and of gone devices of one name only the one gone last.
+    pub fn counted(&self, now: Instant) -> BTreeMap<u32, Device> {
+        let known = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        let mut out = known.monitored.clone();
+        let mut gone: Vec<&(Device, Instant)> = known
+            .gone
+            .values()
+            .filter(|(_, since)| now.saturating_duration_since(*since) < LINGER)
+            .collect();
+        gone.sort_by_key(|(_, since)| std::cmp::Reverse(*since));
+        for (d, _) in gone {
+            if !out.values().any(|m| m.name == d.name || m.slot == d.slot) {
+                out.insert(d.ifindex, d.clone());
+            }
+        }
+        out
     }
 }
 
@@ -213,6 +262,63 @@ pub fn select(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dev(name: &str, ifindex: u32, slot: u32) -> Device {
+        Device {
+            name: name.to_owned(),
+            ifindex,
+            eni: String::new(),
+            mac: String::new(),
+            slot,
+        }
+    }
+
+    /// (name, ifindex) of the devices counted at `t`.
+    fn counted(devices: &Devices, t: Instant) -> Vec<(String, u32)> {
+        devices
+            .counted(t)
+            .into_values()
+            .map(|d| (d.name, d.ifindex))
+            .collect()
+    }
+
+    #[test]
+    fn a_gone_device_is_counted_for_a_while_unless_its_name_or_slot_is_taken() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let n = |name: &str, ifindex: u32| (name.to_owned(), ifindex);
+        let devices = Devices::default();
+        devices.replace_at([dev("eth0", 2, 0), dev("eth1", 3, 1)], t0);
+        // eth1 goes: its counters are still shown for `LINGER`, then not.
+        devices.replace_at([dev("eth0", 2, 0)], t0 + s(1));
+        assert_eq!(devices.snapshot().len(), 1);
+        let both = vec![n("eth0", 2), n("eth1", 3)];
+        assert_eq!(counted(&devices, t0 + s(2)), both);
+        assert_eq!(counted(&devices, t0 + LINGER), both);
+        assert_eq!(counted(&devices, t0 + s(1) + LINGER), [n("eth0", 2)]);
+        // A new eth1 (another ifindex, eth1's free slot): the gone one is no longer
+        // shown, its name now the new device's.
+        devices.replace_at([dev("eth0", 2, 0), dev("eth1", 7, 1)], t0 + s(3));
+        assert_eq!(counted(&devices, t0 + s(4)), [n("eth0", 2), n("eth1", 7)]);
+        // A device gone whose slot a device of another name took: not shown either.
+        devices.replace_at([dev("eth0", 2, 0), dev("eth2", 8, 1)], t0 + s(5));
+        assert_eq!(counted(&devices, t0 + s(6)), [n("eth0", 2), n("eth2", 8)]);
+        // Two gone of one name (eth2 gone, then a new eth2 gone): the one gone last.
+        devices.replace_at([dev("eth0", 2, 0)], t0 + s(7));
+        devices.replace_at([dev("eth0", 2, 0), dev("eth2", 9, 1)], t0 + s(8));
+        devices.replace_at([dev("eth0", 2, 0)], t0 + s(9));
+        assert_eq!(counted(&devices, t0 + s(10)), [n("eth0", 2), n("eth2", 9)]);
+        // A gone device monitored again is monitored, once.
+        devices.replace_at([dev("eth0", 2, 0), dev("eth2", 9, 1)], t0 + s(11));
+        assert_eq!(counted(&devices, t0 + s(12)), [n("eth0", 2), n("eth2", 9)]);
+        // Churn past the devices' number keeps at most `MAX_DEVICES` gone.
+        for i in 0..3 * MAX_DEVICES {
+            devices.replace_at([dev("eth0", 2, 0), dev("eth9", 100 + i, 1)], t0 + s(13));
+        }
+        devices.replace_at([dev("eth0", 2, 0)], t0 + s(13));
+        let known = devices.0.read().unwrap();
+        assert_eq!(known.gone.len(), MAX_DEVICES as usize);
+    }
 
     fn ifs() -> Vec<(String, u32)> {
         [

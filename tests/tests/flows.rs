@@ -169,11 +169,23 @@ fn devices_that_come_and_go_are_attached_and_let_go() {
         s.get(TRACKED, &on("eth1", "udp")) == Some(4.0)
     });
 
-    // And detaches it: its series go.
+    // And detaches it: what it is goes at once; its counters stay, with their last
+    // values, for a minute, so a scrape after the detach still sees how they ended.
     sim.node.ip("link del eth1");
     let s = agent.scrape_until(&sim.node, "eth1 gone", |s| {
-        !s.text.contains("device=\"eth1\"")
+        s.matching("eni_monitor_device_info", &[("device", "eth1")])
+            .next()
+            .is_none()
     });
+    for gauge in ["eni_monitor_program_attached", TRACKED] {
+        assert_eq!(
+            s.matching(gauge, &[("device", "eth1")]).count(),
+            0,
+            "{gauge}: {}",
+            s.text
+        );
+    }
+    assert_eq!(s.get(CREATED, &on("eth1", "udp")), Some(4.0), "{}", s.text);
     assert!(attached("eth0")(&s), "{}", s.text);
     assert_eq!(agent.get(&sim.node, "/readyz").unwrap().0, 200);
 }

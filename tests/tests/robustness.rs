@@ -151,11 +151,25 @@ fn life(sim: &mut SimNode, agent: &Agent, n: usize) {
         &dns::query_packet(dns::OK_NAME, 1),
     );
     send_udp(&sim.vpc, addr(&node, 53), 1, b"closed");
-    agent.scrape_until(&sim.node, &format!("{device} counted"), |s| {
-        s.sum("eni_monitor_dns_queries_total", &[("device", &device)]) >= 1.0
-            && s.sum("eni_monitor_dns_drops_total", &[("device", &device)]) >= 1.0
+    let counts = |s: &Scrape| {
+        [
+            "eni_monitor_dns_queries_total",
+            "eni_monitor_dns_drops_total",
+        ]
+        .map(|m| s.sum(m, &[("device", &device)]))
+    };
+    let s = agent.scrape_until(&sim.node, &format!("{device} counted"), |s| {
+        counts(s).iter().all(|n| *n >= 1.0)
     });
+    let before = counts(&s);
     sim.node.ip(&format!("link del {device}"));
+    // Gone: its counters end where they were, rather than vanish.
+    let s = agent.scrape_until(&sim.node, &format!("{device} gone"), |s| {
+        s.matching("eni_monitor_device_info", &[("device", &device)])
+            .next()
+            .is_none()
+    });
+    assert_eq!(counts(&s), before, "{}", s.text);
 }
 
 #[test]
@@ -185,13 +199,21 @@ fn eni_churn_across_a_restart_leaves_no_keys_behind() {
         life(&mut sim, &agent, n);
     }
     // A minute after, every gone ENI's keys are deleted: what is left is eth0's and
-    // other's, as before the churn.
+    // other's, as before the churn, and the gone ENIs' counters have ended.
     // (Scrapes find them gone, and delete them a minute after.)
-    agent.scrape_until(&sim.node, "the last ENI gone", |s| {
-        !s.text.contains("device=\"eth20\"")
-    });
     std::thread::sleep(monitor::devices::LINGER + Duration::from_secs(2));
+    agent.scrape(&sim.node);
     let s = agent.scrape(&sim.node);
+    let mut named: Vec<&str> = s
+        .text
+        .split("device=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|d| !d.is_empty())
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    assert_eq!(named, ["eth0", "other"], "{}", s.text);
     let after = device_keys(&state);
     assert_eq!(
         after,
@@ -239,7 +261,7 @@ fn a_hundred_add_rename_remove_cycles_leave_nothing_behind() {
     assert_eq!(devices_in(&s, "eni_monitor_device_info"), ["ens6", "eth0"]);
     sim.node.ip("link del ens6");
     agent.scrape_until(&sim.node, "ens6 gone", |s| {
-        !s.text.contains("device=\"ens6\"")
+        devices_in(s, "eni_monitor_device_info") == ["eth0"]
     });
 
     // Then 99 times as fast as the kernel will do it.
@@ -256,10 +278,13 @@ fn a_hundred_add_rename_remove_cycles_leave_nothing_behind() {
         "eni_monitor_device_info",
         "eni_monitor_program_attached",
         "eni_monitor_tracked_flows",
-        "eni_monitor_linklocal_packets_total",
     ] {
         assert_eq!(devices_in(&s, metric), ["eth0"], "{metric}: {}", s.text);
     }
+    // Counters of the devices gone stay a minute, one series a name at most.
+    let mut counters = devices_in(&s, "eni_monitor_linklocal_packets_total");
+    counters.retain(|d| !["ens6", "eth1"].contains(&d.as_str()));
+    assert_eq!(counters, ["eth0"], "{}", s.text);
     assert_eq!(monitored(&state), 1, "a slot left behind");
     for hook in [BPF_TCX_INGRESS, BPF_TCX_EGRESS] {
         assert_eq!(Agent::tcx_programs(&sim.node, "eth0", hook), 1);

@@ -178,9 +178,10 @@ impl Collector for DnsCollector {
                 .departed
                 .due(keyed, &devices, std::time::Instant::now()),
         );
-        // Labels for a key, or `None` for a device no longer monitored (its series go).
+        // Labels for a key, or `None` for a device not counted (gone a while).
+        let counted = self.devices.counted(std::time::Instant::now());
         let labels = |ifindex: u32, resolver: usize| -> Option<Labels2> {
-            let d = devices.get(&ifindex)?;
+            let d = counted.get(&ifindex)?;
             let name = if resolver == usize::from(RESOLVER_RETIRED) {
                 retired.as_str()
             } else {

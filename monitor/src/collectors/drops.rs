@@ -13,7 +13,7 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{Metric, encode_counters};
 use crate::{
-    devices::{Departed, Devices},
+    devices::{Departed, Device, Devices},
     kernel::DropReasons,
 };
 
@@ -50,14 +50,14 @@ pub struct DropTotals {
 }
 
 impl DropTotals {
-    /// Folds per-key counts into label sets. Keys of devices no longer monitored are
-    /// left out: their series go with them.
+    /// Folds per-key counts into label sets. Keys of devices not `counted` (gone a
+    /// while, or before this agent) are left out: their series went with them.
     pub fn fold(
         entries: impl IntoIterator<Item = (DropKey, u64)>,
-        devices: &Devices,
+        counted: &BTreeMap<u32, Device>,
         reasons: &DropReasons,
     ) -> Self {
-        let devices = devices.snapshot();
+        let devices = counted;
         let mut totals = Self::default();
         for (key, count) in entries {
             let device = match devices.get(&key.ifindex) {
@@ -103,7 +103,8 @@ impl Collector for DropsCollector {
             }
         }
         drop(map);
-        let totals = DropTotals::fold(entries, &self.devices, &self.reasons);
+        let counted = self.devices.counted(Instant::now());
+        let totals = DropTotals::fold(entries, &counted, &self.reasons);
         encode_counters(
             &mut encoder,
             &DROPS,
@@ -126,7 +127,7 @@ impl Collector for DropsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{devices::Device, kernel::btf::tests::fixture};
+    use crate::kernel::btf::tests::fixture;
 
     #[test]
     fn folds_keys_into_bounded_label_sets() {
@@ -154,7 +155,7 @@ mod tests {
                 (key(9, 3, 1), 1),
                 (key(2, 12, 0), 4),
             ],
-            &devices,
+            &devices.counted(Instant::now()),
             &reasons,
         );
         let all: Vec<_> = totals

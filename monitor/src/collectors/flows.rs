@@ -2,12 +2,18 @@
 //! created (from the classifiers), who owns the most, and packets that found the table
 //! full.
 
+use std::time::Instant;
+
 use aya::maps::{MapData, PerCpuArray};
 use monitor_common::FlowClass;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
-use crate::{devices::Devices, loader::slots::SlotArray, model::flows::FlowCounts};
+use crate::{
+    devices::{Device, Devices},
+    loader::slots::SlotArray,
+    model::flows::FlowCounts,
+};
 
 const TRACKED_FLOWS: Metric = Metric {
     name: "tracked_flows",
@@ -44,20 +50,26 @@ impl Collector for FlowsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
         let pass = self.counts.get();
+        let labels = |d: &Device, class: &FlowClass| {
+            [
+                ("device", d.name.clone()),
+                ("protocol", class.label().to_owned()),
+            ]
+        };
         let mut tracked = Vec::new();
-        let mut created = Vec::new();
         for d in devices.values() {
             for class in FlowClass::ALL {
-                let labels = [
-                    ("device", d.name.clone()),
-                    ("protocol", class.label().to_owned()),
-                ];
                 if let Some(p) = &pass {
                     let n = p.tracked.get(&(d.ifindex, *class)).copied().unwrap_or(0);
-                    tracked.push((labels.clone(), gauge(n)));
+                    tracked.push((labels(d, class), gauge(n)));
                 }
+            }
+        }
+        let mut created = Vec::new();
+        for d in self.devices.counted(Instant::now()).values() {
+            for class in FlowClass::ALL {
                 let n = self.created.get(d.slot, *class as u32).iter().sum();
-                created.push((labels, n));
+                created.push((labels(d, class), n));
             }
         }
         encode_gauges(&mut encoder, &TRACKED_FLOWS, tracked)?;

@@ -1,5 +1,7 @@
 //! Packets to EC2's link-local services per ENI, and the busiest second of the last minute.
 
+use std::time::Instant;
+
 use monitor_common::{LL_WINDOW, LinkLocalSecond, LinkLocalService};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
@@ -33,11 +35,9 @@ impl std::fmt::Debug for LinkLocalCollector {
 
 impl Collector for LinkLocalCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let devices = self.devices.snapshot();
         let now_second = monotonic_ns() / 1_000_000_000;
         let mut totals = Vec::new();
-        let mut peaks = Vec::new();
-        for d in devices.values() {
+        for d in self.devices.counted(Instant::now()).values() {
             for service in LinkLocalService::ALL {
                 let n = self.packets.get(d.slot, *service as u32).iter().sum();
                 totals.push((
@@ -48,6 +48,9 @@ impl Collector for LinkLocalCollector {
                     n,
                 ));
             }
+        }
+        let mut peaks = Vec::new();
+        for d in self.devices.snapshot().values() {
             let slots = (0..LL_WINDOW).flat_map(|i| self.seconds.get(d.slot, i));
             peaks.push(([("device", d.name.clone())], gauge(peak(slots, now_second))));
         }
