@@ -200,7 +200,7 @@ pub fn mac_address(name: &str) -> Result<String> {
     let mac = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
     Ok(mac[..6]
         .iter()
-        .map(|b| format!("{:02x}", (*b).cast_unsigned()))
+        .map(|b| format!("{:02x}", b.to_ne_bytes()[0]))
         .collect::<Vec<_>>()
         .join(":"))
 }
@@ -227,7 +227,8 @@ pub fn ifreq(device: &str) -> std::io::Result<libc::ifreq> {
     // SAFETY: ifreq is plain data, valid zeroed.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(device.as_bytes()) {
-        *dst = (*src).cast_signed();
+        // `c_char` is signed on x86_64 and unsigned on aarch64: the byte either way.
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
     Ok(req)
 }

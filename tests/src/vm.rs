@@ -1,7 +1,11 @@
 //! The kernel matrix: boots one of Debian's cloud kernels (fetched by `cargo xtask setup`
-//! into `target/kernels/<name>`) under qemu with an initramfs holding busybox, the release
-//! agent, the test's traffic tool, iproute2, bpftool and the scenario
-//! (`tests/vm/scenario.sh`), and returns what the scenario printed on the serial console.
+//! into `target/kernels/<name>`) under qemu, `x86_64` or aarch64, with an initramfs holding
+//! busybox, the release agent, the test's traffic tool (`nettool`), iproute2, bpftool and
+//! the scenario (`tests/vm/scenario.sh`), all of the kernel's architecture, and returns
+//! what the scenario printed on the serial console. The `x86_64` guests take the host's
+//! tools; the aarch64 guests Debian's arm64 packages (unpacked by `cargo xtask setup`
+//! under `target/kernels/arm64-userland`), the agent and `nettool` as `cargo xtask build
+//! --target aarch64` builds them.
 
 use std::{
     collections::BTreeSet,
@@ -13,6 +17,47 @@ use std::{
 
 use crate::monitor_bin;
 
+/// A machine architecture of the matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    fn qemu(self) -> &'static str {
+        match self {
+            Self::X86_64 => "qemu-system-x86_64",
+            Self::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+
+    /// The machine's qemu arguments and the kernel's console.
+    fn machine(self) -> (&'static [&'static str], &'static str) {
+        match self {
+            Self::X86_64 => (&[], "ttyS0"),
+            // The PL011 UART of the `virt` board; its driver is built into the kernel.
+            Self::Aarch64 => (&["-M", "virt"], "ttyAMA0"),
+        }
+    }
+
+    /// The binary `name` of this workspace, built for this architecture: the host's
+    /// release build, or `cargo xtask build --target aarch64`'s (static).
+    pub fn built(self, name: &str) -> PathBuf {
+        let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+        match self {
+            Self::X86_64 if name == "monitor" => monitor_bin(),
+            Self::X86_64 => target.join("release").join(name),
+            Self::Aarch64 => target.join("aarch64-unknown-linux-gnu/release").join(name),
+        }
+    }
+}
+
+/// The arm64 guests' userland, as `cargo xtask setup` unpacks it.
+fn arm64_root() -> PathBuf {
+    kernels_dir().join("arm64-userland/root")
+}
+
 const SCENARIO: &str = include_str!("../vm/scenario.sh");
 /// A boot and the scenario take about a minute under TCG; a hung kernel is cut off.
 const BOOT_TIMEOUT: Duration = Duration::from_mins(7);
@@ -23,6 +68,7 @@ pub struct Kernel {
     pub name: &'static str,
     /// Booted with `lockdown=integrity`, as AL2023 and Bottlerocket run.
     pub lockdown: bool,
+    pub arch: Arch,
 }
 
 fn kernels_dir() -> PathBuf {
@@ -34,34 +80,52 @@ impl Kernel {
         kernels_dir().join(self.name)
     }
 
-    /// Whether `cargo xtask setup` fetched this kernel and qemu is installed.
-    pub fn available(&self) -> bool {
-        self.dir().join("vmlinuz").is_file() && which("qemu-system-x86_64").is_some()
+    /// What this kernel's boot lacks (`cargo xtask setup` fetches the kernels, qemu and
+    /// the arm64 userland; `cargo xtask build --target aarch64` builds the aarch64
+    /// binaries), or None when it has everything.
+    pub fn missing(&self) -> Option<String> {
+        let mut needs = vec![self.dir().join("vmlinuz")];
+        needs.push(self.arch.built("monitor"));
+        needs.push(self.arch.built("nettool"));
+        if self.arch == Arch::Aarch64 {
+            needs.push(kernels_dir().join("arm64-userland/complete"));
+        }
+        let mut missing: Vec<String> = needs
+            .iter()
+            .filter(|p| !p.is_file())
+            .map(|p| p.display().to_string())
+            .collect();
+        if which(self.arch.qemu()).is_none() {
+            missing.push(self.arch.qemu().to_owned());
+        }
+        (!missing.is_empty()).then(|| missing.join(", "))
     }
 
     /// Boots the kernel with the scenario as PID 1 on 2 vCPUs and returns the serial
     /// console.
-    pub fn boot(&self, nettool: &Path) -> Console {
-        self.boot_with(nettool, 2, "full")
+    pub fn boot(&self) -> Console {
+        self.boot_with(2, "full")
     }
 
     /// Boots with `cpus` vCPUs and the scenario's part `scenario` (`full`, `memory`).
-    pub fn boot_with(&self, nettool: &Path, cpus: u32, scenario: &str) -> Console {
+    pub fn boot_with(&self, cpus: u32, scenario: &str) -> Console {
         // Kept under target/vm for a look after a failure; replaced by the next boot.
         let work = kernels_dir()
             .join("../vm")
             .join(format!("{}-{scenario}-{cpus}", self.name));
         std::fs::create_dir_all(&work).unwrap();
         let initramfs = work.join("initramfs.cpio");
-        build_initramfs(&initramfs, &self.dir().join("modules"), nettool);
+        build_initramfs(&initramfs, &self.dir().join("modules"), self.arch);
         let serial = work.join("serial.log");
+        let (machine, console) = self.arch.machine();
         let mut append =
-            format!("console=ttyS0 panic=-1 quiet rdinit=/init em.scenario={scenario}");
+            format!("console={console} panic=-1 quiet rdinit=/init em.scenario={scenario}");
         if self.lockdown {
             append.push_str(" lockdown=integrity");
         }
         let started = Instant::now();
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut child = Command::new(self.arch.qemu())
+            .args(machine)
             .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
             .args(["-smp", &cpus.to_string()])
             .args(["-display", "none", "-monitor", "none", "-nic", "none"])
@@ -175,6 +239,64 @@ fn libraries(binary: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The libraries a foreign-architecture `binary` loads, found under `root` (an unpacked
+/// Debian tree) by its `NEEDED` entries, transitively, and its interpreter: as (path in
+/// the guest, path on the host).
+fn needed_under(root: &Path, binary: &Path) -> BTreeSet<(PathBuf, PathBuf)> {
+    let dirs = ["lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu"];
+    let mut found = BTreeSet::new();
+    let mut todo = vec![binary.to_path_buf()];
+    while let Some(elf) = todo.pop() {
+        let out = Command::new("readelf")
+            .args(["--dynamic", "--program-headers", "--wide"])
+            .arg(&elf)
+            .output()
+            .unwrap_or_else(|e| panic!("readelf {}: {e}", elf.display()));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut wanted: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("(NEEDED)"))
+            .filter_map(|l| Some(l.split_once('[')?.1.split_once(']')?.0.to_owned()))
+            .collect();
+        // The program interpreter, `/lib/ld-linux-aarch64.so.1`.
+        if let Some(interp) = text
+            .lines()
+            .find_map(|l| l.split_once("[Requesting program interpreter: "))
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .map(|(p, _)| p.trim_start_matches('/').to_owned())
+        {
+            let at = PathBuf::from("/").join(&interp);
+            if found.insert((at, root.join(&interp))) {
+                wanted.push(
+                    Path::new(&interp)
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into(),
+                );
+            }
+        }
+        for name in wanted {
+            let dir = dirs
+                .iter()
+                .find(|d| root.join(d).join(&name).exists())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{name} (for {}) not under {}",
+                        elf.display(),
+                        root.display()
+                    )
+                });
+            let at = PathBuf::from("/").join(dir).join(&name);
+            let host = root.join(dir).join(&name);
+            if found.insert((at, host.clone())) {
+                todo.push(host);
+            }
+        }
+    }
+    found
+}
+
 /// A `newc` cpio archive, as the kernel unpacks an initramfs.
 struct Cpio {
     out: Vec<u8>,
@@ -252,28 +374,53 @@ impl Cpio {
     }
 }
 
-fn build_initramfs(path: &Path, modules: &Path, nettool: &Path) {
+fn build_initramfs(path: &Path, modules: &Path, arch: Arch) {
     let mut cpio = Cpio::new();
     for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/sys/fs/bpf"] {
         cpio.dir(Path::new(d));
     }
-    let busybox = Path::new("/bin/busybox");
-    cpio.file(Path::new("/bin/busybox"), busybox, 0o755);
-    cpio.file(Path::new("/bin/sh"), busybox, 0o755);
-    let tools = [
-        ("/usr/local/bin/monitor", monitor_bin()),
-        ("/usr/local/bin/nettool", nettool.to_path_buf()),
-        ("/usr/local/bin/ip", which("ip").expect("iproute2's ip")),
-        ("/usr/local/bin/tc", which("tc").expect("iproute2's tc")),
-        ("/usr/local/bin/bpftool", which("bpftool").expect("bpftool")),
-    ];
-    let mut libs = BTreeSet::new();
+    // (where in the guest, where on the host)
+    let (busybox, tools, libs) = match arch {
+        Arch::X86_64 => {
+            let tools = [
+                ("/usr/local/bin/ip", which("ip").expect("iproute2's ip")),
+                ("/usr/local/bin/tc", which("tc").expect("iproute2's tc")),
+                ("/usr/local/bin/bpftool", which("bpftool").expect("bpftool")),
+                ("/usr/local/bin/nettool", arch.built("nettool")),
+            ];
+            let mut libs = BTreeSet::new();
+            for (_, from) in &tools {
+                libs.extend(libraries(from).into_iter().map(|l| (l.clone(), l)));
+            }
+            (PathBuf::from("/bin/busybox"), tools, libs)
+        }
+        Arch::Aarch64 => {
+            let root = arm64_root();
+            let tools = [
+                ("/usr/local/bin/ip", root.join("bin/ip")),
+                ("/usr/local/bin/tc", root.join("sbin/tc")),
+                ("/usr/local/bin/bpftool", root.join("usr/sbin/bpftool")),
+                ("/usr/local/bin/nettool", arch.built("nettool")),
+            ];
+            let mut libs = BTreeSet::new();
+            for (_, from) in &tools {
+                libs.extend(needed_under(&root, from));
+            }
+            (root.join("bin/busybox"), tools, libs)
+        }
+    };
+    cpio.file(Path::new("/bin/busybox"), &busybox, 0o755);
+    cpio.file(Path::new("/bin/sh"), &busybox, 0o755);
+    cpio.file(
+        Path::new("/usr/local/bin/monitor"),
+        &arch.built("monitor"),
+        0o755,
+    );
     for (at, from) in &tools {
         cpio.file(Path::new(at), from, 0o755);
-        libs.extend(libraries(from));
     }
-    for lib in libs {
-        cpio.file(&lib, &lib, 0o755);
+    for (at, from) in libs {
+        cpio.file(&at, &from, 0o755);
     }
     for module in ["veth", "sch_ingress", "cls_bpf"] {
         let name = format!("{module}.ko");

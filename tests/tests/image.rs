@@ -36,6 +36,106 @@ fn tree(dir: &Path) -> Vec<String> {
     out
 }
 
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The platforms (`os/architecture`) of the OCI layout `oci`'s one reference, an image
+/// index tagged `eni-monitor:<version>`, each manifest's platform checked against its
+/// config's.
+fn platforms(oci: &Path, version: &str) -> Vec<String> {
+    let blob = |digest: &serde_json::Value| {
+        let digest = digest.as_str().unwrap();
+        oci.join("blobs/sha256")
+            .join(digest.strip_prefix("sha256:").unwrap())
+    };
+    let top = json(&oci.join("index.json"));
+    let refs = top["manifests"].as_array().unwrap();
+    assert_eq!(refs.len(), 1, "{top}");
+    assert_eq!(
+        refs[0]["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{top}"
+    );
+    assert_eq!(
+        refs[0]["annotations"]["org.opencontainers.image.ref.name"],
+        format!("eni-monitor:{version}")
+    );
+    let index = json(&blob(&refs[0]["digest"]));
+    let mut platforms: Vec<String> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let manifest = json(&blob(&m["digest"]));
+            let config = json(&blob(&manifest["config"]["digest"]));
+            assert_eq!(
+                config["architecture"], m["platform"]["architecture"],
+                "{config}"
+            );
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap(),
+                m["platform"]["architecture"].as_str().unwrap()
+            )
+        })
+        .collect();
+    platforms.sort();
+    platforms
+}
+
+/// The image of `arch` as a runtime of that architecture pulls it from the index
+/// (`skopeo` picks it), unpacked with umoci: the static agent alone, run as root from
+/// /monitor. The bundle, in a directory of its own.
+fn unpack(image: &str, arch: &str) -> PathBuf {
+    let single = std::env::temp_dir().join(format!("em-image-{arch}-{}", std::process::id()));
+    let bundle = single.join("bundle");
+    let _ = std::fs::remove_dir_all(&single);
+    std::fs::create_dir_all(&single).unwrap();
+    sh(Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--override-os",
+            "linux",
+            "--override-arch",
+            arch,
+        ])
+        .arg(format!("oci:{image}"))
+        .arg(format!("oci:{}:one", single.join("oci").display())));
+    sh(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:one", single.join("oci").display()))
+        .arg(&bundle));
+    let rootfs = bundle.join("rootfs");
+    assert_eq!(tree(&rootfs), ["monitor"]);
+    let config = json(&bundle.join("config.json"));
+    assert_eq!(config["process"]["args"], serde_json::json!(["/monitor"]));
+    assert_eq!(config["process"]["user"]["uid"], 0);
+    bundle
+}
+
+/// A 64-bit little-endian ELF executable's machine (`e_machine`), and whether it asks for
+/// an interpreter (`PT_INTERP`: dynamically linked); None for anything else.
+fn elf_machine(elf: &[u8]) -> Option<(u16, bool)> {
+    let u16_at = |at: usize| Some(u16::from_le_bytes(elf.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(elf.get(at..at + 8)?.try_into().ok()?));
+    // Magic, ELFCLASS64, ELFDATA2LSB; ET_EXEC or ET_DYN (static-pie).
+    if elf.get(..6)? != b"\x7fELF\x02\x01" || !matches!(u16_at(16)?, 2 | 3) {
+        return None;
+    }
+    let (phoff, phentsize, phnum) = (
+        usize::try_from(u64_at(32)?).ok()?,
+        usize::from(u16_at(54)?),
+        usize::from(u16_at(56)?),
+    );
+    let mut interp = false;
+    for i in 0..phnum {
+        interp |= u32_at(phoff + i * phentsize)? == 3;
+    }
+    Some((u16_at(18)?, interp))
+}
+
 #[test]
 fn the_image_holds_the_agent_alone_and_its_entrypoint_serves_metrics() {
     if !require_root("the_image_holds_the_agent_alone_and_its_entrypoint_serves_metrics") {
@@ -55,24 +155,30 @@ fn the_image_holds_the_agent_alone_and_its_entrypoint_serves_metrics() {
         .args(["xtask", "image"]));
 
     let version = env!("CARGO_PKG_VERSION");
-    let bundle = std::env::temp_dir().join(format!("em-image-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&bundle);
-    let image = format!(
-        "{}:eni-monitor:{version}",
-        root().join("target/image/oci").display()
-    );
-    sh(Command::new("umoci")
-        .args(["unpack", "--image", &image])
-        .arg(&bundle));
+    let oci = root().join("target/image/oci");
+    let image = format!("{}:eni-monitor:{version}", oci.display());
 
-    // The binary and nothing else; it runs as root from /monitor.
+    // One reference, an image index of two platforms.
+    assert_eq!(platforms(&oci, version), ["linux/amd64", "linux/arm64"]);
+    let mut amd64 = None;
+    // ELF machines: EM_X86_64, EM_AARCH64.
+    for (arch, machine) in [("amd64", 62), ("arm64", 183)] {
+        let bundle = unpack(&image, arch);
+        let elf = std::fs::read(bundle.join("rootfs/monitor")).unwrap();
+        assert_eq!(
+            elf_machine(&elf),
+            Some((machine, false)),
+            "{arch}: (machine, interpreter)"
+        );
+        if arch == "amd64" {
+            amd64 = Some(bundle);
+        } else {
+            std::fs::remove_dir_all(bundle.parent().unwrap()).unwrap();
+        }
+    }
+    // The amd64 image runs here.
+    let bundle = amd64.unwrap();
     let rootfs = bundle.join("rootfs");
-    assert_eq!(tree(&rootfs), ["monitor"]);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json")).unwrap())
-            .unwrap();
-    assert_eq!(config["process"]["args"], serde_json::json!(["/monitor"]));
-    assert_eq!(config["process"]["user"]["uid"], 0);
 
     // What a runtime adds: mount points for /proc and /sys.
     for dir in ["proc", "sys"] {
@@ -136,5 +242,5 @@ fn the_image_holds_the_agent_alone_and_its_entrypoint_serves_metrics() {
         (200, "ready\n".to_owned())
     );
     assert!(agent.stop().success(), "{}", agent.log_text());
-    std::fs::remove_dir_all(&bundle).unwrap();
+    std::fs::remove_dir_all(bundle.parent().unwrap()).unwrap();
 }

@@ -4,7 +4,7 @@
 
 use integration_tests::{
     HOOKS, Scrape, require_root,
-    vm::{Console, Kernel},
+    vm::{Arch, Console, Kernel},
 };
 
 const ATTACHED: &str = "eni_monitor_program_attached";
@@ -32,16 +32,17 @@ fn boot(expect: &Expect) -> Option<Console> {
     if !require_root(&format!("kernel {name}")) {
         return None;
     }
-    if !expect.kernel.available() {
+    if let Some(missing) = expect.kernel.missing() {
         assert!(
             std::env::var_os("CI").is_none(),
-            "kernel {name} or qemu missing: `cargo xtask setup` fetches them"
+            "kernel {name}: missing {missing} (`cargo xtask test` fetches and builds them)"
         );
-        eprintln!("skipping kernel {name}: not fetched (run `cargo xtask setup`)");
+        eprintln!(
+            "skipping kernel {name}: missing {missing} (run `cargo xtask setup` and `cargo xtask build --target aarch64`)"
+        );
         return None;
     }
-    let nettool = env!("CARGO_BIN_EXE_nettool");
-    let console = expect.kernel.boot(std::path::Path::new(nettool));
+    let console = expect.kernel.boot();
     eprintln!(
         "kernel {name}: boot and scenario took {:?}",
         console.elapsed
@@ -414,21 +415,21 @@ fn kernel_map_memory_fits_and_grows_little_per_cpu() {
     let kernel = Kernel {
         name: "6.12",
         lockdown: true,
+        arch: Arch::X86_64,
     };
     if !require_root("kernel map memory") {
         return;
     }
-    if !kernel.available() {
+    if let Some(missing) = kernel.missing() {
         assert!(
             std::env::var_os("CI").is_none(),
-            "kernel 6.12 or qemu missing"
+            "kernel 6.12: missing {missing}"
         );
-        eprintln!("skipping: kernel 6.12 not fetched (run `cargo xtask setup`)");
+        eprintln!("skipping: kernel 6.12: missing {missing} (run `cargo xtask setup`)");
         return;
     }
-    let nettool = std::path::Path::new(env!("CARGO_BIN_EXE_nettool"));
     let memory = |cpus: u32| {
-        let c = kernel.boot_with(nettool, cpus, "memory");
+        let c = kernel.boot_with(cpus, "memory");
         assert_eq!(c.mark("CPUS"), Some(cpus.to_string().as_str()));
         let s = Scrape::parse(&c.block("memory")).unwrap_or_else(|e| panic!("{e}"));
         s.get("eni_monitor_kernel_map_memory_bytes", &[])
@@ -452,6 +453,7 @@ fn linux_5_10_amazon_linux_2() {
         kernel: Kernel {
             name: "5.10",
             lockdown: false,
+            arch: Arch::X86_64,
         },
         release: "5.10.",
         tcx: false,
@@ -465,6 +467,7 @@ fn linux_6_1_al2023_bottlerocket_under_lockdown() {
         kernel: Kernel {
             name: "6.1",
             lockdown: true,
+            arch: Arch::X86_64,
         },
         release: "6.1.",
         tcx: false,
@@ -478,6 +481,49 @@ fn linux_6_12_under_lockdown_on_tcx() {
         kernel: Kernel {
             name: "6.12",
             lockdown: true,
+            arch: Arch::X86_64,
+        },
+        release: "6.12.",
+        tcx: true,
+        no_socket: "NO_SOCKET",
+    });
+}
+
+#[test]
+fn linux_5_10_amazon_linux_2_on_graviton() {
+    check(&Expect {
+        kernel: Kernel {
+            name: "arm64-5.10",
+            lockdown: false,
+            arch: Arch::Aarch64,
+        },
+        release: "5.10.",
+        tcx: false,
+        no_socket: "unknown",
+    });
+}
+
+#[test]
+fn linux_6_1_on_graviton_under_lockdown() {
+    check(&Expect {
+        kernel: Kernel {
+            name: "arm64-6.1",
+            lockdown: true,
+            arch: Arch::Aarch64,
+        },
+        release: "6.1.",
+        tcx: false,
+        no_socket: "NO_SOCKET",
+    });
+}
+
+#[test]
+fn linux_6_12_on_graviton_under_lockdown_on_tcx() {
+    check(&Expect {
+        kernel: Kernel {
+            name: "arm64-6.12",
+            lockdown: true,
+            arch: Arch::Aarch64,
         },
         release: "6.12.",
         tcx: true,

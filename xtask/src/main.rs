@@ -8,6 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod cross;
 mod image;
 mod render;
 mod setup;
@@ -29,7 +30,12 @@ enum Cmd {
     /// Install what a fresh machine lacks (apt packages, rust-src, bpf-linker, qemu, kernels).
     Setup,
     /// Build the agent (release), with its eBPF programs embedded.
-    Build,
+    Build {
+        /// Also for this architecture: `aarch64` builds the static agent and the kernel
+        /// matrix's `nettool` for Graviton into target/aarch64-unknown-linux-gnu/release.
+        #[arg(long, value_enum)]
+        target: Option<Target>,
+    },
     /// Build and run the agent on this host; extra arguments go to the agent.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -63,12 +69,22 @@ enum Cmd {
     },
 }
 
+/// An architecture besides the host's.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Target {
+    Aarch64,
+}
+
 fn main() -> Result<()> {
     match Args::parse().command {
         Cmd::Setup => setup(),
-        Cmd::Build => {
+        Cmd::Build { target } => {
             setup()?;
-            build()
+            build()?;
+            match target {
+                Some(Target::Aarch64) => cross::build_aarch64(&["monitor", "nettool"]).map(drop),
+                None => Ok(()),
+            }
         }
         Cmd::Run { args } => {
             setup()?;
@@ -97,6 +113,8 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup()?;
             build()?;
+            // The kernel matrix's aarch64 rows boot these.
+            cross::build_aarch64(&["monitor", "nettool"])?;
             test::clippy()?;
             test::test(&args)
         }

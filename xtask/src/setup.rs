@@ -40,6 +40,9 @@ const APT_PACKAGES: &[&str] = &[
     // The image test's seccomp filter (libseccomp, through its crate).
     "libseccomp-dev",
     "pkg-config",
+    // The aarch64 agent: a linker and a static glibc for the target.
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
     // The container image, built without a daemon, and unpacked to run in the tests.
     "buildah",
     "umoci",
@@ -49,11 +52,38 @@ const APT_PACKAGES: &[&str] = &[
 /// The kernels of README.md's Kernels table: (directory under `target/kernels`, suite of
 /// Debian's cloud kernel). qemu 10 comes from bookworm-backports: 7.2's TCG cannot boot
 /// 6.12.
-pub const KERNELS: [(&str, &str); 3] = [
-    ("5.10", "bullseye"),
-    ("6.1", "bookworm"),
-    ("6.12", "bookworm-backports"),
+pub const KERNELS: [(&str, &str, Arch); 6] = [
+    ("5.10", "bullseye", Arch::Amd64),
+    ("6.1", "bookworm", Arch::Amd64),
+    ("6.12", "bookworm-backports", Arch::Amd64),
+    ("arm64-5.10", "bullseye", Arch::Arm64),
+    ("arm64-6.1", "bookworm", Arch::Arm64),
+    ("arm64-6.12", "bookworm-backports", Arch::Arm64),
 ];
+
+/// A machine architecture the agent is built and its kernels booted for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// Debian's name.
+    pub const fn debian(self) -> &'static str {
+        match self {
+            Self::Amd64 => "amd64",
+            Self::Arm64 => "arm64",
+        }
+    }
+}
+
+/// Where the arm64 guests' userland is unpacked: busybox, iproute2 and bpftool from
+/// Debian's arm64 packages, with the libraries they load.
+pub const ARM64_USERLAND: &str = "target/kernels/arm64-userland";
+
+/// The arm64 packages of the guests' userland (bookworm, as the host's).
+const ARM64_TOOLS: [&str; 3] = ["busybox-static", "iproute2", "bpftool"];
 
 const QEMU_MAJOR: &str = "QEMU emulator version 10.";
 
@@ -123,6 +153,12 @@ pub fn setup_helm() -> Result<()> {
 /// apt with a sources list and state of its own under `target/apt/<name>`, so that the
 /// machine's own configuration stays untouched.
 fn private_apt(name: &str, suites: &[&str]) -> Result<Vec<String>> {
+    private_apt_for(name, suites, None)
+}
+
+/// `private_apt`, for packages of `arch` when given (`[arch=...]` sources, apt's
+/// architecture and no installed packages: only to download).
+fn private_apt_for(name: &str, suites: &[&str], arch: Option<Arch>) -> Result<Vec<String>> {
     let dir = workspace_root()?.join("target/apt").join(name);
     for sub in ["lists/partial", "cache/archives/partial"] {
         std::fs::create_dir_all(dir.join(sub))
@@ -130,9 +166,12 @@ fn private_apt(name: &str, suites: &[&str]) -> Result<Vec<String>> {
     }
     let list = dir.join("sources.list");
     let mirror = debian_mirror()?;
+    let only = arch
+        .map(|a| format!("[arch={}] ", a.debian()))
+        .unwrap_or_default();
     let text: Vec<String> = suites
         .iter()
-        .map(|s| format!("deb {mirror} {s} main"))
+        .map(|s| format!("deb {only}{mirror} {s} main"))
         .collect();
     let text = text.join("\n") + "\n";
     std::fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
@@ -144,18 +183,29 @@ fn private_apt(name: &str, suites: &[&str]) -> Result<Vec<String>> {
         "-oAPT::Sandbox::User=root".to_owned(),
         "-q".to_owned(),
     ];
+    let mut opts = opts;
+    if let Some(a) = arch {
+        opts.extend([
+            format!("-oAPT::Architecture={}", a.debian()),
+            format!("-oAPT::Architectures={}", a.debian()),
+            "-oDir::State::Status=/dev/null".to_owned(),
+        ]);
+    }
     run(Command::new("apt-get").args(&opts).arg("update"))?;
     Ok(opts)
 }
 
 fn qemu() -> Result<()> {
-    let version = Command::new("qemu-system-x86_64").arg("--version").output();
-    if let Ok(out) = version
-        && String::from_utf8_lossy(&out.stdout).contains(QEMU_MAJOR)
-    {
+    let ten = |program: &str| {
+        Command::new(program)
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(QEMU_MAJOR))
+    };
+    if ten("qemu-system-x86_64") && ten("qemu-system-aarch64") {
         return Ok(());
     }
-    eprintln!("setup: installing qemu 10 from bookworm-backports");
+    eprintln!("setup: installing qemu 10 (x86_64 and aarch64) from bookworm-backports");
     let apt = private_apt(
         "host",
         &["bookworm", "bookworm-updates", "bookworm-backports"],
@@ -163,7 +213,12 @@ fn qemu() -> Result<()> {
     run(Command::new("apt-get")
         .args(&apt)
         .args(["install", "-y", "--no-install-recommends"])
-        .args(["-t", "bookworm-backports", "qemu-system-x86"])
+        .args([
+            "-t",
+            "bookworm-backports",
+            "qemu-system-x86",
+            "qemu-system-arm",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
@@ -171,15 +226,27 @@ fn qemu() -> Result<()> {
 /// `modules/*.ko` (decompressed), fetched once.
 fn kernels() -> Result<()> {
     let root = workspace_root()?.join("target/kernels");
+    for arch in [Arch::Amd64, Arch::Arm64] {
+        kernels_of(&root, arch)?;
+    }
+    arm64_userland()
+}
+
+fn kernels_of(root: &Path, arch: Arch) -> Result<()> {
     let missing: Vec<_> = KERNELS
         .iter()
-        .filter(|(name, _)| !root.join(name).join("vmlinuz").is_file())
+        .filter(|(name, _, a)| *a == arch && !root.join(name).join("vmlinuz").is_file())
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    let apt = private_apt("kernels", &["bullseye", "bookworm", "bookworm-backports"])?;
-    for (name, suite) in missing {
+    let suites = ["bullseye", "bookworm", "bookworm-backports"];
+    let apt = match arch {
+        Arch::Amd64 => private_apt("kernels", &suites)?,
+        Arch::Arm64 => private_apt_for("kernels-arm64", &suites, Some(arch))?,
+    };
+    let meta_name = format!("linux-image-cloud-{}", arch.debian());
+    for (name, suite, _) in missing {
         eprintln!("setup: fetching the {name} cloud kernel from {suite}");
         let dir = root.join(name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -188,8 +255,8 @@ fn kernels() -> Result<()> {
         run(Command::new("apt-get")
             .current_dir(&debs)
             .args(&apt)
-            .args(["download", &format!("linux-image-cloud-amd64/{suite}")]))?;
-        let meta = only_file(&debs, "linux-image-cloud-amd64_")?;
+            .args(["download", &format!("{meta_name}/{suite}")]))?;
+        let meta = only_file(&debs, &format!("{meta_name}_"))?;
         // The meta package depends on exactly one versioned image package.
         let depends = output(
             Command::new("dpkg-deb")
@@ -243,6 +310,60 @@ fn kernels() -> Result<()> {
         std::fs::write(dir.join("release"), format!("{release}\n"))?;
         std::fs::remove_dir_all(&tree)?;
     }
+    Ok(())
+}
+
+/// The arm64 guests' userland, unpacked under `ARM64_USERLAND/root`: `ARM64_TOOLS` and
+/// every package they depend on (the kernel matrix takes the binaries and the libraries
+/// they load from there).
+fn arm64_userland() -> Result<()> {
+    let dir = workspace_root()?.join(ARM64_USERLAND);
+    let done = dir.join("complete");
+    if done.is_file() {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: fetching the arm64 guests' userland ({})",
+        ARM64_TOOLS.join(" ")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let debs = dir.join("debs");
+    std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    let apt = private_apt_for("userland-arm64", &["bookworm"], Some(Arch::Arm64))?;
+    let depends = output(
+        Command::new("apt-cache")
+            .args(&apt)
+            .args(["depends", "--recurse", "--no-recommends", "--no-suggests"])
+            .args([
+                "--no-conflicts",
+                "--no-breaks",
+                "--no-replaces",
+                "--no-enhances",
+            ])
+            .args(ARM64_TOOLS),
+    )?;
+    // Package names start a line; dependencies are indented, virtual ones in <>.
+    let mut packages: Vec<&str> = depends
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('<'))
+        .map(str::trim)
+        .collect();
+    packages.sort_unstable();
+    packages.dedup();
+    run(Command::new("apt-get")
+        .current_dir(&debs)
+        .args(&apt)
+        .arg("download")
+        .args(&packages))?;
+    let root = dir.join("root");
+    for deb in std::fs::read_dir(&debs)? {
+        run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb?.path())
+            .arg(&root))?;
+    }
+    std::fs::remove_dir_all(&debs)?;
+    std::fs::write(done, packages.join("\n") + "\n")?;
     Ok(())
 }
 
