@@ -242,7 +242,7 @@ fn store(packet: &Stored) -> Option<u8> {
             None => sets::spill(s),
         }
     }
-    insert(p, &key, bits, now, ifindex).then_some(bits)
+    insert(p, &key, bits, now, ifindex)
 }
 
 /// Writes a packet into its flow in the table: the second, and its bits set; or, a SYN
@@ -297,24 +297,27 @@ fn created(p: &Packet, ifindex: u32) {
     }
 }
 
-/// Inserts a new flow; false when it is not in the table after all (the table full).
+/// Inserts a new flow; the flow's bits after it, or None when it is not in the table
+/// after all (the table full).
 #[inline(always)]
-fn insert(p: &Packet, key: &FlowKey, bits: u8, now: u32, ifindex: u32) -> bool {
+fn insert(p: &Packet, key: &FlowKey, bits: u8, now: u32, ifindex: u32) -> Option<u8> {
     let flow = Flow::new(now, now, bits);
     match FLOWS.insert(key, &flow, BPF_NOEXIST) {
         Ok(()) => {
             created(p, ifindex);
-            true
+            Some(bits)
         }
-        // Another CPU inserted the same flow first: it counted it.
+        // Another CPU inserted the same flow first (its first packet the other way, at
+        // once): it counted it, and this packet's bits join it.
         Err(e) if e == EEXIST => {
             room::give_back();
-            true
+            let flow = FLOWS.get_ptr_mut(key)?;
+            Some(refresh(flow, bits, now, false, p, ifindex))
         }
         Err(_) => {
             room::give_back();
             bump(&FLOW_TABLE_FULL, 0);
-            false
+            None
         }
     }
 }
