@@ -229,7 +229,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_ioctls_on_a_veth() {
-        if !integration_tests::require_root("the_ioctls_on_a_veth") {
+        if !crate::root::require_root("the_ioctls_on_a_veth") {
             return;
         }
         let name = format!("emv{}", std::process::id() % 100_000);
@@ -261,7 +261,7 @@ pub(crate) mod tests {
 
     #[test]
     fn statistics_that_outgrow_the_buffer_are_an_error_not_memory_written_over() {
-        if !integration_tests::require_root("statistics_that_outgrow_the_buffer") {
+        if !crate::root::require_root("statistics_that_outgrow_the_buffer") {
             return;
         }
         // A veth with 64 queues: its statistics are counted by queue, a few hundred.

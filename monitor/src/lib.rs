@@ -23,3 +23,7 @@ pub mod model;
 pub mod status;
 pub mod watch;
 pub mod webconfig;
+
+#[cfg(test)]
+#[path = "../../tests/src/root.rs"]
+mod root;

@@ -4,6 +4,9 @@
 
 use std::path::Path;
 
+#[path = "../../tests/src/root.rs"]
+mod root;
+
 use aya::programs::{TestRun as _, TestRunOptions};
 use monitor::{
     kernel::{self, KernelFacts},
@@ -182,7 +185,7 @@ const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 #[test]
 fn a_query_and_its_response_are_matched() {
-    if !integration_tests::require_root("a_query_and_its_response_are_matched") {
+    if !root::require_root("a_query_and_its_response_are_matched") {
         return;
     }
     for probe in both_objects(Sizes::with_flows(1024)) {
@@ -300,7 +303,7 @@ fn query_and_response_matched(probe: &Probe) {
 
 #[test]
 fn malformed_dns_moves_no_count() {
-    if !integration_tests::require_root("malformed_dns_moves_no_count") {
+    if !root::require_root("malformed_dns_moves_no_count") {
         return;
     }
     let probe = loaded();
@@ -398,7 +401,7 @@ fn malformed_dns_moves_no_count() {
 
 #[test]
 fn random_dns_headers_count_only_standard_queries() {
-    if !integration_tests::require_root("random_dns_headers_count_only_standard_queries") {
+    if !root::require_root("random_dns_headers_count_only_standard_queries") {
         return;
     }
     let probe = loaded();
@@ -464,7 +467,7 @@ fn map_full(probe: &Probe, map: MapFull) -> u64 {
 
 #[test]
 fn a_full_table_of_queries_in_flight_is_counted_not_silent() {
-    if !integration_tests::require_root("a_full_table_of_queries_in_flight_is_counted_not_silent") {
+    if !root::require_root("a_full_table_of_queries_in_flight_is_counted_not_silent") {
         return;
     }
     // Room for four queries whichever table this kernel uses (one set of four ways).
@@ -544,9 +547,7 @@ fn full_table_counted(probe: &Probe) {
 #[test]
 fn queries_count_under_their_resolvers_slot_and_the_rest_under_other() {
     use monitor_common::{RESOLVER_OTHER, RESOLVER_RETIRED};
-    if !integration_tests::require_root(
-        "queries_count_under_their_resolvers_slot_and_the_rest_under_other",
-    ) {
+    if !root::require_root("queries_count_under_their_resolvers_slot_and_the_rest_under_other") {
         return;
     }
     for mut probe in both_objects(Sizes::with_flows(1024)) {
@@ -633,9 +634,7 @@ fn ipv6_udp_past(
 
 #[test]
 fn dns_past_ipv6_extension_headers_is_seen_a_later_fragment_is_not() {
-    if !integration_tests::require_root(
-        "dns_past_ipv6_extension_headers_is_seen_a_later_fragment_is_not",
-    ) {
+    if !root::require_root("dns_past_ipv6_extension_headers_is_seen_a_later_fragment_is_not") {
         return;
     }
     let probe = loaded();
@@ -707,7 +706,7 @@ fn expiry_of(flows: monitor::loader::maps::Flows) -> monitor::housekeeping::Expi
 fn a_flow_refreshed_during_a_pass_is_not_deleted() {
     use monitor_common::{FLOW_AB, Flow, FlowClass, FlowKey};
 
-    if !integration_tests::require_root("a_flow_refreshed_during_a_pass_is_not_deleted") {
+    if !root::require_root("a_flow_refreshed_during_a_pass_is_not_deleted") {
         return;
     }
     let probe = loaded();
@@ -739,7 +738,7 @@ fn a_flow_refreshed_during_a_pass_is_not_deleted() {
 
 #[test]
 fn the_amazon_resolver_is_not_a_tracked_flow() {
-    if !integration_tests::require_root("the_amazon_resolver_is_not_a_tracked_flow") {
+    if !root::require_root("the_amazon_resolver_is_not_a_tracked_flow") {
         return;
     }
     let probe = loaded();
@@ -786,7 +785,7 @@ fn ipv4_tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Ve
 #[test]
 fn the_flow_cache_passes_on_every_flag_and_every_flow() {
     use monitor_common::{FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_B, Flow, FlowKey};
-    if !integration_tests::require_root("the_flow_cache_passes_on_every_flag_and_every_flow") {
+    if !root::require_root("the_flow_cache_passes_on_every_flag_and_every_flow") {
         return;
     }
     let probe = loaded_with(Sizes::with_flows(8192));
@@ -861,9 +860,7 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
     use monitor_common::{PENDING_FREE, PENDING_WAITING, PENDING_WRITING};
 
     use monitor::loader::pending::{Expired, PendingTable};
-    if !integration_tests::require_root(
-        "the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held",
-    ) {
+    if !root::require_root("the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held") {
         return;
     }
     let mut table = loaded().maps.dns_pending;
@@ -925,7 +922,7 @@ fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
 #[test]
 fn a_syn_on_a_closed_tuple_is_a_live_connection_again() {
     use monitor_common::{FLOW_AB, FLOW_BA, FLOW_LOCAL_B, FLOW_RST, FlowClass};
-    if !integration_tests::require_root("a_syn_on_a_closed_tuple_is_a_live_connection_again") {
+    if !root::require_root("a_syn_on_a_closed_tuple_is_a_live_connection_again") {
         return;
     }
     let probe = loaded();
@@ -991,7 +988,7 @@ fn two_cpus_closing_one_flow_at_once_both_fins_stay() {
     const FLOWS: u16 = 20_000;
 
     use monitor_common::{FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_B, FlowKey};
-    if !integration_tests::require_root("two_cpus_closing_one_flow_at_once_both_fins_stay") {
+    if !root::require_root("two_cpus_closing_one_flow_at_once_both_fins_stay") {
         return;
     }
     // IPv6: in the hash table `FLOWS` under either object (IPv4 flows live in the sets
@@ -1096,7 +1093,7 @@ fn udp_created(probe: &Probe) -> u64 {
 fn two_cpus_beginning_one_flow_begin_it_once() {
     use monitor_common::{FLOW_AB, FLOW_BA};
     const FLOWS: u16 = 4000;
-    if !integration_tests::require_root("two_cpus_beginning_one_flow_begin_it_once") {
+    if !root::require_root("two_cpus_beginning_one_flow_begin_it_once") {
         return;
     }
     for probe in both_objects(Sizes::with_flows(u32::from(FLOWS) * 4)) {
@@ -1177,9 +1174,7 @@ impl Shared<'_> {
 #[test]
 fn a_pass_freeing_slots_under_packets_loses_and_doubles_nothing() {
     const FLOWS: u16 = 4000;
-    if !integration_tests::require_root(
-        "a_pass_freeing_slots_under_packets_loses_and_doubles_nothing",
-    ) {
+    if !root::require_root("a_pass_freeing_slots_under_packets_loses_and_doubles_nothing") {
         return;
     }
     let probe = loaded_with(Sizes::with_flows(u32::from(FLOWS) * 4));
@@ -1334,7 +1329,7 @@ fn by_transport(probe: &Probe) -> std::collections::BTreeMap<(u8, DnsCountKind),
 
 #[test]
 fn dns_over_tcp_is_matched_by_connection_and_id() {
-    if !integration_tests::require_root("dns_over_tcp_is_matched_by_connection_and_id") {
+    if !root::require_root("dns_over_tcp_is_matched_by_connection_and_id") {
         return;
     }
     for probe in both_objects(Sizes::with_flows(1024)) {
@@ -1435,7 +1430,7 @@ fn tcp_matched(probe: &Probe) {
 
 #[test]
 fn malformed_tcp_segments_move_no_count() {
-    if !integration_tests::require_root("malformed_tcp_segments_move_no_count") {
+    if !root::require_root("malformed_tcp_segments_move_no_count") {
         return;
     }
     for probe in both_objects(Sizes::with_flows(1024)) {
@@ -1578,7 +1573,7 @@ fn tcp_malformed(probe: &Probe) {
 
 #[test]
 fn a_refused_dns_connection_is_counted_once() {
-    if !integration_tests::require_root("a_refused_dns_connection_is_counted_once") {
+    if !root::require_root("a_refused_dns_connection_is_counted_once") {
         return;
     }
     for probe in both_objects(Sizes::with_flows(1024)) {
@@ -1675,8 +1670,7 @@ fn each_flow_once(probe: &Probe, n: usize) -> Vec<monitor_common::FlowKey> {
 #[test]
 fn ipv4_flows_fill_their_sets_then_the_table_each_flow_once() {
     use monitor_common::{FlowClass, SET_SPILLED};
-    if !integration_tests::require_root("ipv4_flows_fill_their_sets_then_the_table_each_flow_once")
-    {
+    if !root::require_root("ipv4_flows_fill_their_sets_then_the_table_each_flow_once") {
         return;
     }
     if !kernel::has_atomics() {
@@ -1763,9 +1757,7 @@ fn the_pass_frees_expired_slots_joins_a_flow_in_two_and_unmarks_sets() {
         FLOW_AB, FLOW_BA, FlowClass, FlowSlot, SET_SPILLED, SET_SPILLED_AGAIN, SLOT_FLAGS_SHIFT,
         SLOT_PROTO_SHIFT, SLOT_VALID,
     };
-    if !integration_tests::require_root(
-        "the_pass_frees_expired_slots_joins_a_flow_in_two_and_unmarks_sets",
-    ) {
+    if !root::require_root("the_pass_frees_expired_slots_joins_a_flow_in_two_and_unmarks_sets") {
         return;
     }
     let mut probe = loaded();
@@ -1817,9 +1809,7 @@ fn the_pass_frees_expired_slots_joins_a_flow_in_two_and_unmarks_sets() {
 #[test]
 fn the_tables_hold_the_flow_table_size_and_room_comes_back_as_flows_end() {
     use monitor_common::Flow;
-    if !integration_tests::require_root(
-        "the_tables_hold_the_flow_table_size_and_room_comes_back_as_flows_end",
-    ) {
+    if !root::require_root("the_tables_hold_the_flow_table_size_and_room_comes_back_as_flows_end") {
         return;
     }
     let mut probe = loaded_with(Sizes::with_flows(8));

@@ -23,6 +23,7 @@ pub mod netns;
 pub mod node;
 pub mod paging;
 pub mod panels;
+mod root;
 pub mod servers;
 pub mod timeline;
 pub mod traffic;
@@ -33,22 +34,8 @@ use std::{process::Command, sync::atomic::Ordering};
 pub use agent::{Agent, BpfState, HOOKS, Scrape, monitor_bin, rss_mib};
 pub use netns::{Netns, enter};
 pub use node::{Eni, Pod, SimNode};
+pub use root::require_root;
 pub use traffic::{addr, http_get, monotonic, send_udp, set_rcvbuf};
-
-/// Whether a root-only test may run. Outside CI a non-root run skips with a message;
-/// in CI it fails, so a misconfigured runner cannot pass by skipping.
-pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI must run it"
-    );
-    eprintln!("skipping {test}: needs root (network namespaces, eBPF)");
-    false
-}
 
 /// Whether `tool` is on the PATH.
 pub fn have(tool: &str) -> bool {

@@ -42,7 +42,8 @@ impl Arch {
     }
 
     /// The binary `name` of this workspace, built for this architecture: the host's
-    /// release build, or `cargo xtask build --target aarch64`'s (static).
+    /// release build, or `cargo xtask build --target aarch64`'s (static; `probes` is
+    /// `monitor`'s probe tests).
     pub fn built(self, name: &str) -> PathBuf {
         let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
         match self {
@@ -89,6 +90,7 @@ impl Kernel {
         needs.push(self.arch.built("nettool"));
         if self.arch == Arch::Aarch64 {
             needs.push(kernels_dir().join("arm64-userland/complete"));
+            needs.push(self.arch.built("probes"));
         }
         let mut missing: Vec<String> = needs
             .iter()
@@ -418,6 +420,13 @@ fn build_initramfs(path: &Path, modules: &Path, arch: Arch) {
     );
     for (at, from) in &tools {
         cpio.file(Path::new(at), from, 0o755);
+    }
+    if arch == Arch::Aarch64 {
+        cpio.file(
+            Path::new("/usr/local/bin/probes"),
+            &arch.built("probes"),
+            0o755,
+        );
     }
     for (at, from) in libs {
         cpio.file(&at, &from, 0o755);

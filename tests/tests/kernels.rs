@@ -396,6 +396,33 @@ impl Run<'_> {
     }
 }
 
+impl Run<'_> {
+    /// On the arm64 guests, the probe tests of two CPUs writing one flow at once (`-smp
+    /// 2`): each of the three passes, as on x86.
+    fn probes(&self) {
+        if self.expect.kernel.arch != Arch::Aarch64 {
+            return;
+        }
+        let block = self.c.block("probes");
+        for test in [
+            "two_cpus_beginning_one_flow_begin_it_once",
+            "two_cpus_closing_one_flow_at_once_both_fins_stay",
+            "a_pass_freeing_slots_under_packets_loses_and_doubles_nothing",
+        ] {
+            assert!(
+                block.contains(&format!("test {test} ... ok")),
+                "{}",
+                self.fail(test)
+            );
+        }
+        assert!(
+            block.contains("test result: ok. 3 passed"),
+            "{}",
+            self.fail("probes")
+        );
+    }
+}
+
 fn check(expect: &Expect) {
     let Some(c) = boot(expect) else { return };
     let run = Run { c: &c, expect };
@@ -406,6 +433,7 @@ fn check(expect: &Expect) {
     run.dns();
     run.overflow();
     run.restart();
+    run.probes();
 }
 
 /// The agent's kernel maps, idle, with the defaults: 16 MiB at most on 2 CPUs, and at

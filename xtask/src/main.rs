@@ -31,8 +31,9 @@ enum Cmd {
     Setup,
     /// Build the agent (release), with its eBPF programs embedded.
     Build {
-        /// Also for this architecture: `aarch64` builds the static agent and the kernel
-        /// matrix's `nettool` for Graviton into target/aarch64-unknown-linux-gnu/release.
+        /// Also for this architecture: `aarch64` builds the static agent, and the kernel
+        /// matrix's `nettool` and probe tests, for Graviton into
+        /// target/aarch64-unknown-linux-gnu/release.
         #[arg(long, value_enum)]
         target: Option<Target>,
     },
@@ -82,7 +83,7 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             match target {
-                Some(Target::Aarch64) => cross::build_aarch64(&["monitor", "nettool"]).map(drop),
+                Some(Target::Aarch64) => cross::build_guest_aarch64(),
                 None => Ok(()),
             }
         }
@@ -114,7 +115,7 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             // The kernel matrix's aarch64 rows boot these.
-            cross::build_aarch64(&["monitor", "nettool"])?;
+            cross::build_guest_aarch64()?;
             test::clippy()?;
             test::test(&args)
         }

@@ -373,7 +373,7 @@ mod tests {
 
     #[test]
     fn helper_probe_answers_for_this_kernel() {
-        if !integration_tests::require_root("helper_probe_answers_for_this_kernel") {
+        if !crate::root::require_root("helper_probe_answers_for_this_kernel") {
             return;
         }
         // Every kernel has bpf_ktime_get_ns (5); no kernel has helper 100000.
