@@ -556,6 +556,14 @@ fn inflight_answer(words: &KeyWords) -> Option<(u64, u8)> {
 /// a hash of the query, each way claimed with compare-and-exchange. No helper call, no
 /// lock, no allocation: what a hash map's insert and delete cost is most of a DNS
 /// packet's price.
+///
+/// Memory ordering, on both architectures: a way is claimed (free or waiting to writing)
+/// with `cmpxchg_64`, a full barrier (`lock cmpxchg` on `x86_64`, `casal` on arm64), and
+/// released by `release`: a plain store where the CPU keeps stores after earlier loads
+/// and stores (`x86_64`), an `xchg_64` (`swpal`, a full barrier) where it does not
+/// (arm64). A program looks at a way's state and key with plain loads, which arm64 may
+/// reorder; it acts only after holding the way, and `hold` reads the key again after the
+/// claim. The agent's sweep claims the same way before it reads or frees one.
 mod pending {
     use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xchg};
 

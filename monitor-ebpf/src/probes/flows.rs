@@ -352,7 +352,10 @@ mod room {
         };
         // The count taken first and read after (an atomic add's result is not to be had
         // on every kernel): flows begun at once on other CPUs may make this one give its
-        // room back too, never let one more in than there is room for.
+        // room back too, never let one more in than there is room for. The add has no
+        // fetch, so arm64 runs it unordered (`stadd`); what this needs is coherence on
+        // the one word alone: of two CPUs adding at once, the one whose add comes second
+        // reads both.
         // SAFETY: words of a map value the kernel keeps for the program's run.
         unsafe {
             atomic_xadd::<u64, u64, { SeqCst }>(begun, 1);
@@ -384,6 +387,21 @@ mod room {
 /// compare-and-exchange and published with an atomic or; its control word carries the
 /// flow's protocol, bits and a fingerprint of its key, so a packet finds its flow, or the
 /// flow another CPU is writing, in the one line. No helper call, lock or allocation.
+///
+/// Memory ordering, on both architectures. The claim (`cmpxchg_64`) and every or and
+/// and on a control word are BPF atomics with a fetch, which the JITs make full barriers:
+/// `lock cmpxchg` on `x86_64`; `casal`, `ldsetal`, `ldclral` on arm64 (or, without LSE, a
+/// `ldxr`/`stlxr` loop and `dmb ish`). So whoever sees a slot's `SLOT_VALID` bit has seen
+/// its key and second, written before the publishing or. A program reads the control
+/// word and then the key with plain loads: x86 keeps loads in order; arm64 may not, and a
+/// packet may then see a flow published a moment ago with the key words of before, take
+/// it for another flow, and go on to begin its own. Its claim is a full barrier, and the
+/// look at the lower slots after it finds the flow by its fingerprint and joins it; if
+/// the flow sits in a higher slot (one freed below it in the meantime), the flow is in
+/// two slots until the agent's next pass makes them one. The agent reads a control word
+/// with an acquiring load (`ldar` on arm64) before the key, and frees with
+/// compare-and-exchange. The probe tests of two CPUs writing one flow run on the arm64
+/// guests of the kernel matrix too.
 mod sets {
     use core::intrinsics::{AtomicOrdering::SeqCst, atomic_and, atomic_cxchg, atomic_or};
 

@@ -73,7 +73,9 @@ impl Slot {
         }
     }
 
-    /// The flow in the slot, if it holds one.
+    /// The flow in the slot, if it holds one. The control word is loaded first, with an
+    /// acquiring load (`ldar` on arm64; a plain load on `x86_64`), so the key and second read
+    /// after it are those written before the program's publishing or.
     fn flow(self) -> Option<FlowSlot> {
         Some(self.read(self.ctl().load(SeqCst))).filter(FlowSlot::is_valid)
     }
