@@ -40,7 +40,9 @@ const APT_PACKAGES: &[&str] = &[
     // The image test's seccomp filter (libseccomp, through its crate).
     "libseccomp-dev",
     "pkg-config",
-    // The aarch64 agent: a linker and a static glibc for the target.
+    // The aarch64 agent: a linker and a static glibc for the target; `readelf` finds the
+    // libraries the arm64 guests' tools load.
+    "binutils",
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
     // The container image, built without a daemon, and unpacked to run in the tests.
