@@ -161,12 +161,16 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The release agent, and the kernel matrix's traffic tool (`cargo test` builds no
+/// binary of a crate without integration tests).
 fn build() -> Result<()> {
     run(Command::new(cargo()).current_dir(workspace_root()?).args([
         "build",
         "--release",
         "--package",
         "monitor",
+        "--package",
+        "nettool",
     ]))
 }
 
