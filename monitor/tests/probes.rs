@@ -932,14 +932,6 @@ fn a_syn_on_a_closed_tuple_is_a_live_connection_again() {
         assert_eq!(all.len(), 1, "{all:?}");
         all[0]
     };
-    let created = |probe: &Probe| -> u64 {
-        probe
-            .maps
-            .flows_created
-            .get(0, FlowClass::Tcp as u32)
-            .iter()
-            .sum()
-    };
     // A connection (SYN, SYN-ACK, ACK), then reset: closed, expired 5 s after.
     run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x02));
     run(
@@ -954,7 +946,7 @@ fn a_syn_on_a_closed_tuple_is_a_live_connection_again() {
         &ipv4_tcp(DST4, SRC4, 443, 40000, 0x04),
     );
     assert_ne!(flow(&probe).flags() & FLOW_RST, 0);
-    assert_eq!(created(&probe), 1);
+    assert_eq!(created(&probe.maps.flows_created, FlowClass::Tcp), 1);
     // The same 5-tuple opens again (a reused port behind SNAT): a live connection, no
     // close bits, counted as a new flow. A SYN-ACK on an open flow changes nothing.
     run(&probe, "tc_egress", &ipv4_tcp(SRC4, DST4, 40000, 443, 0x02));
@@ -965,7 +957,7 @@ fn a_syn_on_a_closed_tuple_is_a_live_connection_again() {
         &ipv4_tcp(DST4, SRC4, 443, 40000, 0x12),
     );
     assert_eq!(flow(&probe).flags(), FLOW_AB | FLOW_BA | FLOW_LOCAL_B);
-    assert_eq!(created(&probe), 2);
+    assert_eq!(created(&probe.maps.flows_created, FlowClass::Tcp), 2);
 }
 
 /// Pins the calling thread to `cpu`.
@@ -1075,14 +1067,12 @@ fn held_keys(probe: &Probe) -> std::collections::BTreeMap<[u32; 11], usize> {
     keys
 }
 
-fn udp_created(probe: &Probe) -> u64 {
-    use monitor_common::FlowClass;
-    probe
-        .maps
-        .flows_created
-        .get(0, FlowClass::Udp as u32)
-        .iter()
-        .sum()
+/// Flows of `class` begun on loopback (slot 0), from the `flows_created` map.
+fn created(
+    flows_created: &monitor::loader::slots::SlotArray<u64>,
+    class: monitor_common::FlowClass,
+) -> u64 {
+    flows_created.get(0, class as u32).iter().sum()
 }
 
 /// The claim (compare-and-exchange) and publish (atomic or) of a flow's slot, on two CPUs
@@ -1118,7 +1108,7 @@ fn two_cpus_beginning_one_flow_begin_it_once() {
         );
         assert_eq!(keys.len(), usize::from(FLOWS), "atomics {}", probe.atomics);
         assert_eq!(
-            udp_created(&probe),
+            created(&probe.maps.flows_created, monitor_common::FlowClass::Udp),
             u64::from(FLOWS),
             "atomics {}",
             probe.atomics
@@ -1225,7 +1215,7 @@ fn a_pass_freeing_slots_under_packets_loses_and_doubles_nothing() {
     let freed = freed.into_inner();
     assert!(freed > 0, "the passes freed nothing");
     assert_eq!(
-        udp_created(&probe) - freed,
+        created(&probe.maps.flows_created, monitor_common::FlowClass::Udp) - freed,
         keys.len() as u64,
         "flows created - freed ({freed}) = flows held"
     );
@@ -1688,26 +1678,18 @@ fn ipv4_flows_fill_their_sets_then_the_table_each_flow_once() {
             );
         }
     };
-    let created = |probe: &Probe| -> u64 {
-        probe
-            .maps
-            .flows_created
-            .get(0, FlowClass::Udp as u32)
-            .iter()
-            .sum()
-    };
     round(&probe);
     let spilled = each_flow_once(&probe, 48);
     assert!(
         !spilled.is_empty(),
         "48 flows in 32 sets of two: some spill"
     );
-    assert_eq!(created(&probe), 48);
+    assert_eq!(created(&probe.maps.flows_created, FlowClass::Udp), 48);
     // Later packets find each flow where it is.
     round(&probe);
     round(&probe);
     assert_eq!(each_flow_once(&probe, 48), spilled);
-    assert_eq!(created(&probe), 48);
+    assert_eq!(created(&probe.maps.flows_created, FlowClass::Udp), 48);
 
     // The flows in FLOWS gone: the pass unmarks their sets, and their next packets find
     // the sets full, spill again, and are new flows.
@@ -1742,13 +1724,10 @@ fn ipv4_flows_fill_their_sets_then_the_table_each_flow_once() {
         let s = sets.set_of(k).unwrap();
         assert_ne!(sets.get(s, 0).ctl & SET_SPILLED, 0);
     }
-    let created: u64 = probe
-        .maps
-        .flows_created
-        .get(0, FlowClass::Udp as u32)
-        .iter()
-        .sum();
-    assert_eq!(created, 48 + spilled.len() as u64);
+    assert_eq!(
+        created(&probe.maps.flows_created, FlowClass::Udp),
+        48 + spilled.len() as u64
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::{
     io::Write as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{PoisonError, RwLock},
     time::{Duration, Instant},
 };
 
@@ -60,6 +61,9 @@ fn arm64_root() -> PathBuf {
 }
 
 const SCENARIO: &str = include_str!("../vm/scenario.sh");
+/// Boots of the usual two vCPUs share the host; a larger one takes it alone.
+static HOST: RwLock<()> = RwLock::new(());
+
 /// A boot and the scenario take about a minute under TCG; a hung kernel is cut off.
 const BOOT_TIMEOUT: Duration = Duration::from_mins(7);
 
@@ -110,7 +114,11 @@ impl Kernel {
     }
 
     /// Boots with `cpus` vCPUs and the scenario's part `scenario` (`full`, `memory`).
+    /// A boot of more vCPUs than the usual two has the host to itself: beside other
+    /// emulated guests on a 2-core host its vCPUs starved (RCU stalls) past the timeout.
     pub fn boot_with(&self, cpus: u32, scenario: &str) -> Console {
+        let _alone = (cpus > 2).then(|| HOST.write().unwrap_or_else(PoisonError::into_inner));
+        let _shared = (cpus <= 2).then(|| HOST.read().unwrap_or_else(PoisonError::into_inner));
         // Kept under target/vm for a look after a failure; replaced by the next boot.
         let work = kernels_dir()
             .join("../vm")

@@ -177,7 +177,7 @@ fn private_apt_for(name: &str, suites: &[&str], arch: Option<Arch>) -> Result<Ve
         .collect();
     let text = text.join("\n") + "\n";
     std::fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
-    let opts = vec![
+    let mut opts = vec![
         format!("-oDir::Etc::SourceList={}", list.display()),
         "-oDir::Etc::SourceParts=/nonexistent".to_owned(),
         format!("-oDir::State::Lists={}", dir.join("lists").display()),
@@ -185,7 +185,6 @@ fn private_apt_for(name: &str, suites: &[&str], arch: Option<Arch>) -> Result<Ve
         "-oAPT::Sandbox::User=root".to_owned(),
         "-q".to_owned(),
     ];
-    let mut opts = opts;
     if let Some(a) = arch {
         opts.extend([
             format!("-oAPT::Architecture={}", a.debian()),
