@@ -37,6 +37,7 @@ use crate::{
         allowance::Allowance,
         dns::{AmazonResolvers, RankedClients, RecentClients},
         flows::{FlowCounts, Timeouts},
+        instance::TcpEstablished,
         linklocal,
         resolvers::ResolverSlots,
     },
@@ -79,6 +80,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         amazon,
         addrs,
         names,
+        tcp_established,
     } = wire(&cli, &facts, loaded)?;
     let devices = watcher.devices.clone();
     let attachments = watcher.programs.attachments().clone();
@@ -91,7 +93,14 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut tasks = vec![tokio::spawn(watch::run(watcher))];
     let health = housekeeping::start(sweeper, expiry)?;
 
-    tasks.extend(label_enis(&cli, devices, amazon, addrs, names)?);
+    tasks.extend(call_imds(
+        &cli,
+        devices,
+        amazon,
+        addrs,
+        names,
+        tcp_established,
+    )?);
 
     let mut state = http::State::new(registry, attachments, web);
     state.health = health;
@@ -124,6 +133,8 @@ struct Wired {
     amazon: AmazonResolvers,
     addrs: Addresses,
     names: Arc<Mutex<ResolverSlots>>,
+    /// Learned from IMDS where the flag does not set it.
+    tcp_established: TcpEstablished,
 }
 
 /// Hands every map to its owner: the collectors (read), the watcher (device slots), the
@@ -137,6 +148,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
     // Queries in flight that began before this instant were left by an agent that
     // stopped: their answers may have come while no program watched.
     let watching_since_ns = housekeeping::monotonic_ns();
+    let tcp_established = TcpEstablished::new(cli.tcp_established_timeout);
     programs.attach_tracepoints(facts);
     if let Err(e) = programs.load_classifiers() {
         log::error!("{e:#}");
@@ -219,11 +231,18 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         flows: flow_counts.clone(),
         allowance: Mutex::new(Allowance::new(cli.conntrack_allowance)),
     }));
+    let timeouts = Timeouts {
+        tcp_established: tcp_established.get(),
+        udp: cli.udp_timeout,
+        udp_stream: cli.udp_stream_timeout,
+    };
     registry.register_collector(Box::new(FlowsCollector {
         created: flows_created.clone(),
         table_full: flow_table_full,
         counts: flow_counts.clone(),
         devices: devices.clone(),
+        timeouts,
+        tcp_established: tcp_established.clone(),
     }));
     registry.register_collector(Box::new(LinkLocalCollector {
         packets: ll_packets.clone(),
@@ -251,11 +270,8 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         },
         expiry: Expiry {
             flows,
-            timeouts: Timeouts {
-                tcp_established: cli.tcp_established_timeout,
-                udp: cli.udp_timeout,
-                udp_stream: cli.udp_stream_timeout,
-            },
+            timeouts,
+            tcp_established: tcp_established.clone(),
             counts: flow_counts,
             devices: devices.clone(),
             top,
@@ -276,46 +292,48 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         amazon,
         addrs,
         names,
+        tcp_established,
     })
 }
 
-/// Labels the devices with their ENI ids from IMDS, where IMDS is to be called; each
-/// VPC resolver it names is counted as the link-local resolver from then on.
-fn label_enis(
+/// Where IMDS is to be called: labels the devices with their ENI ids (each VPC resolver
+/// it names is counted as the link-local resolver from then on), and learns the instance
+/// type for EC2's default timeouts there.
+fn call_imds(
     cli: &Cli,
     devices: Devices,
     amazon: AmazonResolvers,
     addrs: Addresses,
     names: Arc<Mutex<ResolverSlots>>,
-) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    tcp_established: TcpEstablished,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let Some(url) = imds::endpoint(cli.imds_endpoint.as_deref(), Path::new(DMI)) else {
         info!(
-            "not an EC2 instance (DMI): IMDS is not called and ENI ids stay empty; --imds-endpoint calls it anyway"
+            "not an EC2 instance (DMI): IMDS is not called, ENI ids stay empty and TCP established connections are tracked for {}s; --imds-endpoint calls it anyway",
+            tcp_established.get().as_secs()
         );
-        return Ok(None);
+        return Ok(Vec::new());
     };
     let imds = Imds::new(&url, Duration::from_secs(1))?;
-    Ok(Some(tokio::spawn(imds::label_enis(
-        imds,
-        devices,
-        move |resolver| {
-            let ip = IpAddr::V4(resolver);
-            if !amazon.add(ip) {
-                return;
-            }
-            if let Err(e) = addrs.set_service(ip, LinkLocalService::Dns) {
+    let learn = tokio::spawn(imds::learn_instance_type(imds.clone(), tcp_established));
+    let label = tokio::spawn(imds::label_enis(imds, devices, move |resolver| {
+        let ip = IpAddr::V4(resolver);
+        if !amazon.add(ip) {
+            return;
+        }
+        if let Err(e) = addrs.set_service(ip, LinkLocalService::Dns) {
+            warn!("{e:#}");
+        }
+        // Amazon's resolver is named from the moment it is known.
+        let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = housekeeping::monotonic_s().into();
+        for (ip, slot) in names.name_amazon([ip], now).named {
+            if let Err(e) = addrs.set_resolver(ip, slot) {
                 warn!("{e:#}");
             }
-            // Amazon's resolver is named from the moment it is known.
-            let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
-            let now = housekeeping::monotonic_s().into();
-            for (ip, slot) in names.name_amazon([ip], now).named {
-                if let Err(e) = addrs.set_resolver(ip, slot) {
-                    warn!("{e:#}");
-                }
-            }
-        },
-    ))))
+        }
+    }));
+    Ok(vec![learn, label])
 }
 
 /// The link-local service addresses, and the resolvers the command line adds, in the

@@ -34,9 +34,10 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", env = "MONITOR_DNS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub dns_timeout: Duration,
 
-    /// EC2 tracking timeout of an established TCP connection.
-    #[arg(long, value_name = "DURATION", env = "MONITOR_TCP_ESTABLISHED_TIMEOUT", default_value = "432000s", value_parser = parse_duration)]
-    pub tcp_established_timeout: Duration,
+    /// EC2 tracking timeout of an established TCP connection. Default: EC2's for the
+    /// instance type IMDS names (350s on Nitro v6 types, else 432000s), 432000s until known.
+    #[arg(long, value_name = "DURATION", env = "MONITOR_TCP_ESTABLISHED_TIMEOUT", value_parser = parse_duration)]
+    pub tcp_established_timeout: Option<Duration>,
 
     /// EC2 tracking timeout of a UDP flow seen in one direction only.
     #[arg(long, value_name = "DURATION", env = "MONITOR_UDP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -173,7 +174,7 @@ mod tests {
         assert_eq!(cli.listen, "0.0.0.0:9435".parse().unwrap());
         assert_eq!(cli.imds_endpoint, None);
         assert_eq!(cli.dns_timeout, Duration::from_secs(2));
-        assert_eq!(cli.tcp_established_timeout, Duration::from_hours(120));
+        assert_eq!(cli.tcp_established_timeout, None);
         assert_eq!(cli.udp_timeout, Duration::from_secs(30));
         assert_eq!(cli.udp_stream_timeout, Duration::from_mins(3));
         assert!(cli.devices.is_empty());

@@ -11,7 +11,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::devices::{Device, Devices};
+use crate::{
+    devices::{Device, Devices},
+    model::instance::{self, TcpEstablished},
+};
 
 const TOKEN_TTL_SECONDS: u32 = 21_600;
 /// Responses larger than this are not metadata.
@@ -113,6 +116,57 @@ impl Imds {
             Err(_) => None,
         };
         Ok(EniInfo { id, vpc_resolver })
+    }
+}
+
+impl Imds {
+    /// The instance's type (`c8i.large`).
+    pub async fn instance_type(&self) -> Result<String> {
+        let token = self.token().await?;
+        let t = self
+            .request(
+                "GET",
+                "/latest/meta-data/instance-type",
+                ("X-aws-ec2-metadata-token", &token),
+            )
+            .await?
+            .trim()
+            .to_owned();
+        ensure!(
+            instance::family(&t).is_some(),
+            "unexpected instance-type {t:?}"
+        );
+        Ok(t)
+    }
+}
+
+/// Learns the instance type, with back-off (1 s doubling to 60 s) until IMDS names it,
+/// and with it EC2's default TCP-established timeout there.
+pub async fn learn_instance_type(imds: Imds, tcp_established: TcpEstablished) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match imds.instance_type().await {
+            Ok(t) => {
+                let timeout = tcp_established.learn(&t);
+                let why = if tcp_established.flagged() {
+                    "--tcp-established-timeout"
+                } else if instance::nitro_v6(&t) {
+                    "EC2's default on this Nitro v6 type"
+                } else {
+                    "EC2's default on this type"
+                };
+                info!(
+                    "instance type {t}: TCP established connections are tracked for {}s ({why})",
+                    timeout.as_secs()
+                );
+                return;
+            }
+            Err(e) => {
+                debug!("IMDS: instance type: {e:#}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_mins(1));
+            }
+        }
     }
 }
 

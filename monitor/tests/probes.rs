@@ -696,6 +696,7 @@ fn expiry_of(flows: monitor::loader::maps::Flows) -> monitor::housekeeping::Expi
             udp: Duration::from_secs(30),
             udp_stream: Duration::from_mins(3),
         },
+        tcp_established: monitor::model::instance::TcpEstablished::new(None),
         counts: FlowCounts::default(),
         devices,
         top: 10,

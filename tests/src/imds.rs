@@ -15,8 +15,11 @@ const TOKEN: &str = "AQAEAStandInToken==";
 /// How the stand-in behaves.
 #[derive(Clone)]
 pub enum Behaviour {
-    /// Answers for these ENIs: (MAC, ENI id, VPC CIDR).
-    Serve(Vec<(String, String, String)>),
+    /// Answers for these ENIs, (MAC, ENI id, VPC CIDR), on an instance of this type.
+    Serve {
+        enis: Vec<(String, String, String)>,
+        instance_type: &'static str,
+    },
     /// Accepts connections and never answers.
     Hang,
     /// Answers every request with 500.
@@ -89,7 +92,10 @@ fn answer(stream: TcpStream, behaviour: &Behaviour) {
     let (status, body) = match behaviour {
         Behaviour::Fail => (500, String::new()),
         Behaviour::Hang => unreachable!("hanging connections are held, not answered"),
-        Behaviour::Serve(enis) => {
+        Behaviour::Serve {
+            enis,
+            instance_type,
+        } => {
             if method == "PUT" && path == "/latest/api/token" {
                 if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() {
                     (200, TOKEN.to_owned())
@@ -98,6 +104,8 @@ fn answer(stream: TcpStream, behaviour: &Behaviour) {
                 }
             } else if header("x-aws-ec2-metadata-token") != Some(TOKEN) {
                 (401, String::new())
+            } else if path == "/latest/meta-data/instance-type" {
+                (200, (*instance_type).to_owned())
             } else {
                 let leaf = path.strip_prefix("/latest/meta-data/network/interfaces/macs/");
                 let found = leaf.and_then(|l| {

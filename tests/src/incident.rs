@@ -161,11 +161,14 @@ impl Incident {
         // The ENI's id from a stand-in IMDS; its VPC+2 is nobody here.
         let imds = FakeImds::start(
             &node,
-            Behaviour::Serve(vec![(
-                node.mac("eth0"),
-                ENI_ID.to_owned(),
-                "10.80.0.0/16".to_owned(),
-            )]),
+            Behaviour::Serve {
+                enis: vec![(
+                    node.mac("eth0"),
+                    ENI_ID.to_owned(),
+                    "10.80.0.0/16".to_owned(),
+                )],
+                instance_type: "m5.large",
+            },
         );
         let allowance = ALLOWANCE.to_string();
         let endpoint = imds.endpoint();

@@ -25,11 +25,14 @@ fn eni_ids_and_the_vpc_resolver_come_from_imds() {
     let _resolver = Resolver::start(&sim.vpc, &["10.250.0.2".parse().unwrap()]);
     let imds = FakeImds::start(
         &sim.node,
-        Behaviour::Serve(vec![(
-            sim.node.mac("eth0"),
-            ENI.to_owned(),
-            "10.250.0.0/16".to_owned(),
-        )]),
+        Behaviour::Serve {
+            enis: vec![(
+                sim.node.mac("eth0"),
+                ENI.to_owned(),
+                "10.250.0.0/16".to_owned(),
+            )],
+            instance_type: "m5.large",
+        },
     );
     let agent = Agent::start(
         &sim.node,
@@ -116,6 +119,16 @@ fn stays_healthy(behaviour: Behaviour, what: &str) {
         "{what}: {}",
         s.text
     );
+    // No instance type known: EC2's general default.
+    assert_eq!(
+        s.get(
+            "eni_monitor_tracking_timeout_seconds",
+            &[("class", "tcp_established")]
+        ),
+        Some(432_000.0),
+        "{what}: {}",
+        s.text
+    );
     assert!(agent.stop().success(), "{what}");
     let log = agent.log_text();
     assert_eq!(
@@ -140,4 +153,59 @@ fn an_imds_that_fails_leaves_the_agent_healthy() {
         return;
     }
     stays_healthy(Behaviour::Fail, "failing IMDS");
+}
+
+/// The TCP-established timeout the model applies once the stand-in IMDS names
+/// `instance_type`, with `flags` added.
+fn tcp_established_on(instance_type: &'static str, flags: &[&str]) -> f64 {
+    let sim = SimNode::new();
+    let imds = FakeImds::start(
+        &sim.node,
+        Behaviour::Serve {
+            enis: vec![(
+                sim.node.mac("eth0"),
+                ENI.to_owned(),
+                "10.250.0.0/16".to_owned(),
+            )],
+            instance_type,
+        },
+    );
+    let endpoint = imds.endpoint();
+    let mut args = vec!["--device", "eth0", "--imds-endpoint", &endpoint];
+    args.extend(flags);
+    let agent = Agent::start(&sim.node, &args);
+    let learned = format!("instance type {instance_type}:");
+    agent.scrape_until(&sim.node, "the instance type learned", |_| {
+        agent.log_text().contains(&learned)
+    });
+    // The type is in use from the log line on.
+    let s = agent.scrape(&sim.node);
+    for (class, seconds) in [("udp", 30.0), ("udp_stream", 180.0)] {
+        assert_eq!(
+            s.get("eni_monitor_tracking_timeout_seconds", &[("class", class)]),
+            Some(seconds),
+            "{}",
+            s.text
+        );
+    }
+    s.get(
+        "eni_monitor_tracking_timeout_seconds",
+        &[("class", "tcp_established")],
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_tcp_established_timeout_follows_the_instance_type_and_the_flag_wins() {
+    if !require_root("the_tcp_established_timeout_follows_the_instance_type_and_the_flag_wins") {
+        return;
+    }
+    // EC2's default: 350 s on Nitro v6 types, five days elsewhere.
+    assert_eq!(tcp_established_on("c8i.large", &[]), 350.0);
+    assert_eq!(tcp_established_on("m5.large", &[]), 432_000.0);
+    assert_eq!(tcp_established_on("p6e-gb200.36xlarge", &[]), 432_000.0);
+    assert_eq!(
+        tcp_established_on("c8i.large", &["--tcp-established-timeout", "900s"]),
+        900.0
+    );
 }

@@ -12,7 +12,10 @@ use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::{Device, Devices},
     loader::slots::SlotArray,
-    model::flows::FlowCounts,
+    model::{
+        flows::{FlowCounts, Timeouts},
+        instance::TcpEstablished,
+    },
 };
 
 const TRACKED_FLOWS: Metric = Metric {
@@ -27,6 +30,10 @@ const TOP_FLOW_OWNERS: Metric = Metric {
     name: "top_flow_owners",
     help: "Tracked flows of the busiest local addresses on the ENI (the --top of them; join kube_pod_info on pod_ip for the pod).",
 };
+const TRACKING_TIMEOUT: Metric = Metric {
+    name: "tracking_timeout_seconds",
+    help: "EC2's idle tracking timeout the model applies, by flow class (the flag's, else EC2's default for the instance type).",
+};
 const FLOW_TABLE_FULL: Metric = Metric {
     name: "flow_table_full",
     help: "Packets of flows that found the flow table full and were not tracked (the tracked estimate is then a lower bound).",
@@ -38,6 +45,9 @@ pub struct FlowsCollector {
     pub table_full: PerCpuArray<MapData, u64>,
     pub counts: FlowCounts,
     pub devices: Devices,
+    /// The timeouts of the model, TCP established's from `tcp_established`.
+    pub timeouts: Timeouts,
+    pub tcp_established: TcpEstablished,
 }
 
 impl std::fmt::Debug for FlowsCollector {
@@ -88,6 +98,13 @@ impl Collector for FlowsCollector {
             }
         }
         encode_gauges(&mut encoder, &TOP_FLOW_OWNERS, owners)?;
+        let timeouts = [
+            ("tcp_established", self.tcp_established.get()),
+            ("udp", self.timeouts.udp),
+            ("udp_stream", self.timeouts.udp_stream),
+        ]
+        .map(|(class, t)| ([("class", class.to_owned())], gauge(t.as_secs())));
+        encode_gauges(&mut encoder, &TRACKING_TIMEOUT, timeouts)?;
         let full = self.table_full.get(&0, 0).map_or(0, |v| v.iter().sum());
         encode_counters(&mut encoder, &FLOW_TABLE_FULL, [(NO_LABELS, full)])
     }

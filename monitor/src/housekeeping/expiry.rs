@@ -9,7 +9,10 @@ use monitor_common::FlowKey;
 use crate::{
     devices::{Device, Devices},
     loader::maps::Flows,
-    model::flows::{FlowCounts, PassResult, Timeouts},
+    model::{
+        flows::{FlowCounts, PassResult, Timeouts},
+        instance::TcpEstablished,
+    },
 };
 
 /// What a read of the tables found stale: the hash table's flows to delete, and how many
@@ -23,6 +26,9 @@ pub struct Stale {
 pub struct Expiry {
     pub flows: Flows,
     pub timeouts: Timeouts,
+    /// Where `timeouts.tcp_established` comes from: it changes once, when IMDS names the
+    /// instance type.
+    pub tcp_established: TcpEstablished,
     pub counts: FlowCounts,
     /// Flows of devices no longer monitored are deleted.
     pub devices: Devices,
@@ -33,6 +39,7 @@ pub struct Expiry {
 impl Expiry {
     /// One pass at `now` (`CLOCK_MONOTONIC` seconds).
     pub fn pass(&mut self, now: u32) -> anyhow::Result<PassResult> {
+        self.timeouts.tcp_established = self.tcp_established.get();
         let (result, stale) = self.read(now)?;
         let (mut result, deleted) = self.reap(now, result, &stale.keys)?;
         self.flows.count.ended(stale.freed + deleted)?;

@@ -1,10 +1,11 @@
 //! What the agent decides, as plain code with no kernel in it: the instance's allowance,
-//! EC2's tracking timeouts and what the expiry pass keeps, how resolvers are labelled,
+//! EC2's tracking timeouts (and their defaults by instance type) and what the expiry pass keeps, how resolvers are labelled,
 //! the link-local peak, and the rankings of who is filling a table.
 
 pub mod allowance;
 pub mod dns;
 pub mod flows;
+pub mod instance;
 pub mod linklocal;
 pub mod resolvers;
 pub mod top;
