@@ -198,6 +198,7 @@ fn eni(
         secs,
     );
     let _ = writeln!(body, "\n{name}  {tracked:.0} flows tracked, {new:.1} new/s");
+    idle(&d, now, body);
 
     // The hypervisor's own counters.
     let mut exceeded = Vec::new();
@@ -350,6 +351,60 @@ fn who(d: &[(&str, &str)], now: &Exposition, body: &mut String) {
             let _ = writeln!(body, "  {what}  {}", three.join(", "));
         }
     }
+}
+
+/// What lowering the ENI's TCP-established timeout would free: for each timeout under the
+/// one in use (at least EC2's least, 60 s), the established flows idle that long or more,
+/// and the instance's utilization without them. Of timeouts that free as many, the
+/// longest is named; the three shortest so named are shown.
+fn idle(d: &[(&str, &str); 1], now: &Exposition, body: &mut String) {
+    const IDLE: &str = "eni_monitor_tracked_flows_idle";
+    let class = [d[0], ("class", "tcp_established")];
+    let Some(all) = now.get(IDLE, &[class[0], class[1], ("le", "+Inf")]) else {
+        return;
+    };
+    let timeout = now
+        .get(
+            "eni_monitor_tracking_timeout_seconds",
+            &[("class", "tcp_established")],
+        )
+        .unwrap_or(f64::INFINITY);
+    let allowance = now
+        .first("eni_monitor_conntrack_allowance", &[])
+        .map(|(_, t)| t);
+    let ratio = now
+        .first("eni_monitor_conntrack_allowance_utilization_ratio", &[])
+        .map(|(_, r)| r);
+    let mut bounds: Vec<(f64, f64)> = now
+        .matching(IDLE, &class)
+        .filter_map(|(l, under)| Some((l.get("le")?.parse::<f64>().ok()?, under)))
+        .filter(|(le, _)| le.is_finite() && *le >= 60.0 && *le < timeout)
+        .map(|(le, under)| (le, all - under))
+        .collect();
+    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let choices: Vec<String> = bounds
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, freed))| {
+            *freed > 0.0 && bounds.get(i + 1).is_none_or(|(_, next)| next != freed)
+        })
+        .map(|(_, (le, freed))| {
+            let left = match (ratio, allowance) {
+                (Some(r), Some(t)) if t > 0.0 => {
+                    format!(" ({:.1}%)", (r - freed / t).max(0.0) * 100.0)
+                }
+                _ => String::new(),
+            };
+            format!("{le:.0} s: {freed:.0}{left}")
+        })
+        .take(3)
+        .collect();
+    let line = if choices.is_empty() {
+        format!("none of {all:.0} established is idle 60 s or more")
+    } else {
+        format!("{all:.0} established; fewer at {}", choices.join(", "))
+    };
+    let _ = writeln!(body, "  idle TCP      {line}");
 }
 
 /// Renders the screen from two samples `secs` apart. `colour` adds ANSI colour to the
@@ -550,6 +605,47 @@ eni_monitor_top_dns_clients_unanswered{device="eth0",address="10.210.1.2"} 20
             true,
         );
         assert!(loud.contains("\x1b[1;31mCRIT\x1b[0m"));
+    }
+
+    #[test]
+    fn idle_flows_name_what_each_lower_timeout_frees() {
+        let mut text = String::from(
+            "eni_monitor_device_info{device=\"eth0\",eni=\"\",mac=\"m\"} 1\n\
+             eni_monitor_conntrack_allowance{source=\"flag\"} 100\n\
+             eni_monitor_conntrack_allowance_utilization_ratio{} 0.12\n\
+             eni_monitor_tracking_timeout_seconds{class=\"tcp_established\"} 3600\n",
+        );
+        // 12 established: 3 idle under 30 s, 7 between 60 and 120 s, 2 past 1800 s.
+        for (le, n) in [
+            ("30", 3),
+            ("60", 3),
+            ("120", 10),
+            ("180", 10),
+            ("350", 10),
+            ("600", 10),
+            ("1800", 10),
+            ("3600", 12),
+            ("+Inf", 12),
+        ] {
+            let _ = writeln!(
+                text,
+                "eni_monitor_tracked_flows_idle{{device=\"eth0\",class=\"tcp_established\",le=\"{le}\"}} {n}"
+            );
+        }
+        let now = Exposition::parse(&text).unwrap();
+        let out = render("http://x:1", &now, &now, 5.0, false);
+        let line = out.lines().find(|l| l.contains("idle TCP")).unwrap();
+        assert_eq!(
+            line,
+            "  idle TCP      12 established; fewer at 60 s: 9 (3.0%), 1800 s: 2 (10.0%)"
+        );
+        let none =
+            Exposition::parse(&text.replace("} 10\n", "} 3\n").replace("} 12\n", "} 3\n")).unwrap();
+        let out = render("http://x:1", &none, &none, 5.0, false);
+        assert!(
+            out.contains("  idle TCP      none of 3 established is idle 60 s or more"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! through the simulated ENIs, counted by the real flow table and expiry pass.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
+use std::time::Duration;
+
 use integration_tests::{
-    Agent, SimNode, addr, require_root,
+    Agent, SimNode, addr, monitor_bin, require_root,
     servers::{TcpHold, UdpEcho, tcp_connections, udp_flows},
 };
 
 const TRACKED: &str = "eni_monitor_tracked_flows";
 const CREATED: &str = "eni_monitor_flows_created_total";
+const IDLE: &str = "eni_monitor_tracked_flows_idle";
 
 fn on<'a>(device: &'a str, protocol: &'a str) -> [(&'a str, &'a str); 2] {
     [("device", device), ("protocol", protocol)]
@@ -85,6 +88,61 @@ fn udp_flows_and_tcp_connections_are_tracked_then_expire() {
         s.get(TRACKED, &on("eth0", "tcp")) == Some(0.0)
     });
     assert_eq!(s.get(CREATED, &on("eth0", "tcp")), Some(5.0), "{}", s.text);
+}
+
+#[test]
+fn idle_ages_show_what_a_lower_timeout_would_free() {
+    if !require_root("idle_ages_show_what_a_lower_timeout_would_free") {
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    let _hold = TcpHold::start(&sim.vpc, addr(&eth0.vpc_v4, 8000));
+    let agent = Agent::start(
+        &sim.node,
+        &["--device", "eth0", "--conntrack-allowance", "100"],
+    );
+    // Seven connections left idle past a minute, then three new ones.
+    let old = tcp_connections(&sim.node, addr(&eth0.vpc_v4, 8000), 7);
+    std::thread::sleep(Duration::from_secs(65));
+    let new = tcp_connections(&sim.node, addr(&eth0.vpc_v4, 8000), 3);
+    let s = agent.scrape_until(&sim.node, "10 TCP flows", |s| {
+        s.get(TRACKED, &on("eth0", "tcp")) == Some(10.0)
+    });
+    let idle =
+        |class: &str, le: &str| s.get(IDLE, &[("device", "eth0"), ("class", class), ("le", le)]);
+    // Idle under 60 s: the three new; under 120 s: all ten.
+    for (le, n) in [
+        ("60", 3.0),
+        ("120", 10.0),
+        ("350", 10.0),
+        ("432000", 10.0),
+        ("+Inf", 10.0),
+    ] {
+        assert_eq!(idle("tcp_established", le), Some(n), "le={le}: {}", s.text);
+    }
+    for class in ["tcp_closed", "udp", "udp_stream"] {
+        assert_eq!(idle(class, "+Inf"), Some(0.0), "{class}: {}", s.text);
+    }
+    // EC2 at 60 s would have let the seven go: 3 of the 100 allowed, not 10.
+    let status = sim
+        .node
+        .command(monitor_bin().to_str().unwrap())
+        .args([
+            "status",
+            "--interval",
+            "1s",
+            "--endpoint",
+            &format!("http://{}", agent.listen),
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        out.contains("  idle TCP      10 established; fewer at 60 s: 7 (3.0%)\n"),
+        "{out}"
+    );
+    drop((old, new));
 }
 
 #[test]

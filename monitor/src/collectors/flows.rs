@@ -1,6 +1,6 @@
-//! The EC2 tracking model's figures: flows tracked (from the last expiry pass), flows
-//! created (from the classifiers), who owns the most, and packets that found the table
-//! full.
+//! The EC2 tracking model's figures: flows tracked and how long they have been idle (from
+//! the last expiry pass), flows created (from the classifiers), who owns the most, the
+//! timeouts applied, and packets that found the table full.
 
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use crate::{
     devices::{Device, Devices},
     loader::slots::SlotArray,
     model::{
-        flows::{FlowCounts, Timeouts},
+        flows::{FlowCounts, IDLE_BOUNDS, TimeoutClass, Timeouts},
         instance::TcpEstablished,
     },
 };
@@ -29,6 +29,10 @@ const FLOWS_CREATED: Metric = Metric {
 const TOP_FLOW_OWNERS: Metric = Metric {
     name: "top_flow_owners",
     help: "Tracked flows of the busiest local addresses on the ENI (the --top of them; join kube_pod_info on pod_ip for the pod).",
+};
+const TRACKED_FLOWS_IDLE: Metric = Metric {
+    name: "tracked_flows_idle",
+    help: "Tracked flows idle less than le seconds, by the timeout they are under (cumulative, +Inf all of the class): +Inf minus le is what a timeout of le would free.",
 };
 const TRACKING_TIMEOUT: Metric = Metric {
     name: "tracking_timeout_seconds",
@@ -75,6 +79,30 @@ impl Collector for FlowsCollector {
                 }
             }
         }
+        let mut idle = Vec::new();
+        for d in devices.values() {
+            for class in TimeoutClass::ALL {
+                let Some(p) = &pass else { break };
+                let ages = p.idle.get(&(d.ifindex, class)).copied().unwrap_or_default();
+                let mut under = 0;
+                for (i, n) in ages.iter().enumerate() {
+                    under += n;
+                    let le = match IDLE_BOUNDS.get(i) {
+                        Some(b) if class.idle_bounds().contains(b) => b.to_string(),
+                        Some(_) => continue,
+                        None => "+Inf".to_owned(),
+                    };
+                    idle.push((
+                        [
+                            ("device", d.name.clone()),
+                            ("class", class.label().to_owned()),
+                            ("le", le),
+                        ],
+                        gauge(under),
+                    ));
+                }
+            }
+        }
         let mut created = Vec::new();
         for d in self.devices.counted(Instant::now()).values() {
             for class in FlowClass::ALL {
@@ -83,6 +111,7 @@ impl Collector for FlowsCollector {
             }
         }
         encode_gauges(&mut encoder, &TRACKED_FLOWS, tracked)?;
+        encode_gauges(&mut encoder, &TRACKED_FLOWS_IDLE, idle)?;
         encode_counters(&mut encoder, &FLOWS_CREATED, created)?;
         let mut owners = Vec::new();
         for d in devices.values() {

@@ -62,7 +62,7 @@ impl Expiry {
     /// Reads both tables: the flows still tracked, and those of the hash table that
     /// looked stale. Stale flows in the sets are freed as they are read.
     pub fn read(&self, now: u32) -> std::io::Result<(PassResult, Stale)> {
-        let mut result = PassResult::default();
+        let mut result = PassResult::at(now);
         let mut stale: Vec<FlowKey> = Vec::new();
         let devices = self.devices.snapshot();
         let mut spilled = self.flows.sets.begin_pass();

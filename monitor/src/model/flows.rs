@@ -27,23 +27,89 @@ pub struct Timeouts {
     pub udp_stream: Duration,
 }
 
-impl Timeouts {
-    /// How long `flow` stays tracked after it was last seen.
-    pub fn for_flow(&self, key: &FlowKey, flow: &Flow) -> Duration {
+/// Which of EC2's timeouts a tracked flow is under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimeoutClass {
+    TcpEstablished,
+    /// Closed (both FINs, or RST): tracked a few seconds more.
+    TcpClosed,
+    /// Seen one way (ICMP and the rest are treated as UDP).
+    Udp,
+    /// Seen both ways.
+    UdpStream,
+}
+
+impl TimeoutClass {
+    pub const ALL: [Self; 4] = [
+        Self::TcpEstablished,
+        Self::TcpClosed,
+        Self::Udp,
+        Self::UdpStream,
+    ];
+
+    pub fn of(key: &FlowKey, flow: &Flow) -> Self {
         let both_ways = flow.flags() & (FLOW_AB | FLOW_BA) == (FLOW_AB | FLOW_BA);
         match key.proto {
             IPPROTO_TCP => {
                 let closed = flow.flags() & FLOW_RST != 0
                     || flow.flags() & (FLOW_FIN_AB | FLOW_FIN_BA) == (FLOW_FIN_AB | FLOW_FIN_BA);
                 if closed {
-                    TCP_CLOSED_TIMEOUT
+                    Self::TcpClosed
                 } else {
-                    self.tcp_established
+                    Self::TcpEstablished
                 }
             }
-            // UDP seen both ways is a stream; ICMP and the rest are treated as UDP.
-            _ if both_ways => self.udp_stream,
-            _ => self.udp,
+            _ if both_ways => Self::UdpStream,
+            _ => Self::Udp,
+        }
+    }
+
+    /// The bounds of `IDLE_BOUNDS` the idle view shows for the class: the timeouts a user
+    /// can set for it (closed TCP is tracked seconds only: its total alone).
+    pub fn idle_bounds(self) -> &'static [u32] {
+        match self {
+            Self::TcpEstablished => &IDLE_BOUNDS[1..],
+            Self::TcpClosed => &[],
+            Self::Udp => &IDLE_BOUNDS[..2],
+            Self::UdpStream => &IDLE_BOUNDS[1..4],
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TcpEstablished => "tcp_established",
+            Self::TcpClosed => "tcp_closed",
+            Self::Udp => "udp",
+            Self::UdpStream => "udp_stream",
+        }
+    }
+}
+
+/// The idle ages (seconds) the idle view counts flows under: the timeouts a user can
+/// set on an ENI (TCP established 60-432000 s, UDP stream 60-180 s, UDP 30-60 s) at the
+/// values worth weighing, 350 s being Nitro v6's default. Each class shows its own
+/// (`TimeoutClass::idle_bounds`).
+pub const IDLE_BOUNDS: [u32; 11] = [
+    30, 60, 120, 180, 350, 600, 1800, 3600, 21_600, 86_400, 432_000,
+];
+
+/// Tracked flows by how long they have been idle: `[i]` counts those idle less than
+/// `IDLE_BOUNDS[i]` seconds and not less than the bound before; the last, the rest.
+pub type IdleAges = [u64; IDLE_BOUNDS.len() + 1];
+
+/// The bucket of `IdleAges` a flow idle `idle` seconds falls in.
+pub fn idle_bucket(idle: u32) -> usize {
+    IDLE_BOUNDS.partition_point(|b| *b <= idle)
+}
+
+impl Timeouts {
+    /// How long `flow` stays tracked after it was last seen.
+    pub fn for_flow(&self, key: &FlowKey, flow: &Flow) -> Duration {
+        match TimeoutClass::of(key, flow) {
+            TimeoutClass::TcpEstablished => self.tcp_established,
+            TimeoutClass::TcpClosed => TCP_CLOSED_TIMEOUT,
+            TimeoutClass::Udp => self.udp,
+            TimeoutClass::UdpStream => self.udp_stream,
         }
     }
 
@@ -63,8 +129,12 @@ impl Timeouts {
 /// What an expiry pass found.
 #[derive(Clone, Debug, Default)]
 pub struct PassResult {
+    /// When the pass read the tables (`CLOCK_MONOTONIC` seconds).
+    now: u32,
     /// Tracked flows by (ifindex, class).
     pub tracked: BTreeMap<(u32, FlowClass), u64>,
+    /// Tracked flows by (ifindex, timeout class), by idle age.
+    pub idle: BTreeMap<(u32, TimeoutClass), IdleAges>,
     /// Tracked flows by (ifindex, local address), while the pass runs.
     by_owner: HashMap<(u32, Addr), u64>,
     /// The busiest local addresses per ifindex, most flows first, `top` of them.
@@ -72,12 +142,24 @@ pub struct PassResult {
 }
 
 impl PassResult {
+    /// The result of a pass at `now`.
+    pub fn at(now: u32) -> Self {
+        Self {
+            now,
+            ..Self::default()
+        }
+    }
+
     /// Counts a flow still tracked.
     pub fn add(&mut self, key: &FlowKey, flow: &Flow) {
         *self
             .tracked
             .entry((key.ifindex, FlowClass::from_proto(key.proto)))
             .or_default() += 1;
+        let idle = self.now.saturating_sub(flow.last_seen);
+        self.idle
+            .entry((key.ifindex, TimeoutClass::of(key, flow)))
+            .or_insert([0; IDLE_BOUNDS.len() + 1])[idle_bucket(idle)] += 1;
         let local = if flow.flags() & FLOW_LOCAL_A != 0 {
             key.addr_a
         } else if flow.flags() & FLOW_LOCAL_B != 0 {
@@ -181,6 +263,60 @@ mod tests {
 
     fn flow(flags: u8) -> Flow {
         Flow::new(0, 0, flags)
+    }
+
+    #[test]
+    fn idle_ages_by_class_at_the_bounds() {
+        let at = |last_seen: u32, flags: u8| {
+            let mut f = flow(flags);
+            f.last_seen = last_seen;
+            f
+        };
+        let now = 500_000;
+        let mut r = PassResult::at(now);
+        // TCP established idle 0, 59, 60, 349, 350, 431999, 432000 s.
+        for idle in [0, 59, 60, 349, 350, 431_999, 432_000] {
+            r.add(&key(6), &at(now - idle, FLOW_AB | FLOW_BA));
+        }
+        // Closed TCP idle 2 s; UDP one way idle 10 s; UDP both ways idle 100 and 200 s.
+        r.add(&key(6), &at(now - 2, FLOW_AB | FLOW_RST));
+        r.add(&key(17), &at(now - 10, FLOW_AB));
+        r.add(&key(17), &at(now - 100, FLOW_AB | FLOW_BA));
+        r.add(&key(17), &at(now - 200, FLOW_AB | FLOW_BA));
+        // A last-seen later than the pass (a packet during it) is idle 0.
+        r.add(&key(17), &at(now + 3, FLOW_AB));
+        //                   30 60 120 180 350 600 1800 3600 21600 86400 432000 +Inf
+        let tcp: IdleAges = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0, 1, 1];
+        assert_eq!(r.idle[&(2, TimeoutClass::TcpEstablished)], tcp);
+        assert_eq!(
+            r.idle[&(2, TimeoutClass::TcpClosed)],
+            [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            r.idle[&(2, TimeoutClass::Udp)],
+            [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            r.idle[&(2, TimeoutClass::UdpStream)],
+            [0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+        );
+        // What a TCP-established timeout of 350 s would free: those idle 350 s or more,
+        // as `expired` has it.
+        let t = Timeouts {
+            tcp_established: Duration::from_secs(350),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_mins(3),
+        };
+        let freed = [0, 59, 60, 349, 350, 431_999, 432_000]
+            .iter()
+            .filter(|idle| t.expired(now, &key(6), &at(now - **idle, FLOW_AB | FLOW_BA)))
+            .count();
+        let under = IDLE_BOUNDS.iter().position(|b| *b == 350).unwrap();
+        assert_eq!(freed, 3);
+        assert_eq!(TimeoutClass::TcpEstablished.idle_bounds()[0], 60);
+        assert_eq!(TimeoutClass::Udp.idle_bounds(), [30, 60]);
+        assert_eq!(TimeoutClass::UdpStream.idle_bounds(), [60, 120, 180]);
+        assert_eq!(tcp[under + 1..].iter().sum::<u64>(), 3);
     }
 
     #[test]

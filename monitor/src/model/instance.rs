@@ -139,11 +139,7 @@ mod tests {
             "p5.48xlarge",
             "p6e-gb200.36xlarge",
         ] {
-            assert_eq!(
-                tcp_established_default(t),
-                Duration::from_hours(120),
-                "{t}"
-            );
+            assert_eq!(tcp_established_default(t), Duration::from_hours(120), "{t}");
         }
         assert!(nitro_v6("p6e-gb200.36xlarge"));
         assert!(!nitro_v6("m8g.large"));
