@@ -386,7 +386,10 @@ fn idle(d: &[(&str, &str); 1], now: &Exposition, body: &mut String) {
         .iter()
         .enumerate()
         .filter(|(i, (_, freed))| {
-            *freed > 0.0 && bounds.get(i + 1).is_none_or(|(_, next)| next != freed)
+            *freed > 0.0
+                && bounds
+                    .get(i + 1)
+                    .is_none_or(|(_, next)| (next - freed).abs() >= 0.5)
         })
         .map(|(_, (le, freed))| {
             let left = match (ratio, allowance) {
