@@ -74,6 +74,8 @@ labelled! {
         DnsCounts = 1 => "dns_counts",
         DnsLatency = 2 => "dns_latency",
         Drops = 3 => "drops",
+        /// A set of a CPU's link-local senders was full: its least sender gave way.
+        LinkLocalSenders = 4 => "linklocal_senders",
     }
 }
 
@@ -97,6 +99,8 @@ mod user {
     unsafe impl aya::Pod for super::DnsPendingSet {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LinkLocalSecond {}
+    // SAFETY: `repr(C)` plain integers with explicit padding.
+    unsafe impl aya::Pod for super::LinkLocalSenders {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.

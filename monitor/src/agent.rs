@@ -28,7 +28,7 @@ use crate::{
         udp::UdpQueueCollector,
     },
     devices::{self, Departed, Devices},
-    housekeeping::{self, Expiry, Sweeper},
+    housekeeping::{self, Expiry, SenderGatherer, Sweeper},
     http,
     imds::{self, Imds},
     kernel::{self, KernelFacts},
@@ -38,7 +38,7 @@ use crate::{
         dns::{AmazonResolvers, RankedClients, RecentClients},
         flows::{FlowCounts, Timeouts},
         instance::TcpEstablished,
-        linklocal,
+        linklocal::{self, Senders},
         resolvers::ResolverSlots,
     },
     watch::{self, SlotArrays, Watcher},
@@ -77,6 +77,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         mut watcher,
         sweeper,
         expiry,
+        gatherer,
         amazon,
         addrs,
         names,
@@ -91,7 +92,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         warn!("no devices to monitor yet; drops are counted as device=\"other\"");
     }
     let mut tasks = vec![tokio::spawn(watch::run(watcher))];
-    let health = housekeeping::start(sweeper, expiry)?;
+    let health = housekeeping::start(sweeper, expiry, gatherer)?;
 
     tasks.extend(call_imds(
         &cli,
@@ -130,6 +131,7 @@ struct Wired {
     watcher: Watcher,
     sweeper: Sweeper,
     expiry: Expiry,
+    gatherer: SenderGatherer,
     amazon: AmazonResolvers,
     addrs: Addresses,
     names: Arc<Mutex<ResolverSlots>>,
@@ -169,7 +171,9 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         addrs,
         ll_packets,
         ll_seconds,
+        ll_senders,
     } = maps;
+    let senders = Arc::new(Mutex::new(Senders::new(usize::from(cli.top))));
     let amazon = linklocal_services(&addrs, &cli.linklocal_resolvers)?;
     let devices = Devices::default();
     let flow_counts = FlowCounts::default();
@@ -247,6 +251,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
     registry.register_collector(Box::new(LinkLocalCollector {
         packets: ll_packets.clone(),
         seconds: ll_seconds.clone(),
+        senders: Arc::clone(&senders),
         devices: devices.clone(),
     }));
 
@@ -267,6 +272,10 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
             last_queries,
             clients: dns_clients,
             watching_since_ns,
+        },
+        gatherer: SenderGatherer {
+            tables: ll_senders,
+            senders,
         },
         expiry: Expiry {
             flows,

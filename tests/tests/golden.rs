@@ -16,11 +16,13 @@ use integration_tests::{
 };
 
 /// Series whose values depend on time or on the machine, not on the test's traffic.
-const VARYING: [&str; 7] = [
+const VARYING: [&str; 8] = [
     "eni_monitor_kernel_map_memory_bytes",
     "eni_monitor_dns_latency_seconds_bucket",
     "eni_monitor_dns_latency_seconds_sum",
+    // Two queries a second boundary may split.
     "eni_monitor_linklocal_peak_packets_per_second",
+    "eni_monitor_top_linklocal_senders",
     "eni_monitor_nf_conntrack_entries",
     "eni_monitor_nf_conntrack_limit",
     "eni_monitor_udp_receive_queue_drops_total",

@@ -5,7 +5,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    Agent, Scrape, SimNode, require_root, send_udp,
+    Agent, Scrape, SimNode,
+    dns::{self, OK_NAME, Resolver},
+    monotonic, require_root, send_udp,
     servers::{TcpHold, tcp_connections},
 };
 
@@ -85,6 +87,62 @@ fn the_pod_whose_dns_goes_unanswered_tops_the_dns_list() {
     assert_eq!(
         ranked(&s, "eni_monitor_top_dns_clients_unanswered"),
         [(loud.ip.clone(), 7.0), (quiet.ip.clone(), 2.0)],
+        "{}",
+        s.text
+    );
+}
+
+#[test]
+fn the_pods_sending_link_local_packets_are_named_with_their_busiest_second() {
+    if !require_root("the_pods_sending_link_local_packets_are_named_with_their_busiest_second") {
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    // The Amazon-provided resolver's address, served from inside the simulated VPC.
+    sim.vpc.ip("addr add 169.254.169.253/32 dev vpc0");
+    sim.node.ip("route add 169.254.169.253/32 dev eth0");
+    let _resolver = Resolver::start(&sim.vpc, &["169.254.169.253".parse().unwrap()]);
+    let pods = [sim.add_pod(1), sim.add_pod(2)];
+    let agent = Agent::start(&sim.node, &["--device", "eth0"]);
+    let server: SocketAddr = "169.254.169.253:53".parse().unwrap();
+
+    // Both pods at once, just after a second boundary (clear of the programs' coarse
+    // clock, which lags by up to a tick), so that all 1000 packets fall in one second.
+    let now = monotonic();
+    std::thread::sleep(
+        Duration::from_millis(1050)
+            .saturating_sub(Duration::from_nanos(u64::from(now.subsec_nanos()))),
+    );
+    std::thread::scope(|s| {
+        for (pod, n) in pods.iter().zip([700, 300]) {
+            s.spawn(move || dns::burst(&pod.ns, server, OK_NAME, n));
+        }
+    });
+
+    let senders = |s: &Scrape| {
+        let mut v: Vec<(String, String, f64)> = s
+            .matching("eni_monitor_top_linklocal_senders", &[("device", "eth0")])
+            .map(|(l, v)| (l["address"].clone(), l["service"].clone(), v))
+            .collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    };
+    let s = agent.scrape_until(&sim.node, "both senders named", |s| senders(s).len() == 2);
+    assert_eq!(
+        s.get(
+            "eni_monitor_linklocal_peak_packets_per_second",
+            &[("device", "eth0")]
+        ),
+        Some(1000.0),
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        senders(&s),
+        [
+            (pods[0].ip.clone(), "dns".to_owned(), 700.0),
+            (pods[1].ip.clone(), "dns".to_owned(), 300.0)
+        ],
         "{}",
         s.text
     );

@@ -1,17 +1,19 @@
 //! Packets to EC2's link-local services (the VPC resolver, IMDS, time sync), which
-//! share a 1024 packets/s allowance per ENI: totals, and counts per second so the agent
-//! can report the busiest second rather than an average that hides bursts.
+//! share a 1024 packets/s allowance per ENI: totals, counts per second so the agent
+//! can report the busiest second rather than an average that hides bursts, and who sent
+//! them each second.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use monitor_common::{
-    Addr, AddrInfo, LL_WINDOW, LinkLocalSecond, LinkLocalService, MAX_DEVICES, RESOLVER_OTHER,
+    Addr, AddrInfo, LL_SENDER_SECONDS, LL_SENDER_SETS, LL_SENDER_WAYS, LL_WINDOW, LinkLocalSecond,
+    LinkLocalSender, LinkLocalSenders, LinkLocalService, MAX_DEVICES, MapFull, RESOLVER_OTHER,
     SERVICE_NONE, proto::DNS_PORT,
 };
 
 use super::packet::Packet;
 use crate::{
     kernel::now_coarse_s,
-    maps::{addr_info, bump, slot},
+    maps::{addr_info, bump, map_full, slot},
 };
 
 /// Packets per (device slot, service).
@@ -23,6 +25,12 @@ static LL_PACKETS: PerCpuArray<u64> =
 #[map]
 static LL_SECONDS: PerCpuArray<LinkLocalSecond> =
     PerCpuArray::with_max_entries(MAX_DEVICES * LL_WINDOW, 0);
+
+/// Each CPU's senders of the last `LL_SENDER_SECONDS` seconds (second modulo that), over
+/// all devices: a few KiB a CPU, whatever pods send.
+#[map]
+static LL_SENDER_TABLES: PerCpuArray<LinkLocalSenders> =
+    PerCpuArray::with_max_entries(LL_SENDER_SECONDS, 0);
 
 /// `fd00:ec2::/32`, the first word of EC2's IPv6 link-local services as it lies in memory.
 const EC2_V6_PREFIX: u32 = u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]);
@@ -57,9 +65,9 @@ pub fn service(info: AddrInfo) -> Option<u32> {
     (info.service != SERVICE_NONE).then_some(u32::from(info.service))
 }
 
-/// Counts a packet to link-local `service` on the device.
+/// Counts a packet from local address `from` to link-local `service` on the device.
 #[inline(always)]
-pub fn count(service: u32, ifindex: u32) {
+pub fn count(service: u32, ifindex: u32, from: &Addr) {
     let Some(slot) = slot(ifindex) else {
         return;
     };
@@ -80,4 +88,76 @@ pub fn count(service: u32, ifindex: u32) {
             (*s).packets += 1;
         }
     }
+    sent(second, slot, service, from);
+}
+
+/// Counts a packet of `from` in this CPU's senders of `second`: in one set of
+/// `LL_SENDER_WAYS` entries chosen by a hash, so that a packet compares a few entries
+/// only and the verifier walks a short loop.
+#[inline(always)]
+fn sent(second: u32, slot: u32, service: u32, from: &Addr) {
+    let Some(t) = LL_SENDER_TABLES.get_ptr_mut(second % LL_SENDER_SECONDS) else {
+        return;
+    };
+    // SAFETY: this CPU's own slot of a per-CPU array; programs on one CPU do not
+    // interleave.
+    let t = unsafe { &mut *t };
+    if t.second != second {
+        t.second = second;
+        t.used = 0;
+    }
+    // Slot and service fit a byte each (checked by the caller).
+    let (slot, service) = (slot as u8, service as u8);
+    let set = sender_set(from, slot, service) as usize;
+    let used = t.used;
+    let mut least = 0;
+    let mut least_packets = u32::MAX;
+    for way in 0..LL_SENDER_WAYS {
+        let i = set * LL_SENDER_WAYS + way;
+        let bit = 1u32 << i;
+        let Some(e) = t.senders.get_mut(i) else {
+            return;
+        };
+        if used & bit == 0 {
+            // A free way: the newcomer's.
+            *e = LinkLocalSender {
+                addr: *from,
+                packets: 1,
+                slot,
+                service,
+                pad: [0; 2],
+            };
+            t.used = used | bit;
+            return;
+        }
+        if e.addr == *from && e.slot == slot && e.service == service {
+            e.packets += 1;
+            return;
+        }
+        if e.packets < least_packets {
+            least_packets = e.packets;
+            least = i;
+        }
+    }
+    // The set is full: the newcomer takes its least one's place and count.
+    if let Some(e) = t.senders.get_mut(least) {
+        *e = LinkLocalSender {
+            addr: *from,
+            packets: least_packets.saturating_add(1),
+            slot,
+            service,
+            pad: [0; 2],
+        };
+        map_full(MapFull::LinkLocalSenders);
+    }
+}
+
+/// Which set of a table a sender's packets are counted in.
+#[inline(always)]
+fn sender_set(from: &Addr, slot: u8, service: u8) -> u32 {
+    let mixed =
+        (from[0] ^ from[1] ^ from[2] ^ from[3] ^ (u32::from(slot) << 8) ^ u32::from(service))
+            .wrapping_mul(0x9e37_79b1);
+    // The product's top bits, which every bit of the sender moves (Fibonacci hashing).
+    mixed >> (32 - LL_SENDER_SETS.trailing_zeros())
 }

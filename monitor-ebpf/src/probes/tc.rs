@@ -39,7 +39,7 @@ fn handle(ctx: &TcContext, egress: bool) {
         // allowance (1024 packets/s), counted on the way out.
         Some(service) => {
             if egress {
-                linklocal::count(service, ifindex);
+                linklocal::count(service, ifindex, &p.src);
             }
         }
         None => flows::track(&p, flags, ifindex, egress),

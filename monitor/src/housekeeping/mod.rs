@@ -4,6 +4,7 @@
 //! share with the programs.
 
 pub mod expiry;
+pub mod senders;
 pub mod sweep;
 
 use std::{
@@ -18,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use log::{error, warn};
 
-pub use self::{expiry::Expiry, sweep::Sweeper};
+pub use self::{expiry::Expiry, senders::SenderGatherer, sweep::Sweeper};
 
 /// `CLOCK_MONOTONIC` nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -39,7 +40,11 @@ pub fn monotonic_s() -> u32 {
 /// Starts the sweep and the expiry, and returns their heartbeats. A first expiry pass
 /// runs now, once the devices are known: the flows a previous agent left are counted
 /// from the first scrape.
-pub fn start(mut sweeper: Sweeper, mut expiry: Expiry) -> Result<Heartbeats> {
+pub fn start(
+    mut sweeper: Sweeper,
+    mut expiry: Expiry,
+    senders: SenderGatherer,
+) -> Result<Heartbeats> {
     if let Err(e) = expiry.pass(monotonic_s()) {
         warn!("expiring flows: {e}");
     }
@@ -50,6 +55,17 @@ pub fn start(mut sweeper: Sweeper, mut expiry: Expiry) -> Result<Heartbeats> {
             warn!("timing out DNS queries: {e}");
         }
     })?;
+    let period = SenderGatherer::PERIOD;
+    beats.every_on_thread(
+        "linklocal-senders",
+        period,
+        stall_after(period),
+        move || {
+            if let Err(e) = senders.gather(monotonic_ns()) {
+                warn!("reading link-local senders: {e}");
+            }
+        },
+    )?;
     let period = expiry.period();
     beats.every_on_thread("flow-expiry", period, stall_after(period), move || {
         if let Err(e) = expiry.pass(monotonic_s()) {

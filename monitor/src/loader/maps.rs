@@ -14,8 +14,8 @@ use aya::{
 };
 use monitor_common::{
     Addr, AddrInfo, DnsFlight, DnsFlightKey, DropKey, FLOW_COUNT_BEGUN, FLOW_COUNT_ENDED, Flow,
-    FlowClass, FlowKey, LL_WINDOW, LinkLocalSecond, LinkLocalService, RESOLVER_OTHER, SERVICE_NONE,
-    addr_from_ip, addr_to_ip,
+    FlowClass, FlowKey, LL_WINDOW, LinkLocalSecond, LinkLocalSenders, LinkLocalService,
+    RESOLVER_OTHER, SERVICE_NONE, addr_from_ip, addr_to_ip,
 };
 
 use super::{
@@ -49,6 +49,7 @@ pub mod names {
     pub const ADDRS: &str = "ADDRS";
     pub const LL_PACKETS: &str = "LL_PACKETS";
     pub const LL_SECONDS: &str = "LL_SECONDS";
+    pub const LL_SENDER_TABLES: &str = "LL_SENDER_TABLES";
 
     /// The maps that carry state across a restart, pinned under the state directory.
     pub const PINNED: [&str; 18] = [
@@ -122,6 +123,8 @@ pub struct Maps {
     pub ll_packets: SlotArray<u64>,
     /// Per-second counts per (slot, second in the window).
     pub ll_seconds: SlotArray<LinkLocalSecond>,
+    /// Each CPU's link-local senders of its last seconds.
+    pub ll_senders: PerCpuArray<MapData, LinkLocalSenders>,
 }
 
 impl Maps {
@@ -131,7 +134,8 @@ impl Maps {
         use names::{
             ADDRS, DNS_AGENT_COUNTS, DNS_AGENT_LATENCY, DNS_CLIENTS, DNS_COUNTS, DNS_INFLIGHT,
             DNS_LATENCY, DNS_PENDING, DNS_SEEN, DROPS, FLOW_COUNT, FLOW_SETS, FLOW_TABLE_FULL,
-            FLOWS, FLOWS_CREATED, LL_PACKETS, LL_SECONDS, MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
+            FLOWS, FLOWS_CREATED, LL_PACKETS, LL_SECONDS, LL_SENDER_TABLES, MAP_FULL, MONITORED,
+            UDP_QUEUE_DROPS,
         };
         let pending = PendingTable::map(take_array(ebpf, DNS_PENDING)?)
             .context("mapping DNS_PENDING into the agent")?;
@@ -164,6 +168,7 @@ impl Maps {
             addrs: Addresses(Arc::new(Mutex::new(take_typed(ebpf, ADDRS)?))),
             ll_packets: SlotArray::new(take_typed(ebpf, LL_PACKETS)?, LinkLocalService::COUNT),
             ll_seconds: SlotArray::new(take_typed(ebpf, LL_SECONDS)?, LL_WINDOW),
+            ll_senders: take_typed(ebpf, LL_SENDER_TABLES)?,
         })
     }
 }
