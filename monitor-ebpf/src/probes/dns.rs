@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use monitor_common::{
@@ -17,10 +17,7 @@ use monitor_common::{
     proto::{DNS_HLEN, DNS_PORT, TCP_ACK, TCP_RST, TCP_SYN, UDP_HLEN},
 };
 
-use super::{
-    linklocal,
-    packet::{self, Packet, read},
-};
+use super::packet::{Packet, read};
 use crate::{
     kernel::now_ns,
     maps::{BPF_F_MMAPABLE, BPF_NOEXIST, EEXIST, addr_info, increment, map_full},
@@ -219,69 +216,17 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32, egress: bool, far: Addr
 
 /// Bytes of a DNS message's length prefix over TCP.
 const TCP_LENGTH_PREFIX: usize = 2;
-/// DNS messages the classifier reads of a TCP segment; the rest are read by
-/// `dns_tcp_more`, a program the classifier hands the segment on to.
+/// DNS messages read from one TCP segment: a client pipelining queries, or a server
+/// answering several at once, writes a few in one segment.
 const TCP_MESSAGES: usize = 4;
-/// DNS messages each `dns_tcp_more` reads before it hands the segment on again.
-const TCP_MESSAGES_MORE: usize = 8;
-/// How many times a segment is handed on (tail calls: the kernel allows 33 in a row):
-/// `TCP_MESSAGES` + `TCP_HOPS` × `TCP_MESSAGES_MORE` messages a segment at most.
-const TCP_HOPS: u32 = 30;
-/// Connections whose next message begins in a later segment (a message ran past the
-/// end of its own).
-const TCP_SPILLS: u32 = 4096;
-
-/// `dns_tcp_more`, which the agent puts at index 0.
-#[map]
-static DNS_TCP_CHAIN: ProgramArray = ProgramArray::with_max_entries(1, 0);
-
-/// Where this CPU's reading of a segment stands, for the next program of the chain.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct TcpWalk {
-    /// Offset of the next message's length prefix.
-    off: u32,
-    /// Offset of the segment's payload, and the sequence number it begins at.
-    payload: u32,
-    seq: u32,
-    /// Programs the segment has been handed on to.
-    hops: u32,
-    egress: u32,
-}
-
-#[map]
-static DNS_TCP_WALK: PerCpuArray<TcpWalk> = PerCpuArray::with_max_entries(1, 0);
-
-/// A TCP connection one way: (source, destination, their ports).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TcpWay {
-    src: Addr,
-    dst: Addr,
-    sport: u16,
-    dport: u16,
-}
-
-/// The sequence number each connection's next message begins at, where a message ran
-/// past its segment: the next segment is read from there, not taken for the start of a
-/// message. Least recently used out first, so bounded whatever pods open.
-#[map]
-static DNS_TCP_NEXT: LruHashMap<TcpWay, u32> = LruHashMap::with_max_entries(TCP_SPILLS, 0);
-
-/// Segments with DNS messages left unread (past the chain's reach, or a header cut by
-/// the segment's end), per CPU: what is not seen is counted.
-#[map]
-static DNS_TCP_UNREAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// A TCP segment to or from port 53 (`flags` its TCP flags): the connection's opening
-/// and refusal, and the DNS messages whose length prefix and header it holds: the first
-/// at the start of its payload, or where the connection's previous message ended if
-/// that ran past its own segment, and every one that follows in the segment (read on
-/// by `dns_tcp_more`). A message split across segments is counted in the segment that
-/// holds its header. A segment that begins inside a message the classifiers did not see
-/// begin (a connection older than the agent) has no header at its start to read, and one
-/// whose bytes there do not read as a standard query or a response to a query in flight
-/// moves no count.
+/// and refusal, and the DNS messages whose length prefix and header it holds, the first
+/// at the start of its payload and those that follow it in the segment. A message split
+/// across segments is seen in the segment that holds its header; a segment that begins
+/// inside a message (its tail) has no header at its start to read, and one whose bytes
+/// there do not read as a standard query or a response to a query in flight moves no
+/// count.
 #[inline(always)]
 pub fn handle_tcp(
     ctx: &TcContext,
@@ -298,88 +243,21 @@ pub fn handle_tcp(
     let Some(doff) = read::<u8>(ctx, p.l4 + 12).or_else(|| ctx.load::<u8>(p.l4 + 12).ok()) else {
         return;
     };
-    let Some(seq) = read::<u32>(ctx, p.l4 + 4).or_else(|| ctx.load::<u32>(p.l4 + 4).ok()) else {
-        return;
-    };
-    let seq = u32::from_be(seq);
-    let payload = p.l4 + usize::from(doff >> 4) * 4;
+    let mut off = p.l4 + usize::from(doff >> 4) * 4;
     let end = ctx.len() as usize;
-    if payload >= end {
-        return;
-    }
-    let mut off = payload;
-    let way = way_of(p);
-    // SAFETY: a read of a map value the kernel keeps alive for the program's run.
-    if let Some(next) = unsafe { DNS_TCP_NEXT.get(&way) }.copied() {
-        let ahead = next.wrapping_sub(seq);
-        if ahead < 0x8000_0000 {
-            if ahead as usize >= end - payload {
-                // All of it the tail of the message begun earlier (or a copy of it).
-                return;
-            }
-            off += ahead as usize;
-        }
-        let _ = DNS_TCP_NEXT.remove(&way);
-    }
-    let walk = TcpWalk {
-        off: off as u32,
-        payload: payload as u32,
-        seq,
-        hops: 0,
-        egress: u32::from(egress),
-    };
-    messages::<TCP_MESSAGES>(ctx, p, ifindex, egress, far, walk);
-}
-
-/// `dns_tcp_more`: the messages of the segment this CPU's classifier handed on.
-#[inline(always)]
-pub fn more(ctx: &TcContext) {
-    let Some(walk) = DNS_TCP_WALK.get(0).copied() else {
-        return;
-    };
-    let Some(p) = packet::parse(ctx) else { return };
-    // SAFETY: the context's skb is valid for the program's run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let egress = walk.egress != 0;
-    let (far, far_port) = if egress {
-        (&p.dst, p.dport)
-    } else {
-        (&p.src, p.sport)
-    };
-    let far = linklocal::lookup(&p, far, far_port);
-    messages::<TCP_MESSAGES_MORE>(ctx, &p, ifindex, egress, far, walk);
-}
-
-#[inline(always)]
-fn way_of(p: &Packet) -> TcpWay {
-    TcpWay {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-    }
-}
-
-/// Reads up to `N` messages of the segment from `walk.off`, then hands the segment on
-/// if more begin in it, or notes where the next begins if the last runs past its end.
-#[inline(always)]
-fn messages<const N: usize>(
-    ctx: &TcContext,
-    p: &Packet,
-    ifindex: u32,
-    egress: bool,
-    far: AddrInfo,
-    mut walk: TcpWalk,
-) {
-    let end = ctx.len() as usize;
-    let mut off = walk.off as usize;
-    for _ in 0..N {
+    for i in 0..TCP_MESSAGES {
         if off + TCP_LENGTH_PREFIX + DNS_HLEN > end {
-            break;
+            return;
         }
-        // Copied out (a helper call): the offsets are past what the verifier lets a
-        // packet pointer reach.
-        let Ok(m) = ctx.load::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(off) else {
+        // The first in place where the linear data holds it; the others, and a first the
+        // linear data does not hold, copied out (a helper call: their offsets are past
+        // what the verifier lets a packet pointer reach).
+        let m = if i == 0 {
+            read::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(ctx, off)
+        } else {
+            None
+        };
+        let Some(m) = m.or_else(|| ctx.load::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(off).ok()) else {
             return;
         };
         let len = usize::from(u16::from_be_bytes([m[0], m[1]]));
@@ -392,43 +270,6 @@ fn messages<const N: usize>(
         };
         message(p, h, ifindex, egress, far, DNS_TCP);
         off += TCP_LENGTH_PREFIX + len;
-    }
-    if off >= end {
-        if off > end {
-            // The last message runs on in a later segment: read that from its end.
-            let next = walk.seq.wrapping_add((off - walk.payload as usize) as u32);
-            let _ = DNS_TCP_NEXT.insert(&way_of(p), &next, 0);
-        }
-        return;
-    }
-    if off + TCP_LENGTH_PREFIX + DNS_HLEN <= end {
-        if walk.hops < TCP_HOPS {
-            walk.off = off as u32;
-            walk.hops += 1;
-            if let Some(w) = DNS_TCP_WALK.get_ptr_mut(0) {
-                // SAFETY: this CPU's own slot; the next program runs on this CPU, after
-                // this one.
-                unsafe { *w = walk };
-                // SAFETY: a tail call with the program's own context; it returns only if
-                // the program array is empty.
-                unsafe { DNS_TCP_CHAIN.tail_call(ctx, 0) };
-            }
-        }
-    } else if let Ok(prefix) = ctx.load::<[u8; TCP_LENGTH_PREFIX]>(off) {
-        // A message whose header the segment cuts: unread, but where the next begins is
-        // known from its length.
-        let len = usize::from(u16::from_be_bytes(prefix));
-        if len >= DNS_HLEN {
-            let next = walk
-                .seq
-                .wrapping_add((off + TCP_LENGTH_PREFIX + len - walk.payload as usize) as u32);
-            let _ = DNS_TCP_NEXT.insert(&way_of(p), &next, 0);
-        }
-    }
-    // Past the chain's reach, or a message whose header the segment cuts.
-    if let Some(n) = DNS_TCP_UNREAD.get_ptr_mut(0) {
-        // SAFETY: this CPU's own slot of a per-CPU array.
-        unsafe { *n += 1 };
     }
 }
 

@@ -22,13 +22,6 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// The rest of a TCP segment's DNS messages, handed on by a classifier (a tail call).
-#[classifier]
-pub fn dns_tcp_more(ctx: TcContext) -> i32 {
-    dns::more(&ctx);
-    TC_ACT_UNSPEC
-}
-
 #[inline(always)]
 fn handle(ctx: &TcContext, egress: bool) {
     let Some(p) = packet::parse(ctx) else { return };

@@ -7,7 +7,6 @@ use std::sync::{Arc, PoisonError, RwLock};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Btf, Ebpf, Endianness,
-    maps::ProgramArray,
     programs::{
         BtfTracePoint, Link as _, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
@@ -98,10 +97,6 @@ pub const CLASSIFIERS: [(&str, TcAttachType, &str); 2] = [
     ("tc_ingress", TcAttachType::Ingress, "tc/ingress"),
     ("tc_egress", TcAttachType::Egress, "tc/egress"),
 ];
-/// The program the classifiers hand a TCP segment's further DNS messages on to, and the
-/// program array they find it in.
-const DNS_TCP_MORE: &str = "dns_tcp_more";
-const DNS_TCP_CHAIN: &str = "DNS_TCP_CHAIN";
 const KFREE_SKB: &str = "kfree_skb";
 const UDP_FAIL: &str = "udp_fail_queue_rcv_skb";
 
@@ -182,21 +177,8 @@ impl Programs {
             .ok_or_else(|| anyhow!("program {name} missing from the object"))
     }
 
-    /// Loads both classifiers and the program they hand TCP segments on to; done once,
-    /// before any device is attached. The program array stays with the object: its
-    /// entry lasts while the agent holds the map.
+    /// Loads both classifiers; done once, before any device is attached.
     pub fn load_classifiers(&mut self) -> Result<()> {
-        let more: &mut SchedClassifier = self.program_mut(DNS_TCP_MORE)?.try_into()?;
-        more.load()
-            .with_context(|| format!("loading {DNS_TCP_MORE}"))?;
-        let fd = more.fd()?.try_clone()?;
-        let chain = self
-            .ebpf
-            .map_mut(DNS_TCP_CHAIN)
-            .ok_or_else(|| anyhow!("map {DNS_TCP_CHAIN} missing from the object"))?;
-        ProgramArray::try_from(chain)?
-            .set(0, &fd, 0)
-            .with_context(|| format!("putting {DNS_TCP_MORE} in {DNS_TCP_CHAIN}"))?;
         for (name, _, _) in CLASSIFIERS {
             let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
