@@ -32,7 +32,7 @@ pub(crate) fn prog_stats() -> ProgStats {
     m
 }
 
-type ProgStats = BTreeMap<String, (u64, u64)>;
+pub(crate) type ProgStats = BTreeMap<String, (u64, u64)>;
 
 /// Adds each program's nanoseconds per run between two `prog_stats` readings.
 pub(crate) fn record_cost<'a>(

@@ -7,7 +7,9 @@ use std::{
 };
 
 use crate::agent::cpu_seconds;
-use crate::cost::{bpf_stats, floor_classifiers, over_floor, prog_stats, record_cost};
+use crate::cost::{
+    ProgStats, bpf_stats, floor_classifiers, over_floor, prog_stats, record_cost,
+};
 use crate::report::{Report, runs, stat};
 use integration_tests::{
     Agent, Netns, SimNode,
@@ -15,9 +17,10 @@ use integration_tests::{
     sh,
 };
 
-pub(crate) fn dnsperf(node: &Netns, server: &str, queryfile: &str) -> BTreeMap<String, f64> {
+/// dnsperf over `mode` (`udp`, or `tcp`: its queries pipelined on a few connections).
+fn dnsperf(node: &Netns, server: &str, queryfile: &str, mode: &str) -> BTreeMap<String, f64> {
     let out = sh(node.command("dnsperf").args([
-        "-s", server, "-d", queryfile, "-l", "5", "-q", "500", "-t", "2",
+        "-m", mode, "-s", server, "-d", queryfile, "-l", "5", "-q", "500", "-t", "2",
     ]));
     let mut m = BTreeMap::new();
     for line in out.lines() {
@@ -40,6 +43,48 @@ pub(crate) fn dnsperf(node: &Netns, server: &str, queryfile: &str) -> BTreeMap<S
         }
     }
     m
+}
+
+/// One dnsperf run over `mode`, the classifiers' cost of it added to `per_packet`:
+/// dnsperf's figures, and the programs' (time, runs) before and after.
+fn costed_run(
+    node: &Netns,
+    server: &str,
+    queryfile: &std::path::Path,
+    mode: &str,
+    per_packet: &mut BTreeMap<&'static str, Vec<f64>>,
+) -> (BTreeMap<String, f64>, ProgStats, ProgStats) {
+    let before = prog_stats();
+    let d = dnsperf(node, server, queryfile.to_str().unwrap(), mode);
+    let after = prog_stats();
+    record_cost(
+        per_packet,
+        &["tc_ingress", "tc_egress", "floor_tc"],
+        &before,
+        &after,
+    );
+    (d, before, after)
+}
+
+/// Each classifier's cost over the floor against the DNS budget: queries leave through
+/// `tc_egress`, responses arrive through `tc_ingress`. `label` names the row from the
+/// program and the side.
+fn report_cost(
+    report: &mut Report,
+    per_packet: &BTreeMap<&str, Vec<f64>>,
+    label: impl Fn(&str, &str) -> String,
+) {
+    for (n, what) in [("tc_egress", "query"), ("tc_ingress", "response")] {
+        if let Some(s) = over_floor(per_packet, n, "floor_tc") {
+            report.add(
+                "dns",
+                label(n, what),
+                "ns/pkt",
+                s,
+                Some(("<= 300 ns".into(), s.median <= 300.0)),
+            );
+        }
+    }
 }
 
 /// Each run's figures of the DNS load, one vector a figure.
@@ -69,15 +114,7 @@ pub(crate) fn dns_load(report: &mut Report) -> f64 {
     bpf_stats(true);
     for _ in 0..runs() {
         let before = agent.scrape(&sim.node);
-        let progs_before = prog_stats();
-        let d = dnsperf(&sim.node, &eth0.vpc_v4, queryfile.to_str().unwrap());
-        let progs_after = prog_stats();
-        record_cost(
-            &mut per_dns_packet,
-            &["tc_ingress", "tc_egress", "floor_tc"],
-            &progs_before,
-            &progs_after,
-        );
+        let (d, _, _) = costed_run(&sim.node, &eth0.vpc_v4, &queryfile, "udp", &mut per_dns_packet);
         // Past the agent's timeout, so that every lost query has been swept.
         std::thread::sleep(Duration::from_millis(2500));
         let after = agent.scrape(&sim.node);
@@ -114,18 +151,9 @@ pub(crate) fn dns_load(report: &mut Report) -> f64 {
             None,
         );
     }
-    // Queries leave through tc_egress, responses arrive through tc_ingress.
-    for (n, what) in [("tc_egress", "query"), ("tc_ingress", "response")] {
-        if let Some(s) = over_floor(&per_dns_packet, n, "floor_tc") {
-            report.add(
-                "dns",
-                format!("{n} over the floor, per DNS {what}"),
-                "ns/pkt",
-                s,
-                Some(("<= 300 ns".into(), s.median <= 300.0)),
-            );
-        }
-    }
+    report_cost(report, &per_dns_packet, |n, what| {
+        format!("{n} over the floor, per DNS {what}")
+    });
     let rate = stat(r.rates);
     report.add("dns", "dnsperf rate reached", "q/s", rate, None);
     report.add(
@@ -173,4 +201,64 @@ pub(crate) fn exact(report: &mut Report, rows: [(&str, Vec<f64>); 3]) {
             Some(("0 (exact)".into(), s.min == 0.0 && s.max == 0.0)),
         );
     }
+}
+
+/// 3b. DNS over TCP at the resolver's highest rate, dnsperf pipelining up to 500 queries
+/// on its connections: the classifiers' cost per packet over the floor (a segment's
+/// every message read, the tail calls included: their time is the classifier's), the
+/// messages a segment carried, and the agent's count against dnsperf's.
+pub(crate) fn dns_tcp_load(report: &mut Report) {
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    let _resolver = Resolver::start(&sim.vpc, &[eth0.vpc_v4.parse().unwrap()]);
+    let agent = Agent::start(&sim.node, &["--device", "eth0", "--dns-timeout", "2s"]);
+    let floor = floor_classifiers(&sim.node, "eth0");
+    let queryfile = std::env::temp_dir().join("eni-monitor-bench-queries-tcp");
+    std::fs::write(&queryfile, format!("{OK_NAME} A\n")).unwrap();
+    let mut per_packet: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let (mut per_segment, mut sent_diff, mut counted) = (Vec::new(), Vec::new(), Vec::new());
+    bpf_stats(true);
+    for _ in 0..runs() {
+        let before = agent.scrape(&sim.node);
+        let (d, progs_before, progs_after) =
+            costed_run(&sim.node, &eth0.vpc_v4, &queryfile, "tcp", &mut per_packet);
+        std::thread::sleep(Duration::from_millis(2500));
+        let after = agent.scrape(&sim.node);
+        let queries = after.sum("eni_monitor_dns_queries_total", &[("device", "eth0")])
+            - before.sum("eni_monitor_dns_queries_total", &[("device", "eth0")]);
+        sent_diff.push(queries - d["Queries sent"]);
+        counted.push(queries / d["Queries sent"].max(1.0));
+        let egress = |s: &ProgStats| s.get("tc_egress").map_or(0, |p| p.1);
+        let packets = egress(&progs_after).saturating_sub(egress(&progs_before));
+        #[expect(clippy::cast_precision_loss, reason = "a ratio for the report")]
+        per_segment.push(queries / (packets.max(1) as f64));
+    }
+    bpf_stats(false);
+    drop(floor);
+    report_cost(report, &per_packet, |n, what| {
+        format!("{n} over the floor, per packet of DNS over TCP ({what} side)")
+    });
+    report.add(
+        "dns",
+        "DNS over TCP: queries per packet leaving (dnsperf pipelining)",
+        "q/pkt",
+        stat(per_segment),
+        None,
+    );
+    let share = stat(counted);
+    report.add(
+        "dns",
+        "DNS over TCP: share of dnsperf's queries the agent counted",
+        "ratio",
+        share,
+        Some(("1".into(), (share.median - 1.0).abs() < 1e-9)),
+    );
+    let s = stat(sent_diff);
+    report.add(
+        "dns",
+        "DNS over TCP: queries counted minus dnsperf's sent",
+        "queries",
+        s,
+        Some(("0".into(), s.median.abs() < 0.5)),
+    );
 }

@@ -46,6 +46,9 @@ fn main() {
     } else {
         0.0
     };
+    if want("dns-tcp") {
+        dns::dns_tcp_load(&mut report);
+    }
     if want("tcp") {
         tcp::tcp_segments(&mut report);
     }
