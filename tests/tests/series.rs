@@ -31,13 +31,13 @@ fn families(s: &Scrape) -> BTreeMap<String, usize> {
 }
 
 /// The busy node's series, family by family: each figure follows from the traffic.
-const BUSY: [(&str, usize); 29] = [
+const BUSY: [(&str, usize); 32] = [
     ("eni_monitor_build_info", 1),
     // Two raw tracepoints, and tc ingress and egress on each ENI.
     ("eni_monitor_program_attached", 6),
     ("eni_monitor_device_info", 2),
     ("eni_monitor_kernel_map_memory_bytes", 1),
-    ("eni_monitor_map_full_total", 4),
+    ("eni_monitor_map_full_total", 5),
     // NO_SOCKET on eth0 (a closed port, the late answers), NETFILTER_DROP on eth1.
     ("eni_monitor_drops_total", 2),
     // The slow resolver's answers, after their clients gave up.
@@ -68,6 +68,12 @@ const BUSY: [(&str, usize); 29] = [
     ("eni_monitor_conntrack_allowance", 1),
     ("eni_monitor_conntrack_allowance_utilization_ratio", 1),
     ("eni_monitor_tracked_flows", 2 * FlowClass::COUNT as usize),
+    // Each ENI: TCP established at 10 bounds and +Inf, closed TCP's total, UDP at 2 and
+    // +Inf, UDP streams at 3 and +Inf.
+    ("eni_monitor_tracked_flows_idle", 2 * IDLE_SERIES),
+    ("eni_monitor_tracking_timeout_seconds", 3),
+    // No pod of the busy node sends to a link-local service.
+    ("eni_monitor_top_linklocal_senders", 0),
     (
         "eni_monitor_flows_created_total",
         2 * FlowClass::COUNT as usize,
@@ -79,6 +85,9 @@ const BUSY: [(&str, usize); 29] = [
     ("eni_monitor_linklocal_peak_packets_per_second", 2),
     ("eni_monitor_ena_conntrack_allowance_available", 0),
 ];
+
+/// Idle-age series an ENI exports.
+const IDLE_SERIES: usize = 11 + 1 + 3 + 4;
 
 /// Series the agent can export at most, by construction: `MAX_DEVICES` ENIs, every
 /// resolver slot named on each with every rcode over both transports, `top` addresses
@@ -94,13 +103,15 @@ fn worst_case(top: usize, reasons: usize) -> usize {
     let per_device = 1 // device_info
         + 2 // program_attached, tc ingress and egress
         + 2 * FlowClass::COUNT as usize // tracked, created
+        + IDLE_SERIES // tracked flows by idle age
         + 3 + 1 // link-local packets by service, peak
         + 1 + 5 // ENA available, exceeded by allowance
         + resolvers * per_resolver
-        + 2 * top // top owners, top unanswered clients
+        + 3 * top // top owners, top unanswered clients, top link-local senders
         + 2 * reasons; // drops, DNS drops
     let node = 1 + 2 // build_info, raw tracepoints
-        + 1 + 4 // map memory, map_full
+        + 1 + 5 // map memory, map_full
+        + 3 // tracking timeouts
         + 2 // UDP queue drops
         + resolvers // resolver_info
         + 2 + 16 // nf_conntrack entries, limit, events
@@ -139,7 +150,7 @@ fn a_busy_node_costs_the_series_the_budget_says() {
         .collect();
     assert_eq!(got, want, "{}", s.text);
     let total: usize = got.values().sum();
-    assert_eq!(total, 186, "the busy node's series");
+    assert_eq!(total, 186 + 2 * IDLE_SERIES + 3 + 1, "the busy node's series");
     let worst = worst_case(10, kernel_reasons());
     eprintln!("series: busy node {total}, worst case by construction {worst} (--top 10)");
     assert!(total < worst);
