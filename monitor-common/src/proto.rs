@@ -15,6 +15,12 @@ pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 
+/// Offsets in a TCP header: the sequence number, the data offset (its top four bits,
+/// in words), the flags.
+pub const TCP_SEQ: usize = 4;
+pub const TCP_DATA_OFFSET: usize = 12;
+pub const TCP_FLAGS: usize = 13;
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;

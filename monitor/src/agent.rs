@@ -172,6 +172,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         ll_packets,
         ll_seconds,
         ll_senders,
+        dns_tcp_unread,
     } = maps;
     let senders = Arc::new(Mutex::new(Senders::new(usize::from(cli.top))));
     let amazon = linklocal_services(&addrs, &cli.linklocal_resolvers)?;
@@ -223,6 +224,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
     }));
     registry.register_collector(Box::new(DnsCollector {
         dns: dns.clone(),
+        tcp_unread: dns_tcp_unread,
         departed: Departed::default(),
         slots: Arc::clone(&slots),
         ranked: ranked.clone(),

@@ -1273,6 +1273,44 @@ fn segment(
     ipv4_tcp_doff(src, dst, sport, dport, flags, 5, payload)
 }
 
+/// `segment` with sequence number `seq`.
+fn segment_at(
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+    seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut p = segment(src, dst, sport, dport, PSH_ACK, payload);
+    p[38..42].copy_from_slice(&seq.to_be_bytes());
+    p
+}
+
+/// A connection's segments one way, each at the sequence number the bytes before it
+/// reach.
+struct Stream {
+    from: ([u8; 4], u16),
+    to: ([u8; 4], u16),
+    seq: std::cell::Cell<u32>,
+}
+
+impl Stream {
+    fn new(from: ([u8; 4], u16), to: ([u8; 4], u16)) -> Self {
+        Self {
+            from,
+            to,
+            seq: std::cell::Cell::new(1),
+        }
+    }
+
+    /// The next segment, carrying `payload`.
+    fn next(&self, payload: &[u8]) -> Vec<u8> {
+        let seq = self.seq.get();
+        self.seq
+            .set(seq.wrapping_add(u32::try_from(payload.len()).unwrap()));
+        segment_at(self.from, self.to, seq, payload)
+    }
+}
+
 fn ipv6_tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
     let (src, dst) = if dport == 53 {
         ("fd00::5", "fd00::2")
@@ -1335,8 +1373,12 @@ fn tcp_matched(probe: &Probe) {
     use monitor_common::{DNS_TCP, DNS_UDP};
     let q = |id: u16| dns(id, 0x0100, 1, QUESTION);
     let r = |id: u16| dns(id, 0x8180, 1, QUESTION);
-    let out = |payload: &[u8]| segment(SRC4, DST4, 40000, 53, PSH_ACK, payload);
-    let back = |payload: &[u8]| segment(DST4, SRC4, 53, 40000, PSH_ACK, payload);
+    let (queries, answers) = (
+        Stream::new((SRC4, 40000), (DST4, 53)),
+        Stream::new((DST4, 53), (SRC4, 40000)),
+    );
+    let out = |payload: &[u8]| queries.next(payload);
+    let back = |payload: &[u8]| answers.next(payload);
     // The connection opens: nothing counted, nothing left waiting.
     run(
         probe,
@@ -1352,8 +1394,9 @@ fn tcp_matched(probe: &Probe) {
     run(probe, "tc_egress", &out(&[]));
     assert_eq!(counts(probe), Counts::default());
     // One query; the same segment sent again is not a second query.
-    run(probe, "tc_egress", &out(&framed(&[q(7)])));
-    run(probe, "tc_egress", &out(&framed(&[q(7)])));
+    let once = out(&framed(&[q(7)]));
+    run(probe, "tc_egress", &once);
+    run(probe, "tc_egress", &once);
     assert_eq!((counts(probe).queries, counts(probe).inflight), (1, 1));
     // Three pipelined queries in one segment.
     run(probe, "tc_egress", &out(&framed(&[q(8), q(9), q(10)])));
@@ -1534,11 +1577,12 @@ fn tcp_malformed(probe: &Probe) {
         assert_eq!(counts(probe), Counts::default(), "{what}");
     }
     // A length longer than the segment: the header is there, the message is counted;
-    // nothing after it is read. Options before the payload are skipped.
+    // nothing after it is read. Options before the payload are skipped. (A connection of
+    // its own: on 40000 a cut header said where its next message begins.)
     run(
         probe,
         "tc_egress",
-        &segment(SRC4, DST4, 40000, 53, PSH_ACK, &with_length(u16::MAX, &q)),
+        &segment(SRC4, DST4, 40004, 53, PSH_ACK, &with_length(u16::MAX, &q)),
     );
     run(
         probe,
@@ -1554,14 +1598,14 @@ fn tcp_malformed(probe: &Probe) {
         ),
     );
     assert_eq!((counts(probe).queries, counts(probe).inflight), (2, 2));
-    // More messages than a segment is read for: the first four.
+    // Five messages in one segment, every one read.
     let five: Vec<Vec<u8>> = (10..15).map(|id| dns(id, 0x0100, 1, QUESTION)).collect();
     run(
         probe,
         "tc_egress",
         &segment(SRC4, DST4, 40002, 53, PSH_ACK, &framed(&five)),
     );
-    assert_eq!(counts(probe).queries, 6);
+    assert_eq!(counts(probe).queries, 7);
     random_segments_pass(probe);
 }
 
@@ -1891,4 +1935,92 @@ fn a_spray_of_link_local_senders_leaves_the_busy_ones_exact() {
     // The spray took turns in the sets' 30 other ways, each turn past them counted.
     assert_eq!(map_full(&probe, MapFull::LinkLocalSenders), 1000 - 30);
     assert_eq!(counts(&probe).linklocal, 2000);
+}
+
+#[test]
+fn every_dns_message_of_a_tcp_segment_is_read_or_counted_unread() {
+    if !root::require_root("every_dns_message_of_a_tcp_segment_is_read_or_counted_unread") {
+        return;
+    }
+    for probe in both_objects(Sizes::with_flows(1024)) {
+        tcp_segments_read_whole(&probe);
+    }
+}
+
+/// TCP segments unread, summed over CPUs.
+fn tcp_unread(probe: &Probe) -> u64 {
+    probe.maps.dns_tcp_unread.get(&0, 0).unwrap().iter().sum()
+}
+
+fn tcp_segments_read_whole(probe: &Probe) {
+    // Every message where the kernel has `bpf_loop`; 16 a segment where it has not.
+    let read = |n: u64| if probe.atomics { n } else { n.min(16) };
+    let past_bound = |n: u64| u64::from(read(n) < n);
+    let q = |id: u16| dns(id, 0x0100, 1, QUESTION);
+    let r = |id: u16| dns(id, 0x8180, 1, QUESTION);
+    let (queries, answers) = (
+        Stream::new((SRC4, 40001), (DST4, 53)),
+        Stream::new((DST4, 53), (SRC4, 40001)),
+    );
+    let qc = |p: &Probe| (counts(p).queries, counts(p).responses, counts(p).inflight as u64);
+    // 40 queries pipelined in one segment, as a busy forwarder sends them, and their
+    // 40 answers in one.
+    let ids: Vec<u16> = (1..=40).collect();
+    run(
+        probe,
+        "tc_egress",
+        &queries.next(&framed(&ids.iter().map(|i| q(*i)).collect::<Vec<_>>())),
+    );
+    let n = read(40);
+    assert_eq!(qc(probe), (n, 0, n));
+    run(
+        probe,
+        "tc_ingress",
+        &answers.next(&framed(&ids.iter().map(|i| r(*i)).collect::<Vec<_>>())),
+    );
+    assert_eq!(qc(probe), (n, n, 0));
+    let mut unread = 2 * past_bound(40);
+    assert_eq!(tcp_unread(probe), unread);
+    // 15 more, and their answers in three segments cut inside messages (one inside a
+    // header, whose message is then unread): each counted in the segment that holds its
+    // header, and the segment after each cut read from where the cut message ends.
+    let ids: Vec<u16> = (41..=55).collect();
+    run(
+        probe,
+        "tc_egress",
+        &queries.next(&framed(&ids.iter().map(|i| q(*i)).collect::<Vec<_>>())),
+    );
+    assert_eq!(qc(probe), (n + 15, n, 15));
+    let stream = framed(&ids.iter().map(|i| r(*i)).collect::<Vec<_>>());
+    let each = stream.len() / 15;
+    let cut_body = 5 * each + 20;
+    let cut_header = 10 * each + 5;
+    run(probe, "tc_ingress", &answers.next(&stream[..cut_body]));
+    assert_eq!(qc(probe), (n + 15, n + 6, 9));
+    run(
+        probe,
+        "tc_ingress",
+        &answers.next(&stream[cut_body..cut_header]),
+    );
+    // Answers 7 to 10 whole; the 11th's header cut.
+    assert_eq!(qc(probe), (n + 15, n + 10, 5));
+    unread += 1;
+    assert_eq!(tcp_unread(probe), unread);
+    run(probe, "tc_ingress", &answers.next(&stream[cut_header..]));
+    assert_eq!(qc(probe), (n + 15, n + 14, 1));
+    // The unread answer's query is swept as unanswered in time: what the unread counter
+    // owns up to.
+    // 246 header-only queries in one segment, as many as a test run carries.
+    let bare = |id: u16| {
+        let mut m = vec![0u8; 12];
+        m[..2].copy_from_slice(&id.to_be_bytes());
+        m[2..4].copy_from_slice(&0x0100u16.to_be_bytes());
+        m[4..6].copy_from_slice(&1u16.to_be_bytes());
+        m
+    };
+    let many: Vec<Vec<u8>> = (1000..1246).map(bare).collect();
+    run(probe, "tc_egress", &queries.next(&framed(&many)));
+    assert_eq!(qc(probe).0, n + 15 + read(246));
+    unread += past_bound(246);
+    assert_eq!(tcp_unread(probe), unread);
 }

@@ -128,6 +128,41 @@ fn pipelined_queries_and_several_in_one_segment_are_matched() {
 }
 
 #[test]
+fn forty_and_two_hundred_pipelined_queries_are_counted_with_their_answers() {
+    if !require_root("forty_and_two_hundred_pipelined_queries_are_counted_with_their_answers") {
+        return;
+    }
+    let sim = SimNode::ipv4_only();
+    let eth0 = sim.eni("eth0");
+    let _resolver = Resolver::start(&sim.vpc, &[ip(&eth0.vpc_v4)]);
+    let agent = Agent::start(&sim.node, &["--device", "eth0", "--dns-timeout", "2s"]);
+    let server = SocketAddr::new(ip(&eth0.vpc_v4), 53);
+    // 40 queries written at once, as a busy forwarder pipelines them, then 200: each
+    // write one or a few segments (the larger cut inside messages), answered in as many
+    // as the server writes.
+    let forty: Vec<(&str, u16)> = (1..=40).map(|id| (OK_NAME, id)).collect();
+    let two_hundred: Vec<(&str, u16)> = (41..=240).map(|id| (OK_NAME, id)).collect();
+    let wait = Duration::from_secs(5);
+    let answers = dns_tcp::pipelined(&sim.node, server, &[&forty], wait);
+    assert_eq!(answers.len(), 40, "{answers:?}");
+    let answers = dns_tcp::pipelined(&sim.node, server, &[&two_hundred], wait);
+    assert_eq!(answers.len(), 200, "{answers:?}");
+    let s = settled(&agent, &sim, "240 answers over TCP", |s| {
+        over(s, RESPONSES, "tcp") >= 240.0
+    });
+    assert_eq!(over(&s, QUERIES, "tcp"), 240.0, "{}", s.text);
+    assert_eq!(rcode(&s, "tcp", "NOERROR"), 240.0, "{}", s.text);
+    assert_eq!(over(&s, LATENCY_COUNT, "tcp"), 240.0, "{}", s.text);
+    assert_eq!(s.sum(UNANSWERED, &[]), 0.0, "{}", s.text);
+    assert_eq!(
+        s.get("eni_monitor_dns_tcp_unread_segments_total", &[]),
+        Some(0.0),
+        "{}",
+        s.text
+    );
+}
+
+#[test]
 fn a_truncated_udp_answer_retried_over_tcp_counts_once_on_each() {
     if !require_root("a_truncated_udp_answer_retried_over_tcp_counts_once_on_each") {
         return;

@@ -25,6 +25,8 @@ struct Expect {
     tcx: bool,
     /// The drop reason the kernel gives a datagram to a closed port.
     no_socket: &'static str,
+    /// `bpf_loop` (5.17+): every DNS message of a TCP segment is read.
+    bpf_loop: bool,
 }
 
 fn boot(expect: &Expect) -> Option<Console> {
@@ -208,7 +210,9 @@ impl Run<'_> {
     }
 
     /// DNS through eth0: 10 NOERROR and 3 NXDOMAIN, all answered, under the resolver's
-    /// name (the one query before it was named under `other`).
+    /// name (the one query before it was named under `other`); over TCP 3, 40 and 200
+    /// pipelined, every one read where the kernel has `bpf_loop`, and 16 a segment where
+    /// it has not, with the segments past that counted unread.
     fn dns(&self) {
         assert_eq!(
             self.c.block("dns-client"),
@@ -218,41 +222,76 @@ impl Run<'_> {
         );
         assert_eq!(
             self.c.block("dns-tcp"),
-            "answered 3\nrefused 1",
+            "answered 3\nanswered 40",
             "{}",
             self.fail("dns over tcp client")
         );
-        let s = self.scrape("dns");
+        assert_eq!(
+            self.c.block("dns-tcp-200"),
+            "answered 200\nrefused 1",
+            "{}",
+            self.fail("dns over tcp client")
+        );
         let server = [("device", "eth0"), ("resolver", "10.0.0.2")];
-        for (transport, queries) in [("udp", 13.0), ("tcp", 3.0)] {
-            let labels = [server[0], server[1], ("transport", transport)];
-            assert_eq!(s.sum(QUERIES, &labels), queries, "{}", self.fail(transport));
+        let tcp = [server[0], server[1], ("transport", "tcp")];
+        let unread = |s: &Scrape| s.sum("eni_monitor_dns_tcp_unread_segments_total", &[]);
+        // The 40 were written at once, less than a segment: one segment, all of it read
+        // or 16 of it. Each of the 16 queries read is answered in a segment whose first
+        // 16 answers it is among, however the server's answers are cut.
+        let forty = self.scrape("dns-tcp-40");
+        let read = if self.expect.bpf_loop { 43.0 } else { 19.0 };
+        assert_eq!(forty.sum(QUERIES, &tcp), read, "{}", self.fail("40 read"));
+        assert_eq!(forty.sum(RESPONSES, &tcp), read, "{}", self.fail("40 answered"));
+        if self.expect.bpf_loop {
+            assert_eq!(unread(&forty), 0.0, "{}", self.fail("40 unread"));
+        } else {
+            assert!(unread(&forty) >= 1.0, "{}", self.fail("40 unread"));
         }
-        for (rcode, transport, n) in [
-            ("NOERROR", "udp", 10.0),
-            ("NXDOMAIN", "udp", 3.0),
-            ("NOERROR", "tcp", 3.0),
-        ] {
+        let s = self.scrape("dns");
+        assert_eq!(
+            s.sum(QUERIES, &[server[0], server[1], ("transport", "udp")]),
+            13.0,
+            "{}",
+            self.fail("udp")
+        );
+        for (rcode, n) in [("NOERROR", 10.0), ("NXDOMAIN", 3.0)] {
             let labels = [
                 server[0],
                 server[1],
                 ("rcode", rcode),
-                ("transport", transport),
+                ("transport", "udp"),
             ];
             assert_eq!(s.sum(RESPONSES, &labels), n, "{}", self.fail(rcode));
         }
-        let eth0 = [("device", "eth0")];
-        assert_eq!(s.sum(RESPONSES, &eth0), 17.0, "{}", self.fail("responses"));
-        let tcp_latency = [server[0], server[1], ("transport", "tcp")];
-        assert_eq!(
-            s.sum("eni_monitor_dns_latency_seconds_count", &tcp_latency),
-            3.0,
-            "{}",
-            self.fail("tcp latency")
-        );
+        let queries = s.sum(QUERIES, &tcp);
+        let answered = s.sum(RESPONSES, &[server[0], server[1], ("transport", "tcp")]);
+        let latency = s.sum("eni_monitor_dns_latency_seconds_count", &tcp);
+        let unanswered = s.sum(UNANSWERED, &[server[0], server[1], ("transport", "tcp")]);
+        if self.expect.bpf_loop {
+            assert_eq!(
+                (queries, answered, latency, unanswered, unread(&s)),
+                (243.0, 243.0, 243.0, 0.0, 0.0),
+                "{}",
+                self.fail("tcp: queries, answered, latency, unanswered, unread")
+            );
+        } else {
+            // How the 200 were cut into segments is the kernel's to choose: at least
+            // 16 of them read, and the segment they came in counted unread.
+            assert!(
+                queries >= 19.0 + 16.0 && answered == latency && answered <= queries,
+                "{}",
+                self.fail("tcp: 200 read to the bound")
+            );
+            assert!(unread(&s) > unread(&forty), "{}", self.fail("200 unread"));
+        }
         let other = [("device", "eth0"), ("resolver", "other")];
         assert_eq!(s.sum(QUERIES, &other), 1.0, "{}", self.fail("other"));
-        assert_eq!(s.sum(UNANSWERED, &eth0), 0.0, "{}", self.fail("unanswered"));
+        assert_eq!(
+            s.sum(UNANSWERED, &[("device", "eth0"), ("transport", "udp")]),
+            0.0,
+            "{}",
+            self.fail("unanswered")
+        );
         assert_eq!(
             s.sum("eni_monitor_dns_tcp_connect_failures_total", &other),
             1.0,
@@ -356,10 +395,10 @@ impl Run<'_> {
             "{}",
             self.fail("tracked after restart")
         );
-        // The held connections, and the two of DNS over TCP (closed since).
+        // The held connections, and the four of DNS over TCP (closed since).
         assert_eq!(
             s.sum(CREATED, &tcp),
-            7.0,
+            9.0,
             "{}",
             self.fail("created after restart")
         );
@@ -485,6 +524,7 @@ fn linux_5_10_amazon_linux_2() {
         },
         release: "5.10.",
         tcx: false,
+        bpf_loop: false,
         no_socket: "unknown",
     });
 }
@@ -499,6 +539,7 @@ fn linux_6_1_al2023_bottlerocket_under_lockdown() {
         },
         release: "6.1.",
         tcx: false,
+        bpf_loop: true,
         no_socket: "NO_SOCKET",
     });
 }
@@ -513,6 +554,7 @@ fn linux_6_12_under_lockdown_on_tcx() {
         },
         release: "6.12.",
         tcx: true,
+        bpf_loop: true,
         no_socket: "NO_SOCKET",
     });
 }
@@ -527,6 +569,7 @@ fn linux_5_10_amazon_linux_2_on_graviton() {
         },
         release: "5.10.",
         tcx: false,
+        bpf_loop: false,
         no_socket: "unknown",
     });
 }
@@ -541,6 +584,7 @@ fn linux_6_1_on_graviton_under_lockdown() {
         },
         release: "6.1.",
         tcx: false,
+        bpf_loop: true,
         no_socket: "NO_SOCKET",
     });
 }
@@ -555,6 +599,7 @@ fn linux_6_12_on_graviton_under_lockdown_on_tcx() {
         },
         release: "6.12.",
         tcx: true,
+        bpf_loop: true,
         no_socket: "NO_SOCKET",
     });
 }

@@ -162,14 +162,21 @@ nettool dns-query 10.0.0.2:53 a.example 10
 nettool dns-query 10.0.0.2:53 nx.example 3
 mark END dns-client
 wait_for '^eni_monitor_dns_responses_total{.*rcode="NXDOMAIN",transport="udp"} 3'
-# DNS over TCP: 3 queries written at once on one connection, answered; a connection to
-# an address of the VPC where nothing listens on port 53, refused.
+# DNS over TCP: 3, 40 and 200 queries each written at once on a connection of its own
+# (pipelined, as a busy forwarder sends them), answered; a connection to an address of
+# the VPC where nothing listens on port 53, refused.
 ip -n vpc addr add 10.0.0.3/24 dev vpc0
+# The classifiers count each segment as it passes, so each client's answers are
+# counted by the time it has read them.
 mark BEGIN dns-tcp
 nettool dns-query-tcp 10.0.0.2:53 a.example 3
-nettool tcp-connect 10.0.0.3:53 1
+nettool dns-query-tcp 10.0.0.2:53 a.example 40
 mark END dns-tcp
-wait_for '^eni_monitor_dns_responses_total{.*transport="tcp"} 3'
+dump dns-tcp-40
+mark BEGIN dns-tcp-200
+nettool dns-query-tcp 10.0.0.2:53 a.example 200
+nettool tcp-connect 10.0.0.3:53 1
+mark END dns-tcp-200
 wait_for '^eni_monitor_dns_tcp_connect_failures_total{device="eth0",.*} 1'
 dump dns
 # Both connections closed: EC2 forgets them 5 s later, and the held ones remain.

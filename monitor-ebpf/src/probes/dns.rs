@@ -4,9 +4,13 @@
 //! Everything is counted by (device, resolver slot): a slot the agent gave the server,
 //! or `other`. No key is ever chosen by what a packet holds beyond those bounds.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    bindings::__sk_buff,
+    helpers::bpf_loop,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use monitor_common::{
@@ -14,7 +18,9 @@ use monitor_common::{
     DNS_FLIGHT_KEY_WORDS, DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS,
     DNS_LATENCY_MAX_ENTRIES, DNS_SEEN_MAX_ENTRIES, DNS_TCP, DNS_UDP, DnsCountKey, DnsCountKind,
     DnsFlight, DnsFlightKey, DnsLatency, DnsSlotKey, FLIGHT_CONNECT, MapFull, RESOLVER_OTHER,
-    proto::{DNS_HLEN, DNS_PORT, TCP_ACK, TCP_RST, TCP_SYN, UDP_HLEN},
+    proto::{
+        DNS_HLEN, DNS_PORT, TCP_ACK, TCP_DATA_OFFSET, TCP_RST, TCP_SEQ, TCP_SYN, UDP_HLEN,
+    },
 };
 
 use super::packet::{Packet, read};
@@ -216,17 +222,62 @@ pub fn handle(ctx: &TcContext, p: &Packet, ifindex: u32, egress: bool, far: Addr
 
 /// Bytes of a DNS message's length prefix over TCP.
 const TCP_LENGTH_PREFIX: usize = 2;
-/// DNS messages read from one TCP segment: a client pipelining queries, or a server
-/// answering several at once, writes a few in one segment.
-const TCP_MESSAGES: usize = 4;
+/// The fewest bytes a DNS message over TCP takes: its length prefix and header.
+const TCP_MESSAGE_MIN: usize = TCP_LENGTH_PREFIX + DNS_HLEN;
+/// DNS messages read of a TCP segment on kernels without `bpf_loop` (before 5.17), a
+/// bounded loop the verifier walks message by message; with it, every one.
+const TCP_MESSAGES_BOUNDED: usize = 16;
+/// Connections whose next message begins in a later segment (a message ran past the
+/// end of its own).
+const TCP_SPILLS: u32 = 4096;
+
+/// A TCP connection one way: (source, destination, their ports).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpWay {
+    src: Addr,
+    dst: Addr,
+    sport: u16,
+    dport: u16,
+}
+
+/// The sequence number each connection's next message begins at, where a message ran
+/// past its segment: the next segment is read from there, not taken for the start of a
+/// message. Least recently used out first, so bounded whatever pods open.
+#[map]
+static DNS_TCP_NEXT: LruHashMap<TcpWay, u32> = LruHashMap::with_max_entries(TCP_SPILLS, 0);
+
+/// Segments with DNS messages left unread (past the bounded loop's reach, a header cut
+/// by the segment's end, or bytes where a message should begin that do not read as one),
+/// per CPU: what is not seen is counted.
+#[map]
+static DNS_TCP_UNREAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The reading of one segment's DNS messages, on the classifier's stack: `bpf_loop`
+/// hands its callback a pointer to it, so each step finds the context and the packet
+/// through it.
+#[repr(C)]
+struct TcpWalk {
+    skb: *mut __sk_buff,
+    p: *const Packet,
+    far: AddrInfo,
+    ifindex: u32,
+    egress: u32,
+    /// Offset of the next message's length prefix, and of the segment's end.
+    off: u32,
+    end: u32,
+    /// Set where the bytes at `off` do not read as a DNS message.
+    lost: u32,
+}
 
 /// A TCP segment to or from port 53 (`flags` its TCP flags): the connection's opening
-/// and refusal, and the DNS messages whose length prefix and header it holds, the first
-/// at the start of its payload and those that follow it in the segment. A message split
-/// across segments is seen in the segment that holds its header; a segment that begins
-/// inside a message (its tail) has no header at its start to read, and one whose bytes
-/// there do not read as a standard query or a response to a query in flight moves no
-/// count.
+/// and refusal, and the DNS messages whose length prefix and header it holds: the first
+/// at the start of its payload, or where the connection's previous message ended if
+/// that ran past its own segment, and every one that follows in the segment. A message
+/// split across segments is counted in the segment that holds its header. A segment
+/// that begins inside a message the classifiers did not see begin (a connection older
+/// than the agent) has no header at its start to read, and one whose bytes there do
+/// not read as a standard query or a response to a query in flight moves no count.
 #[inline(always)]
 pub fn handle_tcp(
     ctx: &TcContext,
@@ -240,37 +291,165 @@ pub fn handle_tcp(
         connection(p, flags, ifindex, egress, far);
         return;
     }
-    let Some(doff) = read::<u8>(ctx, p.l4 + 12).or_else(|| ctx.load::<u8>(p.l4 + 12).ok()) else {
+    let Some(doff) = read::<u8>(ctx, p.l4 + TCP_DATA_OFFSET)
+        .or_else(|| ctx.load::<u8>(p.l4 + TCP_DATA_OFFSET).ok())
+    else {
         return;
     };
-    let mut off = p.l4 + usize::from(doff >> 4) * 4;
+    let Some(seq) =
+        read::<u32>(ctx, p.l4 + TCP_SEQ).or_else(|| ctx.load::<u32>(p.l4 + TCP_SEQ).ok())
+    else {
+        return;
+    };
+    let seq = u32::from_be(seq);
+    let payload = p.l4 + usize::from(doff >> 4) * 4;
     let end = ctx.len() as usize;
-    for i in 0..TCP_MESSAGES {
-        if off + TCP_LENGTH_PREFIX + DNS_HLEN > end {
-            return;
-        }
-        // The first in place where the linear data holds it; the others, and a first the
-        // linear data does not hold, copied out (a helper call: their offsets are past
-        // what the verifier lets a packet pointer reach).
-        let m = if i == 0 {
-            read::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(ctx, off)
-        } else {
-            None
-        };
-        let Some(m) = m.or_else(|| ctx.load::<[u8; TCP_LENGTH_PREFIX + DNS_HLEN]>(off).ok()) else {
-            return;
-        };
-        let len = usize::from(u16::from_be_bytes([m[0], m[1]]));
-        if len < DNS_HLEN {
-            // Not a DNS message's length: the segment does not begin with one.
-            return;
-        }
-        let Some(h) = Header::parse(&m[TCP_LENGTH_PREFIX..]) else {
-            return;
-        };
-        message(p, h, ifindex, egress, far, DNS_TCP);
-        off += TCP_LENGTH_PREFIX + len;
+    if payload >= end {
+        return;
     }
+    let mut off = payload;
+    let way = way_of(p);
+    // SAFETY: a read of a map value the kernel keeps alive for the program's run.
+    if let Some(next) = unsafe { DNS_TCP_NEXT.get(&way) }.copied() {
+        let ahead = next.wrapping_sub(seq);
+        // Behind the segment's start (wrapped past half the sequence space) is stale.
+        if ahead < 0x8000_0000 {
+            if ahead as usize >= end - payload {
+                // All of it the tail of the message begun earlier (or a copy of it).
+                return;
+            }
+            off += ahead as usize;
+        }
+        let _ = DNS_TCP_NEXT.remove(&way);
+    }
+    let mut walk = TcpWalk {
+        skb: ctx.skb.skb,
+        p,
+        far,
+        ifindex,
+        egress: u32::from(egress),
+        off: off as u32,
+        end: end as u32,
+        lost: 0,
+    };
+    if crate::BPF_LOOP {
+        // Each message is at least `TCP_MESSAGE_MIN` bytes: as many turns as could
+        // begin in the segment, and the callback stops at the last.
+        let turns = ((end - off) / TCP_MESSAGE_MIN + 1) as u32;
+        // SAFETY: the callback takes the `TcpWalk` it is handed, which outlives the loop.
+        unsafe {
+            bpf_loop(
+                turns,
+                tcp_step as *mut c_void,
+                (&raw mut walk).cast(),
+                0,
+            );
+        }
+    } else {
+        for _ in 0..TCP_MESSAGES_BOUNDED {
+            if !step(&mut walk) {
+                break;
+            }
+        }
+    }
+    if walk.lost == 0 {
+        ended_at(&walk, p, seq, payload);
+    } else {
+        // Bytes that do not read as a DNS message where one should begin: the tail of
+        // a message whose start the programs did not see (a connection older than the
+        // agent, or one whose place was evicted from `DNS_TCP_NEXT`), or not DNS.
+        unread();
+    }
+}
+
+/// One more segment with DNS messages the programs could not read.
+#[inline(always)]
+fn unread() {
+    if let Some(n) = DNS_TCP_UNREAD.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        unsafe { *n += 1 };
+    }
+}
+
+/// `bpf_loop`'s callback: one message of the segment; 1 stops the loop.
+#[inline(never)]
+extern "C" fn tcp_step(_index: u32, walk: *mut c_void) -> i64 {
+    // SAFETY: `handle_tcp` hands `bpf_loop` its own `TcpWalk`, alive until the loop ends.
+    let walk = unsafe { &mut *walk.cast::<TcpWalk>() };
+    i64::from(!step(walk))
+}
+
+/// Reads and counts the message at `walk.off` and moves past it: `false` where none
+/// begins there whole (the segment's end, or bytes that do not read as one).
+#[inline(always)]
+fn step(walk: &mut TcpWalk) -> bool {
+    let off = walk.off as usize;
+    if off + TCP_MESSAGE_MIN > walk.end as usize {
+        return false;
+    }
+    // Copied out (a helper call): the offsets are past what the verifier lets a packet
+    // pointer reach, and a callback has no packet pointer of its own.
+    let ctx = TcContext::new(walk.skb);
+    let Ok(m) = ctx.load::<[u8; TCP_MESSAGE_MIN]>(off) else {
+        walk.lost = 1;
+        return false;
+    };
+    let len = usize::from(u16::from_be_bytes([m[0], m[1]]));
+    let h = if len < DNS_HLEN {
+        // Not a DNS message's length: the segment does not begin with one.
+        None
+    } else {
+        Header::parse(&m[TCP_LENGTH_PREFIX..])
+    };
+    let Some(h) = h else {
+        walk.lost = 1;
+        return false;
+    };
+    // SAFETY: the classifier's own `Packet`, alive while it reads the segment.
+    let p = unsafe { &*walk.p };
+    message(p, h, walk.ifindex, walk.egress != 0, walk.far, DNS_TCP);
+    walk.off = (off + TCP_LENGTH_PREFIX + len) as u32;
+    true
+}
+
+#[inline(always)]
+fn way_of(p: &Packet) -> TcpWay {
+    TcpWay {
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+    }
+}
+
+/// Where the reading of a segment that begins at sequence `seq` (payload at `payload`)
+/// stopped: a last message that runs on says where the connection's next begins; one
+/// left unread, past the loop's bound or with its header cut by the segment's end, is
+/// counted.
+#[inline(always)]
+fn ended_at(walk: &TcpWalk, p: &Packet, seq: u32, payload: usize) {
+    let end = walk.end as usize;
+    let off = walk.off as usize;
+    if off >= end {
+        if off > end {
+            // The last message runs on in a later segment: read that from its end.
+            let next = seq.wrapping_add((off - payload) as u32);
+            let _ = DNS_TCP_NEXT.insert(&way_of(p), &next, 0);
+        }
+        return;
+    }
+    if off + TCP_MESSAGE_MIN > end
+        && let Ok(prefix) = TcContext::new(walk.skb).load::<[u8; TCP_LENGTH_PREFIX]>(off)
+    {
+        // A message whose header the segment cuts: unread, but where the next begins is
+        // known from its length.
+        let len = usize::from(u16::from_be_bytes(prefix));
+        if len >= DNS_HLEN {
+            let next = seq.wrapping_add((off + TCP_LENGTH_PREFIX + len - payload) as u32);
+            let _ = DNS_TCP_NEXT.insert(&way_of(p), &next, 0);
+        }
+    }
+    unread();
 }
 
 /// A SYN opening a connection to port 53 waits for the server's SYN-ACK in the in-flight

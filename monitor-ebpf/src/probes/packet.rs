@@ -4,7 +4,9 @@
 use aya_ebpf::programs::TcContext;
 use monitor_common::{
     Addr,
-    proto::{ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_TCP},
+    proto::{
+        ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_TCP, TCP_FLAGS,
+    },
 };
 
 /// IPv6 extension headers followed to the transport header.
@@ -214,7 +216,7 @@ pub fn tcp_flags(ctx: &TcContext, p: &Packet) -> u8 {
     if p.proto != IPPROTO_TCP || p.l4 == 0 {
         return 0;
     }
-    read::<u8>(ctx, p.l4 + 13)
-        .or_else(|| ctx.load::<u8>(p.l4 + 13).ok())
+    read::<u8>(ctx, p.l4 + TCP_FLAGS)
+        .or_else(|| ctx.load::<u8>(p.l4 + TCP_FLAGS).ok())
         .unwrap_or(0)
 }

@@ -15,7 +15,9 @@ use prometheus_client::{
     metrics::MetricType,
 };
 
-use super::{Metric, encode_counters, encode_gauges, gauge};
+use aya::maps::{MapData, PerCpuArray};
+
+use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::{Departed, Devices},
     loader::dns::{DnsSnapshot, DnsTables, Histogram},
@@ -58,8 +60,15 @@ const RESOLVER_INFO: Metric = Metric {
     help: "A resolver named by its address (Amazon's, and the busiest and failing others of the last minutes; the rest are other), and whether it is Amazon's (169.254.169.253, fd00:ec2::253, VPC+2); always 1.",
 };
 
+const DNS_TCP_UNREAD: Metric = Metric {
+    name: "dns_tcp_unread_segments",
+    help: "TCP segments to or from port 53 with DNS messages the programs did not read (past the 16 a segment they read on kernels before 5.17, a header the segment cuts, or bytes where a message should begin that do not read as one): those queries and responses are not counted.",
+};
+
 pub struct DnsCollector {
     pub dns: DnsTables,
+    /// TCP segments with DNS messages left unread, per CPU.
+    pub tcp_unread: PerCpuArray<MapData, u64>,
     /// Devices gone, whose counts are deleted once they have been for a while.
     pub departed: Departed,
     /// The resolver names in force, by slot.
@@ -152,6 +161,28 @@ impl Series {
     }
 }
 
+impl DnsCollector {
+    /// The clients with the most unanswered queries, by device.
+    fn top_clients(
+        &self,
+        devices: &BTreeMap<u32, crate::devices::Device>,
+    ) -> Vec<([(&'static str, String); 2], i64)> {
+        let mut clients = Vec::new();
+        for (ifindex, top) in self.ranked.get() {
+            let Some(d) = devices.get(&ifindex) else {
+                continue;
+            };
+            for (addr, n) in top {
+                clients.push((
+                    [("device", d.name.clone()), ("address", addr.to_string())],
+                    gauge(n),
+                ));
+            }
+        }
+        clients
+    }
+}
+
 impl Collector for DnsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
@@ -239,19 +270,13 @@ impl Collector for DnsCollector {
         for (l, h) in latency {
             encode_histogram(&mut family.encode_family(&with(l))?, &h)?;
         }
-        let mut clients = Vec::new();
-        for (ifindex, top) in self.ranked.get() {
-            let Some(d) = devices.get(&ifindex) else {
-                continue;
-            };
-            for (addr, n) in top {
-                clients.push((
-                    [("device", d.name.clone()), ("address", addr.to_string())],
-                    gauge(n),
-                ));
-            }
-        }
-        encode_gauges(&mut encoder, &TOP_CLIENTS_UNANSWERED, clients)?;
+        encode_gauges(
+            &mut encoder,
+            &TOP_CLIENTS_UNANSWERED,
+            self.top_clients(&devices),
+        )?;
+        let unread = self.tcp_unread.get(&0, 0).map_or(0, |v| v.iter().sum());
+        encode_counters(&mut encoder, &DNS_TCP_UNREAD, [(NO_LABELS, unread)])?;
         encode_gauges(
             &mut encoder,
             &RESOLVER_INFO,

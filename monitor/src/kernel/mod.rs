@@ -185,6 +185,12 @@ pub fn has_helper(id: i32) -> bool {
     ])
 }
 
+/// Whether the kernel has the `bpf_loop` helper (5.17+), by its `enum bpf_func_id`.
+fn has_bpf_loop(btf: &Btf) -> bool {
+    btf.enum_values("bpf_func_id")
+        .is_ok_and(|v| v.iter().any(|(name, _)| name == "BPF_FUNC_loop"))
+}
+
 /// Whether programs may use BPF atomics (5.12+): a compare-and-exchange on the stack.
 pub fn has_atomics() -> bool {
     const ST_DW: u8 = 0x7a; // BPF_ST | BPF_MEM | BPF_DW
@@ -214,8 +220,9 @@ pub struct KernelFacts {
     pub reasons: DropReasons,
     pub netns_inum: u32,
     pub coarse_clock: bool,
-    /// BPF atomics (5.12+): the object whose DNS queries in flight go to `DNS_PENDING`
-    /// loads; before, the one without an atomic instruction in it.
+    /// BPF atomics (5.12+) and `bpf_loop` (5.17+): the object whose DNS queries in flight
+    /// go to `DNS_PENDING`, and that reads every DNS message of a TCP segment, loads;
+    /// before, the one without an atomic instruction or a `bpf_loop` in it.
     pub atomics: bool,
 }
 
@@ -233,7 +240,8 @@ impl KernelFacts {
         Ok(Self::from_btf(&btf)?.with_probes())
     }
 
-    /// The facts BTF alone gives; the helper probe is left at "absent".
+    /// The facts BTF alone gives; what only a probe program tells is left at "absent"
+    /// (the coarse clock) or taken as absent if BTF says so (`bpf_loop`).
     pub fn from_btf(btf: &Btf) -> Result<Self> {
         let offsets = StructOffsets::from_btf(btf).context("reading struct offsets from BTF")?;
         let mut kfree_skb = btf
@@ -263,13 +271,15 @@ impl KernelFacts {
             reasons,
             netns_inum: own_netns_inum()?,
             coarse_clock: false,
-            atomics: false,
+            // A probe program could not call it without a callback and the BTF that
+            // names one: the kernel's own list of helpers says whether it has it.
+            atomics: has_bpf_loop(btf),
         })
     }
 
     fn with_probes(mut self) -> Self {
         self.coarse_clock = has_helper(HELPER_KTIME_GET_COARSE_NS);
-        self.atomics = has_atomics();
+        self.atomics &= has_atomics();
         self
     }
 

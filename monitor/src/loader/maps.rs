@@ -50,6 +50,7 @@ pub mod names {
     pub const LL_PACKETS: &str = "LL_PACKETS";
     pub const LL_SECONDS: &str = "LL_SECONDS";
     pub const LL_SENDER_TABLES: &str = "LL_SENDER_TABLES";
+    pub const DNS_TCP_UNREAD: &str = "DNS_TCP_UNREAD";
 
     /// The maps that carry state across a restart, pinned under the state directory.
     pub const PINNED: [&str; 18] = [
@@ -125,6 +126,8 @@ pub struct Maps {
     pub ll_seconds: SlotArray<LinkLocalSecond>,
     /// Each CPU's link-local senders of its last seconds.
     pub ll_senders: PerCpuArray<MapData, LinkLocalSenders>,
+    /// TCP segments with DNS messages the programs left unread, per CPU.
+    pub dns_tcp_unread: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -133,9 +136,9 @@ impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf, flow_seed: u64, dns_key: u32) -> Result<Self> {
         use names::{
             ADDRS, DNS_AGENT_COUNTS, DNS_AGENT_LATENCY, DNS_CLIENTS, DNS_COUNTS, DNS_INFLIGHT,
-            DNS_LATENCY, DNS_PENDING, DNS_SEEN, DROPS, FLOW_COUNT, FLOW_SETS, FLOW_TABLE_FULL,
-            FLOWS, FLOWS_CREATED, LL_PACKETS, LL_SECONDS, LL_SENDER_TABLES, MAP_FULL, MONITORED,
-            UDP_QUEUE_DROPS,
+            DNS_LATENCY, DNS_PENDING, DNS_SEEN, DNS_TCP_UNREAD, DROPS, FLOW_COUNT, FLOW_SETS,
+            FLOW_TABLE_FULL, FLOWS, FLOWS_CREATED, LL_PACKETS, LL_SECONDS, LL_SENDER_TABLES,
+            MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
         };
         let pending = PendingTable::map(take_array(ebpf, DNS_PENDING)?)
             .context("mapping DNS_PENDING into the agent")?;
@@ -169,6 +172,7 @@ impl Maps {
             ll_packets: SlotArray::new(take_typed(ebpf, LL_PACKETS)?, LinkLocalService::COUNT),
             ll_seconds: SlotArray::new(take_typed(ebpf, LL_SECONDS)?, LL_WINDOW),
             ll_senders: take_typed(ebpf, LL_SENDER_TABLES)?,
+            dns_tcp_unread: take_typed(ebpf, DNS_TCP_UNREAD)?,
         })
     }
 }

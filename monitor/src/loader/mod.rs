@@ -33,7 +33,7 @@ use self::{maps::names, pins::MapShape};
 use crate::kernel::KernelFacts;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
-/// The same programs for kernels without BPF atomics (before 5.12).
+/// The same programs for kernels without BPF atomics or `bpf_loop` (before 5.17).
 static OBJECT_COMPAT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor-compat"));
 
