@@ -13,6 +13,22 @@ use integration_tests::{
 
 const ENI: &str = "eni-0123456789abcdef0";
 
+/// The stand-in IMDS naming `eth0`'s ENI in the VPC 10.250.0.0/16, on an
+/// `instance_type`.
+fn serving(sim: &SimNode, instance_type: &'static str) -> FakeImds {
+    FakeImds::start(
+        &sim.node,
+        Behaviour::Serve {
+            enis: vec![(
+                sim.node.mac("eth0"),
+                ENI.to_owned(),
+                "10.250.0.0/16".to_owned(),
+            )],
+            instance_type,
+        },
+    )
+}
+
 #[test]
 fn eni_ids_and_the_vpc_resolver_come_from_imds() {
     if !require_root("eni_ids_and_the_vpc_resolver_come_from_imds") {
@@ -23,17 +39,7 @@ fn eni_ids_and_the_vpc_resolver_come_from_imds() {
     sim.vpc.ip("addr add 10.250.0.2/32 dev vpc0");
     sim.node.ip("route add 10.250.0.2/32 dev eth0");
     let _resolver = Resolver::start(&sim.vpc, &["10.250.0.2".parse().unwrap()]);
-    let imds = FakeImds::start(
-        &sim.node,
-        Behaviour::Serve {
-            enis: vec![(
-                sim.node.mac("eth0"),
-                ENI.to_owned(),
-                "10.250.0.0/16".to_owned(),
-            )],
-            instance_type: "m5.large",
-        },
-    );
+    let imds = serving(&sim, "m5.large");
     let agent = Agent::start(
         &sim.node,
         &["--device", "eth0", "--imds-endpoint", &imds.endpoint()],
@@ -159,17 +165,7 @@ fn an_imds_that_fails_leaves_the_agent_healthy() {
 /// `instance_type`, with `flags` added.
 fn tcp_established_on(instance_type: &'static str, flags: &[&str]) -> f64 {
     let sim = SimNode::new();
-    let imds = FakeImds::start(
-        &sim.node,
-        Behaviour::Serve {
-            enis: vec![(
-                sim.node.mac("eth0"),
-                ENI.to_owned(),
-                "10.250.0.0/16".to_owned(),
-            )],
-            instance_type,
-        },
-    );
+    let imds = serving(&sim, instance_type);
     let endpoint = imds.endpoint();
     let mut args = vec!["--device", "eth0", "--imds-endpoint", &endpoint];
     args.extend(flags);

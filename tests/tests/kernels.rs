@@ -211,7 +211,7 @@ impl Run<'_> {
 
     /// DNS through eth0: 10 NOERROR and 3 NXDOMAIN, all answered, under the resolver's
     /// name (the one query before it was named under `other`); over TCP 3, 40 and 200
-    /// pipelined, every one read where the kernel has `bpf_loop`, and 16 a segment where
+    /// pipelined, every one read where the kernel has `bpf_loop`, and 4 a segment where
     /// it has not, with the segments past that counted unread.
     fn dns(&self) {
         assert_eq!(
@@ -236,10 +236,10 @@ impl Run<'_> {
         let tcp = [server[0], server[1], ("transport", "tcp")];
         let unread = |s: &Scrape| s.sum("eni_monitor_dns_tcp_unread_segments_total", &[]);
         // The 40 were written at once, less than a segment: one segment, all of it read
-        // or 16 of it. Each of the 16 queries read is answered in a segment whose first
-        // 16 answers it is among, however the server's answers are cut.
+        // or 4 of it. Each of the 4 queries read is answered in a segment whose first 4
+        // answers it is among, however the server's answers are cut.
         let forty = self.scrape("dns-tcp-40");
-        let read = if self.expect.bpf_loop { 43.0 } else { 19.0 };
+        let read = if self.expect.bpf_loop { 43.0 } else { 7.0 };
         assert_eq!(forty.sum(QUERIES, &tcp), read, "{}", self.fail("40 read"));
         assert_eq!(forty.sum(RESPONSES, &tcp), read, "{}", self.fail("40 answered"));
         if self.expect.bpf_loop {
@@ -276,9 +276,9 @@ impl Run<'_> {
             );
         } else {
             // How the 200 were cut into segments is the kernel's to choose: at least
-            // 16 of them read, and the segment they came in counted unread.
+            // 4 of them read, and the segment they came in counted unread.
             assert!(
-                queries >= 19.0 + 16.0 && answered == latency && answered <= queries,
+                queries >= 7.0 + 4.0 && answered == latency && answered <= queries,
                 "{}",
                 self.fail("tcp: 200 read to the bound")
             );

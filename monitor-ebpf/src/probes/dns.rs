@@ -225,8 +225,9 @@ const TCP_LENGTH_PREFIX: usize = 2;
 /// The fewest bytes a DNS message over TCP takes: its length prefix and header.
 const TCP_MESSAGE_MIN: usize = TCP_LENGTH_PREFIX + DNS_HLEN;
 /// DNS messages read of a TCP segment on kernels without `bpf_loop` (before 5.17), a
-/// bounded loop the verifier walks message by message; with it, every one.
-const TCP_MESSAGES_BOUNDED: usize = 16;
+/// bounded loop the verifier walks message by message (8 or 16 took 5.10's verifier
+/// minutes at each start under the kernel matrix's emulation); with it, every one.
+const TCP_MESSAGES_BOUNDED: usize = 4;
 /// Connections whose next message begins in a later segment (a message ran past the
 /// end of its own).
 const TCP_SPILLS: u32 = 4096;
@@ -253,21 +254,26 @@ static DNS_TCP_NEXT: LruHashMap<TcpWay, u32> = LruHashMap::with_max_entries(TCP_
 #[map]
 static DNS_TCP_UNREAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// The reading of one segment's DNS messages, on the classifier's stack: `bpf_loop`
-/// hands its callback a pointer to it, so each step finds the context and the packet
-/// through it.
-#[repr(C)]
+/// Where the reading of one segment's DNS messages stands.
+#[derive(Clone, Copy)]
 struct TcpWalk {
-    skb: *mut __sk_buff,
-    p: *const Packet,
     far: AddrInfo,
     ifindex: u32,
-    egress: u32,
+    egress: bool,
     /// Offset of the next message's length prefix, and of the segment's end.
-    off: u32,
-    end: u32,
+    off: usize,
+    end: usize,
     /// Set where the bytes at `off` do not read as a DNS message.
-    lost: u32,
+    lost: bool,
+}
+
+/// What `bpf_loop` hands its callback, on the classifier's stack: the walk, and the
+/// context and packet it reads.
+#[repr(C)]
+struct TcpLoop {
+    skb: *mut __sk_buff,
+    p: *const Packet,
+    walk: TcpWalk,
 }
 
 /// A TCP segment to or from port 53 (`flags` its TCP flags): the connection's opening
@@ -323,75 +329,67 @@ pub fn handle_tcp(
         let _ = DNS_TCP_NEXT.remove(&way);
     }
     let mut walk = TcpWalk {
-        skb: ctx.skb.skb,
-        p,
         far,
         ifindex,
-        egress: u32::from(egress),
-        off: off as u32,
-        end: end as u32,
-        lost: 0,
+        egress,
+        off,
+        end,
+        lost: false,
     };
     if crate::BPF_LOOP {
+        let mut run = TcpLoop {
+            skb: ctx.skb.skb,
+            p,
+            walk,
+        };
         // Each message is at least `TCP_MESSAGE_MIN` bytes: as many turns as could
         // begin in the segment, and the callback stops at the last.
         let turns = ((end - off) / TCP_MESSAGE_MIN + 1) as u32;
-        // SAFETY: the callback takes the `TcpWalk` it is handed, which outlives the loop.
+        // SAFETY: the callback takes the `TcpLoop` it is handed, which outlives the loop.
         unsafe {
-            bpf_loop(
-                turns,
-                tcp_step as *mut c_void,
-                (&raw mut walk).cast(),
-                0,
-            );
+            bpf_loop(turns, tcp_step as *mut c_void, (&raw mut run).cast(), 0);
         }
+        walk = run.walk;
     } else {
         for _ in 0..TCP_MESSAGES_BOUNDED {
-            if !step(&mut walk) {
+            if !step(ctx, p, &mut walk) {
                 break;
             }
         }
     }
-    if walk.lost == 0 {
-        ended_at(&walk, p, seq, payload);
-    } else {
+    if walk.lost {
         // Bytes that do not read as a DNS message where one should begin: the tail of
         // a message whose start the programs did not see (a connection older than the
         // agent, or one whose place was evicted from `DNS_TCP_NEXT`), or not DNS.
         unread();
-    }
-}
-
-/// One more segment with DNS messages the programs could not read.
-#[inline(always)]
-fn unread() {
-    if let Some(n) = DNS_TCP_UNREAD.get_ptr_mut(0) {
-        // SAFETY: this CPU's own slot of a per-CPU array.
-        unsafe { *n += 1 };
+    } else {
+        ended_at(ctx, &walk, p, seq, payload);
     }
 }
 
 /// `bpf_loop`'s callback: one message of the segment; 1 stops the loop.
 #[inline(never)]
-extern "C" fn tcp_step(_index: u32, walk: *mut c_void) -> i64 {
-    // SAFETY: `handle_tcp` hands `bpf_loop` its own `TcpWalk`, alive until the loop ends.
-    let walk = unsafe { &mut *walk.cast::<TcpWalk>() };
-    i64::from(!step(walk))
+extern "C" fn tcp_step(_index: u32, run: *mut c_void) -> i64 {
+    // SAFETY: `handle_tcp` hands `bpf_loop` its own `TcpLoop`, alive until the loop ends.
+    let run = unsafe { &mut *run.cast::<TcpLoop>() };
+    let ctx = TcContext::new(run.skb);
+    // SAFETY: the classifier's own `Packet`, alive while it reads the segment.
+    let p = unsafe { &*run.p };
+    i64::from(!step(&ctx, p, &mut run.walk))
 }
 
 /// Reads and counts the message at `walk.off` and moves past it: `false` where none
 /// begins there whole (the segment's end, or bytes that do not read as one).
 #[inline(always)]
-fn step(walk: &mut TcpWalk) -> bool {
-    let off = walk.off as usize;
-    if off + TCP_MESSAGE_MIN > walk.end as usize {
+fn step(ctx: &TcContext, p: &Packet, walk: &mut TcpWalk) -> bool {
+    let off = walk.off;
+    if off + TCP_MESSAGE_MIN > walk.end {
         return false;
     }
     // Copied out (a helper call): the offsets are past what the verifier lets a packet
     // pointer reach, and a callback has no packet pointer of its own.
-    let ctx = TcContext::new(walk.skb);
     let Ok(m) = ctx.load::<[u8; TCP_MESSAGE_MIN]>(off) else {
-        walk.lost = 1;
+        walk.lost = true;
         return false;
     };
     let len = usize::from(u16::from_be_bytes([m[0], m[1]]));
@@ -402,13 +400,11 @@ fn step(walk: &mut TcpWalk) -> bool {
         Header::parse(&m[TCP_LENGTH_PREFIX..])
     };
     let Some(h) = h else {
-        walk.lost = 1;
+        walk.lost = true;
         return false;
     };
-    // SAFETY: the classifier's own `Packet`, alive while it reads the segment.
-    let p = unsafe { &*walk.p };
-    message(p, h, walk.ifindex, walk.egress != 0, walk.far, DNS_TCP);
-    walk.off = (off + TCP_LENGTH_PREFIX + len) as u32;
+    message(p, h, walk.ifindex, walk.egress, walk.far, DNS_TCP);
+    walk.off = off + TCP_LENGTH_PREFIX + len;
     true
 }
 
@@ -427,9 +423,8 @@ fn way_of(p: &Packet) -> TcpWay {
 /// left unread, past the loop's bound or with its header cut by the segment's end, is
 /// counted.
 #[inline(always)]
-fn ended_at(walk: &TcpWalk, p: &Packet, seq: u32, payload: usize) {
-    let end = walk.end as usize;
-    let off = walk.off as usize;
+fn ended_at(ctx: &TcContext, walk: &TcpWalk, p: &Packet, seq: u32, payload: usize) {
+    let (off, end) = (walk.off, walk.end);
     if off >= end {
         if off > end {
             // The last message runs on in a later segment: read that from its end.
@@ -439,7 +434,7 @@ fn ended_at(walk: &TcpWalk, p: &Packet, seq: u32, payload: usize) {
         return;
     }
     if off + TCP_MESSAGE_MIN > end
-        && let Ok(prefix) = TcContext::new(walk.skb).load::<[u8; TCP_LENGTH_PREFIX]>(off)
+        && let Ok(prefix) = ctx.load::<[u8; TCP_LENGTH_PREFIX]>(off)
     {
         // A message whose header the segment cuts: unread, but where the next begins is
         // known from its length.
@@ -450,6 +445,15 @@ fn ended_at(walk: &TcpWalk, p: &Packet, seq: u32, payload: usize) {
         }
     }
     unread();
+}
+
+/// One more segment with DNS messages the programs could not read.
+#[inline(always)]
+fn unread() {
+    if let Some(n) = DNS_TCP_UNREAD.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        unsafe { *n += 1 };
+    }
 }
 
 /// A SYN opening a connection to port 53 waits for the server's SYN-ACK in the in-flight

@@ -62,7 +62,7 @@ const RESOLVER_INFO: Metric = Metric {
 
 const DNS_TCP_UNREAD: Metric = Metric {
     name: "dns_tcp_unread_segments",
-    help: "TCP segments to or from port 53 with DNS messages the programs did not read (past the 16 a segment they read on kernels before 5.17, a header the segment cuts, or bytes where a message should begin that do not read as one): those queries and responses are not counted.",
+    help: "TCP segments to or from port 53 with DNS messages the programs did not read (past the 4 a segment they read on kernels before 5.17, a header the segment cuts, or bytes where a message should begin that do not read as one): those queries and responses are not counted.",
 };
 
 pub struct DnsCollector {

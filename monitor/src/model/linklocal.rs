@@ -33,14 +33,6 @@ pub const SERVICES: [(IpAddr, LinkLocalService); 6] = {
     ]
 };
 
-/// The highest per-second total in `(now - window, now]`, summing CPUs per second.
-pub fn peak(slots: impl IntoIterator<Item = LinkLocalSecond>, now_second: u64) -> u64 {
-    per_second(slots, now_second)
-        .into_values()
-        .max()
-        .unwrap_or(0)
-}
-
 /// Each second's packets of one device, summing CPUs, inside `(now - window, now]`.
 pub fn per_second(
     slots: impl IntoIterator<Item = LinkLocalSecond>,
@@ -156,14 +148,15 @@ mod tests {
     }
 
     #[test]
-    fn peak_sums_cpus_per_second_inside_the_window() {
+    fn seconds_sum_cpus_inside_the_window() {
         // Two CPUs counted second 100; second 30 is older than the window.
         let slots = [s(100, 300), s(100, 450), s(99, 600), s(30, 5000), s(0, 0)];
-        assert_eq!(peak(slots, 100), 750);
-        assert_eq!(peak(slots, 158), 750);
-        assert_eq!(peak(slots, 159), 750);
-        assert_eq!(peak(slots, 160), 0);
-        assert_eq!(peak([], 100), 0);
+        let seconds = |now| per_second(slots, now).into_iter().collect::<Vec<_>>();
+        assert_eq!(seconds(100), [(99, 600), (100, 750)]);
+        assert_eq!(seconds(158), [(99, 600), (100, 750)]);
+        assert_eq!(seconds(159), [(100, 750)]);
+        assert_eq!(seconds(160), []);
+        assert!(per_second([], 100).is_empty());
     }
 
     fn table(second: u32, senders: &[(&str, u8, u8, u32)]) -> LinkLocalSenders {
