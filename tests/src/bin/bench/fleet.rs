@@ -224,6 +224,29 @@ fn groups(prom: &Prometheus, ns: &Netns) -> BTreeMap<String, (String, f64)> {
         .collect()
 }
 
+/// Each rule's last evaluation time, in seconds, by group and name (an alert's or a
+/// recording rule's).
+fn rules(prom: &Prometheus, ns: &Netns) -> Vec<(String, f64)> {
+    let v = prom.api(ns, "/api/v1/rules").unwrap_or_default();
+    let mut out = Vec::new();
+    for g in v["data"]["groups"].as_array().into_iter().flatten() {
+        for r in g["rules"].as_array().into_iter().flatten() {
+            out.push((
+                format!(
+                    "{} {}",
+                    g["name"].as_str().unwrap_or_default(),
+                    r["name"].as_str().unwrap_or_default()
+                ),
+                r["evaluationTime"].as_f64().unwrap_or(0.0),
+            ));
+        }
+    }
+    out
+}
+
+/// Rules reported one by one: the dearest.
+const DEAREST_RULES: usize = 8;
+
 /// 7. The fleet: `BENCH_FLEET_NODES` nodes (default 3000) on one Prometheus.
 pub(crate) fn fleet(report: &mut Report) {
     let nodes = env_count("BENCH_FLEET_NODES", 3000);
@@ -255,6 +278,7 @@ pub(crate) fn fleet(report: &mut Report) {
     // Evaluations of every group, each cycle's sum, and each group's own.
     let mut all = Vec::new();
     let mut each: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut by_rule: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut last = groups(&prom, &ns);
     let deadline = Instant::now() + Duration::from_secs(INTERVAL_S * (CYCLES as u64 + 4));
     while all.len() < CYCLES {
@@ -272,6 +296,9 @@ pub(crate) fn fleet(report: &mut Report) {
             all.push(now.values().map(|g| g.1 * 1000.0).sum());
             for (name, g) in &now {
                 each.entry(name.clone()).or_default().push(g.1 * 1000.0);
+            }
+            for (name, t) in rules(&prom, &ns) {
+                by_rule.entry(name).or_default().push(t * 1000.0);
             }
             last = now;
         }
@@ -301,6 +328,17 @@ pub(crate) fn fleet(report: &mut Report) {
             format!("group {name}, {nodes} nodes"),
             "ms",
             stat(times),
+            None,
+        );
+    }
+    let mut by_rule: Vec<_> = by_rule.into_iter().map(|(n, t)| (n, stat(t))).collect();
+    by_rule.sort_by(|a, b| b.1.median.total_cmp(&a.1.median));
+    for (name, times) in by_rule.into_iter().take(DEAREST_RULES) {
+        report.add(
+            "fleet",
+            format!("rule {name}, {nodes} nodes"),
+            "ms",
+            times,
             None,
         );
     }
