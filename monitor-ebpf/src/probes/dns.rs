@@ -363,7 +363,7 @@ pub fn handle_tcp(
         // agent, or one whose place was evicted from `DNS_TCP_NEXT`), or not DNS.
         unread();
     } else {
-        ended_at(ctx, &walk, p, seq, payload);
+        ended_at(ctx, &walk, &way, seq, payload);
     }
 }
 
@@ -418,18 +418,18 @@ fn way_of(p: &Packet) -> TcpWay {
     }
 }
 
-/// Where the reading of a segment that begins at sequence `seq` (payload at `payload`)
-/// stopped: a last message that runs on says where the connection's next begins; one
+/// Where the reading of connection `way`'s segment that begins at sequence `seq`
+/// (payload at `payload`) stopped: a last message that runs on says where the connection's next begins; one
 /// left unread, past the loop's bound or with its header cut by the segment's end, is
 /// counted.
 #[inline(always)]
-fn ended_at(ctx: &TcContext, walk: &TcpWalk, p: &Packet, seq: u32, payload: usize) {
+fn ended_at(ctx: &TcContext, walk: &TcpWalk, way: &TcpWay, seq: u32, payload: usize) {
     let (off, end) = (walk.off, walk.end);
     if off >= end {
         if off > end {
             // The last message runs on in a later segment: read that from its end.
             let next = seq.wrapping_add((off - payload) as u32);
-            let _ = DNS_TCP_NEXT.insert(&way_of(p), &next, 0);
+            let _ = DNS_TCP_NEXT.insert(way, &next, 0);
         }
         return;
     }
@@ -441,7 +441,7 @@ fn ended_at(ctx: &TcContext, walk: &TcpWalk, p: &Packet, seq: u32, payload: usiz
         let len = usize::from(u16::from_be_bytes(prefix));
         if len >= DNS_HLEN {
             let next = seq.wrapping_add((off + TCP_LENGTH_PREFIX + len - payload) as u32);
-            let _ = DNS_TCP_NEXT.insert(&way_of(p), &next, 0);
+            let _ = DNS_TCP_NEXT.insert(way, &next, 0);
         }
     }
     unread();
