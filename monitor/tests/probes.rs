@@ -1962,7 +1962,13 @@ fn tcp_segments_read_whole(probe: &Probe) {
         Stream::new((SRC4, 40001), (DST4, 53)),
         Stream::new((DST4, 53), (SRC4, 40001)),
     );
-    let qc = |p: &Probe| (counts(p).queries, counts(p).responses, counts(p).inflight as u64);
+    let qc = |p: &Probe| {
+        (
+            counts(p).queries,
+            counts(p).responses,
+            counts(p).inflight as u64,
+        )
+    };
     // 40 queries pipelined in one segment, as a busy forwarder sends them, and their
     // 40 answers in one.
     let ids: Vec<u16> = (1..=40).collect();

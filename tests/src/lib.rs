@@ -15,6 +15,7 @@ pub mod agent;
 pub mod busy;
 pub mod dns;
 pub mod dns_tcp;
+pub mod fleet;
 pub mod floor;
 pub mod golden;
 pub mod imds;
@@ -27,6 +28,7 @@ mod root;
 pub mod servers;
 pub mod timeline;
 pub mod traffic;
+pub mod victoria;
 pub mod vm;
 
 use std::{process::Command, sync::atomic::Ordering};

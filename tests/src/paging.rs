@@ -15,7 +15,7 @@ use crate::{Netns, http_get};
 pub const PROMETHEUS: &str = "127.0.0.1:9090";
 pub const ALERTMANAGER: &str = "127.0.0.1:9093";
 
-struct Daemon(Child);
+pub(crate) struct Daemon(pub(crate) Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -24,7 +24,7 @@ impl Drop for Daemon {
     }
 }
 
-fn start(ns: &Netns, program: &str, args: &[String]) -> Daemon {
+pub(crate) fn start(ns: &Netns, program: &str, args: &[String]) -> Daemon {
     Daemon(
         ns.command(program)
             .args(args)
@@ -50,8 +50,71 @@ fn prometheus(ns: &Netns, dir: &Path, config: &str) -> Daemon {
     )
 }
 
+/// Debian's Alertmanager in `ns` with `dir`'s `alertmanager.yml`, on `ALERTMANAGER`.
+fn alertmanager(ns: &Netns, dir: &Path) -> Daemon {
+    let d = |p: &str| dir.join(p).display().to_string();
+    start(
+        ns,
+        "prometheus-alertmanager",
+        &[
+            format!("--config.file={}", d("alertmanager.yml")),
+            format!("--storage.path={}", d("am")),
+            format!("--web.listen-address={ALERTMANAGER}"),
+            "--cluster.listen-address=".into(),
+        ],
+    )
+}
+
+/// Alertmanager alone in `ns`, with the shipped inhibit rules and no receiver: what it
+/// holds is read from its API. Stopped on drop, then its files removed.
+pub struct Alertmanager {
+    ns_name: String,
+    _daemon: Daemon,
+    _dir: DirGuard,
+}
+
+impl Alertmanager {
+    pub fn start(ns: &Netns) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-alertmanager", ns.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("alertmanager.yml"),
+            format!(
+                "route:\n  receiver: none\n  group_by: ['...']\nreceivers:\n  - name: none\n{}",
+                inhibit_rules()
+            ),
+        )
+        .unwrap();
+        let daemon = alertmanager(ns, &dir);
+        wait_for("Alertmanager", Duration::from_secs(30), || {
+            get_json(ns, ALERTMANAGER, "/api/v2/status").is_some()
+        });
+        Self {
+            ns_name: ns.name.clone(),
+            _daemon: daemon,
+            _dir: DirGuard(dir),
+        }
+    }
+
+    /// Every alert it holds that has not ended, paged or inhibited.
+    pub fn alerts(&self, ns: &Netns) -> Vec<Value> {
+        assert_eq!(ns.name, self.ns_name);
+        get_json(ns, ALERTMANAGER, "/api/v2/alerts")
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// The shipped inhibit rules, as they are.
+fn inhibit_rules() -> String {
+    std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/alertmanager-inhibit.yml"),
+    )
+    .unwrap()
+}
+
 /// A directory removed on drop.
-struct DirGuard(PathBuf);
+pub(crate) struct DirGuard(pub(crate) PathBuf);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
@@ -106,11 +169,7 @@ impl Paging {
         // Every alert its own page (`group_by: ['...']`, as many on-call setups route),
         // delivered to a webhook that keeps them; the shipped inhibit rules, unchanged.
         let pager = Pager::start(ns);
-        let inhibit = std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../deploy/alerts/alertmanager-inhibit.yml"),
-        )
-        .unwrap();
+        let inhibit = inhibit_rules();
         std::fs::write(
             dir.join("alertmanager.yml"),
             format!(
@@ -118,17 +177,7 @@ impl Paging {
             ),
         )
         .unwrap();
-        let d = |p: &str| dir.join(p).display().to_string();
-        let alertmanager = start(
-            ns,
-            "prometheus-alertmanager",
-            &[
-                format!("--config.file={}", d("alertmanager.yml")),
-                format!("--storage.path={}", d("am")),
-                format!("--web.listen-address={ALERTMANAGER}"),
-                "--cluster.listen-address=".into(),
-            ],
-        );
+        let alertmanager = alertmanager(ns, &dir);
         // The evaluation interval is the test's; the rules are the shipped ones, unchanged.
         let prometheus = prometheus(
             ns,
@@ -338,7 +387,7 @@ fn receive(conn: std::net::TcpStream) -> Option<Value> {
     serde_json::from_slice(&body).ok()
 }
 
-fn get_json(ns: &Netns, addr: &str, path: &str) -> Option<Value> {
+pub(crate) fn get_json(ns: &Netns, addr: &str, path: &str) -> Option<Value> {
     let (code, body) = http_get(ns, addr.parse().ok()?, path)?;
     (code == 200)
         .then(|| serde_json::from_str(&body).ok())

@@ -241,7 +241,12 @@ impl Run<'_> {
         let forty = self.scrape("dns-tcp-40");
         let read = if self.expect.bpf_loop { 43.0 } else { 7.0 };
         assert_eq!(forty.sum(QUERIES, &tcp), read, "{}", self.fail("40 read"));
-        assert_eq!(forty.sum(RESPONSES, &tcp), read, "{}", self.fail("40 answered"));
+        assert_eq!(
+            forty.sum(RESPONSES, &tcp),
+            read,
+            "{}",
+            self.fail("40 answered")
+        );
         if self.expect.bpf_loop {
             assert_eq!(unread(&forty), 0.0, "{}", self.fail("40 unread"));
         } else {
@@ -255,12 +260,7 @@ impl Run<'_> {
             self.fail("udp")
         );
         for (rcode, n) in [("NOERROR", 10.0), ("NXDOMAIN", 3.0)] {
-            let labels = [
-                server[0],
-                server[1],
-                ("rcode", rcode),
-                ("transport", "udp"),
-            ];
+            let labels = [server[0], server[1], ("rcode", rcode), ("transport", "udp")];
             assert_eq!(s.sum(RESPONSES, &labels), n, "{}", self.fail(rcode));
         }
         let queries = s.sum(QUERIES, &tcp);

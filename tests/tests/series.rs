@@ -153,7 +153,11 @@ fn a_busy_node_costs_the_series_the_budget_says() {
         .collect();
     assert_eq!(got, want, "{}", s.text);
     let total: usize = got.values().sum();
-    assert_eq!(total, 187 + 2 * IDLE_SERIES + 3 + 1, "the busy node's series");
+    assert_eq!(
+        total,
+        187 + 2 * IDLE_SERIES + 3 + 1,
+        "the busy node's series"
+    );
     let worst = worst_case(10, kernel_reasons());
     eprintln!("series: busy node {total}, worst case by construction {worst} (--top 10)");
     assert!(total < worst);

@@ -34,6 +34,8 @@ const APT_PACKAGES: &[&str] = &[
     // Alert rules: promtool, and Prometheus and Alertmanager end to end.
     "prometheus",
     "prometheus-alertmanager",
+    // The second engine: VictoriaMetrics, sharded vmagents and vmalert.
+    "victoria-metrics",
     // The kernel matrix: the booted kernels' userland, and their compressed modules.
     "busybox-static",
     "xz-utils",

@@ -7,9 +7,9 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    macros::map,
     bindings::__sk_buff,
     helpers::bpf_loop,
+    macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
@@ -18,9 +18,7 @@ use monitor_common::{
     DNS_FLIGHT_KEY_WORDS, DNS_INFLIGHT_MAX_ENTRIES, DNS_LATENCY_BOUNDS_NS, DNS_LATENCY_BUCKETS,
     DNS_LATENCY_MAX_ENTRIES, DNS_SEEN_MAX_ENTRIES, DNS_TCP, DNS_UDP, DnsCountKey, DnsCountKind,
     DnsFlight, DnsFlightKey, DnsLatency, DnsSlotKey, FLIGHT_CONNECT, MapFull, RESOLVER_OTHER,
-    proto::{
-        DNS_HLEN, DNS_PORT, TCP_ACK, TCP_DATA_OFFSET, TCP_RST, TCP_SEQ, TCP_SYN, UDP_HLEN,
-    },
+    proto::{DNS_HLEN, DNS_PORT, TCP_ACK, TCP_DATA_OFFSET, TCP_RST, TCP_SEQ, TCP_SYN, UDP_HLEN},
 };
 
 use super::packet::{Packet, read};

@@ -7,9 +7,7 @@ use std::{
 };
 
 use crate::agent::cpu_seconds;
-use crate::cost::{
-    ProgStats, bpf_stats, floor_classifiers, over_floor, prog_stats, record_cost,
-};
+use crate::cost::{ProgStats, bpf_stats, floor_classifiers, over_floor, prog_stats, record_cost};
 use crate::report::{Report, runs, stat};
 use integration_tests::{
     Agent, Netns, Scrape, SimNode,
@@ -114,7 +112,13 @@ pub(crate) fn dns_load(report: &mut Report) -> f64 {
     bpf_stats(true);
     for _ in 0..runs() {
         let before = agent.scrape(&sim.node);
-        let (d, _, _) = costed_run(&sim.node, &eth0.vpc_v4, &queryfile, "udp", &mut per_dns_packet);
+        let (d, _, _) = costed_run(
+            &sim.node,
+            &eth0.vpc_v4,
+            &queryfile,
+            "udp",
+            &mut per_dns_packet,
+        );
         // Past the agent's timeout, so that every lost query has been swept.
         std::thread::sleep(Duration::from_millis(2500));
         let after = agent.scrape(&sim.node);
