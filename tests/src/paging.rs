@@ -224,34 +224,7 @@ impl Paging {
         (start, end, step): (f64, f64, f64),
     ) -> Vec<crate::panels::Series> {
         assert_eq!(ns.name, self.ns_name);
-        let v = get_json(
-            ns,
-            PROMETHEUS,
-            &format!(
-                "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={step}",
-                percent_encode(expr)
-            ),
-        )
-        .unwrap_or_else(|| panic!("Prometheus refused the range query {expr}"));
-        assert_eq!(v["status"], "success", "{expr}: {v}");
-        v["data"]["result"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| {
-                let points = s["values"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| {
-                        let t = p[0].as_f64()?;
-                        let v: f64 = p[1].as_str()?.parse().ok()?;
-                        (!v.is_nan()).then_some((t, v))
-                    })
-                    .collect();
-                (s["metric"].clone(), points)
-            })
-            .collect()
+        query_range(ns, PROMETHEUS, expr, (start, end, step))
     }
 
     /// The values of label `label` on the series `selector` matches, as Grafana's
@@ -394,6 +367,45 @@ pub(crate) fn get_json(ns: &Netns, addr: &str, path: &str) -> Option<Value> {
         .flatten()
 }
 
+/// A range query's series from the Prometheus-compatible API at `addr` in `ns`,
+/// `[start, end]` in Unix seconds every `step` seconds: each series' labels and its
+/// points (Unix seconds, value; `NaN` kept out).
+pub(crate) fn query_range(
+    ns: &Netns,
+    addr: &str,
+    expr: &str,
+    (start, end, step): (f64, f64, f64),
+) -> Vec<crate::panels::Series> {
+    let v = get_json(
+        ns,
+        addr,
+        &format!(
+            "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={step}",
+            percent_encode(expr)
+        ),
+    )
+    .unwrap_or_else(|| panic!("{addr} refused the range query {expr}"));
+    assert_eq!(v["status"], "success", "{expr}: {v}");
+    v["data"]["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let points = s["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    let t = p[0].as_f64()?;
+                    let v: f64 = p[1].as_str()?.parse().ok()?;
+                    (!v.is_nan()).then_some((t, v))
+                })
+                .collect();
+            (s["metric"].clone(), points)
+        })
+        .collect()
+}
+
 /// An instant query's JSON answer from the Prometheus in `ns`.
 fn query(ns: &Netns, expr: &str) -> Option<Value> {
     get_json(
@@ -446,5 +458,16 @@ impl Prometheus {
     pub fn query(&self, ns: &Netns, expr: &str) -> Option<Value> {
         assert_eq!(ns.name, self.ns_name);
         query(ns, expr)
+    }
+
+    /// A range query's series, as `Paging::query_range` gives them.
+    pub fn query_range(
+        &self,
+        ns: &Netns,
+        expr: &str,
+        range: (f64, f64, f64),
+    ) -> Vec<crate::panels::Series> {
+        assert_eq!(ns.name, self.ns_name);
+        query_range(ns, PROMETHEUS, expr, range)
     }
 }

@@ -113,6 +113,9 @@ pub fn substitute(expr: &str, vars: &[(&str, String)], (interval, rate): (f64, f
 /// A series a range query returned: its labels and its points (Unix seconds, value).
 pub type Series = (Value, Vec<(f64, f64)>);
 
+/// A data source's range query: expression, (start, end, step) to the series drawn.
+pub type RangeQuery<'a> = &'a dyn Fn(&str, (f64, f64, f64)) -> Vec<Series>;
+
 /// What one panel showed: per query (as run), its series.
 pub struct Shown {
     pub title: String,
@@ -147,12 +150,12 @@ fn selected<'a>(dash: &Value, vars: &[(&'a str, &[&str])]) -> Vec<(&'a str, Stri
         .collect()
 }
 
-/// Every panel of `dash` over `[start, end]` (Unix seconds) against the Prometheus in
-/// `ns`, as a 1000-pixel-wide panel would ask with `vars` selected (name, values; no
-/// values is "All") and the data source's scrape interval `scrape`.
+/// Every panel of `dash` over `[start, end]` (Unix seconds), each query run by `query`
+/// (a data source's range query: expression, start, end, step), as a 1000-pixel-wide
+/// panel would ask with `vars` selected (name, values; no values is "All") and the data
+/// source's scrape interval `scrape`.
 pub fn show(
-    paging: &Paging,
-    ns: &Netns,
+    query: RangeQuery<'_>,
     dash: &Value,
     vars: &[(&str, &[&str])],
     (start, end, scrape): (f64, f64, f64),
@@ -167,7 +170,7 @@ pub fn show(
                 .iter()
                 .map(|e| {
                     let q = substitute(e, &values, intervals);
-                    let series = paging.query_range(ns, &q, (start, end, intervals.0));
+                    let series = query(&q, (start, end, intervals.0));
                     (q, series)
                 })
                 .collect(),

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::{
     Netns,
-    paging::{Daemon, DirGuard, get_json, percent_encode, start, wait_for},
+    paging::{Daemon, DirGuard, get_json, percent_encode, query_range, start, wait_for},
 };
 
 /// `VictoriaMetrics`'s own address: remote write, queries.
@@ -121,6 +121,17 @@ impl Victoria {
             VICTORIA,
             &format!("/api/v1/query?query={}", percent_encode(expr)),
         )
+    }
+
+    /// A range query's series, as `Paging::query_range` gives them.
+    pub fn query_range(
+        &self,
+        ns: &Netns,
+        expr: &str,
+        range: (f64, f64, f64),
+    ) -> Vec<crate::panels::Series> {
+        assert_eq!(ns.name, self.ns_name);
+        query_range(ns, VICTORIA, expr, range)
     }
 
     /// A JSON answer of `VictoriaMetrics`'s Prometheus-compatible API at `path`.

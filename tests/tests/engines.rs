@@ -2,7 +2,8 @@
 //! exposition as eight nodes, trouble on the first) scraped every second by Debian's
 //! Prometheus, and by two `vmagent`s that share the targets between them, writing to
 //! `VictoriaMetrics`, where `vmalert` evaluates the same rules file and sends to
-//! Alertmanager. The same alerts must fire on both.
+//! Alertmanager. The same alerts must fire on both, and every panel of the dashboard
+//! must draw the same series with either as its data source.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,7 +15,7 @@ use integration_tests::{
     fleet::{agent_exposition, serve, static_targets, template},
     have,
     paging::{ALERTMANAGER, Alertmanager, Prometheus, wait_for},
-    require_root,
+    panels, require_root,
     victoria::Victoria,
 };
 use serde_json::Value;
@@ -84,6 +85,7 @@ fn vmalert_behind_sharded_vmagents_fires_what_prometheus_fires() {
         );
     }
     let (comments, lines) = template(&agent_exposition());
+    let started = unix_now();
     let ns = Netns::new("engines");
     let _fleet = serve(&ns, comments, lines);
     let job = format!(
@@ -159,6 +161,63 @@ fn vmalert_behind_sharded_vmagents_fires_what_prometheus_fires() {
         names(&last.1)
     );
     exactly_the_fleets_alerts(&last.0);
+    every_panel_draws_the_same_on_both(&prom, &vm, &ns, started);
+}
+
+/// Each series' labels, to compare what two data sources drew.
+fn drawn(series: &[panels::Series]) -> BTreeSet<String> {
+    series
+        .iter()
+        .map(|(labels, _)| labels.to_string())
+        .collect()
+}
+
+/// Every panel of the shipped dashboard, as Grafana runs it with the troubled node and
+/// its ENI selected, against Prometheus and against `VictoriaMetrics` as data sources:
+/// each query draws the same series on both, and most panels draw something.
+fn every_panel_draws_the_same_on_both(prom: &Prometheus, vm: &Victoria, ns: &Netns, started: f64) {
+    let dash = panels::dashboard();
+    let selected: [(&str, &[&str]); 2] = [("node", &["node-00000"]), ("device", &["eth0"])];
+    let range = (started, unix_now(), 1.0);
+    let on_prom = panels::show(&|q, r| prom.query_range(ns, q, r), &dash, &selected, range);
+    let on_vm = panels::show(&|q, r| vm.query_range(ns, q, r), &dash, &selected, range);
+    assert_eq!(
+        on_prom.len(),
+        panels::panels(&dash).len(),
+        "every panel ran"
+    );
+    let mut differ = Vec::new();
+    for (p, v) in on_prom.iter().zip(&on_vm) {
+        for ((q, ps), (_, vs)) in p.queries.iter().zip(&v.queries) {
+            if drawn(ps) != drawn(vs) {
+                differ.push(format!(
+                    "{}: {q}\n  Prometheus {:?}\n  VictoriaMetrics {:?}",
+                    p.title,
+                    drawn(ps),
+                    drawn(vs)
+                ));
+            }
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "panels drawn differently:\n{}",
+        differ.join("\n")
+    );
+    let with_data = on_prom.iter().filter(|p| p.has_data()).count();
+    eprintln!("{with_data} of {} panels draw data on both", on_prom.len());
+    assert!(
+        with_data * 2 > on_prom.len(),
+        "{with_data} of {} panels drew data",
+        on_prom.len()
+    );
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 /// Exactly what the fleet's series call for: every node's DNS drops grow (the

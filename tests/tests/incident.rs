@@ -54,8 +54,7 @@ fn the_dashboard_shows_the_incident(incident: &Incident, out: &Outcome) {
         );
     }
     let shown = panels::show(
-        &incident.paging,
-        &incident.node,
+        &|q, range| incident.paging.query_range(&incident.node, q, range),
         &dash,
         &selected,
         (out.started_unix, out.ended_unix, 1.0),
