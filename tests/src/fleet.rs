@@ -34,12 +34,13 @@ enum Kind {
     Gauge,
     /// Grows with the node's traffic.
     Traffic,
-    /// Counts trouble: grows only on the troubled nodes.
+    /// Counts trouble: grows on the troubled nodes, 0 on the others.
     Trouble,
 }
 
 /// Counters that count trouble (what the rules page on), by a piece of the series.
-const TROUBLE: [&str; 7] = [
+const TROUBLE: [&str; 8] = [
+    "dns_drops",
     "map_full",
     "table_full",
     "unanswered",
@@ -107,6 +108,9 @@ fn render(comments: &[String], lines: &[Line], n: usize, elapsed: f64) -> String
             0.98 * x * x * x
         } else if grows {
             (l.value + elapsed) * f
+        } else if l.kind == Kind::Trouble {
+            // A node without trouble never had any: its trouble counters are 0.
+            0.0
         } else {
             l.value * f
         };
