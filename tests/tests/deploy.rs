@@ -53,7 +53,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
     let out = run(Command::new("promtool")
         .args(["check", "rules", "rules.yml"])
         .current_dir(&dir));
-    assert!(out.contains("SUCCESS: 23 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 25 rules found"), "{out}");
     let out = run(Command::new("promtool")
         .args(["test", "rules", "rules.test.yml"])
         .current_dir(&dir));
@@ -204,7 +204,7 @@ fn every_recording_rule_is_unit_tested() {
     let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
     let tests = std::fs::read_to_string(dir.join("rules.test.yml")).unwrap();
     let records = named(&rules, "record");
-    assert_eq!(records.len(), 9);
+    assert_eq!(records.len(), 11);
     for r in records {
         assert!(
             tests
