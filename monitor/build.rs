@@ -9,6 +9,10 @@ fn main() -> anyhow::Result<()> {
     let root = root
         .to_str()
         .ok_or_else(|| anyhow!("non UTF-8 path {}", root.display()))?;
+    // aya-build re-emits every line the nested cargo prints as a build-script warning:
+    // quiet, it prints only the compiler's own diagnostics, and those only when there are.
+    // SAFETY: the build script has no other thread yet to read the environment.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "monitor-ebpf",
