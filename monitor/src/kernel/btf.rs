@@ -30,6 +30,35 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
+// The sizes of BTF's records (`Documentation/bpf/btf.rst`): `struct btf_type`, then
+// what follows it for each kind.
+/// `struct btf_type`: name, info, size or type.
+const TYPE_LEN: usize = 12;
+/// The `u32` after an `INT` (its encoding), a `VAR` (its linkage) or a `DECL_TAG` (its index).
+const U32_LEN: usize = 4;
+/// `struct btf_array`: element type, index type, count.
+const ARRAY_LEN: usize = 12;
+/// `struct btf_member`: name, type, offset.
+const MEMBER_LEN: usize = 12;
+/// `struct btf_enum`: name, value.
+const ENUM_LEN: usize = 8;
+/// `struct btf_enum64`: name, low and high halves of the value.
+const ENUM64_LEN: usize = 12;
+/// `struct btf_param`: name, type.
+const PARAM_LEN: usize = 8;
+/// `struct btf_var_secinfo`: type, offset, size.
+const VAR_SECINFO_LEN: usize = 12;
+
+/// C's separate name spaces that lookups go by: `struct x`, `enum x` and a typedef `x`
+/// may all exist at once.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Namespace {
+    /// Structs and unions.
+    Composite,
+    Enum,
+    Typedef,
+}
+
 /// A member of a struct or union.
 #[derive(Clone, Debug)]
 struct Member {
@@ -90,7 +119,7 @@ pub struct Field {
 pub struct Btf {
     types: Vec<Type>,
     strings: Vec<u8>,
-    by_name: HashMap<(u32, String), u32>,
+    by_name: HashMap<(Namespace, String), u32>,
 }
 
 fn u16_at(b: &[u8], off: usize) -> Result<u16> {
@@ -159,17 +188,17 @@ impl Btf {
         };
         let mut by_name = HashMap::new();
         for (id, ty) in btf.types.iter().enumerate().skip(1) {
-            let class = match ty.btf_kind {
-                KIND_STRUCT | KIND_UNION => 0,
-                KIND_ENUM | KIND_ENUM64 => 1,
-                KIND_TYPEDEF => 2,
+            let space = match ty.btf_kind {
+                KIND_STRUCT | KIND_UNION => Namespace::Composite,
+                KIND_ENUM | KIND_ENUM64 => Namespace::Enum,
+                KIND_TYPEDEF => Namespace::Typedef,
                 _ => continue,
             };
             if ty.name_off != 0 {
                 let name = btf.str(ty.name_off)?.to_owned();
                 // Keep the first definition; later ones with the same name are rare
                 // duplicates from different compilation units.
-                by_name.entry((class, name)).or_insert(u32::try_from(id)?);
+                by_name.entry((space, name)).or_insert(u32::try_from(id)?);
             }
         }
         btf.by_name = by_name;
@@ -183,39 +212,39 @@ impl Btf {
         let vlen = (info & 0xffff) as usize;
         let kind = (info >> 24) & 0x1f;
         let kind_flag = info >> 31 == 1;
-        let body = pos + 12;
+        let body = pos + TYPE_LEN;
         let ty = |k| Type {
             name_off,
             btf_kind: kind,
             kind: k,
         };
         Ok(match kind {
-            KIND_INT => (ty(Kind::Sized { size: size_or_type }), 16),
+            KIND_INT => (ty(Kind::Sized { size: size_or_type }), TYPE_LEN + U32_LEN),
             KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
             | KIND_TYPE_TAG => (
                 ty(Kind::Ref {
                     target: size_or_type,
                     is_ptr: kind == KIND_PTR,
                 }),
-                12,
+                TYPE_LEN,
             ),
             KIND_ARRAY => {
                 let elem = u32_at(sec, body)?;
                 let nelems = u32_at(sec, body + 8)?;
-                (ty(Kind::Array { elem, nelems }), 24)
+                (ty(Kind::Array { elem, nelems }), TYPE_LEN + ARRAY_LEN)
             }
             KIND_STRUCT | KIND_UNION => (
                 ty(Kind::Composite {
                     size: size_or_type,
                     members: Self::parse_members(sec, body, vlen, kind_flag)?,
                 }),
-                12 + vlen * 12,
+                TYPE_LEN + vlen * MEMBER_LEN,
             ),
             KIND_ENUM => {
                 let signed = kind_flag;
                 let mut values = Vec::with_capacity(vlen);
                 for i in 0..vlen {
-                    let e = body + i * 8;
+                    let e = body + i * ENUM_LEN;
                     let raw = u32_at(sec, e + 4)?;
                     #[expect(
                         clippy::cast_possible_wrap,
@@ -233,13 +262,13 @@ impl Btf {
                         size: size_or_type,
                         values,
                     }),
-                    12 + vlen * 8,
+                    TYPE_LEN + vlen * ENUM_LEN,
                 )
             }
             KIND_ENUM64 => {
                 let mut values = Vec::with_capacity(vlen);
                 for i in 0..vlen {
-                    let e = body + i * 12;
+                    let e = body + i * ENUM64_LEN;
                     let lo = u64::from(u32_at(sec, e + 4)?);
                     let hi = u64::from(u32_at(sec, e + 8)?);
                     #[expect(
@@ -253,19 +282,19 @@ impl Btf {
                         size: size_or_type,
                         values,
                     }),
-                    12 + vlen * 12,
+                    TYPE_LEN + vlen * ENUM64_LEN,
                 )
             }
-            KIND_FWD | KIND_FUNC => (ty(Kind::Other), 12),
-            KIND_FLOAT => (ty(Kind::Sized { size: size_or_type }), 12),
+            KIND_FWD | KIND_FUNC => (ty(Kind::Other), TYPE_LEN),
+            KIND_FLOAT => (ty(Kind::Sized { size: size_or_type }), TYPE_LEN),
             KIND_FUNC_PROTO => {
                 let params = (0..vlen)
-                    .map(|i| u32_at(sec, body + i * 8 + 4))
+                    .map(|i| u32_at(sec, body + i * PARAM_LEN + 4))
                     .collect::<Result<_>>()?;
-                (ty(Kind::FuncProto { params }), 12 + vlen * 8)
+                (ty(Kind::FuncProto { params }), TYPE_LEN + vlen * PARAM_LEN)
             }
-            KIND_VAR | KIND_DECL_TAG => (ty(Kind::Other), 16),
-            KIND_DATASEC => (ty(Kind::Other), 12 + vlen * 12),
+            KIND_VAR | KIND_DECL_TAG => (ty(Kind::Other), TYPE_LEN + U32_LEN),
+            KIND_DATASEC => (ty(Kind::Other), TYPE_LEN + vlen * VAR_SECINFO_LEN),
             other => bail!("unknown BTF kind {other}"),
         })
     }
@@ -273,7 +302,7 @@ impl Btf {
     fn parse_members(sec: &[u8], body: usize, vlen: usize, kind_flag: bool) -> Result<Vec<Member>> {
         (0..vlen)
             .map(|i| {
-                let m = body + i * 12;
+                let m = body + i * MEMBER_LEN;
                 let raw = u32_at(sec, m + 8)?;
                 let (bit_offset, bitfield_size) = if kind_flag {
                     (raw & 0x00ff_ffff, raw >> 24)
@@ -356,7 +385,7 @@ impl Btf {
     pub fn member(&self, name: &str, path: &str) -> Result<Field> {
         let mut id = *self
             .by_name
-            .get(&(0, name.to_owned()))
+            .get(&(Namespace::Composite, name.to_owned()))
             .ok_or_else(|| anyhow!("struct {name} not found in BTF"))?;
         let mut bits = 0u32;
         let mut size = 0;
@@ -380,7 +409,7 @@ impl Btf {
     pub fn enum_values(&self, name: &str) -> Result<Vec<(String, i64)>> {
         let id = *self
             .by_name
-            .get(&(1, name.to_owned()))
+            .get(&(Namespace::Enum, name.to_owned()))
             .ok_or_else(|| anyhow!("enum {name} not found in BTF"))?;
         let Kind::Enum { values, .. } = &self.get(id)?.kind else {
             bail!("{name} is not an enum");
@@ -400,7 +429,7 @@ impl Btf {
         let typedef = format!("btf_trace_{name}");
         let id = *self
             .by_name
-            .get(&(2, typedef.clone()))
+            .get(&(Namespace::Typedef, typedef.clone()))
             .ok_or_else(|| anyhow!("tracepoint {name} not in BTF (no typedef {typedef})"))?;
         let Kind::Ref { target, .. } = self.get(id)?.kind else {
             bail!("{typedef} is not a typedef");
