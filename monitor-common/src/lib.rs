@@ -83,27 +83,27 @@ labelled! {
 mod user {
     // SAFETY: plain `#[repr(C)]` integers with every padding byte an explicit field.
     unsafe impl aya::Pod for super::DropKey {}
-    // SAFETY: as above.
+    // SAFETY: `DnsCountKey` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::DnsCountKey {}
-    // SAFETY: as above.
+    // SAFETY: `DnsSlotKey` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::DnsSlotKey {}
-    // SAFETY: as above.
+    // SAFETY: `AddrInfo` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::AddrInfo {}
-    // SAFETY: as above.
+    // SAFETY: `DnsLatency` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::DnsLatency {}
-    // SAFETY: as above.
+    // SAFETY: `DnsFlightKey` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::DnsFlightKey {}
-    // SAFETY: as above.
+    // SAFETY: `DnsFlight` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::DnsFlight {}
-    // SAFETY: as above.
+    // SAFETY: `DnsPendingSet` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::DnsPendingSet {}
-    // SAFETY: as above.
+    // SAFETY: `LinkLocalSecond` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::LinkLocalSecond {}
     // SAFETY: `repr(C)` plain integers with explicit padding.
     unsafe impl aya::Pod for super::LinkLocalSenders {}
-    // SAFETY: as above.
+    // SAFETY: `FlowKey` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::FlowKey {}
-    // SAFETY: as above.
+    // SAFETY: `Flow` is `#[repr(C)]` integers and arrays of them, its padding explicit fields.
     unsafe impl aya::Pod for super::Flow {}
 }
 

@@ -226,7 +226,7 @@ pub fn now_coarse_s() -> u32 {
     }
     let second = read_clock_s();
     if let Some(r) = reading {
-        // SAFETY: as above.
+        // SAFETY: this CPU's own slot; programs on one CPU do not interleave here.
         unsafe {
             (*r).jiffies = jiffies;
             (*r).second = second;

@@ -319,7 +319,7 @@ pub(crate) mod tests {
             Some(libc::EFAULT)
         );
         let mut g = Guarded::new(64).unwrap();
-        // SAFETY: as above, with room for the whole struct.
+        // SAFETY: a pointer into the mapping, with room for the whole `utsname`.
         assert_eq!(unsafe { libc::uname(g.words().as_mut_ptr().cast()) }, 0);
     }
 }

@@ -782,7 +782,7 @@ mod pending {
         }
 
         fn start(self) -> *mut u64 {
-            // SAFETY: as above.
+            // SAFETY: only the address is taken, inside the set (`i` < the ways).
             unsafe {
                 (&raw mut (*self.set).start_ns)
                     .cast::<u64>()
@@ -791,7 +791,7 @@ mod pending {
         }
 
         fn ifindex(self) -> *mut u32 {
-            // SAFETY: as above.
+            // SAFETY: only the address is taken, inside the set (`i` < the ways).
             unsafe {
                 (&raw mut (*self.set).ifindex)
                     .cast::<u32>()
@@ -800,7 +800,7 @@ mod pending {
         }
 
         fn resolver(self) -> *mut u8 {
-            // SAFETY: as above.
+            // SAFETY: only the address is taken, inside the set (`i` < the ways).
             unsafe {
                 (&raw mut (*self.set).resolver)
                     .cast::<u8>()
@@ -809,7 +809,7 @@ mod pending {
         }
 
         fn egress(self) -> *mut u8 {
-            // SAFETY: as above.
+            // SAFETY: only the address is taken, inside the set (`i` < the ways).
             unsafe {
                 (&raw mut (*self.set).egress)
                     .cast::<u8>()
@@ -833,7 +833,7 @@ mod pending {
         }
 
         fn key(self) -> *mut u32 {
-            // SAFETY: as above.
+            // SAFETY: only the address is taken, inside the set (`i` < the ways, each key `DNS_FLIGHT_KEY_WORDS` words).
             unsafe {
                 (&raw mut (*self.set).key)
                     .cast::<u32>()
@@ -890,7 +890,7 @@ mod pending {
         /// (The target has no `AtomicU64` with compare-and-exchange; this intrinsic is
         /// what it would call.)
         fn claim(self, from: u64, to: u64) -> bool {
-            // SAFETY: as above.
+            // SAFETY: the way's state word, in a map value the kernel keeps for the program's run.
             unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(self.state(), from, to).1 }
         }
     }

@@ -155,7 +155,7 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     };
     if let Some(set) = set {
         let way = tag | cache_bits(flags);
-        // SAFETY: as above.
+        // SAFETY: this CPU's own set; classifiers on one CPU do not interleave.
         let ways = unsafe { &mut *set };
         // The flow's own way when it has one (from an earlier second), else the newest
         // in front and the oldest dropped.
@@ -376,7 +376,7 @@ mod room {
             return;
         }
         if let Some(begun) = FLOW_COUNT.get_ptr_mut(FLOW_COUNT_BEGUN) {
-            // SAFETY: as above.
+            // SAFETY: a word of FLOW_COUNT's value, which the kernel keeps for the program's run.
             unsafe { atomic_xsub::<u64, u64, { SeqCst }>(begun, 1) };
         }
     }
@@ -489,18 +489,18 @@ mod sets {
         /// Ors `bits` into the control word (atomic, with a full barrier on every CPU:
         /// what was written before is seen by whoever sees the bits); the word before.
         fn or(self, bits: u64) -> u64 {
-            // SAFETY: as above.
+            // SAFETY: the control word of a map value the kernel keeps for the program's run.
             unsafe { atomic_or::<u64, u64, { SeqCst }>(self.ctl(), bits) }
         }
 
         fn cxchg(self, from: u64, to: u64) -> bool {
-            // SAFETY: as above.
+            // SAFETY: the control word of a map value the kernel keeps for the program's run.
             unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(self.ctl(), from, to).1 }
         }
 
         /// Writes a second into the slot's `seen` word: its high half, or both.
         fn seen(self, first: Option<u32>, last: u32) {
-            // SAFETY: as above; a second is written whole, and any CPU writes the same.
+            // SAFETY: the slot's `seen` word, in a map value the kernel keeps for the program's run; a second is written whole, and any CPU writes the same.
             unsafe {
                 match first {
                     Some(f) => core::ptr::write_volatile(

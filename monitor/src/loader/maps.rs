@@ -322,19 +322,19 @@ impl FlowTable {
     }
 
     pub fn get(&self, key: &FlowKey) -> std::io::Result<Option<Flow>> {
-        // SAFETY: as above.
+        // SAFETY: FLOWS maps FlowKey to Flow, both plain `#[repr(C)]` data.
         unsafe { batch::lookup_one(self.0.fd().as_fd(), key) }
     }
 
     /// Deletes `key`; false when it was gone already.
     pub fn delete(&self, key: &FlowKey) -> std::io::Result<bool> {
-        // SAFETY: as above.
+        // SAFETY: FLOWS maps FlowKey to Flow, both plain `#[repr(C)]` data.
         unsafe { batch::delete_one(self.0.fd().as_fd(), key) }
     }
 
     /// Writes a flow as a packet would (for tests that stand in for packets).
     pub fn insert(&self, key: &FlowKey, flow: &Flow) -> std::io::Result<()> {
-        // SAFETY: as above.
+        // SAFETY: FLOWS maps FlowKey to Flow, both plain `#[repr(C)]` data.
         unsafe { batch::update_one(self.0.fd().as_fd(), key, flow) }
     }
 }
@@ -351,7 +351,7 @@ impl InflightTable {
 
     /// Deletes `key`; false when a response (or another sweep) took it first.
     pub fn delete(&self, key: &DnsFlightKey) -> std::io::Result<bool> {
-        // SAFETY: as above.
+        // SAFETY: DNS_INFLIGHT maps DnsFlightKey to DnsFlight, plain `#[repr(C)]` data.
         unsafe { batch::delete_one(self.0.fd().as_fd(), key) }
     }
 }

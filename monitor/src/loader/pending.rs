@@ -221,7 +221,7 @@ impl ClientCounts {
     /// The counts as they are now.
     pub fn get(&self) -> Vec<u64> {
         (0..self.buckets.entries())
-            // SAFETY: as above.
+            // SAFETY: an entry of the mapping (`i` < its entries), written by the programs with plain stores.
             .map(|i| unsafe { std::ptr::read_volatile(self.buckets.entry(i)) })
             .collect()
     }
