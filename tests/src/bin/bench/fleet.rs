@@ -26,6 +26,10 @@ use crate::{
 const INTERVAL_S: u64 = 15;
 /// Rule evaluations measured.
 const CYCLES: usize = 5;
+/// How long the fleet runs before the evaluations are measured: the rules' longest rate
+/// window (5 minutes), so that every window is full, as in operation, and the burst of
+/// 1 million new series in the head is past.
+const WARM_UP: Duration = Duration::from_mins(5);
 
 fn config(nodes: usize) -> String {
     let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -206,6 +210,7 @@ fn on_prometheus(report: &mut Report, ns: &Netns, nodes: usize, per_node: usize)
         Duration::from_mins(5),
         || head() >= want,
     );
+    std::thread::sleep(WARM_UP);
     let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
     add(report, "Prometheus", nodes, head(), c, rss_mib(prom.pid()));
 }
@@ -230,6 +235,7 @@ fn on_victoria(report: &mut Report, ns: &Netns, nodes: usize, per_node: usize) {
         Duration::from_mins(5),
         || series() >= want,
     );
+    std::thread::sleep(WARM_UP);
     let c = cycles(&|| vm.rules(ns));
     let rss = vm.pids().iter().map(|&p| rss_mib(p)).sum();
     add(
@@ -261,8 +267,15 @@ pub(crate) fn fleet(report: &mut Report) {
     );
     let ns = Netns::new("fleet");
     let _server = serve(&ns, comments, lines);
+    // BENCH_FLEET_ENGINES=prometheus (or victoria) runs one engine only.
+    let engines = std::env::var("BENCH_FLEET_ENGINES").unwrap_or_default();
+    let runs = |engine: &str| engines.is_empty() || engines.contains(engine);
     for nodes in sizes {
-        on_prometheus(report, &ns, nodes, per_node);
-        on_victoria(report, &ns, nodes, per_node);
+        if runs("prometheus") {
+            on_prometheus(report, &ns, nodes, per_node);
+        }
+        if runs("victoria") {
+            on_victoria(report, &ns, nodes, per_node);
+        }
     }
 }
