@@ -420,7 +420,7 @@ fn query(ns: &Netns, expr: &str) -> Option<Value> {
 pub struct Prometheus {
     ns_name: String,
     daemon: Daemon,
-    _dir: DirGuard,
+    dir: DirGuard,
 }
 
 impl Prometheus {
@@ -439,13 +439,22 @@ impl Prometheus {
         Self {
             ns_name: ns.name.clone(),
             daemon,
-            _dir: DirGuard(dir),
+            dir: DirGuard(dir),
         }
     }
 
     /// The process id, for its resident memory.
     pub fn pid(&self) -> u32 {
         self.daemon.0.id()
+    }
+
+    /// Replaces the configuration and has Prometheus read it again (SIGHUP), as an
+    /// operator's reload does: the head and the rules' state stay.
+    pub fn reload(&self, config: &str) {
+        std::fs::write(self.dir.0.join("prometheus.yml"), config).unwrap();
+        let pid = libc::pid_t::try_from(self.pid()).unwrap();
+        // SAFETY: a signal to the child this struct started and still owns.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     }
 
     /// A JSON answer of the HTTP API at `path` (`/api/v1/...`).

@@ -31,15 +31,23 @@ const CYCLES: usize = 5;
 /// 1 million new series in the head is past.
 const WARM_UP: Duration = Duration::from_mins(5);
 
+/// Prometheus's configuration: the shipped rules, and the fleet's `nodes` scraped (none:
+/// the rules alone, on what the head holds).
 fn config(nodes: usize) -> String {
     let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy/alerts/rules.yml")
         .canonicalize()
         .unwrap();
+    let scrapes = match nodes {
+        0 => String::new(),
+        _ => format!(
+            "scrape_configs:\n  - job_name: eni-monitor\n    static_configs:\n{}",
+            static_targets(nodes)
+        ),
+    };
     format!(
-        "global:\n  scrape_interval: {INTERVAL_S}s\n  evaluation_interval: {INTERVAL_S}s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: eni-monitor\n    static_configs:\n{}",
+        "global:\n  scrape_interval: {INTERVAL_S}s\n  evaluation_interval: {INTERVAL_S}s\nrule_files:\n  - {}\n{scrapes}",
         rules.display(),
-        static_targets(nodes)
     )
 }
 
@@ -213,6 +221,20 @@ fn on_prometheus(report: &mut Report, ns: &Netns, nodes: usize, per_node: usize)
     std::thread::sleep(WARM_UP);
     let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
     add(report, "Prometheus", nodes, head(), c, rss_mib(prom.pid()));
+    // The same rules on the same head with the scrapes stopped: the rules' own work,
+    // without the ingestion that shares the cores with them. Measured within the 5
+    // minutes in which every window still holds the fleet's samples.
+    prom.reload(&config(0));
+    std::thread::sleep(Duration::from_secs(INTERVAL_S));
+    let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
+    add(
+        report,
+        "Prometheus, scrapes stopped",
+        nodes,
+        head(),
+        c,
+        rss_mib(prom.pid()),
+    );
 }
 
 /// The fleet scraped by two vmagents sharing the targets, into `VictoriaMetrics`, the
