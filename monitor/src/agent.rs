@@ -52,8 +52,7 @@ const DMI: &str = "/sys/class/dmi/id";
 pub async fn run(cli: Cli) -> Result<()> {
     // Bind first: a port in use, a bad address or a bad web configuration fails before
     // anything is attached.
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
+    let listener = crate::http::listen(cli.listen)
         .with_context(|| format!("listening on {} (--listen)", cli.listen))?;
     let web = match &cli.web_config_file {
         Some(path) => Web::load(path)?,

@@ -321,3 +321,21 @@ pub fn limit_send_buffer(stream: &tokio::net::TcpStream) {
 
 /// Bytes of a connection's send buffer (the kernel doubles it).
 const SEND_BUFFER: libc::c_int = 32 * 1024;
+
+/// Connections the kernel completes and queues for `accept` (capped by
+/// `net.core.somaxconn`, 4096 by default). A flood of a thousand connections at once must
+/// not fill the queue: past it the kernel drops the next SYN, and the kubelet's probe
+/// behind it waits a second for the retransmission, its whole default timeout.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// The endpoint's listening socket, with room in its accept queue for a flood.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}

@@ -29,7 +29,7 @@ use self::bounds::{
     Busy, Connections, HANDSHAKE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS, Stalls, Turns,
     limit_send_buffer,
 };
-pub use self::bounds::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, Reply};
+pub use self::bounds::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, Reply, listen};
 use crate::{
     housekeeping::{Heartbeats, monotonic_ns},
     loader::Attachments,
