@@ -185,6 +185,26 @@ pub fn burst(ns: &Netns, server: SocketAddr, name: &str, count: u16) -> usize {
     })
 }
 
+/// `count` queries from one socket whose receive buffer is as small as the kernel allows
+/// and which reads nothing: past the first answer or two, this kernel drops each answer
+/// at the socket (`SOCKET_RCVBUFF`), on the device it arrived by. Sent 5 ms apart, so
+/// that the server's own queue never overflows.
+pub fn unread(ns: &Netns, server: SocketAddr, name: &str, count: u16) {
+    let packets: Vec<Vec<u8>> = (0..count).map(|i| query_packet(name, i)).collect();
+    ns.run(move || {
+        let sock = bind_for(server);
+        socket2::SockRef::from(&sock)
+            .set_recv_buffer_size(1)
+            .unwrap();
+        for p in &packets {
+            sock.send_to(p, server).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The last answers arrive before the socket closes.
+        std::thread::sleep(Duration::from_millis(200));
+    });
+}
+
 /// The same query (same socket, same id) sent `copies` times: a client retransmitting.
 pub fn retransmit(ns: &Netns, server: SocketAddr, name: &str, copies: usize) {
     let packet = query_packet(name, 4242);

@@ -463,6 +463,23 @@ impl Incident {
         // The link-local allowance: a burst under 1024 packets/s pages before a burst
         // over it is dropped.
         let amazon = SocketAddr::new(AMAZON_RESOLVER.parse().expect("an address"), 53);
+        // A pod that reads none of its answers: this kernel drops them on eth0, and the
+        // dashboard's kernel-drop panel shows it (the bursts' own losses fall on either
+        // side, the client's socket or the server's, as the two keep pace).
+        dns::unread(&self.node, amazon, OK_NAME, 100);
+        let eth0 = [("device", "eth0")];
+        let s = self
+            .agent
+            .scrape_until(&self.node, "the kernel's DNS drops on eth0", |s| {
+                s.sum("eni_monitor_dns_drops_total", &eth0) > 0.0
+            });
+        say(
+            at(start),
+            &format!(
+                "a pod reads none of 100 answers: this kernel dropped {} DNS packets on eth0",
+                s.sum("eni_monitor_dns_drops_total", &eth0)
+            ),
+        );
         let answered = dns::burst(&self.node, amazon, OK_NAME, 900);
         say(
             at(start),
