@@ -4,7 +4,9 @@
 //! tables are read and written once a second per flow, or when its flags change. An
 //! IPv4 flow lives in its set of `FLOW_SETS` (one cache line, no helper call) while the
 //! set has room, on kernels with BPF atomics; an IPv6 flow, or one whose set is full,
-//! in the hash table `FLOWS`. A flow is in one table or the other, never both.
+//! in the hash table `FLOWS`. A flow is in one table or the other, never both. An open
+//! TCP flow's segments without SYN, FIN or RST look into `FLOW_RECENT` first, and go no
+//! further once the flow was written this refresh period (`recent`).
 
 use aya_ebpf::{
     macros::map,
@@ -19,7 +21,7 @@ use monitor_common::{
 
 use self::sets::{Insert, Want};
 
-use super::packet::Packet;
+use super::{packet::Packet, recent::Recent};
 use crate::{
     headers::has_ports,
     kernel::{layout, now_coarse_s},
@@ -124,6 +126,16 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     } else {
         flow_hash_v4(&words, seed())
     };
+    // A TCP segment without SYN, FIN or RST changes what EC2 tracks only once a period:
+    // when its flow's bit is set, the flow was written this period.
+    let recent = if p.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        Recent::of(h, now, bits & (FLOW_LOCAL_A | FLOW_LOCAL_B))
+    } else {
+        None
+    };
+    if recent.as_ref().is_some_and(Recent::seen) {
+        return;
+    }
     // The set from the hash's top 32 bits, by multiply and shift (any number of sets).
     let set = FLOW_CACHE.get_ptr_mut(flow_set(h, FLOW_CACHE_SETS));
     let tag = ((h & WAY_FP_MASK) << WAY_FP_SHIFT)
@@ -153,6 +165,14 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     let Some(flags) = store(&packet) else {
         return;
     };
+    // The flow's bit only once the table holds both directions and the flow is open:
+    // until then a segment may still bring something the table lacks.
+    if let Some(recent) = recent
+        && flags & (FLOW_AB | FLOW_BA) == FLOW_AB | FLOW_BA
+        && flags & CLOSED == 0
+    {
+        recent.set();
+    }
     if let Some(set) = set {
         let way = tag | cache_bits(flags);
         // SAFETY: this CPU's own set; classifiers on one CPU do not interleave.

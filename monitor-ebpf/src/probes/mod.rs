@@ -3,5 +3,6 @@ pub mod drops;
 pub mod flows;
 pub mod linklocal;
 pub mod packet;
+pub mod recent;
 pub mod tc;
 pub mod udp;

@@ -51,6 +51,7 @@ pub mod names {
     pub const LL_SECONDS: &str = "LL_SECONDS";
     pub const LL_SENDER_TABLES: &str = "LL_SENDER_TABLES";
     pub const DNS_TCP_UNREAD: &str = "DNS_TCP_UNREAD";
+    pub const FLOW_RECENT: &str = "FLOW_RECENT";
 
     /// The maps that carry state across a restart, pinned under the state directory.
     pub const PINNED: [&str; 18] = [
@@ -128,6 +129,7 @@ pub struct Maps {
     pub ll_senders: PerCpuArray<MapData, LinkLocalSenders>,
     /// TCP segments with DNS messages the programs left unread, per CPU.
     pub dns_tcp_unread: PerCpuArray<MapData, u64>,
+    pub flow_recent: RecentFilter,
 }
 
 impl Maps {
@@ -136,9 +138,9 @@ impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf, flow_seed: u64, dns_key: u32) -> Result<Self> {
         use names::{
             ADDRS, DNS_AGENT_COUNTS, DNS_AGENT_LATENCY, DNS_CLIENTS, DNS_COUNTS, DNS_INFLIGHT,
-            DNS_LATENCY, DNS_PENDING, DNS_SEEN, DNS_TCP_UNREAD, DROPS, FLOW_COUNT, FLOW_SETS,
-            FLOW_TABLE_FULL, FLOWS, FLOWS_CREATED, LL_PACKETS, LL_SECONDS, LL_SENDER_TABLES,
-            MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
+            DNS_LATENCY, DNS_PENDING, DNS_SEEN, DNS_TCP_UNREAD, DROPS, FLOW_COUNT, FLOW_RECENT,
+            FLOW_SETS, FLOW_TABLE_FULL, FLOWS, FLOWS_CREATED, LL_PACKETS, LL_SECONDS,
+            LL_SENDER_TABLES, MAP_FULL, MONITORED, UDP_QUEUE_DROPS,
         };
         let pending = PendingTable::map(take_array(ebpf, DNS_PENDING)?)
             .context("mapping DNS_PENDING into the agent")?;
@@ -173,7 +175,24 @@ impl Maps {
             ll_seconds: SlotArray::new(take_typed(ebpf, LL_SECONDS)?, LL_WINDOW),
             ll_senders: take_typed(ebpf, LL_SENDER_TABLES)?,
             dns_tcp_unread: take_typed(ebpf, DNS_TCP_UNREAD)?,
+            flow_recent: RecentFilter(take_typed(ebpf, FLOW_RECENT)?),
         })
+    }
+}
+
+/// `FLOW_RECENT`: the established TCP flows the programs wrote this refresh period. It
+/// empties itself as periods turn, so the agent neither reads nor clears it; it is
+/// taken so that its one handle exists, for what stands in for packets (tests).
+pub struct RecentFilter(Array<MapData, u64>);
+
+impl RecentFilter {
+    /// Word `index` (`period << 32 | bits`).
+    pub fn word(&self, index: u32) -> Result<u64> {
+        Ok(self.0.get(&index, 0)?)
+    }
+
+    pub fn set_word(&mut self, index: u32, word: u64) -> Result<()> {
+        Ok(self.0.set(index, word, 0)?)
     }
 }
 

@@ -10,14 +10,20 @@ use std::{
 };
 
 use monitor_common::{
-    Addr, FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_A, FLOW_LOCAL_B, FLOW_RST, Flow,
-    FlowClass, FlowKey, proto::IPPROTO_TCP,
+    Addr, FLOW_AB, FLOW_BA, FLOW_FIN_AB, FLOW_FIN_BA, FLOW_LOCAL_A, FLOW_LOCAL_B,
+    FLOW_RECENT_GRACE_PERIODS, FLOW_RECENT_PERIOD_S, FLOW_RST, Flow, FlowClass, FlowKey,
+    proto::IPPROTO_TCP,
 };
 
 use super::top::top_per_device;
 
 /// How long EC2 keeps tracking a TCP connection once it has closed (both FINs, or RST).
 pub const TCP_CLOSED_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long past EC2's established timeout the agent keeps an established TCP flow:
+/// `FLOW_RECENT_GRACE_PERIODS` refresh periods.
+pub const TCP_ESTABLISHED_GRACE: Duration =
+    Duration::from_secs((FLOW_RECENT_GRACE_PERIODS * FLOW_RECENT_PERIOD_S) as u64);
 
 /// EC2's idle tracking timeouts (`--tcp-established-timeout` and friends).
 #[derive(Clone, Copy, Debug)]
@@ -105,7 +111,11 @@ pub fn idle_bucket(idle: u32) -> usize {
 impl Timeouts {
     /// How long `flow` stays tracked after it was last seen.
     pub fn for_flow(&self, key: &FlowKey, flow: &Flow) -> Duration {
-        match TimeoutClass::of(key, flow) {
+        self.for_class(TimeoutClass::of(key, flow))
+    }
+
+    fn for_class(&self, class: TimeoutClass) -> Duration {
+        match class {
             TimeoutClass::TcpEstablished => self.tcp_established,
             TimeoutClass::TcpClosed => TCP_CLOSED_TIMEOUT,
             TimeoutClass::Udp => self.udp,
@@ -113,10 +123,19 @@ impl Timeouts {
         }
     }
 
-    /// Whether EC2 has forgotten `flow` at `now` (`CLOCK_MONOTONIC` seconds).
+    /// Whether EC2 has forgotten `flow` at `now` (`CLOCK_MONOTONIC` seconds). An
+    /// established TCP flow's last second is written once a refresh period and may be a
+    /// few periods late (the programs' filter, `FLOW_RECENT`), so it is let go
+    /// `TCP_ESTABLISHED_GRACE` after EC2's timeout: never before EC2 lets it go.
     pub fn expired(&self, now: u32, key: &FlowKey, flow: &Flow) -> bool {
         let idle = u64::from(now.saturating_sub(flow.last_seen));
-        idle >= self.for_flow(key, flow).as_secs()
+        let class = TimeoutClass::of(key, flow);
+        let grace = if class == TimeoutClass::TcpEstablished {
+            TCP_ESTABLISHED_GRACE
+        } else {
+            Duration::ZERO
+        };
+        idle >= (self.for_class(class) + grace).as_secs()
     }
 
     /// How often to pass over the table: often enough that the shortest timeout is
@@ -300,19 +319,23 @@ mod tests {
             r.idle[&(2, TimeoutClass::UdpStream)],
             [0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0]
         );
-        // What a TCP-established timeout of 350 s would free: those idle 350 s or more,
-        // as `expired` has it.
+        // What a TCP-established timeout of 350 s would free: those idle 350 s and the
+        // grace (32 s) or more, as `expired` has it.
         let t = Timeouts {
             tcp_established: Duration::from_secs(350),
             udp: Duration::from_secs(30),
             udp_stream: Duration::from_mins(3),
         };
-        let freed = [0, 59, 60, 349, 350, 431_999, 432_000]
-            .iter()
-            .filter(|idle| t.expired(now, &key(6), &at(now - **idle, FLOW_AB | FLOW_BA)))
-            .count();
+        let freed: Vec<u32> = [0, 59, 60, 349, 350, 381, 382, 431_999, 432_000]
+            .into_iter()
+            .filter(|idle| t.expired(now, &key(6), &at(now - *idle, FLOW_AB | FLOW_BA)))
+            .collect();
         let under = IDLE_BOUNDS.iter().position(|b| *b == 350).unwrap();
-        assert_eq!(freed, 3);
+        assert_eq!(freed, [382, 431_999, 432_000]);
+        // A closed connection and UDP have no grace: their packets are all written.
+        assert!(t.expired(now, &key(6), &at(now - 5, FLOW_AB | FLOW_RST)));
+        assert!(!t.expired(now, &key(6), &at(now - 4, FLOW_AB | FLOW_RST)));
+        assert!(t.expired(now, &key(17), &at(now - 30, FLOW_AB)));
         assert_eq!(TimeoutClass::TcpEstablished.idle_bounds()[0], 60);
         assert_eq!(TimeoutClass::Udp.idle_bounds(), [30, 60]);
         assert_eq!(TimeoutClass::UdpStream.idle_bounds(), [60, 120, 180]);
