@@ -14,6 +14,10 @@
 //! nettool udp-sink ADDR               read and discard
 //! nettool tcp-server ADDR             accept and hold every connection
 //! nettool tcp-hold ADDR N             open N connections, print "held N", hold until killed
+//! nettool tcp-sink ADDR               accept every connection, read and discard
+//! nettool tcp-drip ADDR N             open N connections, print "held N"; then for each
+//!                                     line SECONDS on stdin, write one byte to each
+//!                                     connection in turn for SECONDS, print "sent K"
 //! nettool udp-full ADDR SECONDS       bind with the smallest receive buffer, read nothing
 //!                                     for SECONDS, then print "queued N" (what fitted)
 //! nettool http-get ADDR PATH          print the status code, then the body
@@ -35,6 +39,116 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Binds `at` with the smallest receive buffer, reads nothing for `seconds`, then says
+/// how many datagrams fitted.
+fn udp_full(at: SocketAddr, seconds: usize) -> std::io::Result<()> {
+    let sock = UdpSocket::bind(at)?;
+    // SAFETY: a valid socket and an int option value; the kernel clamps it to its
+    // minimum.
+    let rc = unsafe {
+        let bytes: libc::c_int = 1;
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const bytes).cast(),
+            4,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::thread::sleep(Duration::from_secs(seconds as u64));
+    sock.set_nonblocking(true)?;
+    let mut buf = [0u8; 2048];
+    let mut queued = 0;
+    while sock.recv_from(&mut buf).is_ok() {
+        queued += 1;
+    }
+    println!("queued {queued}");
+    Ok(())
+}
+
+/// Refuses a flood's address outside a namespace of its own: only loopback may be
+/// reached from the host's, so a slip cannot send a flood along the host's routes.
+fn flood_target(to: SocketAddr) -> std::io::Result<SocketAddr> {
+    let own = std::fs::read_link("/proc/self/ns/net")?;
+    let host = std::fs::read_link("/proc/1/ns/net")?;
+    if own == host && !to.ip().is_loopback() {
+        return Err(std::io::Error::other(format!(
+            "refusing to flood {to} from the host's network namespace"
+        )));
+    }
+    Ok(to)
+}
+
+/// Accepts every connection to `at` and reads and discards what each sends, all on one
+/// thread (a thread a connection would be tens of thousands).
+fn tcp_sink(at: SocketAddr) -> std::io::Result<()> {
+    use std::io::Read as _;
+    let listener = TcpListener::bind(at)?;
+    listener.set_nonblocking(true)?;
+    let mut conns: Vec<TcpStream> = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut idle = true;
+        while let Ok((c, _)) = listener.accept() {
+            c.set_nonblocking(true)?;
+            conns.push(c);
+            idle = false;
+        }
+        conns.retain_mut(|c| match c.read(&mut buf) {
+            Ok(0) => false,
+            Ok(_) => {
+                idle = false;
+                true
+            }
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        });
+        if idle {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// `n` connections to `to`, then one byte to each in turn for each stdin line's seconds:
+/// `n` established flows with their segments interleaved.
+fn tcp_drip(to: SocketAddr, n: usize) -> std::io::Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let to = flood_target(to)?;
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = TcpStream::connect(to)?;
+        c.set_nodelay(true)?;
+        c.set_nonblocking(true)?;
+        conns.push(c);
+    }
+    println!("held {}", conns.len());
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let secs: f64 = line
+            .trim()
+            .parse()
+            .map_err(|e| std::io::Error::other(format!("{line}: {e}")))?;
+        let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
+        let (mut sent, mut tried) = (0u64, 0u64);
+        'run: loop {
+            for c in &mut conns {
+                // A full send buffer (the peer slow to read) skips the connection.
+                if c.write(b"x").is_ok() {
+                    sent += 1;
+                }
+                tried += 1;
+                if tried % 256 == 0 && std::time::Instant::now() >= end {
+                    break 'run;
+                }
+            }
+        }
+        println!("sent {sent}");
+    }
+    Ok(())
 }
 
 fn addr(s: &str) -> Result<SocketAddr, String> {
@@ -114,33 +228,9 @@ fn run(args: &[&str]) -> Result<(), String> {
                 std::thread::sleep(Duration::from_hours(1));
             }
         }
-        ["udp-full", a, seconds] => {
-            let sock = UdpSocket::bind(addr(a)?).map_err(io)?;
-            // SAFETY: a valid socket and an int option value; the kernel clamps it to its
-            // minimum.
-            let rc = unsafe {
-                let bytes: libc::c_int = 1;
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&sock),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUF,
-                    (&raw const bytes).cast(),
-                    4,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error().to_string());
-            }
-            std::thread::sleep(Duration::from_secs(count(seconds)? as u64));
-            sock.set_nonblocking(true).map_err(io)?;
-            let mut buf = [0u8; 2048];
-            let mut queued = 0;
-            while sock.recv_from(&mut buf).is_ok() {
-                queued += 1;
-            }
-            println!("queued {queued}");
-            Ok(())
-        }
+        ["tcp-sink", a] => tcp_sink(addr(a)?).map_err(io),
+        ["tcp-drip", a, n] => tcp_drip(addr(a)?, count(n)?).map_err(io),
+        ["udp-full", a, seconds] => udp_full(addr(a)?, count(seconds)?).map_err(io),
         ["http-get", a, path] => {
             let (code, body) = http_get(addr(a)?, path).map_err(io)?;
             println!("{code}");

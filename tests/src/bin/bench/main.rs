@@ -12,6 +12,7 @@
 mod agent;
 mod cost;
 mod dns;
+mod established;
 mod fleet;
 mod flows;
 mod rate;
@@ -37,6 +38,9 @@ fn main() {
     if want("programs") {
         cost::program_cost(&mut report);
         cost::new_flow_cost(&mut report);
+    }
+    if want("established") {
+        established::established_tcp(&mut report);
     }
     if want("rate") {
         rate::packet_rate(&mut report);
