@@ -90,6 +90,13 @@ classifiers() {
     mark END "$1"
 }
 
+# What the verifier walked of each classifier on this kernel (the agent logs it).
+verifier() {
+    mark BEGIN verifier
+    sed -n 's/.*loaded \(tc_[a-z]*\): the verifier walked \([0-9]*\) instructions.*/\1 \2/p' /tmp/agent.log
+    mark END verifier
+}
+
 # The simulated node, with veth only: no clsact or cls_bpf yet.
 insmod /lib/modules/veth.ko
 sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
@@ -110,6 +117,7 @@ if grep -q 'em.scenario=memory' /proc/cmdline; then
     start_agent || exit 1
     sleep 1
     dump memory
+    verifier
     stop_agent
     exit 0
 fi
@@ -118,6 +126,7 @@ fi
 # and the agent must say so rather than serve a silent gap.
 start_agent || exit 1
 dump no-modules
+verifier
 stop_agent
 
 insmod /lib/modules/sch_ingress.ko

@@ -21,7 +21,7 @@ use monitor_common::{
 
 use self::sets::{Insert, Want};
 
-use super::{packet::Packet, recent::Recent};
+use super::{packet::Packet, recent};
 use crate::{
     headers::has_ports,
     kernel::{layout, now_coarse_s},
@@ -128,12 +128,9 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     };
     // A TCP segment without SYN, FIN or RST changes what EC2 tracks only once a period:
     // when its flow's bit is set, the flow was written this period.
-    let recent = if p.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
-        Recent::of(h, now, bits & (FLOW_LOCAL_A | FLOW_LOCAL_B))
-    } else {
-        None
-    };
-    if recent.as_ref().is_some_and(Recent::seen) {
+    let local = bits & (FLOW_LOCAL_A | FLOW_LOCAL_B);
+    let segment = recent::segment(p.proto, tcp_flags);
+    if recent::seen(h, now, local, segment) {
         return;
     }
     // The set from the hash's top 32 bits, by multiply and shift (any number of sets).
@@ -165,14 +162,7 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     let Some(flags) = store(&packet) else {
         return;
     };
-    // The flow's bit only once the table holds both directions and the flow is open:
-    // until then a segment may still bring something the table lacks.
-    if let Some(recent) = recent
-        && flags & (FLOW_AB | FLOW_BA) == FLOW_AB | FLOW_BA
-        && flags & CLOSED == 0
-    {
-        recent.set();
-    }
+    recent::mark(h, now, local, segment, flags);
     if let Some(set) = set {
         let way = tag | cache_bits(flags);
         // SAFETY: this CPU's own set; classifiers on one CPU do not interleave.
@@ -192,7 +182,7 @@ pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
 }
 
 /// The state bits of a closed TCP connection.
-const CLOSED: u8 = FLOW_FIN_AB | FLOW_FIN_BA | FLOW_RST;
+pub const CLOSED: u8 = FLOW_FIN_AB | FLOW_FIN_BA | FLOW_RST;
 
 /// What `store` is given of a packet.
 struct Stored<'a> {

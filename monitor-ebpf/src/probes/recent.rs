@@ -13,58 +13,84 @@
 //! meets other bits each period (`recent_bit`).
 
 use aya_ebpf::{macros::map, maps::Array};
-use monitor_common::{FLOW_RECENT_WORDS, recent_bit, recent_period};
+use monitor_common::{
+    FLOW_AB, FLOW_BA, FLOW_RECENT_WORDS,
+    proto::{IPPROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN},
+    recent_bit, recent_period,
+};
+
+use super::flows::CLOSED;
 
 /// Shared by every CPU (a per-CPU copy would be a quarter megabyte a CPU); written once a
 /// period per flow, read by every segment.
 #[map]
 static FLOW_RECENT: Array<u64> = Array::with_max_entries(FLOW_RECENT_WORDS, 0);
 
-/// A flow's place in the filter this period.
-pub struct Recent {
-    word: *mut u64,
-    tag: u64,
-    bit: u64,
+/// A segment as the filter's two functions take it: its protocol and TCP flags in one
+/// scalar (a BPF call passes five arguments at most).
+#[inline(always)]
+pub fn segment(proto: u8, tcp_flags: u8) -> u32 {
+    u32::from(proto) << 8 | u32::from(tcp_flags)
 }
 
-impl Recent {
-    /// The place of the flow of hash `h`, seen from local side `local`, at second `now`.
-    #[inline(always)]
-    pub fn of(h: u64, now: u32, local: u8) -> Option<Self> {
-        let period = recent_period(now);
-        let (index, bit) = recent_bit(h, period, local);
-        Some(Self {
-            word: FLOW_RECENT.get_ptr_mut(index)?,
-            tag: u64::from(period) << 32,
-            bit: 1 << bit,
-        })
-    }
+/// Whether the filter answers for `segment`: a TCP segment without SYN, FIN or RST.
+#[inline(always)]
+fn plain(segment: u32) -> bool {
+    segment >> 8 == u32::from(IPPROTO_TCP) && segment & u32::from(TCP_SYN | TCP_FIN | TCP_RST) == 0
+}
 
-    /// Whether the flow's bit is set this period: it was written to the table this
-    /// period, or another flow's bit answers for it.
-    #[inline(always)]
-    pub fn seen(&self) -> bool {
-        // SAFETY: an element of an array map, which the kernel keeps for the program's
-        // run; a word is read whole, and a torn view across CPUs cannot happen for an
-        // aligned 8-byte load.
-        let w = unsafe { core::ptr::read_volatile(self.word) };
-        w & !0xffff_ffff == self.tag && w & self.bit != 0
-    }
+/// The flow's word in the filter this period, its tag and its bit: None only if the
+/// index were out of the array, which `recent_bit` rules out.
+#[inline(always)]
+fn place(h: u64, now: u32, local: u8) -> Option<(*mut u64, u64, u64)> {
+    let period = recent_period(now);
+    let (index, bit) = recent_bit(h, period, local);
+    Some((
+        FLOW_RECENT.get_ptr_mut(index)?,
+        u64::from(period) << 32,
+        1 << bit,
+    ))
+}
 
-    /// Sets the flow's bit for this period, the word's older bits dropped if its tag is
-    /// older.
-    #[inline(always)]
-    pub fn set(&self) {
-        // SAFETY: as in `seen`; a plain store, which another CPU's store may undo (a bit
-        // lost: that flow's next segment goes to the table again).
-        unsafe {
-            let w = core::ptr::read_volatile(self.word);
-            let w = if w & !0xffff_ffff == self.tag {
-                w
-            } else {
-                self.tag
-            };
-            core::ptr::write_volatile(self.word, w | self.bit);
-        }
+// Both functions stand alone in the program and decide everything inside, from scalars
+// the caller holds anyway: a decision the caller kept across the flow tables (a pointer,
+// a flag) split the verifier's states there and, on 6.1, walked it past its million
+// instructions.
+
+/// Whether `segment`, of the flow of hash `h` seen from local side `local` at second
+/// `now`, goes no further: a plain TCP segment whose flow's bit is set this period (it
+/// was written to the table this period, or another flow's bit answers for it).
+#[inline(never)]
+pub fn seen(h: u64, now: u32, local: u8, segment: u32) -> bool {
+    if !plain(segment) {
+        return false;
+    }
+    let Some((word, tag, bit)) = place(h, now, local) else {
+        return false;
+    };
+    // SAFETY: an element of an array map, which the kernel keeps for the program's run;
+    // an aligned 8-byte load cannot be torn by another CPU's store.
+    let w = unsafe { core::ptr::read_volatile(word) };
+    w & !0xffff_ffff == tag && w & bit != 0
+}
+
+/// After `segment` was written to the table and left the flow with `flags`: sets the
+/// flow's bit for the period of `now` if the segment is plain and the table holds both
+/// directions of an open flow (until then a segment may still bring what the table
+/// lacks). A word of an older period has its bits dropped first.
+#[inline(never)]
+pub fn mark(h: u64, now: u32, local: u8, segment: u32, flags: u8) {
+    if !plain(segment) || flags & (FLOW_AB | FLOW_BA) != FLOW_AB | FLOW_BA || flags & CLOSED != 0 {
+        return;
+    }
+    let Some((word, tag, bit)) = place(h, now, local) else {
+        return;
+    };
+    // SAFETY: as in `seen`; a plain store, which another CPU's store may undo (a bit
+    // lost: that flow's next segment goes to the table again).
+    unsafe {
+        let w = core::ptr::read_volatile(word);
+        let w = if w & !0xffff_ffff == tag { w } else { tag };
+        core::ptr::write_volatile(word, w | bit);
     }
 }
