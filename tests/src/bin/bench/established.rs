@@ -4,6 +4,11 @@
 //! and their acknowledgements back). A process holds at most 20 000 descriptors, so the
 //! connections are spread over processes of `nettool` (`tcp-drip` on the node, `tcp-sink`
 //! in the VPC), at most `PER_PROCESS` each.
+//!
+//! Each direction has its floor of its own (data leaves, acknowledgements arrive: their
+//! floors differ). A second pass puts a classifier that reads two bytes of the headers in
+//! front of the agent's: the agent's cost then, and the reader's, split off what the
+//! first touch of a packet's header costs whoever reads it first.
 
 use std::{
     collections::BTreeMap,
@@ -12,9 +17,13 @@ use std::{
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
 
-use crate::cost::{bpf_stats, floor_classifiers, over_floor, prog_stats, record_cost};
+use crate::cost::{bpf_stats, over_floor, prog_stats, record_cost};
 use crate::report::{Report, runs, stat};
-use integration_tests::{Agent, Netns, SimNode, monitor_bin};
+use integration_tests::{
+    Agent, Netns, SimNode,
+    floor::{BPF_TCX_EGRESS, BPF_TCX_INGRESS, FloorClassifier, Place},
+    monitor_bin,
+};
 
 /// Connections a process holds, clear of its 20 000 descriptors.
 const PER_PROCESS: u32 = 17_000;
@@ -99,8 +108,12 @@ impl Drip {
 
 /// Section `established`: every case on a node of its own, the agent on eth0.
 pub(crate) fn established_tcp(report: &mut Report) {
+    // BENCH_CONNECTIONS=1,2000 runs those cases alone while working on one.
+    let only = std::env::var("BENCH_CONNECTIONS").unwrap_or_default();
     for (case, n, target) in CASES {
-        one_case(report, case, n, target);
+        if only.is_empty() || only.split(',').any(|c| c.trim() == n.to_string()) {
+            one_case(report, case, n, target);
+        }
     }
 }
 
@@ -133,32 +146,95 @@ fn one_case(report: &mut Report, case: &str, n: u32, target: Target) {
             Drip::open(&sim.node, *p, (n - first).min(PER_PROCESS))
         })
         .collect();
-    let floor = floor_classifiers(&sim.node, "eth0");
-    let names = ["tc_ingress", "tc_egress", "floor_tc"];
-    let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut sent = Vec::new();
-    // One run unmeasured: every connection has written before the measured runs.
-    for measured in std::iter::once(false).chain((0..runs()).map(|_| true)) {
-        bpf_stats(measured);
-        let before = prog_stats();
-        for d in &mut drips {
-            d.start(if measured { RUN_S } else { "1" });
-        }
-        let total: f64 = drips.iter_mut().map(Drip::sent).sum();
-        let after = prog_stats();
-        if measured {
-            record_cost(&mut per, &names, &before, &after);
-            sent.push(total);
-        }
-    }
-    bpf_stats(false);
-    drop(floor);
+    let ifindex = sim.node.ifindex("eth0");
+    let floors = sim.node.run(move || {
+        [
+            FloorClassifier::attach_named(ifindex, BPF_TCX_INGRESS, "floor_in"),
+            FloorClassifier::attach_named(ifindex, BPF_TCX_EGRESS, "floor_out"),
+        ]
+        .map(|f| f.expect("attaching the floor classifiers"))
+    });
+    let names = ["tc_ingress", "tc_egress", "floor_in", "floor_out"];
+    let (per, sent) = measure(&mut drips, &names, true);
+    let readers = sim.node.run(move || {
+        [
+            FloorClassifier::attach_reader(ifindex, BPF_TCX_INGRESS, "reader_in", Place::First),
+            FloorClassifier::attach_reader(ifindex, BPF_TCX_EGRESS, "reader_out", Place::First),
+        ]
+        .map(|f| f.expect("attaching the header readers"))
+    });
+    let names = [
+        "tc_ingress",
+        "tc_egress",
+        "floor_in",
+        "floor_out",
+        "reader_in",
+        "reader_out",
+    ];
+    let (read_ahead, _) = measure(&mut drips, &names, false);
+    drop(readers);
+    drop(floors);
     let s = agent.scrape(&sim.node);
     let tcp = [("device", "eth0"), ("protocol", "tcp")];
     let created = s.sum("eni_monitor_flows_created_total", &tcp) - f64::from(n);
     let tracked = s.sum("eni_monitor_tracked_flows", &tcp) - f64::from(n);
     drop(drips);
     report_case(report, (case, n, target), &per, sent, (created, tracked));
+    report_read_ahead(report, case, &read_ahead);
+}
+
+/// Each classifier's cost per segment over `runs()` measured runs of every drip, and the
+/// segments each run wrote; an unmeasured run first when `warm` (every connection has
+/// written before the measured runs).
+fn measure<'a>(
+    drips: &mut [Drip],
+    names: &[&'a str],
+    warm: bool,
+) -> (BTreeMap<&'a str, Vec<f64>>, Vec<f64>) {
+    let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut sent = Vec::new();
+    for measured in std::iter::repeat_n(false, usize::from(warm)).chain((0..runs()).map(|_| true)) {
+        bpf_stats(measured);
+        let before = prog_stats();
+        for d in drips.iter_mut() {
+            d.start(if measured { RUN_S } else { "1" });
+        }
+        let total: f64 = drips.iter_mut().map(Drip::sent).sum();
+        let after = prog_stats();
+        if measured {
+            record_cost(&mut per, names, &before, &after);
+            sent.push(total);
+        }
+    }
+    bpf_stats(false);
+    (per, sent)
+}
+
+/// Each direction's floor.
+const FLOORS: [(&str, &str, &str); 2] = [
+    ("tc_egress", "floor_out", "reader_out"),
+    ("tc_ingress", "floor_in", "reader_in"),
+];
+
+/// The second pass's rows: the header reader over the floor, and the agent's classifiers
+/// over the floor once the reader has touched the headers.
+fn report_read_ahead(report: &mut Report, case: &str, per: &BTreeMap<&str, Vec<f64>>) {
+    for (prog, floor, reader) in FLOORS {
+        for (n, what) in [
+            (reader, "a two-byte header read, first on the hook,"),
+            (prog, "with the headers read ahead of it,"),
+        ] {
+            if let Some(s) = over_floor(per, n, floor) {
+                report.add(
+                    "established",
+                    format!("{case}: {what} {n} over the floor"),
+                    "ns/pkt",
+                    s,
+                    None,
+                );
+            }
+        }
+    }
 }
 
 /// A case's rows: segments a run, the agent's count against the connections, the floor,
@@ -185,18 +261,18 @@ fn report_case(
         stat(vec![created, tracked]),
         Some(("0 and 0".into(), created == 0.0 && tracked == 0.0)),
     );
-    let Some(floor) = per.get("floor_tc").cloned() else {
-        return;
-    };
-    report.add(
-        section,
-        format!("{case}: floor, empty classifier"),
-        "ns",
-        stat(floor),
-        None,
-    );
-    for prog in ["tc_egress", "tc_ingress"] {
-        let Some(s) = over_floor(per, prog, "floor_tc") else {
+    for (prog, floor, _) in FLOORS {
+        let Some(f) = per.get(floor).cloned() else {
+            continue;
+        };
+        report.add(
+            section,
+            format!("{case}: floor, empty classifier ({floor})"),
+            "ns",
+            stat(f),
+            None,
+        );
+        let Some(s) = over_floor(per, prog, floor) else {
             continue;
         };
         let (shown, unit, check) = match target {
@@ -205,7 +281,7 @@ fn report_case(
                 let ratio = stat(
                     per[prog]
                         .iter()
-                        .zip(&per["floor_tc"])
+                        .zip(&per[floor])
                         .map(|(x, f)| (x - f) / f)
                         .collect(),
                 );
