@@ -211,7 +211,8 @@ pub const FLOW_CACHE_WAYS: usize = 4;
 /// Words of `FLOW_RECENT`, the filter of TCP flows refreshed this period: 32 bits each
 /// below a 32-bit period tag, 256 KiB shared by every CPU (a million bits, about one in
 /// ten set at 100 000 flows).
-pub const FLOW_RECENT_WORDS: u32 = 1 << 15;
+pub const FLOW_RECENT_WORDS: u32 = 1 << FLOW_RECENT_INDEX_BITS;
+const FLOW_RECENT_INDEX_BITS: u32 = 15;
 /// A refresh period of `FLOW_RECENT`: `CLOCK_MONOTONIC` seconds `>> FLOW_RECENT_SHIFT`.
 pub const FLOW_RECENT_SHIFT: u32 = 2;
 /// The period's length in seconds: the most a refresh is late when the flow's bit is its
@@ -237,9 +238,11 @@ pub const fn recent_period(second: u32) -> u32 {
 #[inline]
 pub const fn recent_bit(h: u64, period: u32, local: u8) -> (u32, u32) {
     let x = (h ^ (period as u64).wrapping_mul(K_PERIOD) ^ local as u64).wrapping_mul(K);
-    ((x >> 49) as u32, ((x >> 44) & 31) as u32)
+    (
+        (x >> (64 - FLOW_RECENT_INDEX_BITS)) as u32,
+        ((x >> (59 - FLOW_RECENT_INDEX_BITS)) & 31) as u32,
+    )
 }
-const _: () = assert!(FLOW_RECENT_WORDS == 1 << (64 - 49));
 
 /// Slots of each `FLOW_SETS` set: two IPv4 flows to a cache line.
 pub const FLOW_SET_SLOTS: usize = SLOTS_A_SET as usize;
