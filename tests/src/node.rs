@@ -3,7 +3,6 @@
 use crate::Netns;
 
 /// One ENI: `device` in the node namespace, cabled to `peer` in the VPC namespace.
-/// One ENI: `device` in the node namespace, cabled to `peer` in the VPC namespace.
 pub struct Eni {
     pub device: String,
     pub node_v4: String,

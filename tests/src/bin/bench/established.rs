@@ -20,7 +20,7 @@ use std::{
 use crate::cost::{bpf_stats, over_floor, prog_stats, record_cost};
 use crate::report::{Report, runs, stat};
 use integration_tests::{
-    Agent, Netns, SimNode,
+    Agent, Eni, Netns, SimNode,
     floor::{BPF_TCX_EGRESS, BPF_TCX_INGRESS, FloorClassifier, Place},
     monitor_bin,
 };
@@ -51,7 +51,7 @@ fn nettool(ns: &Netns) -> Command {
 }
 
 /// A killed-on-drop process of `nettool`.
-struct Tool(Child);
+pub(crate) struct Tool(Child);
 
 impl Drop for Tool {
     fn drop(&mut self) {
@@ -61,7 +61,7 @@ impl Drop for Tool {
 }
 
 /// A `tcp-drip` process: its connections open, ready for runs.
-struct Drip {
+pub(crate) struct Drip {
     _tool: Tool,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -92,13 +92,13 @@ impl Drip {
         l.trim().to_owned()
     }
 
-    fn start(&mut self, secs: &str) {
+    pub(crate) fn start(&mut self, secs: &str) {
         writeln!(self.stdin, "{secs}").unwrap();
         self.stdin.flush().unwrap();
     }
 
     /// Segments written in the run.
-    fn sent(&mut self) -> f64 {
+    pub(crate) fn sent(&mut self) -> f64 {
         let l = self.line();
         l.strip_prefix("sent ")
             .and_then(|n| n.parse().ok())
@@ -121,31 +121,7 @@ fn one_case(report: &mut Report, case: &str, n: u32, target: Target) {
     let sim = SimNode::ipv4_only();
     let eth0 = sim.eni("eth0");
     let agent = Agent::start(&sim.node, &["--device", "eth0"]);
-    let vpc: std::net::IpAddr = eth0.vpc_v4.parse().unwrap();
-    let processes = n.div_ceil(PER_PROCESS);
-    let ports: Vec<SocketAddr> = (0..processes)
-        .map(|i| SocketAddr::new(vpc, 30_000 + u16::try_from(i).unwrap()))
-        .collect();
-    let _sinks: Vec<Tool> = ports
-        .iter()
-        .map(|p| {
-            Tool(
-                nettool(&sim.vpc)
-                    .args(["tcp-sink", &p.to_string()])
-                    .spawn()
-                    .expect("starting nettool tcp-sink"),
-            )
-        })
-        .collect();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let mut drips: Vec<Drip> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let first = u32::try_from(i).unwrap() * PER_PROCESS;
-            Drip::open(&sim.node, *p, (n - first).min(PER_PROCESS))
-        })
-        .collect();
+    let (_sinks, mut drips) = connections(&sim, eth0, n);
     let ifindex = sim.node.ifindex("eth0");
     let floors = sim.node.run(move || {
         [
@@ -181,6 +157,37 @@ fn one_case(report: &mut Report, case: &str, n: u32, target: Target) {
     drop(drips);
     report_case(report, (case, n, target), &per, sent, (created, tracked));
     report_read_ahead(report, case, &read_ahead);
+}
+
+/// `n` connections from the node to sinks in the VPC, spread over processes: the sinks,
+/// and the drips ready for runs.
+pub(crate) fn connections(sim: &SimNode, eth0: &Eni, n: u32) -> (Vec<Tool>, Vec<Drip>) {
+    let vpc: std::net::IpAddr = eth0.vpc_v4.parse().unwrap();
+    let processes = n.div_ceil(PER_PROCESS);
+    let ports: Vec<SocketAddr> = (0..processes)
+        .map(|i| SocketAddr::new(vpc, 30_000 + u16::try_from(i).unwrap()))
+        .collect();
+    let sinks: Vec<Tool> = ports
+        .iter()
+        .map(|p| {
+            Tool(
+                nettool(&sim.vpc)
+                    .args(["tcp-sink", &p.to_string()])
+                    .spawn()
+                    .expect("starting nettool tcp-sink"),
+            )
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let drips = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let first = u32::try_from(i).unwrap() * PER_PROCESS;
+            Drip::open(&sim.node, *p, (n - first).min(PER_PROCESS))
+        })
+        .collect();
+    (sinks, drips)
 }
 
 /// Each classifier's cost per segment over `runs()` measured runs of every drip, and the

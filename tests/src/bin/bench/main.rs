@@ -10,6 +10,7 @@
 )]
 
 mod agent;
+mod conntrack;
 mod cost;
 mod dns;
 mod established;
@@ -61,6 +62,9 @@ fn main() {
     }
     if want("flows") {
         flows::flow_table(&mut report);
+    }
+    if want("conntrack") {
+        conntrack::conntrack(&mut report);
     }
     if want("fleet") {
         fleet::fleet(&mut report);
