@@ -5,6 +5,10 @@ use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -278,27 +282,46 @@ pub fn flood(ns: &Netns, server: SocketAddr, count: u32) {
 /// are still in flight a while after they were sent. Stopped on drop.
 pub struct SlowResolver {
     _server: crate::Background,
+    released: Arc<AtomicBool>,
 }
 
 impl SlowResolver {
     pub fn start(ns: &Netns, addr: SocketAddr, delay: Duration) -> Self {
+        Self::serve(ns, addr, Some(delay))
+    }
+
+    /// One that holds every answer until [`SlowResolver::release`], then answers at once:
+    /// queries stay in flight for as long as the caller needs, on a machine of any speed.
+    pub fn held(ns: &Netns, addr: SocketAddr) -> Self {
+        Self::serve(ns, addr, None)
+    }
+
+    /// Sends the answers held, and answers from now on without waiting.
+    pub fn release(&self) {
+        self.released.store(true, Ordering::Release);
+    }
+
+    fn serve(ns: &Netns, addr: SocketAddr, delay: Option<Duration>) -> Self {
         let sock = ns.run(move || UdpSocket::bind(addr).unwrap());
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
+        let released = Arc::new(AtomicBool::new(false));
+        let open = Arc::clone(&released);
         let server = crate::Background::spawn(move |stop| {
-            let mut waiting: Vec<(Instant, Vec<u8>, SocketAddr)> = Vec::new();
+            let mut waiting: Vec<(Option<Instant>, Vec<u8>, SocketAddr)> = Vec::new();
             let mut buf = [0u8; 512];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = sock.recv_from(&mut buf)
                     && n >= 12
                 {
                     let mut answer = buf[..n].to_vec();
                     answer[2] |= 0x80;
-                    waiting.push((Instant::now() + delay, answer, peer));
+                    waiting.push((delay.map(|d| Instant::now() + d), answer, peer));
                 }
                 let now = Instant::now();
+                let open = open.load(Ordering::Acquire);
                 waiting.retain(|(due, answer, peer)| {
-                    if *due > now {
+                    if !open && due.is_none_or(|due| due > now) {
                         return true;
                     }
                     let _ = sock.send_to(answer, *peer);
@@ -306,6 +329,9 @@ impl SlowResolver {
                 });
             }
         });
-        Self { _server: server }
+        Self {
+            _server: server,
+            released,
+        }
     }
 }
