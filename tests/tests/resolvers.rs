@@ -101,14 +101,17 @@ fn dns_totals_stay_exact_through_churn_sprays_floods_and_restarts() {
     sim.vpc.ip("addr add 10.200.0.250/32 dev vpc0");
     sim.vpc.nft("table inet dead {\n chain input {\n  type filter hook input priority 0;\n  ip daddr 10.200.0.250 udp dport 53 drop\n }\n}\n");
     let state = BpfState::new(&format!("resolvers-{}", std::process::id()));
-    let args = [
-        "--device",
-        "eth0",
-        "--dns-timeout",
-        "3s",
-        "--resolver-idle",
-        "3s",
-    ];
+    let args_waiting = |dns_timeout| {
+        [
+            "--device",
+            "eth0",
+            "--dns-timeout",
+            dns_timeout,
+            "--resolver-idle",
+            "3s",
+        ]
+    };
+    let args = args_waiting("3s");
     let mut agent = Agent::start_with_state(&sim.node, &args, &state);
     let mut sent = Sent::default();
     let wait = Duration::from_secs(2);
@@ -191,10 +194,7 @@ fn dns_totals_stay_exact_through_churn_sprays_floods_and_restarts() {
     //    the verifier takes on the machine.
     sim.vpc.ip("addr add 10.200.0.251/32 dev vpc0");
     let slow = addr("10.200.0.251", 53);
-    let restarted: Vec<&str> = args
-        .iter()
-        .map(|&a| if a == "3s" { "30s" } else { a })
-        .collect();
+    let restarted = args_waiting("30s");
     for restart in ["SIGKILL", "upgrade"] {
         let slow_server = SlowResolver::held(&sim.vpc, slow);
         let client = std::thread::spawn({
