@@ -4,8 +4,8 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    sync::atomic::Ordering,
-    time::Duration,
+    sync::{Arc, OnceLock, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use crate::{Background, Netns};
@@ -28,6 +28,7 @@ pub enum Behaviour {
 
 pub struct FakeImds {
     pub addr: SocketAddr,
+    first_call: Arc<OnceLock<Instant>>,
     _server: Background,
 }
 
@@ -36,11 +37,14 @@ impl FakeImds {
         let listener = ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
+        let first_call = Arc::new(OnceLock::new());
+        let called = Arc::clone(&first_call);
         let server = Background::spawn(move |stop| {
             let mut held = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
+                        called.get_or_init(Instant::now);
                         stream.set_nonblocking(false).unwrap();
                         match &behaviour {
                             Behaviour::Hang => held.push(stream),
@@ -53,8 +57,14 @@ impl FakeImds {
         });
         Self {
             addr,
+            first_call,
             _server: server,
         }
+    }
+
+    /// When the first connection to it was accepted, if one was.
+    pub fn first_call(&self) -> Option<Instant> {
+        self.first_call.get().copied()
     }
 
     pub fn endpoint(&self) -> String {
