@@ -214,6 +214,20 @@ pub struct DnsPendingSet {
 }
 const _: () = assert!(size_of::<DnsPendingSet>() == 256);
 
+impl DnsPendingSet {
+    /// Way `i`'s element of the per-way field at byte `field` of the set at `set`
+    /// (`offset_of!(DnsPendingSet, state)` ...), an element being a `T`. Only the address
+    /// is computed, so it is safe; both sides reach a way field by field (other CPUs may
+    /// be writing the others), never through a reference to the set.
+    #[inline(always)]
+    pub fn way_field<T>(set: *mut Self, field: usize, i: usize) -> *mut T {
+        set.cast::<u8>()
+            .wrapping_add(field)
+            .cast::<T>()
+            .wrapping_add(i)
+    }
+}
+
 /// A way no query holds.
 pub const PENDING_FREE: u64 = 0;
 /// One CPU (or the agent's sweep) holds the way, writing a query into it or reading one

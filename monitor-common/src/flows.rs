@@ -1,6 +1,8 @@
 //! The flow tables: the EC2 tracking model's one row per flow, in its set of `FLOW_SETS` or in
 //! `FLOWS`.
 
+use core::mem::offset_of;
+
 use crate::{
     Addr, labelled,
     proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
@@ -270,6 +272,16 @@ pub struct FlowSlot {
 pub const FLOW_SETS_SLOT_WORDS: usize = 4;
 const _: () = assert!(size_of::<FlowSlot>() == FLOW_SETS_SLOT_WORDS * 8);
 
+impl FlowSlot {
+    /// The index of each word in a slot, from the struct itself: both sides address a
+    /// slot word by word (a program may be writing the others), never through a
+    /// reference to the whole.
+    pub const ADDRS: usize = offset_of!(Self, addrs) / 8;
+    pub const PORTS_DEV: usize = offset_of!(Self, ports_dev) / 8;
+    pub const SEEN: usize = offset_of!(Self, seen) / 8;
+    pub const CTL: usize = offset_of!(Self, ctl) / 8;
+}
+
 /// One set of `FLOW_SETS`, a cache line.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -277,6 +289,19 @@ pub struct FlowSet {
     pub slots: [FlowSlot; FLOW_SET_SLOTS],
 }
 const _: () = assert!(size_of::<FlowSet>() == 64);
+
+impl FlowSet {
+    /// Word `word` (`FlowSlot::ADDRS` ...) of slot `i` of the set at `set`. Only the
+    /// address is computed, so it is safe; reading or writing it is the caller's to
+    /// argue.
+    #[inline(always)]
+    pub fn slot_word(set: *mut Self, i: usize, word: usize) -> *mut u64 {
+        set.cast::<u8>()
+            .wrapping_add(offset_of!(Self, slots))
+            .cast::<u64>()
+            .wrapping_add(i * FLOW_SETS_SLOT_WORDS + word)
+    }
+}
 
 /// A program is writing a new flow into the slot; only the flow's fingerprint, protocol
 /// and bits are there yet (unless `SLOT_VALID` is set too).

@@ -746,12 +746,15 @@ fn inflight_answer(words: &KeyWords) -> Option<(u64, u8)> {
 /// reorder; it acts only after holding the way, and `hold` reads the key again after the
 /// claim. The agent's sweep claims the same way before it reads or frees one.
 mod pending {
-    use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xchg};
+    use core::{
+        intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xchg},
+        mem::offset_of,
+    };
 
     use aya_ebpf::{macros::map, maps::Array};
     use monitor_common::{
-        DNS_FLIGHT_KEY_WORDS, DNS_PENDING_SETS, DNS_PENDING_WAYS, DnsPendingSet, MapFull,
-        PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
+        DNS_FLIGHT_KEY_WORDS, DNS_PENDING_SETS, DNS_PENDING_WAYS, DnsFlightKey, DnsPendingSet,
+        MapFull, PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
     };
 
     use super::{Ended, KeyWords, Meta, clients};
@@ -772,49 +775,30 @@ mod pending {
     }
 
     impl Way {
+        /// The way's element of the set's per-way field at byte `field`.
+        #[inline(always)]
+        fn field<T>(self, field: usize) -> *mut T {
+            DnsPendingSet::way_field(self.set, field, self.i)
+        }
+
         fn state(self) -> *mut u64 {
-            // SAFETY: only the address is taken, inside the set (`i` < the ways).
-            unsafe {
-                (&raw mut (*self.set).state)
-                    .cast::<u64>()
-                    .wrapping_add(self.i)
-            }
+            self.field(offset_of!(DnsPendingSet, state))
         }
 
         fn start(self) -> *mut u64 {
-            // SAFETY: only the address is taken, inside the set (`i` < the ways).
-            unsafe {
-                (&raw mut (*self.set).start_ns)
-                    .cast::<u64>()
-                    .wrapping_add(self.i)
-            }
+            self.field(offset_of!(DnsPendingSet, start_ns))
         }
 
         fn ifindex(self) -> *mut u32 {
-            // SAFETY: only the address is taken, inside the set (`i` < the ways).
-            unsafe {
-                (&raw mut (*self.set).ifindex)
-                    .cast::<u32>()
-                    .wrapping_add(self.i)
-            }
+            self.field(offset_of!(DnsPendingSet, ifindex))
         }
 
         fn resolver(self) -> *mut u8 {
-            // SAFETY: only the address is taken, inside the set (`i` < the ways).
-            unsafe {
-                (&raw mut (*self.set).resolver)
-                    .cast::<u8>()
-                    .wrapping_add(self.i)
-            }
+            self.field(offset_of!(DnsPendingSet, resolver))
         }
 
         fn egress(self) -> *mut u8 {
-            // SAFETY: only the address is taken, inside the set (`i` < the ways).
-            unsafe {
-                (&raw mut (*self.set).egress)
-                    .cast::<u8>()
-                    .wrapping_add(self.i)
-            }
+            self.field(offset_of!(DnsPendingSet, egress))
         }
 
         /// The device, slot, direction and kind of what waits in a way this CPU holds.
@@ -832,13 +816,10 @@ mod pending {
             }
         }
 
+        /// The first word of the way's key.
         fn key(self) -> *mut u32 {
-            // SAFETY: only the address is taken, inside the set (`i` < the ways, each key `DNS_FLIGHT_KEY_WORDS` words).
-            unsafe {
-                (&raw mut (*self.set).key)
-                    .cast::<u32>()
-                    .wrapping_add(self.i * DNS_FLIGHT_KEY_WORDS)
-            }
+            self.field::<DnsFlightKey>(offset_of!(DnsPendingSet, key))
+                .cast()
         }
 
         /// The client bucket of the query in the way (read as it is: decided on again

@@ -417,9 +417,8 @@ mod sets {
 
     use aya_ebpf::{macros::map, maps::Array};
     use monitor_common::{
-        FLOW_SET_SLOTS, FLOW_SETS_SLOT_WORDS, FlowSet, FlowSlot, SET_MARKS, SET_SPILLED,
-        SET_SPILLED_AGAIN, SLOT_CLAIMED, SLOT_FLAGS_SHIFT, SLOT_FP_SHIFT, SLOT_PROTO_SHIFT,
-        SLOT_STATE_MASK, SLOT_VALID, flow_set,
+        FLOW_SET_SLOTS, FlowSet, FlowSlot, SET_MARKS, SET_SPILLED, SET_SPILLED_AGAIN, SLOT_CLAIMED,
+        SLOT_FLAGS_SHIFT, SLOT_FP_SHIFT, SLOT_PROTO_SHIFT, SLOT_STATE_MASK, SLOT_VALID, flow_set,
     };
 
     use super::{CLOSED, KeyWords};
@@ -473,17 +472,11 @@ mod sets {
 
     impl Slot {
         fn word(self, at: usize) -> *mut u64 {
-            // SAFETY: only the address is taken, inside the set (`i` below the slots, `at`
-            // below a slot's four words).
-            unsafe {
-                (&raw mut (*self.set).slots)
-                    .cast::<u64>()
-                    .wrapping_add(self.i * FLOW_SETS_SLOT_WORDS + at)
-            }
+            FlowSet::slot_word(self.set, self.i, at)
         }
 
         fn ctl(self) -> *mut u64 {
-            self.word(3)
+            self.word(FlowSlot::CTL)
         }
 
         /// A word of the slot, as it is now (another CPU may be writing it).
@@ -493,7 +486,8 @@ mod sets {
         }
 
         fn holds(self, want: &Want) -> bool {
-            self.load(0) == want.addrs && self.load(1) == want.ports_dev
+            self.load(FlowSlot::ADDRS) == want.addrs
+                && self.load(FlowSlot::PORTS_DEV) == want.ports_dev
         }
 
         /// Ors `bits` into the control word (atomic, with a full barrier on every CPU:
@@ -514,11 +508,14 @@ mod sets {
             unsafe {
                 match first {
                     Some(f) => core::ptr::write_volatile(
-                        self.word(2),
+                        self.word(FlowSlot::SEEN),
                         u64::from(f) | (u64::from(last) << 32),
                     ),
                     None => {
-                        core::ptr::write_volatile(self.word(2).cast::<u32>().wrapping_add(1), last);
+                        core::ptr::write_volatile(
+                            self.word(FlowSlot::SEEN).cast::<u32>().wrapping_add(1),
+                            last,
+                        );
                     }
                 }
             }
@@ -538,7 +535,7 @@ mod sets {
     ) -> Option<(u8, bool)> {
         for i in 0..FLOW_SET_SLOTS {
             let slot = Slot { set, i };
-            let c = slot.load(3);
+            let c = slot.load(FlowSlot::CTL);
             if c & ID_MASK != want.id || c & SLOT_STATE_MASK == 0 {
                 continue;
             }
@@ -560,7 +557,7 @@ mod sets {
                     return Some((bits, true));
                 }
             }
-            if (slot.load(2) >> 32) as u32 != now {
+            if (slot.load(FlowSlot::SEEN) >> 32) as u32 != now {
                 slot.seen(None, now);
             }
             if flags_of(c) & bits != bits {
@@ -578,7 +575,7 @@ mod sets {
     /// then may a flow missing from the set be there.
     #[inline(always)]
     pub fn spilled(set: *mut FlowSet) -> bool {
-        Slot { set, i: 0 }.load(3) & SET_SPILLED != 0
+        Slot { set, i: 0 }.load(FlowSlot::CTL) & SET_SPILLED != 0
     }
 
     /// Marks the set before a flow of it goes to `FLOWS`.
@@ -600,14 +597,14 @@ mod sets {
         let mine = u64::from(bits) << SLOT_FLAGS_SHIFT;
         for i in 0..FLOW_SET_SLOTS {
             let slot = Slot { set, i };
-            let c = slot.load(3);
+            let c = slot.load(FlowSlot::CTL);
             if c & SLOT_STATE_MASK == 0 && slot.cxchg(c, want.id | SLOT_CLAIMED | (c & SET_MARKS)) {
                 // Slots are claimed lowest first: the same flow begun on another CPU
                 // meanwhile holds a lower slot, and this CPU, which claimed after it, sees
                 // it and joins it (a full barrier lies between each claim and each look).
                 for j in 0..i {
                     let other = Slot { set, i: j };
-                    let oc = other.load(3);
+                    let oc = other.load(FlowSlot::CTL);
                     if oc & ID_MASK == want.id && oc & SLOT_STATE_MASK != 0 {
                         // SAFETY: the slot this CPU claimed, freed (the set's marks kept).
                         unsafe { atomic_and::<u64, u64, { SeqCst }>(slot.ctl(), SET_MARKS) };
@@ -616,15 +613,15 @@ mod sets {
                 }
                 // SAFETY: the slot is this CPU's until it is published.
                 unsafe {
-                    core::ptr::write_volatile(slot.word(0), want.addrs);
-                    core::ptr::write_volatile(slot.word(1), want.ports_dev);
+                    core::ptr::write_volatile(slot.word(FlowSlot::ADDRS), want.addrs);
+                    core::ptr::write_volatile(slot.word(FlowSlot::PORTS_DEV), want.ports_dev);
                 }
                 slot.seen(Some(now), now);
                 slot.or(SLOT_VALID | mine);
                 return Some(Insert::New);
             }
             // Taken, perhaps by this flow's first packet on another CPU since the look.
-            let c = slot.load(3);
+            let c = slot.load(FlowSlot::CTL);
             if c & ID_MASK == want.id
                 && c & SLOT_STATE_MASK != 0
                 && (c & SLOT_VALID == 0 || slot.holds(want))

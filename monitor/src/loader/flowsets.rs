@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 use aya::maps::MapData;
 use monitor_common::{
-    FLOW_SET_SLOTS, FLOW_SETS_SLOT_WORDS, Flow, FlowKey, FlowSet, FlowSlot, SET_MARKS, SET_SPILLED,
-    SET_SPILLED_AGAIN, SLOT_FLAGS_SHIFT,
+    FLOW_SET_SLOTS, Flow, FlowKey, FlowSet, FlowSlot, SET_MARKS, SET_SPILLED, SET_SPILLED_AGAIN,
+    SLOT_FLAGS_SHIFT,
 };
 
 use super::mapped::Mapped;
@@ -46,18 +46,13 @@ struct Slot {
 
 impl Slot {
     fn word(self, at: usize) -> *mut u64 {
-        // SAFETY: a word of the slot, inside the mapping (`i` below the slots).
-        unsafe {
-            (&raw mut (*self.set).slots)
-                .cast::<u64>()
-                .add(self.i * FLOW_SETS_SLOT_WORDS + at)
-        }
+        FlowSet::slot_word(self.set, self.i, at)
     }
 
     fn ctl(self) -> &'static AtomicU64 {
         // SAFETY: the control word, inside the mapping, which outlives every `Slot` (they
         // live within one call); the programs access it atomically too.
-        unsafe { AtomicU64::from_ptr(self.word(3)) }
+        unsafe { AtomicU64::from_ptr(self.word(FlowSlot::CTL)) }
     }
 
     /// The slot as it is now, its control word `ctl`.
@@ -65,9 +60,9 @@ impl Slot {
         // SAFETY: words inside the mapping.
         unsafe {
             FlowSlot {
-                addrs: std::ptr::read_volatile(self.word(0)),
-                ports_dev: std::ptr::read_volatile(self.word(1)),
-                seen: std::ptr::read_volatile(self.word(2)),
+                addrs: std::ptr::read_volatile(self.word(FlowSlot::ADDRS)),
+                ports_dev: std::ptr::read_volatile(self.word(FlowSlot::PORTS_DEV)),
+                seen: std::ptr::read_volatile(self.word(FlowSlot::SEEN)),
                 ctl,
             }
         }
@@ -181,7 +176,7 @@ impl FlowSets {
                         lower
                             .ctl()
                             .fetch_or(u64::from(flow.flags()) << SLOT_FLAGS_SHIFT, SeqCst);
-                        let seen = lower.word(2).cast::<u32>().wrapping_add(1);
+                        let seen = lower.word(FlowSlot::SEEN).cast::<u32>().wrapping_add(1);
                         // SAFETY: the lower slot's last second, inside the mapping; a
                         // program writes it whole too.
                         unsafe {
@@ -213,9 +208,9 @@ impl FlowSets {
         };
         // SAFETY: words inside the mapping.
         unsafe {
-            std::ptr::write_volatile(at.word(0), slot.addrs);
-            std::ptr::write_volatile(at.word(1), slot.ports_dev);
-            std::ptr::write_volatile(at.word(2), slot.seen);
+            std::ptr::write_volatile(at.word(FlowSlot::ADDRS), slot.addrs);
+            std::ptr::write_volatile(at.word(FlowSlot::PORTS_DEV), slot.ports_dev);
+            std::ptr::write_volatile(at.word(FlowSlot::SEEN), slot.seen);
         }
         at.ctl().store(slot.ctl, SeqCst);
     }

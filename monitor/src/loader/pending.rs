@@ -3,7 +3,10 @@
 //! compare-and-exchange the programs use, so a query ends answered or unanswered, never
 //! both.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::{
+    mem::offset_of,
+    sync::atomic::{AtomicU64, Ordering::SeqCst},
+};
 
 use aya::maps::MapData;
 use monitor_common::{
@@ -84,40 +87,35 @@ struct Way {
 }
 
 impl Way {
+    /// The way's element of the set's per-way field at byte `field`.
+    fn field<T>(&self, field: usize) -> *mut T {
+        DnsPendingSet::way_field(self.set, field, self.i)
+    }
+
+    /// A plain field of the way, as it is now (checked again once the way is held).
+    fn read<T>(&self, field: usize) -> T {
+        // SAFETY: an element of a per-way field, inside the mapping.
+        unsafe { std::ptr::read_volatile(self.field(field)) }
+    }
+
     fn state(&self) -> &AtomicU64 {
         // SAFETY: a word of the mapping, which outlives every `Way` (they live within a
         // sweep); accessed atomically by the programs too.
-        unsafe { AtomicU64::from_ptr((&raw mut (*self.set).state).cast::<u64>().add(self.i)) }
+        unsafe { AtomicU64::from_ptr(self.field(offset_of!(DnsPendingSet, state))) }
     }
 
     fn start(&self) -> u64 {
-        // SAFETY: inside the mapping; a plain word, checked again once held.
-        unsafe {
-            std::ptr::read_volatile((&raw const (*self.set).start_ns).cast::<u64>().add(self.i))
-        }
+        self.read(offset_of!(DnsPendingSet, start_ns))
     }
 
     /// The query in the way, read while it is held.
     fn query(&self) -> Expired {
-        // SAFETY: inside the mapping.
-        unsafe {
-            Expired {
-                start_ns: self.start(),
-                key: std::ptr::read_volatile(
-                    (&raw const (*self.set).key)
-                        .cast::<DnsFlightKey>()
-                        .add(self.i),
-                ),
-                ifindex: std::ptr::read_volatile(
-                    (&raw const (*self.set).ifindex).cast::<u32>().add(self.i),
-                ),
-                resolver: std::ptr::read_volatile(
-                    (&raw const (*self.set).resolver).cast::<u8>().add(self.i),
-                ),
-                egress: std::ptr::read_volatile(
-                    (&raw const (*self.set).egress).cast::<u8>().add(self.i),
-                ) != 0,
-            }
+        Expired {
+            start_ns: self.start(),
+            key: self.read(offset_of!(DnsPendingSet, key)),
+            ifindex: self.read(offset_of!(DnsPendingSet, ifindex)),
+            resolver: self.read(offset_of!(DnsPendingSet, resolver)),
+            egress: self.read::<u8>(offset_of!(DnsPendingSet, egress)) != 0,
         }
     }
 
