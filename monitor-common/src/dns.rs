@@ -219,7 +219,7 @@ impl DnsPendingSet {
     /// (`offset_of!(DnsPendingSet, state)` ...), an element being a `T`. Only the address
     /// is computed, so it is safe; both sides reach a way field by field (other CPUs may
     /// be writing the others), never through a reference to the set.
-    #[inline(always)]
+    #[inline]
     pub fn way_field<T>(set: *mut Self, field: usize, i: usize) -> *mut T {
         set.cast::<u8>()
             .wrapping_add(field)

@@ -294,12 +294,10 @@ impl FlowSet {
     /// Word `word` (`FlowSlot::ADDRS` ...) of slot `i` of the set at `set`. Only the
     /// address is computed, so it is safe; reading or writing it is the caller's to
     /// argue.
-    #[inline(always)]
+    #[inline]
     pub fn slot_word(set: *mut Self, i: usize, word: usize) -> *mut u64 {
-        set.cast::<u8>()
-            .wrapping_add(offset_of!(Self, slots))
-            .cast::<u64>()
-            .wrapping_add(i * FLOW_SETS_SLOT_WORDS + word)
+        set.cast::<u64>()
+            .wrapping_add(offset_of!(Self, slots) / 8 + i * FLOW_SETS_SLOT_WORDS + word)
     }
 }
 

@@ -20,3 +20,5 @@ mod maps;
 mod probes;
 #[path = "runtime.rs"]
 mod runtime;
+#[path = "tables/mod.rs"]
+mod tables;

@@ -19,3 +19,4 @@ mod kernel;
 mod maps;
 mod probes;
 mod runtime;
+mod tables;

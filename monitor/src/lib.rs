@@ -2,8 +2,9 @@
 //! DNS packets start to vanish.
 //!
 //! The data's way, from the kernel up: `kernel` reads the running kernel's layout;
-//! `loader` alone owns the eBPF object (loads, pins, attaches, hands out each map as a
-//! typed handle); `model` decides (allowance, EC2 timeouts, resolver labels, link-local
+//! `tables` holds the typed handles over the kernel's maps and the lock-free tables the
+//! agent shares with the programs; `loader` alone owns the eBPF object (loads, pins,
+//! attaches, hands out each map as its `tables` handle); `model` decides (allowance, EC2 timeouts, resolver labels, link-local
 //! peak) with no kernel in it; `housekeeping` runs the periodic passes over the kernel's
 //! tables; `collectors` read and encode; `http` serves. `agent` wires them, `watch`
 //! follows devices as they come and go. Imports point down that list.
@@ -21,6 +22,7 @@ pub mod kernel;
 pub mod loader;
 pub mod model;
 pub mod status;
+pub mod tables;
 pub mod watch;
 pub mod webconfig;
 

@@ -15,7 +15,8 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     devices::{self, Device, Devices},
-    loader::{ClassifierLinks, Programs, attach::CLASSIFIERS, maps::Monitored, slots::SlotArray},
+    loader::{ClassifierLinks, Programs, attach::CLASSIFIERS, maps::Monitored},
+    tables::slots::SlotArray,
 };
 
 /// The per-slot arrays zeroed when a slot changes hands.

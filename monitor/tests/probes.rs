@@ -863,7 +863,7 @@ fn the_flow_cache_passes_on_every_flag_and_every_flow() {
 fn the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held() {
     use monitor_common::{PENDING_FREE, PENDING_WAITING, PENDING_WRITING};
 
-    use monitor::loader::pending::{Expired, PendingTable};
+    use monitor::tables::pending::{Expired, PendingTable};
     if !root::require_root("the_sweep_takes_expired_queries_once_and_ways_a_killed_agent_held") {
         return;
     }
@@ -1073,7 +1073,7 @@ fn held_keys(probe: &Probe) -> std::collections::BTreeMap<[u32; 11], usize> {
 
 /// Flows of `class` begun on loopback (slot 0), from the `flows_created` map.
 fn created(
-    flows_created: &monitor::loader::slots::SlotArray<u64>,
+    flows_created: &monitor::tables::slots::SlotArray<u64>,
     class: monitor_common::FlowClass,
 ) -> u64 {
     flows_created.get(0, class as u32).iter().sum()

@@ -20,11 +20,11 @@ use aya::maps::{MapData, PerCpuArray};
 use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::{Departed, Devices},
-    loader::dns::{DnsSnapshot, DnsTables, Histogram},
     model::{
         dns::{RankedClients, rcode_name},
         resolvers::ResolverSlots,
     },
+    tables::dns::{DnsSnapshot, DnsTables, Histogram},
 };
 
 const QUERIES: Metric = Metric {

@@ -11,11 +11,11 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::{Device, Devices},
-    loader::slots::SlotArray,
     model::{
         flows::{FlowCounts, IDLE_BOUNDS, TimeoutClass, Timeouts},
         instance::TcpEstablished,
     },
+    tables::slots::SlotArray,
 };
 
 const TRACKED_FLOWS: Metric = Metric {

@@ -13,8 +13,8 @@ use super::{Metric, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::Devices,
     housekeeping::monotonic_ns,
-    loader::slots::SlotArray,
     model::linklocal::{Senders, per_second},
+    tables::slots::SlotArray,
 };
 
 const LINKLOCAL_PACKETS: Metric = Metric {

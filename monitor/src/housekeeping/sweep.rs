@@ -24,14 +24,14 @@ use monitor_common::{
 };
 
 use crate::{
-    loader::{
-        dns::{DnsTables, SeenServers, SlotKey},
-        maps::{Addresses, InflightTable},
-        pending::{ClientCounts, Expired, PendingTable},
-    },
+    loader::maps::{Addresses, InflightTable},
     model::{
         dns::{RankedClients, RecentClients, minute},
         resolvers::{Activity, ResolverSlots},
+    },
+    tables::{
+        dns::{DnsTables, SeenServers, SlotKey},
+        pending::{ClientCounts, Expired, PendingTable},
     },
 };
 

@@ -18,9 +18,9 @@ use monitor_common::{
     RESOLVER_OTHER, SERVICE_NONE, addr_from_ip, addr_to_ip,
 };
 
-use super::{
+use crate::tables::{
     batch,
-    dns::{DnsTables, SeenServers, Tables},
+    dns::{DnsTables, SeenServers},
     flowsets::FlowSets,
     pending::{ClientCounts, PendingTable},
     slots::SlotArray,
@@ -161,13 +161,13 @@ impl Maps {
             dns_inflight: InflightTable(take_hash(ebpf, DNS_INFLIGHT)?),
             dns_pending: pending,
             dns_clients,
-            dns: DnsTables(Arc::new(Mutex::new(Tables {
-                counts: take_typed(ebpf, DNS_COUNTS)?,
-                latency: take_typed(ebpf, DNS_LATENCY)?,
-                agent_counts: take_typed(ebpf, DNS_AGENT_COUNTS)?,
-                agent_latency: take_typed(ebpf, DNS_AGENT_LATENCY)?,
-            }))),
-            dns_seen: SeenServers(take_typed(ebpf, DNS_SEEN)?),
+            dns: DnsTables::new(
+                take_typed(ebpf, DNS_COUNTS)?,
+                take_typed(ebpf, DNS_LATENCY)?,
+                take_typed(ebpf, DNS_AGENT_COUNTS)?,
+                take_typed(ebpf, DNS_AGENT_LATENCY)?,
+            ),
+            dns_seen: SeenServers::new(take_typed(ebpf, DNS_SEEN)?),
             drops: take_typed(ebpf, DROPS)?,
             udp_queue_drops: take_typed(ebpf, UDP_QUEUE_DROPS)?,
             addrs: Addresses(Arc::new(Mutex::new(take_typed(ebpf, ADDRS)?))),

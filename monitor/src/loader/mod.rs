@@ -4,14 +4,8 @@
 //! touches the object.
 
 pub mod attach;
-mod batch;
-pub mod dns;
-pub mod flowsets;
-mod mapped;
 pub mod maps;
-pub mod pending;
 pub mod pins;
-pub mod slots;
 
 use std::path::Path;
 

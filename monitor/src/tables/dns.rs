@@ -16,9 +16,13 @@ use monitor_common::{
 
 /// `DNS_SEEN`: servers without a slot that queries went to, least recently used out
 /// first. The sweep drains it.
-pub struct SeenServers(pub(super) HashMap<MapData, Addr, u64>);
+pub struct SeenServers(HashMap<MapData, Addr, u64>);
 
 impl SeenServers {
+    pub fn new(map: HashMap<MapData, Addr, u64>) -> Self {
+        Self(map)
+    }
+
     /// Every server seen since the last drain, with its rough count; the map left empty.
     pub fn drain(&mut self) -> Vec<(IpAddr, u64)> {
         let seen: Vec<(Addr, u64)> = self.0.iter().filter_map(Result::ok).collect();
@@ -71,11 +75,11 @@ pub struct DnsSnapshot {
     pub latency: BTreeMap<DnsSlotKey, Histogram>,
 }
 
-pub(super) struct Tables {
-    pub(super) counts: PerCpuHashMap<MapData, DnsCountKey, u64>,
-    pub(super) latency: PerCpuHashMap<MapData, DnsSlotKey, DnsLatency>,
-    pub(super) agent_counts: HashMap<MapData, DnsCountKey, u64>,
-    pub(super) agent_latency: HashMap<MapData, DnsSlotKey, DnsLatency>,
+struct Tables {
+    counts: PerCpuHashMap<MapData, DnsCountKey, u64>,
+    latency: PerCpuHashMap<MapData, DnsSlotKey, DnsLatency>,
+    agent_counts: HashMap<MapData, DnsCountKey, u64>,
+    agent_latency: HashMap<MapData, DnsSlotKey, DnsLatency>,
 }
 
 /// The DNS counts: the programs' (`DNS_COUNTS`, `DNS_LATENCY`, per CPU) and the agent's
@@ -83,9 +87,24 @@ pub(super) struct Tables {
 /// retired into `other`). One lock over all four: a scrape never sees a slot's counts
 /// half moved.
 #[derive(Clone)]
-pub struct DnsTables(pub(super) Arc<Mutex<Tables>>);
+pub struct DnsTables(Arc<Mutex<Tables>>);
 
 impl DnsTables {
+    /// The four maps, the programs' (per CPU) then the agent's.
+    pub fn new(
+        counts: PerCpuHashMap<MapData, DnsCountKey, u64>,
+        latency: PerCpuHashMap<MapData, DnsSlotKey, DnsLatency>,
+        agent_counts: HashMap<MapData, DnsCountKey, u64>,
+        agent_latency: HashMap<MapData, DnsSlotKey, DnsLatency>,
+    ) -> Self {
+        Self(Arc::new(Mutex::new(Tables {
+            counts,
+            latency,
+            agent_counts,
+            agent_latency,
+        })))
+    }
+
     /// Every count, the programs' and the agent's summed by key.
     pub fn snapshot(&self) -> DnsSnapshot {
         let t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
