@@ -1,6 +1,6 @@
 //! DNS: queries in flight, counts by server, latency.
 
-use crate::Addr;
+use crate::{Addr, hash::XXH32_PRIME_1};
 
 /// Resolver slots: the agent names a bounded number of resolver addresses, each in a
 /// slot of its own, and the programs count by slot, never by an address a packet chose.
@@ -258,7 +258,7 @@ pub fn dns_client_bucket(client: [u32; 4], key: u32) -> u32 {
     for w in client {
         // Multiplied after each word, so that which word a bit is in matters (an IPv4
         // address fills the last word of its IPv4-mapped form).
-        h = (h ^ w).wrapping_mul(0x9e37_79b1);
+        h = (h ^ w).wrapping_mul(XXH32_PRIME_1);
     }
     h >> (32 - DNS_CLIENT_BUCKETS.trailing_zeros())
 }

@@ -4,7 +4,9 @@
 use core::mem::offset_of;
 
 use crate::{
-    Addr, labelled,
+    Addr,
+    hash::{GOLDEN_64, XXH64_PRIME_2, XXH64_PRIME_3},
+    labelled,
     proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -78,9 +80,10 @@ pub const fn flow_key_words(
     ]
 }
 
-const K: u64 = 0x9e37_79b9_7f4a_7c15;
-const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
-const K3: u64 = 0x1656_67b1_9e37_79f9;
+const K: u64 = GOLDEN_64;
+/// Keys the second lane (and the IPv4 hash) apart from the first.
+const K2: u64 = XXH64_PRIME_2;
+const K3: u64 = XXH64_PRIME_3;
 
 #[inline]
 const fn pair(lo: u32, hi: u32) -> u64 {
@@ -293,13 +296,21 @@ const _: () = assert!(size_of::<FlowSet>() == 64);
 impl FlowSet {
     /// Word `word` (`FlowSlot::ADDRS` ...) of slot `i` of the set at `set`. Only the
     /// address is computed, so it is safe; reading or writing it is the caller's to
-    /// argue.
+    /// argue. The byte offset of the slots first, then the word: the sum taken whole
+    /// compiles to other eBPF, which 6.1's verifier walks a third longer (951 000
+    /// instructions of `tc_ingress` on arm64, against 627 000).
     #[inline]
+    // The slots begin the set (a multiple of 8 bytes, asserted below) and the set is
+    // 64-byte aligned: the word pointer is aligned.
+    #[allow(clippy::cast_ptr_alignment)]
     pub fn slot_word(set: *mut Self, i: usize, word: usize) -> *mut u64 {
-        set.cast::<u64>()
-            .wrapping_add(offset_of!(Self, slots) / 8 + i * FLOW_SETS_SLOT_WORDS + word)
+        set.cast::<u8>()
+            .wrapping_add(offset_of!(Self, slots))
+            .cast::<u64>()
+            .wrapping_add(i * FLOW_SETS_SLOT_WORDS + word)
     }
 }
+const _: () = assert!(offset_of!(FlowSet, slots) % 8 == 0);
 
 /// A program is writing a new flow into the slot; only the flow's fingerprint, protocol
 /// and bits are there yet (unless `SLOT_VALID` is set too).

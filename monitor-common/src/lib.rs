@@ -9,6 +9,7 @@ mod dns;
 mod drops;
 mod flows;
 pub mod globals;
+pub mod hash;
 mod linklocal;
 pub mod proto;
 

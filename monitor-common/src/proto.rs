@@ -4,6 +4,13 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_HLEN: usize = 14;
+/// The ethertype's offset in an Ethernet header; after an 802.1Q tag, the inner one's is
+/// `VLAN_HLEN` further.
+pub const ETH_TYPE_OFF: usize = 12;
+pub const VLAN_HLEN: usize = 4;
+/// An IPv4 header without options; the fixed IPv6 header.
+pub const IPV4_HLEN: u32 = 20;
+pub const IPV6_HLEN: usize = 40;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;

@@ -6,7 +6,7 @@ use monitor_common::{
     V4_MAPPED_WORD,
     proto::{
         DNS_PORT, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP,
-        IPPROTO_UDP,
+        IPPROTO_UDP, IPV4_HLEN,
     },
 };
 
@@ -68,7 +68,7 @@ pub fn ipv4(h: &[u32; 5]) -> Option<Ipv4> {
         return None;
     }
     let ihl = (vihl & 0x0f) * 4;
-    if ihl < 20 {
+    if ihl < IPV4_HLEN {
         return None;
     }
     Some(Ipv4 {

@@ -7,42 +7,32 @@ use aya_ebpf::{
     macros::map,
     maps::PerCpuArray,
 };
-use monitor_common::proto::{ETH_P_IP, ETH_P_IPV6};
+use monitor_common::proto::{ETH_P_IP, ETH_P_IPV6, IPV4_HLEN};
 
 use crate::headers;
 
+/// Declares each load-time global (a `u32` the loader patches, found by its symbol) and
+/// its getter in `layout`, from the one list in `monitor_common::with_globals`.
 macro_rules! layout_globals {
-    ($($name:ident),* $(,)?) => {
+    ($($(#[$doc:meta])* $getter:ident => $symbol:ident),* $(,)?) => {
         $(
+            $(#[$doc])*
             #[unsafe(no_mangle)]
-            static $name: u32 = 0;
+            static $symbol: u32 = 0;
         )*
+
+        pub mod layout {
+            $(
+                #[inline(always)]
+                pub fn $getter() -> u32 {
+                    super::global(&super::$symbol)
+                }
+            )*
+        }
     };
 }
 
-layout_globals!(
-    SKB_HEAD_OFF,
-    SKB_NETWORK_HEADER_OFF,
-    SKB_TRANSPORT_HEADER_OFF,
-    SKB_PROTOCOL_OFF,
-    SKB_DEV_OFF,
-    DEV_IFINDEX_OFF,
-    DEV_NET_OFF,
-    NET_INUM_OFF,
-    SK_NUM_OFF,
-    SK_DPORT_OFF,
-    OWN_NETNS_INUM,
-    KFREE_SKB_HAS_REASON,
-    REASON_NOT_SPECIFIED,
-    HAVE_COARSE_CLOCK,
-    FLOW_HASH_KEY_LO,
-    FLOW_HASH_KEY_HI,
-    FLOW_TABLE_SETS,
-    FLOW_TABLE_SIZE,
-    DNS_SET_KEY,
-    PENDING_SETS,
-    STORES_IN_ORDER,
-);
+monitor_common::with_globals!(layout_globals);
 
 /// Reads a load-time global; volatile so the compiler keeps the load the loader patched.
 /// The globals live in a frozen read-only map, so the verifier knows their values and
@@ -51,43 +41,6 @@ layout_globals!(
 pub fn global(v: &'static u32) -> u32 {
     // SAFETY: a plain read of a static the loader initialised.
     unsafe { core::ptr::read_volatile(v) }
-}
-
-pub mod layout {
-    macro_rules! getters {
-        ($($fn_name:ident => $global:ident),* $(,)?) => {
-            $(
-                #[inline(always)]
-                pub fn $fn_name() -> u32 {
-                    super::global(&super::$global)
-                }
-            )*
-        };
-    }
-
-    getters!(
-        skb_head => SKB_HEAD_OFF,
-        skb_network_header => SKB_NETWORK_HEADER_OFF,
-        skb_transport_header => SKB_TRANSPORT_HEADER_OFF,
-        skb_protocol => SKB_PROTOCOL_OFF,
-        skb_dev => SKB_DEV_OFF,
-        dev_ifindex => DEV_IFINDEX_OFF,
-        dev_net => DEV_NET_OFF,
-        net_inum => NET_INUM_OFF,
-        sk_num => SK_NUM_OFF,
-        sk_dport => SK_DPORT_OFF,
-        own_netns_inum => OWN_NETNS_INUM,
-        kfree_skb_has_reason => KFREE_SKB_HAS_REASON,
-        reason_not_specified => REASON_NOT_SPECIFIED,
-        have_coarse_clock => HAVE_COARSE_CLOCK,
-        flow_hash_key_lo => FLOW_HASH_KEY_LO,
-        flow_hash_key_hi => FLOW_HASH_KEY_HI,
-        flow_sets => FLOW_TABLE_SETS,
-        flow_table_size => FLOW_TABLE_SIZE,
-        dns_set_key => DNS_SET_KEY,
-        pending_sets => PENDING_SETS,
-        stores_in_order => STORES_IN_ORDER,
-    );
 }
 
 /// Reads a `T` at `base + off` in kernel memory.
@@ -134,7 +87,7 @@ pub fn skb_is_dns(skb: u64, protocol: u16) -> bool {
             if !headers::has_ports(ip.proto) || !ip.first_fragment {
                 return false;
             }
-            if ip.ihl == 20 {
+            if ip.ihl == IPV4_HLEN {
                 h[5]
             } else {
                 let Ok(w) = read::<u32>(l3, ip.ihl) else {

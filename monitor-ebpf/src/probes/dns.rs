@@ -629,6 +629,8 @@ pub(crate) type KeyWords = [u32; DNS_FLIGHT_KEY_WORDS];
 /// client at its share of it) itself.
 #[inline(always)]
 fn inflight_query(words: &KeyWords, meta: Meta, replace: bool) -> Ended {
+    // The words the pending table compares, taken as the hash map's key rather than
+    // built again field by field.
     // SAFETY: `DnsFlightKey` is `repr(C)`, 10 words without padding between fields: the
     // key the map hashes is the words the probes build and compare.
     let key: DnsFlightKey = unsafe { core::mem::transmute(*words) };

@@ -229,6 +229,9 @@ fn store(packet: &Stored) -> Option<u8> {
         }
         set = Some((s, want));
     }
+    // The key is built once, as words, because the hash, the cache and the sets read
+    // words; the table's key is those same words taken as a `FlowKey`, not assembled
+    // again field by field from the packet.
     // SAFETY: `FlowKey` is `repr(C)`, 11 words without padding between fields.
     let key: FlowKey = unsafe { core::mem::transmute(*words) };
     // A flow missing from its set is in `FLOWS` only if the set is marked spilled.

@@ -7,7 +7,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 use monitor_common::{
     Addr, AddrInfo, LL_SENDER_SECONDS, LL_SENDER_SETS, LL_SENDER_WAYS, LL_WINDOW, LinkLocalSecond,
     LinkLocalSender, LinkLocalSenders, LinkLocalService, MAX_DEVICES, MapFull, RESOLVER_OTHER,
-    SERVICE_NONE, proto::DNS_PORT,
+    SERVICE_NONE, hash::XXH32_PRIME_1, proto::DNS_PORT,
 };
 
 use super::packet::Packet;
@@ -157,7 +157,7 @@ fn sent(second: u32, slot: u32, service: u32, from: &Addr) {
 fn sender_set(from: &Addr, slot: u8, service: u8) -> u32 {
     let mixed =
         (from[0] ^ from[1] ^ from[2] ^ from[3] ^ (u32::from(slot) << 8) ^ u32::from(service))
-            .wrapping_mul(0x9e37_79b1);
+            .wrapping_mul(XXH32_PRIME_1);
     // The product's top bits, which every bit of the sender moves (Fibonacci hashing).
     mixed >> (32 - LL_SENDER_SETS.trailing_zeros())
 }

@@ -5,7 +5,8 @@ use aya_ebpf::programs::TcContext;
 use monitor_common::{
     Addr,
     proto::{
-        ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_TCP, TCP_FLAGS,
+        ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF, IPPROTO_FRAGMENT, IPPROTO_TCP,
+        IPV4_HLEN, IPV6_HLEN, TCP_FLAGS, VLAN_HLEN,
     },
 };
 
@@ -81,6 +82,7 @@ fn header_and_ports<const N: usize, const M: usize>(
         return Some((h, true));
     }
     if let Ok(h) = ctx.load::<[u32; N]>(off) {
+        // Copied out: `words` above read it in place where it could.
         return Some((h, true));
     }
     let h = ctx.load::<[u32; M]>(off).ok()?;
@@ -97,10 +99,10 @@ fn header_and_ports<const N: usize, const M: usize>(
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let mut l3 = ETH_HLEN;
-    let mut ethertype = u16::from_be(read::<u16>(ctx, 12)?);
+    let mut ethertype = u16::from_be(read::<u16>(ctx, ETH_TYPE_OFF)?);
     if ethertype == ETH_P_8021Q {
-        ethertype = u16::from_be(read::<u16>(ctx, 16)?);
-        l3 += 4;
+        ethertype = u16::from_be(read::<u16>(ctx, ETH_TYPE_OFF + VLAN_HLEN)?);
+        l3 += VLAN_HLEN;
     }
     match ethertype {
         ETH_P_IP => {
@@ -122,7 +124,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                 dport: 0,
             };
             if p.l4 != 0 && headers::has_ports(p.proto) {
-                let w = if ip.ihl == 20 {
+                let w = if ip.ihl == IPV4_HLEN {
                     whole.then_some(h[5])
                 } else {
                     read::<u32>(ctx, p.l4).or_else(|| ctx.load::<u32>(p.l4).ok())
@@ -142,7 +144,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                 dst: ip.dst,
                 proto: ip.next,
                 is_v6: true,
-                l4: l3 + 40,
+                l4: l3 + IPV6_HLEN,
                 sport: 0,
                 dport: 0,
             };

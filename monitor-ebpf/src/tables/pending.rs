@@ -20,6 +20,7 @@ use aya_ebpf::{macros::map, maps::Array};
 use monitor_common::{
     DNS_FLIGHT_KEY_WORDS, DNS_PENDING_SETS, DNS_PENDING_WAYS, DnsFlightKey, DnsPendingSet, MapFull,
     PENDING_FREE, PENDING_WAITING, PENDING_WRITING,
+    hash::{MURMUR3_FMIX_1, MURMUR3_FMIX_2, XXH32_PRIME_1},
 };
 
 use super::clients;
@@ -143,11 +144,14 @@ impl Way {
 
 #[inline(always)]
 fn set(key: &KeyWords) -> Option<*mut DnsPendingSet> {
+    // Each address folded to one word by XOR, then one multiply an address rather than
+    // one a word (this runs on every query and answer). Addresses that fold alike share
+    // a set, which its four ways and each client's share of the table bound.
     let c = key[0] ^ key[1] ^ key[2] ^ key[3];
     let s = key[4] ^ key[5] ^ key[6] ^ key[7];
-    let h = (c ^ layout::dns_set_key()).wrapping_mul(0x9e37_79b1)
-        ^ s.wrapping_mul(0x85eb_ca6b)
-        ^ key[8].wrapping_mul(0xc2b2_ae35);
+    let h = (c ^ layout::dns_set_key()).wrapping_mul(XXH32_PRIME_1)
+        ^ s.wrapping_mul(MURMUR3_FMIX_1)
+        ^ key[8].wrapping_mul(MURMUR3_FMIX_2);
     let h = h ^ (h >> 15);
     DNS_PENDING.get_ptr_mut(((u64::from(h) * u64::from(layout::pending_sets())) >> 32) as u32)
 }

@@ -287,16 +287,16 @@ impl KernelFacts {
     pub fn globals(&self) -> Vec<(&'static str, u32)> {
         let o = &self.offsets;
         vec![
-            (globals::SKB_HEAD, o.skb_head),
-            (globals::SKB_NETWORK_HEADER, o.skb_network_header),
-            (globals::SKB_TRANSPORT_HEADER, o.skb_transport_header),
-            (globals::SKB_PROTOCOL, o.skb_protocol),
-            (globals::SKB_DEV, o.skb_dev),
-            (globals::DEV_IFINDEX, o.dev_ifindex),
-            (globals::DEV_NET, o.dev_net),
-            (globals::NET_INUM, o.net_inum),
-            (globals::SK_NUM, o.sk_num),
-            (globals::SK_DPORT, o.sk_dport),
+            (globals::SKB_HEAD_OFF, o.skb_head),
+            (globals::SKB_NETWORK_HEADER_OFF, o.skb_network_header),
+            (globals::SKB_TRANSPORT_HEADER_OFF, o.skb_transport_header),
+            (globals::SKB_PROTOCOL_OFF, o.skb_protocol),
+            (globals::SKB_DEV_OFF, o.skb_dev),
+            (globals::DEV_IFINDEX_OFF, o.dev_ifindex),
+            (globals::DEV_NET_OFF, o.dev_net),
+            (globals::NET_INUM_OFF, o.net_inum),
+            (globals::SK_NUM_OFF, o.sk_num),
+            (globals::SK_DPORT_OFF, o.sk_dport),
             (globals::OWN_NETNS_INUM, self.netns_inum),
             (
                 globals::KFREE_SKB_HAS_REASON,
