@@ -84,11 +84,61 @@ fn flow_sets(facts: &KernelFacts, sizes: Sizes) -> u32 {
     }
 }
 
+/// The maps the agent sizes, with their entries on `facts`'s kernel.
+fn sized_maps(facts: &KernelFacts, sizes: Sizes) -> [(&'static str, u32); 4] {
+    let (inflight, pending_sets) = dns_tables(facts, sizes);
+    [
+        (names::FLOWS, sizes.flows),
+        (names::FLOW_SETS, flow_sets(facts, sizes)),
+        (names::DNS_INFLIGHT, inflight),
+        (names::DNS_PENDING, pending_sets),
+    ]
+}
+
+/// Every load-time global with its value: the kernel's layout (`facts`), then what this
+/// load sizes and the keys of its hashes. Each global of `globals::ALL` once.
+fn load_globals(
+    facts: &KernelFacts,
+    sizes: Sizes,
+    keys: &[u32; HASH_KEYS as usize],
+) -> Vec<(&'static str, u32)> {
+    let (_, pending_sets) = dns_tables(facts, sizes);
+    let mut all = facts.globals();
+    all.extend([
+        (globals::FLOW_TABLE_SIZE, sizes.flows),
+        (globals::FLOW_TABLE_SETS, flow_sets(facts, sizes)),
+        (globals::PENDING_SETS, pending_sets),
+        (globals::FLOW_HASH_KEY_LO, keys[HASH_KEY_FLOW_LO as usize]),
+        (globals::FLOW_HASH_KEY_HI, keys[HASH_KEY_FLOW_HI as usize]),
+        (globals::DNS_SET_KEY, keys[HASH_KEY_DNS as usize]),
+    ]);
+    all
+}
+
+/// The keys of the hashes that pick sets in the pinned tables: a restarted agent keeps
+/// the ones their entries were filed by. Without them, what those tables hold cannot be
+/// found, so they start empty, and new keys are drawn.
+fn hash_keys(pins: Option<&Path>) -> Result<[u32; HASH_KEYS as usize]> {
+    let Some(dir) = pins else {
+        return Ok(random_words());
+    };
+    if let Some(kept) = pinned_hash_keys(&dir.join(names::HASH_KEYS)) {
+        return Ok(kept);
+    }
+    for name in [names::FLOW_SETS, names::DNS_PENDING] {
+        let path = dir.join(name);
+        if path.exists() {
+            pins::unpin(&path, "its hash keys are gone, so it starts empty")?;
+        }
+    }
+    Ok(random_words())
+}
+
 /// The shape this agent makes each pinned map on `facts`'s kernel: the object's
 /// definition, with the sizes the agent sets.
 pub fn pinned_shapes(facts: &KernelFacts, sizes: Sizes) -> Result<Vec<(&'static str, MapShape)>> {
     let object = aya_obj::Object::parse(object(facts)).context("parsing the eBPF object")?;
-    let (inflight, pending_sets) = dns_tables(facts, sizes);
+    let sized_entries = sized_maps(facts, sizes);
     names::PINNED
         .iter()
         .map(|&name| {
@@ -96,13 +146,10 @@ pub fn pinned_shapes(facts: &KernelFacts, sizes: Sizes) -> Result<Vec<(&'static 
                 .maps
                 .get(name)
                 .with_context(|| format!("map {name} missing from the object"))?;
-            let max_entries = match name {
-                names::FLOWS => sizes.flows,
-                names::FLOW_SETS => flow_sets(facts, sizes),
-                names::DNS_INFLIGHT => inflight,
-                names::DNS_PENDING => pending_sets,
-                _ => m.max_entries(),
-            };
+            let max_entries = sized_entries
+                .iter()
+                .find(|(sized, _)| *sized == name)
+                .map_or(m.max_entries(), |&(_, entries)| entries);
             Ok((
                 name,
                 MapShape {
@@ -130,49 +177,15 @@ pub fn load(facts: &KernelFacts, sizes: Sizes, pins: Option<&Path>) -> Result<Lo
     if let Some(dir) = pins {
         pins::replace_mismatched(dir, &pinned_shapes(facts, sizes)?);
     }
+    let keys = hash_keys(pins)?;
     let mut loader = EbpfLoader::new();
-    let (inflight, pending_sets) = dns_tables(facts, sizes);
-    loader.map_max_entries(names::FLOWS, sizes.flows);
-    loader.override_global(globals::FLOW_TABLE_SIZE, &sizes.flows, true);
-    let sets = flow_sets(facts, sizes);
-    loader.map_max_entries(names::FLOW_SETS, sets);
-    loader.override_global(globals::FLOW_TABLE_SETS, &sets, true);
-    loader.map_max_entries(names::DNS_INFLIGHT, inflight);
-    loader.map_max_entries(names::DNS_PENDING, pending_sets);
-    let layout = facts.globals();
-    for (name, value) in &layout {
+    for (name, entries) in sized_maps(facts, sizes) {
+        loader.map_max_entries(name, entries);
+    }
+    let globals = load_globals(facts, sizes, &keys);
+    for (name, value) in &globals {
         loader.override_global(name, value, true);
     }
-    // The keys of the hashes that pick sets in the pinned tables: a restarted agent keeps
-    // the ones their entries were filed by. Without them, what those tables hold cannot
-    // be found: they start empty.
-    let kept = pins.and_then(|dir| pinned_hash_keys(&dir.join(names::HASH_KEYS)));
-    if let (Some(dir), None) = (pins, kept) {
-        for name in [names::FLOW_SETS, names::DNS_PENDING] {
-            let path = dir.join(name);
-            if path.exists() {
-                log::warn!(
-                    "{}: its hash keys are gone, starting it empty",
-                    path.display()
-                );
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-            }
-        }
-    }
-    let keys = kept.unwrap_or_else(random_words::<{ HASH_KEYS as usize }>);
-    loader.override_global(
-        globals::FLOW_HASH_KEY_LO,
-        &keys[HASH_KEY_FLOW_LO as usize],
-        true,
-    );
-    loader.override_global(
-        globals::FLOW_HASH_KEY_HI,
-        &keys[HASH_KEY_FLOW_HI as usize],
-        true,
-    );
-    loader.override_global(globals::DNS_SET_KEY, &keys[HASH_KEY_DNS as usize], true);
-    loader.override_global(globals::PENDING_SETS, &pending_sets, true);
     if let Some(dir) = pins {
         for name in names::PINNED {
             loader.map_pin_path(name, dir.join(name));
@@ -226,4 +239,31 @@ fn random_words<const N: usize>() -> [u32; N] {
         log::warn!("no random keys for the programs' hashes: using fixed ones");
     }
     w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every load-time global the object declares is set at load, and once: the kernel's
+    /// layout and the load's own sizes and keys together make `globals::ALL`.
+    #[test]
+    fn every_global_is_set_once() {
+        let facts = KernelFacts::from_btf(&crate::kernel::btf::tests::fixture()).unwrap();
+        for atomics in [true, false] {
+            let facts = KernelFacts {
+                atomics,
+                ..facts.clone()
+            };
+            let mut set: Vec<&str> =
+                load_globals(&facts, Sizes::with_flows(1024), &[0; HASH_KEYS as usize])
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .collect();
+            set.sort_unstable();
+            let mut all = globals::ALL.to_vec();
+            all.sort_unstable();
+            assert_eq!(set, all);
+        }
+    }
 }

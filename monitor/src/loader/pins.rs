@@ -221,16 +221,19 @@ pub fn replace_mismatched(dir: &Path, want: &[(&'static str, MapShape)]) -> Vec<
             Ok(found) => format!("the kernel has it as {found}, this agent makes it {want}"),
             Err(e) => format!("unreadable: {e}"),
         };
-        warn!(
-            "replacing the pinned map {}: {why}; its counts start over",
-            path.display()
-        );
-        if let Err(e) = std::fs::remove_file(&path) {
-            warn!("removing {}: {e}", path.display());
+        if let Err(e) = unpin(&path, &format!("{why}; its counts start over")) {
+            warn!("{e:#}");
         }
         replaced.push(*name);
     }
     replaced
+}
+
+/// Removes the pin of a map at `path` that cannot be continued from, saying `why` once:
+/// the load makes the map afresh. Every pin the agent drops goes through here.
+pub fn unpin(path: &Path, why: &str) -> Result<()> {
+    warn!("replacing the pinned map {}: {why}", path.display());
+    remove(path)
 }
 
 fn remove(path: &Path) -> Result<()> {
