@@ -12,7 +12,13 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::exposition::Exposition;
+use crate::{
+    exposition::Exposition,
+    model::thresholds::{
+        CONNTRACK_CRITICAL, CONNTRACK_HIGH, DNS_UNANSWERED, EXHAUSTION_HORIZON_MINUTES,
+        LINKLOCAL_LIMIT, LINKLOCAL_PEAK_HIGH,
+    },
+};
 
 /// GET `path` from `endpoint` (`http://host:port`): the body of a 200.
 pub fn fetch(endpoint: &str, path: &str) -> Result<String> {
@@ -142,7 +148,7 @@ fn instance(
                 r * 100.0
             );
             let minutes_left = trend.filter(|t| *t > 0.0).map(|t| (100.0 - r * 100.0) / t);
-            if r >= 0.9 {
+            if r >= CONNTRACK_CRITICAL {
                 findings.push(Finding {
                     level: Level::Critical,
                     text: format!(
@@ -150,7 +156,9 @@ fn instance(
                         r * 100.0
                     ),
                 });
-            } else if r >= 0.8 || minutes_left.is_some_and(|m| m <= 15.0) {
+            } else if r >= CONNTRACK_HIGH
+                || minutes_left.is_some_and(|m| m <= EXHAUSTION_HORIZON_MINUTES)
+            {
                 findings.push(Finding {
                     level: Level::Warning,
                     text: format!(
@@ -237,16 +245,16 @@ fn eni(
     );
     let _ = writeln!(
         body,
-        "  link-local    peak {peak:.0} packets/s of 1024 (last minute), resolver {dns_ll:.1}/s"
+        "  link-local    peak {peak:.0} packets/s of {LINKLOCAL_LIMIT} (last minute), resolver {dns_ll:.1}/s"
     );
-    if peak > 800.0 {
+    if peak > LINKLOCAL_PEAK_HIGH {
         findings.push(Finding {
-            level: if peak >= 1024.0 {
+            level: if peak >= LINKLOCAL_LIMIT {
                 Level::Critical
             } else {
                 Level::Warning
             },
-            text: format!("{name}: link-local peak {peak:.0} packets/s of 1024"),
+            text: format!("{name}: link-local peak {peak:.0} packets/s of {LINKLOCAL_LIMIT}"),
         });
     }
 
@@ -320,7 +328,7 @@ fn dns(
         "  DNS           {queries:.0} queries, {answered:.0} answered, {unanswered:.0} unanswered ({:.1}%), p50 {p50}, p99 {p99}",
         lost * 100.0
     );
-    if unanswered > 0.0 && lost > 0.01 {
+    if unanswered > 0.0 && lost > DNS_UNANSWERED {
         findings.push(Finding {
             level: Level::Critical,
             text: format!(

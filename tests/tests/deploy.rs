@@ -578,3 +578,66 @@ fn a_web_config_reaches_the_agent_the_probes_and_the_pod_monitor() {
     );
     assert!(!report.contains("ERROR"), "{report}");
 }
+
+/// The expression of the rule named `name` in the rules file: from its `expr:` to the
+/// next key of the rule.
+fn expr_of(rules: &str, name: &str) -> String {
+    let at = rules
+        .find(&format!("- alert: {name}\n"))
+        .unwrap_or_else(|| panic!("no alert {name}"));
+    let rule = &rules[at..];
+    let expr = &rule[rule.find("expr:").unwrap()..];
+    expr.lines()
+        .enumerate()
+        .take_while(|(i, l)| {
+            *i == 0
+                || !(l.trim_start().starts_with("for:") || l.trim_start().starts_with("labels:"))
+        })
+        .map(|(_, l)| l.trim())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `monitor status` flags what the rules page on, at the same numbers: each threshold
+/// the screen reads (`model::thresholds`) is found in its rule's expression.
+#[test]
+fn the_status_screen_and_the_rules_share_their_thresholds() {
+    use monitor::model::thresholds::{
+        CONNTRACK_CRITICAL, CONNTRACK_HIGH, DNS_UNANSWERED, EXHAUSTION_HORIZON_MINUTES,
+        LINKLOCAL_LIMIT, LINKLOCAL_PEAK_HIGH,
+    };
+    let rules = std::fs::read_to_string(root().join("deploy/alerts/rules.yml")).unwrap();
+    for (alert, needle) in [
+        (
+            "EniMonitorConntrackAllowanceHigh",
+            format!(":max > {CONNTRACK_HIGH}"),
+        ),
+        (
+            "EniMonitorConntrackAllowanceCritical",
+            format!(":max > {CONNTRACK_CRITICAL}"),
+        ),
+        (
+            "EniMonitorConntrackAllowanceExhaustionPredicted",
+            format!("[15m], {}) >= 1", EXHAUSTION_HORIZON_MINUTES * 60.0),
+        ),
+        (
+            "EniMonitorLinkLocalPeakHigh",
+            format!("(eni_monitor_linklocal_peak_packets_per_second) > {LINKLOCAL_PEAK_HIGH})"),
+        ),
+        (
+            "EniMonitorDnsUnanswered",
+            format!("dns_queries:rate5m > {DNS_UNANSWERED}"),
+        ),
+    ] {
+        let expr = expr_of(&rules, alert);
+        assert!(expr.contains(&needle), "{alert}: {needle:?} not in {expr}");
+    }
+    let summary = &rules[rules
+        .find("- alert: EniMonitorLinkLocalPeakHigh\n")
+        .unwrap()..];
+    let summary = summary.lines().find(|l| l.contains("summary:")).unwrap();
+    assert!(
+        summary.contains(&format!("(limit {LINKLOCAL_LIMIT})")),
+        "{summary}"
+    );
+}
