@@ -469,9 +469,9 @@ impl Run<'_> {
         }
         let block = self.c.block("probes");
         for test in [
-            "two_cpus_beginning_one_flow_begin_it_once",
-            "two_cpus_closing_one_flow_at_once_both_fins_stay",
-            "a_pass_freeing_slots_under_packets_loses_and_doubles_nothing",
+            "cpus::two_cpus_beginning_one_flow_begin_it_once",
+            "cpus::two_cpus_closing_one_flow_at_once_both_fins_stay",
+            "cpus::a_pass_freeing_slots_under_packets_loses_and_doubles_nothing",
         ] {
             assert!(
                 block.contains(&format!("test {test} ... ok")),

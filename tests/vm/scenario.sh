@@ -239,9 +239,9 @@ mark END agent-log
 if [ -x /usr/local/bin/probes ]; then
     phase "probes"
     mark BEGIN probes
-    probes --test-threads=1 --exact two_cpus_beginning_one_flow_begin_it_once \
-        two_cpus_closing_one_flow_at_once_both_fins_stay \
-        a_pass_freeing_slots_under_packets_loses_and_doubles_nothing 2>&1 |
+    probes --test-threads=1 --exact cpus::two_cpus_beginning_one_flow_begin_it_once \
+        cpus::two_cpus_closing_one_flow_at_once_both_fins_stay \
+        cpus::a_pass_freeing_slots_under_packets_loses_and_doubles_nothing 2>&1 |
         grep -E '^(test |test result|thread|  left|  right|assertion)'
     mark END probes
 fi
