@@ -14,6 +14,8 @@ use std::{
 
 use crate::Netns;
 
+pub use crate::wire::query_packet;
+
 /// Names the resolver answers: NOERROR, NXDOMAIN, SERVFAIL, REFUSED.
 pub const OK_NAME: &str = "a.ok.sim";
 pub const NX_NAME: &str = "x.nx.sim";
@@ -115,19 +117,6 @@ pub(crate) fn await_answer(ns: &Netns, server: SocketAddr, name: &str, what: &st
             "{what} did not answer on {server} within 10 s"
         );
     }
-}
-
-/// A standard query for `name`, type A, with transaction `id`.
-pub fn query_packet(name: &str, id: u16) -> Vec<u8> {
-    let mut p = Vec::with_capacity(32 + name.len());
-    p.extend_from_slice(&id.to_be_bytes());
-    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        p.push(u8::try_from(label.len()).unwrap());
-        p.extend_from_slice(label.as_bytes());
-    }
-    p.extend_from_slice(&[0, 0, 1, 0, 1]);
-    p
 }
 
 pub(crate) fn bind_for(server: SocketAddr) -> UdpSocket {

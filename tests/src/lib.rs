@@ -30,6 +30,7 @@ pub mod timeline;
 pub mod traffic;
 pub mod victoria;
 pub mod vm;
+pub mod wire;
 
 use std::{process::Command, sync::atomic::Ordering};
 

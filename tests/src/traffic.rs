@@ -1,8 +1,7 @@
 //! What the tests send and read: datagrams, HTTP, socket options, the clock.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::fd::AsRawFd as _,
     time::Duration,
 };
@@ -43,19 +42,11 @@ pub fn set_rcvbuf(sock: &std::net::UdpSocket, bytes: i32) {
     assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
 }
 
-/// A minimal HTTP/1.0 GET from inside `ns`.
+/// A minimal HTTP/1.0 GET from inside `ns`: (status, body), or `None` when nothing
+/// answers within 2 s or the reply takes more than 5.
 pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let path = path.to_owned();
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).ok()?;
-        let (head, body) = resp.split_once("\r\n\r\n")?;
-        let code = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, body.to_owned()))
-    })
+    ns.run(move || crate::wire::http_get(addr, &path, Duration::from_secs(5)).ok())
 }
 
 /// Sends `count` UDP datagrams with `payload` from inside `ns` to `dst`.

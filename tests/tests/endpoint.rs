@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Agent, SimNode, enter, require_root, rss_mib};
+use integration_tests::{Agent, SimNode, enter, require_root, rss_mib, wire};
 
 /// The attacker's source: another address of the node's loopback, as a pod has its own.
 const ATTACKER: &str = "127.0.0.2:0";
@@ -76,23 +76,10 @@ fn slow_readers(ns: &str, agent: SocketAddr, n: usize, stop: &AtomicBool) {
     }
 }
 
-/// One GET from the node's own address: (status, how long it took).
+/// One GET from the node's own address: (status, 0 when none came; how long it took).
 fn timed_get(agent: SocketAddr, path: &str) -> (u16, Duration) {
     let started = Instant::now();
-    let Ok(mut s) = TcpStream::connect_timeout(&agent, Duration::from_secs(2)) else {
-        return (0, started.elapsed());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").is_err() {
-        return (0, started.elapsed());
-    }
-    let mut reply = String::new();
-    let _ = s.read_to_string(&mut reply);
-    let code = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let code = wire::http_get(agent, path, Duration::from_secs(5)).map_or(0, |(code, _)| code);
     (code, started.elapsed())
 }
 

@@ -29,6 +29,9 @@ use std::{
     time::Duration,
 };
 
+#[path = "../../src/wire.rs"]
+mod wire;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -236,7 +239,8 @@ fn run(args: &[&str]) -> Result<(), String> {
         ["tcp-drip", a, n] => tcp_drip(addr(a)?, count(n)?).map_err(io),
         ["udp-full", a, seconds] => udp_full(addr(a)?, count(seconds)?).map_err(io),
         ["http-get", a, path] => {
-            let (code, body) = http_get(addr(a)?, path).map_err(io)?;
+            let (code, body) =
+                wire::http_get(addr(a)?, path, Duration::from_secs(10)).map_err(io)?;
             println!("{code}");
             print!("{body}");
             Ok(())
@@ -245,42 +249,13 @@ fn run(args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn http_get(at: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut conn = TcpStream::connect_timeout(&at, Duration::from_secs(2))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(conn, "GET {path} HTTP/1.0\r\nHost: {at}\r\n\r\n")?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line in {head:?}")))?;
-    Ok((code, body.to_owned()))
-}
-
-/// A standard query for `name`, type A, class IN.
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = Vec::with_capacity(32 + name.len());
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.').filter(|l| !l.is_empty()) {
-        q.push(u8::try_from(label.len()).unwrap_or(63).min(63));
-        q.extend_from_slice(&label.as_bytes()[..label.len().min(63)]);
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
 fn dns_query(server: SocketAddr, name: &str, n: usize) -> std::io::Result<usize> {
     let mut answered = 0;
     for i in 0..n {
         let sock = UdpSocket::bind("0.0.0.0:0")?;
         sock.set_read_timeout(Some(Duration::from_secs(2)))?;
         let id = u16::try_from(i % 65536).unwrap_or(0) ^ 0x5a5a;
-        sock.send_to(&query(id, name), server)?;
+        sock.send_to(&wire::query_packet(name, id), server)?;
         let mut buf = [0u8; 512];
         if let Ok((len, _)) = sock.recv_from(&mut buf)
             && len >= 12
@@ -301,7 +276,7 @@ fn dns_query_tcp(server: SocketAddr, name: &str, n: usize) -> std::io::Result<us
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut out = Vec::new();
     for i in 0..n {
-        let q = query(u16::try_from(i + 1).unwrap_or(0), name);
+        let q = wire::query_packet(name, u16::try_from(i + 1).unwrap_or(0));
         out.extend_from_slice(&u16::try_from(q.len()).unwrap_or(0).to_be_bytes());
         out.extend_from_slice(&q);
     }
@@ -384,7 +359,7 @@ mod tests {
 
     #[test]
     fn a_query_is_a_well_formed_dns_message() {
-        let q = query(0x1234, "nx.example");
+        let q = wire::query_packet("nx.example", 0x1234);
         assert_eq!(&q[..12], &[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&q[12..], b"\x02nx\x07example\x00\x00\x01\x00\x01");
     }
@@ -410,9 +385,9 @@ mod tests {
         sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut buf = [0u8; 512];
         for (name, rcode) in [("a.example", 0), ("nx.example", 3)] {
-            sock.send_to(&query(7, name), at).unwrap();
+            sock.send_to(&wire::query_packet(name, 7), at).unwrap();
             let (len, _) = sock.recv_from(&mut buf).unwrap();
-            assert_eq!(len, query(7, name).len());
+            assert_eq!(len, wire::query_packet(name, 7).len());
             assert_eq!((buf[2] & 0x80, buf[3] & 0x0f), (0x80, rcode), "{name}");
         }
     }
