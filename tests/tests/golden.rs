@@ -31,6 +31,8 @@ const VARYING: [&str; 8] = [
 /// `device="other"`, with reasons of its own.
 const MACHINE_WIDE: [&str; 2] = ["eni_monitor_drops_total", "eni_monitor_dns_drops_total"];
 const EVENTS: &str = "eni_monitor_nf_conntrack_events_total";
+/// The id of the one query whose response the node's firewall drops.
+const DROPPED_ID: u16 = 0x0bad;
 
 /// The exposition with what varies replaced by [`VARIES`], and the machine's own drops
 /// left out. Help and type lines are kept as they are.
@@ -92,8 +94,11 @@ fn the_exposition_is_the_golden_one() {
     sim.node.ip("route add 169.254.169.253/32 dev eth0");
     sim.vpc.ip("addr add 10.200.0.9/32 dev vpc0");
     sim.vpc.nft("table inet dead {\n chain input {\n  type filter hook input priority 0;\n  ip daddr 10.200.0.9 udp dport 53 drop\n }\n}\n");
-    // Connection tracking in the node's namespace: its metrics, whatever ran before.
-    sim.node.nft("table inet tracked {\n chain input {\n  type filter hook input priority 0;\n  ct state invalid counter\n }\n}\n");
+    // Connection tracking in the node's namespace: its metrics, whatever ran before. And
+    // the node's firewall drops the response to one query, by its id (`DROPPED_ID`, the
+    // 16 bits after the UDP header): a DNS drop, with the kernel's reason. The classifier
+    // on eth0 sees the response before netfilter does, so the query counts answered.
+    sim.node.nft(&format!("table inet tracked {{\n chain input {{\n  type filter hook input priority 0;\n  ct state invalid counter\n  udp sport 53 @th,64,16 {DROPPED_ID} drop\n }}\n}}\n"));
     let _resolver = Resolver::start(
         &sim.vpc,
         &[
@@ -153,13 +158,21 @@ fn the_exposition_is_the_golden_one() {
     assert_eq!(udp_flows(&sim.node, addr(&eth0.vpc_v4, 7000), 3), 3);
     let _connections = tcp_connections(&sim.node, addr(&eth0.vpc_v4, 8000), 2);
     send_udp(&sim.vpc, addr(&eth0.node_v4, 9999), 3, b"closed");
+    assert_eq!(
+        dns::query(&sim.node, vpc_resolver, OK_NAME, DROPPED_ID, short),
+        None
+    );
 
-    agent.scrape_until(&sim.node, "3 unanswered, 3 drops", |s| {
+    agent.scrape_until(&sim.node, "3 unanswered, 3 drops, 1 DNS drop", |s| {
         s.sum("eni_monitor_dns_unanswered_total", &[]) == 3.0
             && s.get(
                 "eni_monitor_drops_total",
                 &[("device", "eth0"), ("reason", "NO_SOCKET")],
             ) == Some(3.0)
+            && s.get(
+                "eni_monitor_dns_drops_total",
+                &[("device", "eth0"), ("reason", "NETFILTER_DROP")],
+            ) == Some(1.0)
     });
     // An expiry pass after the last packet (one runs every 2.5 s at the default timeouts).
     std::thread::sleep(Duration::from_secs(3));
@@ -229,4 +242,30 @@ fn normalising_keeps_descriptors_and_hides_only_what_varies() {
         normalise(text),
         "# HELP eni_monitor_kernel_map_memory_bytes Kernel memory.\n# TYPE eni_monitor_kernel_map_memory_bytes gauge\neni_monitor_kernel_map_memory_bytes <varies>\neni_monitor_drops_total{device=\"eth0\",reason=\"NO_SOCKET\"} 3\neni_monitor_device_info{device=\"eth0\",eni=\"\",mac=\"<varies>\"} 1\n"
     );
+}
+
+/// The ENA families' samples, pinned by the collector's unit test on a driver capture
+/// (`tests/golden/ena.txt`), are of the families the node exports: each help and type
+/// line there is the same in the node's golden exposition, and each family has samples.
+#[test]
+fn the_ena_golden_is_of_the_nodes_families() {
+    let ena = std::fs::read_to_string(golden::path().with_file_name("ena.txt")).unwrap();
+    let node = golden::text();
+    let descriptors: Vec<&str> = ena.lines().filter(|l| l.starts_with('#')).collect();
+    assert!(!descriptors.is_empty());
+    for line in &descriptors {
+        if line.starts_with("# EOF") {
+            continue;
+        }
+        assert!(
+            node.lines().any(|l| l == *line),
+            "{line}: not in the node's golden"
+        );
+    }
+    for family in [
+        "eni_monitor_ena_allowance_exceeded_total{",
+        "eni_monitor_ena_conntrack_allowance_available{",
+    ] {
+        assert!(ena.contains(family), "no sample of {family} in ena.txt");
+    }
 }

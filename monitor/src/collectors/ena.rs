@@ -311,4 +311,33 @@ mod tests {
         let second = scrape(&registry);
         assert_eq!(exceeded(&second, "conntrack"), Some(2.0));
     }
+
+    /// The ENA families as the agent exports them from a captured driver, line for line
+    /// (`tests/golden/ena.txt`): the simulated node's devices have no ENA statistics, so
+    /// the node's golden exposition pins these families' help and type but no sample.
+    /// `UPDATE_GOLDEN=1` rewrites it; review the diff.
+    #[test]
+    fn the_ena_families_are_the_golden_ones() {
+        let devices = Devices::default();
+        devices.replace([Device::new("eth0", 2, 0)]);
+        let mut registry = Registry::with_prefix("eni_monitor");
+        registry.register_collector(Box::new(EnaCollector {
+            stats: Captured {
+                readings: vec!["gstats-1.bin"],
+                next: AtomicUsize::new(0),
+            },
+            devices,
+            flows: FlowCounts::default(),
+            allowance: Mutex::new(Allowance::new(None)),
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/ena.txt");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &text).unwrap();
+            return;
+        }
+        let golden = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, golden, "UPDATE_GOLDEN=1 rewrites {}", path.display());
+    }
 }
