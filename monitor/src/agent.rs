@@ -2,10 +2,9 @@
 //! work started, the collectors registered and served, until SIGTERM.
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     path::Path,
-    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -28,14 +27,14 @@ use crate::{
         udp::UdpQueueCollector,
     },
     devices::{self, Departed, Devices},
-    housekeeping::{self, Expiry, SenderGatherer, Sweeper},
+    housekeeping::{self, Expiry, ResolverNames, SenderGatherer, Sweeper, sweep::SweptTables},
     http,
     imds::{self, Imds},
     kernel::{self, KernelFacts},
     loader::{self, Maps, Sizes, maps::Addresses, pins},
     model::{
         allowance::Allowance,
-        dns::{AmazonResolvers, RankedClients, RecentClients},
+        dns::{AmazonResolvers, RankedClients},
         flows::{FlowCounts, Timeouts},
         instance::TcpEstablished,
         linklocal::{self, Senders},
@@ -82,8 +81,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         names,
         tcp_established,
     } = wire(&cli, &facts, loaded)?;
-    let devices = watcher.devices.clone();
-    let attachments = watcher.programs.attachments().clone();
+    let devices = watcher.devices().clone();
+    let attachments = watcher.attachments().clone();
     // Devices a previous agent monitored keep their slots, and so their counts.
     watcher.adopt_pinned()?;
     watcher.reconcile()?;
@@ -133,7 +132,7 @@ struct Wired {
     gatherer: SenderGatherer,
     amazon: AmazonResolvers,
     addrs: Addresses,
-    names: Arc<Mutex<ResolverSlots>>,
+    names: ResolverNames,
     /// Learned from IMDS where the flag does not set it.
     tcp_established: TcpEstablished,
 }
@@ -186,7 +185,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
     // A resolver is not quiet while its queries still wait: it stays named at least as
     // long as a query it was asked can wait.
     let grace = Sweeper::grace(cli.dns_timeout);
-    let mut names = ResolverSlots::new(
+    let slots = ResolverSlots::new(
         amazon.clone(),
         &addrs.resolvers(),
         cli.resolver_idle.as_secs().max(grace),
@@ -198,15 +197,8 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         .filter(|(_, s)| *s == LinkLocalService::Dns)
         .map(|(ip, _)| *ip)
         .chain(cli.linklocal_resolvers.iter().copied());
-    // Slots a killed agent had given up but not yet retired are retired now, before
-    // any is given again.
-    let kept: Vec<u8> = names.named().map(|(slot, _)| slot).collect();
-    dns.retire_unnamed(&kept);
-    for (ip, slot) in names.name_amazon(amazon_dns, now).named {
-        addrs.set_resolver(ip, slot)?;
-    }
-    let slots = Arc::new(Mutex::new(names));
-    let names = Arc::clone(&slots);
+    let names = ResolverNames::new(slots, addrs.clone(), dns.clone());
+    names.name_amazon(amazon_dns, now)?;
 
     let mut registry = Registry::with_prefix("eni_monitor");
     registry.register_collector(Box::new(AgentCollector {
@@ -227,7 +219,7 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         dns: dns.clone(),
         tcp_unread: dns_tcp_unread,
         departed: Departed::default(),
-        slots: Arc::clone(&slots),
+        names: names.clone(),
         ranked: ranked.clone(),
         devices: devices.clone(),
     }));
@@ -258,24 +250,22 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         devices: devices.clone(),
     }));
 
-    let last_queries = housekeeping::sweep::slot_queries(&dns);
     Ok(Wired {
         registry,
-        sweeper: Sweeper {
-            inflight: dns_inflight,
-            pending: dns_pending,
-            timeout: cli.dns_timeout,
-            dns,
-            seen: dns_seen,
-            addrs: addrs.clone(),
-            slots: Arc::clone(&slots),
-            recent: RecentClients::default(),
+        sweeper: Sweeper::new(
+            SweptTables {
+                inflight: dns_inflight,
+                pending: dns_pending,
+                clients: dns_clients,
+                seen: dns_seen,
+                dns,
+            },
+            names.clone(),
+            cli.dns_timeout,
             ranked,
             top,
-            last_queries,
-            clients: dns_clients,
             watching_since_ns,
-        },
+        ),
         gatherer: SenderGatherer {
             tables: ll_senders,
             senders,
@@ -288,19 +278,17 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
             devices: devices.clone(),
             top,
         },
-        watcher: Watcher {
+        watcher: Watcher::new(
             programs,
             monitored,
-            globs: cli.devices.clone(),
+            cli.devices.clone(),
             devices,
-            slots: SlotArrays {
+            SlotArrays {
                 linklocal_packets: ll_packets,
                 linklocal_seconds: ll_seconds,
                 flows_created,
             },
-            links: HashMap::new(),
-            retries: HashMap::new(),
-        },
+        ),
         amazon,
         addrs,
         names,
@@ -316,7 +304,7 @@ fn call_imds(
     devices: Devices,
     amazon: AmazonResolvers,
     addrs: Addresses,
-    names: Arc<Mutex<ResolverSlots>>,
+    names: ResolverNames,
     tcp_established: TcpEstablished,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let Some(url) = imds::endpoint(cli.imds_endpoint.as_deref(), Path::new(DMI)) else {
@@ -336,14 +324,8 @@ fn call_imds(
         if let Err(e) = addrs.set_service(ip, LinkLocalService::Dns) {
             warn!("{e:#}");
         }
-        // Amazon's resolver is named from the moment it is known.
-        let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = housekeeping::monotonic_s().into();
-        for (ip, slot) in names.name_amazon([ip], now).named {
-            if let Err(e) = addrs.set_resolver(ip, slot) {
-                warn!("{e:#}");
-            }
-        }
+        // Amazon's resolver is named from the moment it is known (a failure is logged).
+        let _ = names.name_amazon([ip], housekeeping::monotonic_s().into());
     }));
     Ok(vec![learn, label])
 }

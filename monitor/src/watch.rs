@@ -15,7 +15,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     devices::{self, Device, Devices},
-    loader::{ClassifierLinks, Programs, attach::CLASSIFIERS, maps::Monitored},
+    loader::{Attachments, ClassifierLinks, Programs, attach::CLASSIFIERS, maps::Monitored},
     tables::slots::SlotArray,
 };
 
@@ -37,15 +37,48 @@ impl SlotArrays {
 /// Owns the programs (so the classifiers stay attached while it lives) and the
 /// `MONITORED` map, and keeps both equal to the devices wanted.
 pub struct Watcher {
-    pub programs: Programs,
-    pub monitored: Monitored,
-    pub globs: Vec<glob::Pattern>,
-    pub devices: Devices,
-    pub slots: SlotArrays,
-    pub links: HashMap<u32, ClassifierLinks>,
+    programs: Programs,
+    monitored: Monitored,
+    globs: Vec<glob::Pattern>,
+    devices: Devices,
+    slots: SlotArrays,
+    links: HashMap<u32, ClassifierLinks>,
     /// Devices whose classifiers did not all attach, by ifindex: tried again with
     /// backoff until they do, with no restart.
-    pub retries: HashMap<u32, Retry>,
+    retries: HashMap<u32, Retry>,
+}
+
+impl Watcher {
+    /// Watches for the devices `globs` match, attaching `programs` to each and giving it
+    /// a slot in `monitored` and in the per-device arrays of `slots`; `devices` is what
+    /// the collectors read of them.
+    pub fn new(
+        programs: Programs,
+        monitored: Monitored,
+        globs: Vec<glob::Pattern>,
+        devices: Devices,
+        slots: SlotArrays,
+    ) -> Self {
+        Self {
+            programs,
+            monitored,
+            globs,
+            devices,
+            slots,
+            links: HashMap::new(),
+            retries: HashMap::new(),
+        }
+    }
+
+    /// The devices watched, as the collectors read them.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    /// Which programs are attached where, as `/readyz` and the collectors read it.
+    pub fn attachments(&self) -> &Attachments {
+        self.programs.attachments()
+    }
 }
 
 /// When to try a device's attach again, and how long to wait after that.

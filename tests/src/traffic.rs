@@ -1,10 +1,6 @@
 //! What the tests send and read: datagrams, HTTP, socket options, the clock.
 
-use std::{
-    net::SocketAddr,
-    os::fd::AsRawFd as _,
-    time::Duration,
-};
+use std::{net::SocketAddr, os::fd::AsRawFd as _, time::Duration};
 
 use crate::Netns;
 

@@ -1,10 +1,7 @@
 //! DNS queries, matched responses, unanswered queries and latency, by device and
 //! resolver, from the classifiers' maps and the timeout sweep's count; who is failing.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::collections::BTreeMap;
 
 use monitor_common::{
     DNS_LATENCY_BOUNDS_NS, DNS_TCP, DnsCountKind, RESOLVER_RETIRED, RESOLVER_SLOTS,
@@ -20,10 +17,8 @@ use aya::maps::{MapData, PerCpuArray};
 use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::{Departed, Devices},
-    model::{
-        dns::{RankedClients, rcode_name},
-        resolvers::ResolverSlots,
-    },
+    housekeeping::ResolverNames,
+    model::dns::{RankedClients, rcode_name},
     tables::dns::{DnsSnapshot, DnsTables, Histogram},
 };
 
@@ -72,7 +67,7 @@ pub struct DnsCollector {
     /// Devices gone, whose counts are deleted once they have been for a while.
     pub departed: Departed,
     /// The resolver names in force, by slot.
-    pub slots: Arc<Mutex<ResolverSlots>>,
+    pub names: ResolverNames,
     /// The last ranking of the clients with unanswered queries (the sweep's).
     pub ranked: RankedClients,
     pub devices: Devices,
@@ -189,7 +184,7 @@ impl Collector for DnsCollector {
         // The names and the counts read together: the sweep moves a slot's counts to
         // `other` under the same lock as it renames the slot.
         let (names, retired, snapshot, info) = {
-            let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let slots = self.names.read();
             let names: Vec<String> = (0..=u8::MAX)
                 .take(RESOLVER_SLOTS as usize)
                 .map(|s| slots.label(s))

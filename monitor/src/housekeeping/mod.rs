@@ -4,6 +4,7 @@
 //! share with the programs.
 
 pub mod expiry;
+pub mod names;
 pub mod senders;
 pub mod sweep;
 
@@ -19,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use log::{error, warn};
 
-pub use self::{expiry::Expiry, senders::SenderGatherer, sweep::Sweeper};
+pub use self::{expiry::Expiry, names::ResolverNames, senders::SenderGatherer, sweep::Sweeper};
 
 /// `CLOCK_MONOTONIC` nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {

@@ -10,24 +10,19 @@
 //! connection is no failure. Each pass also recounts every client's queries in flight,
 //! which the programs hold each client's share of the table to.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
-use log::warn;
 use monitor_common::{
     DNS_CLIENT_BUCKETS, DNS_TCP, DNS_UDP, DnsCountKind, DnsFlightKey, FLIGHT_CONNECT,
     RESOLVER_OTHER, addr_to_ip,
 };
 
 use crate::{
-    loader::maps::{Addresses, InflightTable},
+    housekeeping::ResolverNames,
+    loader::maps::InflightTable,
     model::{
         dns::{RankedClients, RecentClients, minute},
-        resolvers::{Activity, ResolverSlots},
+        resolvers::Activity,
     },
     tables::{
         dns::{DnsTables, SeenServers, SlotKey},
@@ -36,29 +31,72 @@ use crate::{
 };
 
 pub struct Sweeper {
-    pub inflight: InflightTable,
-    pub pending: PendingTable,
-    pub timeout: Duration,
-    pub dns: DnsTables,
-    pub seen: SeenServers,
-    pub addrs: Addresses,
-    /// Shared with the DNS collector, which labels by it.
-    pub slots: Arc<Mutex<ResolverSlots>>,
-    pub recent: RecentClients,
+    inflight: InflightTable,
+    pending: PendingTable,
+    timeout: Duration,
+    dns: DnsTables,
+    seen: SeenServers,
+    /// The resolvers' names, which each pass may change.
+    names: ResolverNames,
+    recent: RecentClients,
     /// The ranking of `recent`, for the collector.
-    pub ranked: RankedClients,
+    ranked: RankedClients,
     /// How many clients each device reports (`--top`).
-    pub top: usize,
+    top: usize,
     /// Each slot's query count at the last pass: a slot whose count moved was active.
-    pub last_queries: BTreeMap<u8, u64>,
+    last_queries: BTreeMap<u8, u64>,
     /// Queries in flight per client, recounted each pass.
-    pub clients: ClientCounts,
+    clients: ClientCounts,
     /// `CLOCK_MONOTONIC` nanoseconds from which this agent's programs watch: a query that
     /// began earlier may have had its answer while none did.
-    pub watching_since_ns: u64,
+    watching_since_ns: u64,
+}
+
+/// The kernel's tables of DNS queries the sweep walks: in flight (one table or the other,
+/// by the kernel), each client's count of them, and the servers seen without a name.
+pub struct SweptTables {
+    pub inflight: InflightTable,
+    pub pending: PendingTable,
+    pub clients: ClientCounts,
+    pub seen: SeenServers,
+    pub dns: DnsTables,
 }
 
 impl Sweeper {
+    /// A sweep of `tables` that declares a query unanswered `timeout` after it began,
+    /// ranks into `ranked` the `top` clients of each device, and takes none that began
+    /// before `watching_since_ns` for unanswered.
+    pub fn new(
+        tables: SweptTables,
+        names: ResolverNames,
+        timeout: Duration,
+        ranked: RankedClients,
+        top: usize,
+        watching_since_ns: u64,
+    ) -> Self {
+        let SweptTables {
+            inflight,
+            pending,
+            clients,
+            seen,
+            dns,
+        } = tables;
+        Self {
+            last_queries: slot_queries(&dns),
+            inflight,
+            pending,
+            timeout,
+            dns,
+            seen,
+            names,
+            recent: RecentClients::default(),
+            ranked,
+            top,
+            clients,
+            watching_since_ns,
+        }
+    }
+
     /// One pass at `now_ns` (`CLOCK_MONOTONIC`).
     pub fn sweep(&mut self, now_ns: u64) -> std::io::Result<()> {
         let timeout = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX);
@@ -155,24 +193,9 @@ impl Sweeper {
             active,
             failing,
         };
-        // The slots stay locked until the programs are told and the counts moved, so
-        // that a scrape never labels a slot's counts with a name they were not made
-        // under.
-        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        let changes = slots.pass(&activity);
-        for (ip, _) in &changes.released {
-            if let Err(e) = self.addrs.set_resolver(*ip, RESOLVER_OTHER) {
-                warn!("{e:#}");
-            }
-        }
+        let changes = self.names.change(|slots| slots.pass(&activity));
         for slot in &changes.retired {
-            self.dns.retire(*slot);
             self.last_queries.remove(slot);
-        }
-        for (ip, slot) in &changes.named {
-            if let Err(e) = self.addrs.set_resolver(*ip, *slot) {
-                warn!("{e:#}");
-            }
         }
     }
 
