@@ -180,6 +180,24 @@ fn instance(
     }
 }
 
+/// The two scrapes a screen compares, `secs` apart.
+struct Window<'a> {
+    now: &'a Exposition,
+    before: &'a Exposition,
+    secs: f64,
+}
+
+impl Window<'_> {
+    /// The rate per second of the counter `metric`, summed over the series `labels` pick.
+    fn rate(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        rate(
+            self.now.sum(metric, labels),
+            self.before.sum(metric, labels),
+            self.secs,
+        )
+    }
+}
+
 /// One ENI: its flows, ENA counters, link-local peak, DNS and kernel drops.
 fn eni(
     device: &str,
@@ -189,6 +207,7 @@ fn eni(
     body: &mut String,
     findings: &mut Vec<Finding>,
 ) {
+    let w = Window { now, before, secs };
     let d = [("device", device)];
     let info = now
         .first("eni_monitor_device_info", &d)
@@ -200,24 +219,32 @@ fn eni(
         .map_or("eni unknown", String::as_str);
     let name = format!("{device} ({eni})");
     let tracked = now.sum("eni_monitor_tracked_flows", &d);
-    let new = rate(
-        now.sum("eni_monitor_flows_created_total", &d),
-        before.sum("eni_monitor_flows_created_total", &d),
-        secs,
-    );
+    let new = w.rate("eni_monitor_flows_created_total", &d);
     let _ = writeln!(body, "\n{name}  {tracked:.0} flows tracked, {new:.1} new/s");
     idle(&d, now, body);
+    ena(&name, &d, &w, body, findings);
+    link_local(&name, &d, &w, body, findings);
+    dns(&name, &d, now, before, body, findings);
+    who(&d, now, body);
+    drops(&name, &d, &w, body, findings);
+}
 
-    // The hypervisor's own counters.
+/// The hypervisor's own counters of one ENI.
+fn ena(
+    name: &str,
+    d: &[(&str, &str); 1],
+    w: &Window,
+    body: &mut String,
+    findings: &mut Vec<Finding>,
+) {
     let mut exceeded = Vec::new();
-    for a in now.label_values("eni_monitor_ena_allowance_exceeded_total", &d, "allowance") {
+    for a in w
+        .now
+        .label_values("eni_monitor_ena_allowance_exceeded_total", d, "allowance")
+    {
         let l = [d[0], ("allowance", a.as_str())];
-        let total = now.sum("eni_monitor_ena_allowance_exceeded_total", &l);
-        let r = rate(
-            total,
-            before.sum("eni_monitor_ena_allowance_exceeded_total", &l),
-            secs,
-        );
+        let total = w.now.sum("eni_monitor_ena_allowance_exceeded_total", &l);
+        let r = w.rate("eni_monitor_ena_allowance_exceeded_total", &l);
         if r > 0.0 {
             findings.push(Finding {
                 level: Level::Critical,
@@ -229,19 +256,22 @@ fn eni(
     if !exceeded.is_empty() {
         let _ = writeln!(body, "  ENA exceeded  {}", exceeded.join(", "));
     }
+}
 
-    // Link-local.
-    let peak = now.sum("eni_monitor_linklocal_peak_packets_per_second", &d);
-    let dns_ll = rate(
-        now.sum(
-            "eni_monitor_linklocal_packets_total",
-            &[d[0], ("service", "dns")],
-        ),
-        before.sum(
-            "eni_monitor_linklocal_packets_total",
-            &[d[0], ("service", "dns")],
-        ),
-        secs,
+/// One ENI's packets to link-local services: the busiest second, and the resolver's rate.
+fn link_local(
+    name: &str,
+    d: &[(&str, &str); 1],
+    w: &Window,
+    body: &mut String,
+    findings: &mut Vec<Finding>,
+) {
+    let peak = w
+        .now
+        .sum("eni_monitor_linklocal_peak_packets_per_second", d);
+    let dns_ll = w.rate(
+        "eni_monitor_linklocal_packets_total",
+        &[d[0], ("service", "dns")],
     );
     let _ = writeln!(
         body,
@@ -257,22 +287,22 @@ fn eni(
             text: format!("{name}: link-local peak {peak:.0} packets/s of {LINKLOCAL_LIMIT}"),
         });
     }
+}
 
-    dns(&name, &d, now, before, body, findings);
-
-    who(&d, now, body);
-
-    // Kernel drops, the top three reasons.
-    let mut drops: Vec<(String, f64)> = now
-        .label_values("eni_monitor_drops_total", &d, "reason")
+/// One ENI's kernel drops, the top three reasons, and whether DNS is among them.
+fn drops(
+    name: &str,
+    d: &[(&str, &str); 1],
+    w: &Window,
+    body: &mut String,
+    findings: &mut Vec<Finding>,
+) {
+    let mut drops: Vec<(String, f64)> = w
+        .now
+        .label_values("eni_monitor_drops_total", d, "reason")
         .into_iter()
         .map(|r| {
-            let l = [d[0], ("reason", r.as_str())];
-            let v = rate(
-                now.sum("eni_monitor_drops_total", &l),
-                before.sum("eni_monitor_drops_total", &l),
-                secs,
-            );
+            let v = w.rate("eni_monitor_drops_total", &[d[0], ("reason", r.as_str())]);
             (r, v)
         })
         .filter(|(_, v)| *v > 0.0)
@@ -286,11 +316,7 @@ fn eni(
             .collect();
         let _ = writeln!(body, "  kernel drops  {}", top.join(", "));
     }
-    let dns_drops = rate(
-        now.sum("eni_monitor_dns_drops_total", &d),
-        before.sum("eni_monitor_dns_drops_total", &d),
-        secs,
-    );
+    let dns_drops = w.rate("eni_monitor_dns_drops_total", d);
     if dns_drops > 0.0 {
         findings.push(Finding {
             level: Level::Warning,

@@ -83,6 +83,10 @@ fn cache_bits(bits: u8) -> u64 {
 #[map]
 static FLOW_TABLE_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// A packet's flow: found or begun in the tables, refreshed at most once a period.
+// One body, over 60 lines: the object is held instruction for instruction to the one
+// the kernel matrix verified (6.1's verifier walks within a fifth of its budget), and a
+// split, even into functions inlined always, compiles to other eBPF.
 #[inline(always)]
 pub fn track(p: &Packet, tcp_flags: u8, ifindex: u32, egress: bool) {
     // A later fragment has no ports; its first fragment already touched the flow.

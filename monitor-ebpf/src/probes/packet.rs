@@ -96,6 +96,9 @@ fn header_and_ports<const N: usize, const M: usize>(
 /// Parses Ethernet (one VLAN tag at most), IPv4 or IPv6, and the TCP or UDP ports,
 /// reading each header in place after one bounds check for all of it; a header the
 /// linear data does not hold is copied out (a slower helper call).
+// One body, over 60 lines: the object is held instruction for instruction to the one
+// the kernel matrix verified (6.1's verifier walks within a fifth of its budget), and a
+// split, even into functions inlined always, compiles to other eBPF.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let mut l3 = ETH_HLEN;

@@ -16,7 +16,7 @@ use aya::maps::{MapData, PerCpuArray};
 
 use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
 use crate::{
-    devices::{Departed, Devices},
+    devices::{Departed, Device, Devices},
     housekeeping::ResolverNames,
     model::dns::{RankedClients, rcode_name},
     tables::dns::{DnsSnapshot, DnsTables, Histogram},
@@ -160,7 +160,7 @@ impl DnsCollector {
     /// The clients with the most unanswered queries, by device.
     fn top_clients(
         &self,
-        devices: &BTreeMap<u32, crate::devices::Device>,
+        devices: &BTreeMap<u32, Device>,
     ) -> Vec<([(&'static str, String); 2], i64)> {
         let mut clients = Vec::new();
         for (ifindex, top) in self.ranked.get() {
@@ -178,11 +178,69 @@ impl DnsCollector {
     }
 }
 
-impl Collector for DnsCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let devices = self.devices.snapshot();
-        // The names and the counts read together: the sweep moves a slot's counts to
-        // `other` under the same lock as it renames the slot.
+impl Series {
+    /// Encodes the families of DNS counts and latency.
+    fn encode(self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Self {
+            queries,
+            responses,
+            unanswered,
+            untracked,
+            refused,
+            latency,
+        } = self;
+        let with = |(device, resolver, transport): Labels3| {
+            [
+                ("device", device),
+                ("resolver", resolver),
+                ("transport", transport.to_owned()),
+            ]
+        };
+        encode_counters(
+            encoder,
+            &QUERIES,
+            queries.into_iter().map(|(l, v)| (with(l), v)),
+        )?;
+        encode_counters(
+            encoder,
+            &RESPONSES,
+            responses.into_iter().map(|((l, rcode), v)| {
+                let [d, r, t] = with(l);
+                ([d, r, ("rcode", rcode), t], v)
+            }),
+        )?;
+        encode_counters(
+            encoder,
+            &UNANSWERED,
+            unanswered.into_iter().map(|(l, v)| (with(l), v)),
+        )?;
+        encode_counters(
+            encoder,
+            &UNTRACKED,
+            untracked.into_iter().map(|(l, v)| (with(l), v)),
+        )?;
+        encode_counters(
+            encoder,
+            &CONNECT_FAILURES,
+            refused
+                .into_iter()
+                .map(|((device, resolver), v)| ([("device", device), ("resolver", resolver)], v)),
+        )?;
+        let mut family =
+            encoder.encode_descriptor(LATENCY.name, LATENCY.help, None, MetricType::Histogram)?;
+        for (l, h) in latency {
+            encode_histogram(&mut family.encode_family(&with(l))?, &h)?;
+        }
+        Ok(())
+    }
+}
+
+impl DnsCollector {
+    /// This scrape's series, and the resolvers' info. The names and the counts are read
+    /// together: the sweep moves a slot's counts to `other` under the same lock as it
+    /// renames the slot. Keys of devices gone a while are deleted, found in the counts
+    /// read anyway (their series are left out either way).
+    fn series(&self, devices: &BTreeMap<u32, Device>) -> (Series, Vec<(String, &'static str)>) {
         let (names, retired, snapshot, info) = {
             let slots = self.names.read();
             let names: Vec<String> = (0..=u8::MAX)
@@ -192,18 +250,13 @@ impl Collector for DnsCollector {
             let retired = slots.label(RESOLVER_RETIRED);
             (names, retired, self.dns.snapshot(), slots.info())
         };
-        // Keys of devices gone a while are deleted, found in the counts this scrape read
-        // anyway (their series are left out below either way).
         let keyed = snapshot
             .counts
             .keys()
             .map(|k| k.ifindex)
             .chain(snapshot.latency.keys().map(|k| k.ifindex));
-        self.dns.forget(
-            &self
-                .departed
-                .due(keyed, &devices, std::time::Instant::now()),
-        );
+        self.dns
+            .forget(&self.departed.due(keyed, devices, std::time::Instant::now()));
         // Labels for a key, or `None` for a device not counted (gone a while).
         let counted = self.devices.counted(std::time::Instant::now());
         let labels = |ifindex: u32, resolver: usize| -> Option<Labels2> {
@@ -215,56 +268,15 @@ impl Collector for DnsCollector {
             };
             Some((d.name.clone(), name.to_owned()))
         };
-        let Series {
-            queries,
-            responses,
-            unanswered,
-            untracked,
-            refused,
-            latency,
-        } = Series::of(snapshot, labels);
-        let with = |(device, resolver, transport): Labels3| {
-            [
-                ("device", device),
-                ("resolver", resolver),
-                ("transport", transport.to_owned()),
-            ]
-        };
-        encode_counters(
-            &mut encoder,
-            &QUERIES,
-            queries.into_iter().map(|(l, v)| (with(l), v)),
-        )?;
-        encode_counters(
-            &mut encoder,
-            &RESPONSES,
-            responses.into_iter().map(|((l, rcode), v)| {
-                let [d, r, t] = with(l);
-                ([d, r, ("rcode", rcode), t], v)
-            }),
-        )?;
-        encode_counters(
-            &mut encoder,
-            &UNANSWERED,
-            unanswered.into_iter().map(|(l, v)| (with(l), v)),
-        )?;
-        encode_counters(
-            &mut encoder,
-            &UNTRACKED,
-            untracked.into_iter().map(|(l, v)| (with(l), v)),
-        )?;
-        encode_counters(
-            &mut encoder,
-            &CONNECT_FAILURES,
-            refused
-                .into_iter()
-                .map(|((device, resolver), v)| ([("device", device), ("resolver", resolver)], v)),
-        )?;
-        let mut family =
-            encoder.encode_descriptor(LATENCY.name, LATENCY.help, None, MetricType::Histogram)?;
-        for (l, h) in latency {
-            encode_histogram(&mut family.encode_family(&with(l))?, &h)?;
-        }
+        (Series::of(snapshot, labels), info)
+    }
+}
+
+impl Collector for DnsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let devices = self.devices.snapshot();
+        let (series, info) = self.series(&devices);
+        series.encode(&mut encoder)?;
         encode_gauges(
             &mut encoder,
             &TOP_CLIENTS_UNANSWERED,

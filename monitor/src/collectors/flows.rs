@@ -2,7 +2,7 @@
 //! the last expiry pass), flows created (from the classifiers), who owns the most, the
 //! timeouts applied, and packets that found the table full.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use aya::maps::{MapData, PerCpuArray};
 use monitor_common::FlowClass;
@@ -12,7 +12,7 @@ use super::{Metric, NO_LABELS, encode_counters, encode_gauges, gauge};
 use crate::{
     devices::{Device, Devices},
     model::{
-        flows::{FlowCounts, IDLE_BOUNDS, TimeoutClass, Timeouts},
+        flows::{FlowCounts, IDLE_BOUNDS, PassResult, TimeoutClass, Timeouts},
         instance::TcpEstablished,
     },
     tables::slots::SlotArray,
@@ -60,6 +60,42 @@ impl std::fmt::Debug for FlowsCollector {
     }
 }
 
+/// The idle ages of the tracked flows of each device, cumulative at the bounds of each
+/// timeout class.
+fn idle(
+    pass: &PassResult,
+    devices: &BTreeMap<u32, Device>,
+) -> Vec<([(&'static str, String); 3], i64)> {
+    let mut idle = Vec::new();
+    for d in devices.values() {
+        for class in TimeoutClass::ALL {
+            let ages = pass
+                .idle
+                .get(&(d.ifindex, class))
+                .copied()
+                .unwrap_or_default();
+            let mut under = 0;
+            for (i, n) in ages.iter().enumerate() {
+                under += n;
+                let le = match IDLE_BOUNDS.get(i) {
+                    Some(b) if class.idle_bounds().contains(b) => b.to_string(),
+                    Some(_) => continue,
+                    None => "+Inf".to_owned(),
+                };
+                idle.push((
+                    [
+                        ("device", d.name.clone()),
+                        ("class", class.label().to_owned()),
+                        ("le", le),
+                    ],
+                    gauge(under),
+                ));
+            }
+        }
+    }
+    idle
+}
+
 impl Collector for FlowsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devices = self.devices.snapshot();
@@ -79,30 +115,7 @@ impl Collector for FlowsCollector {
                 }
             }
         }
-        let mut idle = Vec::new();
-        for d in devices.values() {
-            for class in TimeoutClass::ALL {
-                let Some(p) = &pass else { break };
-                let ages = p.idle.get(&(d.ifindex, class)).copied().unwrap_or_default();
-                let mut under = 0;
-                for (i, n) in ages.iter().enumerate() {
-                    under += n;
-                    let le = match IDLE_BOUNDS.get(i) {
-                        Some(b) if class.idle_bounds().contains(b) => b.to_string(),
-                        Some(_) => continue,
-                        None => "+Inf".to_owned(),
-                    };
-                    idle.push((
-                        [
-                            ("device", d.name.clone()),
-                            ("class", class.label().to_owned()),
-                            ("le", le),
-                        ],
-                        gauge(under),
-                    ));
-                }
-            }
-        }
+        let idle = pass.as_ref().map(|p| idle(p, &devices)).unwrap_or_default();
         let mut created = Vec::new();
         for d in self.devices.counted(Instant::now()).values() {
             for class in FlowClass::ALL {

@@ -99,6 +99,17 @@ impl Sweeper {
 
     /// One pass at `now_ns` (`CLOCK_MONOTONIC`).
     pub fn sweep(&mut self, now_ns: u64) -> std::io::Result<()> {
+        let expired = self.take_expired(now_ns)?;
+        let this_minute = minute(now_ns);
+        let failing = self.count(&expired, this_minute);
+        self.ranked.set(self.recent.top(this_minute, self.top));
+        self.name_resolvers(now_ns / 1_000_000_000, failing.into_iter().collect());
+        Ok(())
+    }
+
+    /// Takes every query waiting past the timeout out of the table it waits in, and
+    /// recounts each client's queries still in flight.
+    fn take_expired(&mut self, now_ns: u64) -> std::io::Result<Vec<Expired>> {
         let timeout = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX);
         let mut expired: Vec<Expired> = Vec::new();
         self.pending
@@ -132,12 +143,18 @@ impl Sweeper {
             }
         });
         self.clients.set(&clients);
-        let this_minute = minute(now_ns);
+        Ok(expired)
+    }
+
+    /// Counts the expired queries (unanswered, refused, or untracked when they began
+    /// before this agent watched), and the clients behind them; the servers that failed
+    /// them, with how many.
+    fn count(&mut self, expired: &[Expired], this_minute: u64) -> BTreeMap<IpAddr, u64> {
         let mut unanswered: BTreeMap<SlotKey, u64> = BTreeMap::new();
         let mut untracked: BTreeMap<SlotKey, u64> = BTreeMap::new();
         let mut refused: BTreeMap<SlotKey, u64> = BTreeMap::new();
         let mut failing: BTreeMap<IpAddr, u64> = BTreeMap::new();
-        for e in &expired {
+        for e in expired {
             let transport = u8::try_from(e.key.what).unwrap_or(DNS_UDP);
             if e.start_ns < self.watching_since_ns {
                 // Its answer may have come while no program watched.
@@ -173,9 +190,7 @@ impl Sweeper {
         if !untracked.is_empty() {
             self.dns.add(DnsCountKind::Untracked, untracked);
         }
-        self.ranked.set(self.recent.top(this_minute, self.top));
-        self.name_resolvers(now_ns / 1_000_000_000, failing.into_iter().collect());
-        Ok(())
+        failing
     }
 
     /// Names resolvers by what this pass saw, and tells the programs.
