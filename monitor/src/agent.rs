@@ -63,12 +63,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let pins = pins::prepare(&cli.state_dir, &loader::layout(&facts, sizes)?)?;
     let loaded = loader::load(&facts, sizes, pins.as_deref())?;
 
-    let all = devices::interfaces()?;
-    for glob in &cli.devices {
-        if !all.iter().any(|(name, _)| glob.matches(name)) {
-            warn!("--device {glob}: no such interface in this network namespace");
-        }
-    }
+    warn_unmatched(&cli.devices)?;
 
     let Wired {
         registry,
@@ -108,17 +103,34 @@ pub async fn run(cli: Cli) -> Result<()> {
     state.started.store(true, Ordering::Release);
     info!("serving /metrics on {}", cli.listen);
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: detaching and exiting"),
-        _ = int.recv() => info!("SIGINT: detaching and exiting"),
-    }
+    until_signalled().await?;
     // The watcher owns the programs: ending its task drops every link, which detaches
     // the programs.
     for task in tasks {
         task.abort();
         let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Says which `--device` patterns match no interface here (yet: one may come later).
+fn warn_unmatched(globs: &[glob::Pattern]) -> Result<()> {
+    let all = devices::interfaces()?;
+    for glob in globs {
+        if !all.iter().any(|(name, _)| glob.matches(name)) {
+            warn!("--device {glob}: no such interface in this network namespace");
+        }
+    }
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn until_signalled() -> Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: detaching and exiting"),
+        _ = int.recv() => info!("SIGINT: detaching and exiting"),
     }
     Ok(())
 }

@@ -137,6 +137,31 @@ fn u32_at(b: &[u8], off: usize) -> Result<u32> {
 impl Btf {
     /// Parses raw BTF as found in `/sys/kernel/btf/vmlinux` (little endian only).
     pub fn parse(data: &[u8]) -> Result<Self> {
+        let (type_sec, strings) = Self::sections(data)?;
+        // Type id 0 is void.
+        let mut types = vec![Type {
+            name_off: 0,
+            btf_kind: 0,
+            kind: Kind::Other,
+        }];
+        let mut pos = 0;
+        while pos < type_sec.len() {
+            let (ty, len) = Self::parse_type(type_sec, pos)
+                .with_context(|| format!("BTF type {} at byte {pos}", types.len()))?;
+            types.push(ty);
+            pos += len;
+        }
+        let mut btf = Btf {
+            types,
+            strings: strings.to_vec(),
+            by_name: HashMap::new(),
+        };
+        btf.by_name = btf.names()?;
+        Ok(btf)
+    }
+
+    /// The type and string sections the header points at, checked to lie in `data`.
+    fn sections(data: &[u8]) -> Result<(&[u8], &[u8])> {
         let magic = u16_at(data, 0).context("reading BTF header")?;
         if magic == MAGIC.swap_bytes() {
             bail!("big-endian BTF is not supported");
@@ -165,29 +190,16 @@ impl Btf {
                 )
             })
         };
-        let type_sec = section(type_off, type_len, "type")?;
-        let strings = section(str_off, str_len, "string")?.to_vec();
+        Ok((
+            section(type_off, type_len, "type")?,
+            section(str_off, str_len, "string")?,
+        ))
+    }
 
-        // Type id 0 is void.
-        let mut types = vec![Type {
-            name_off: 0,
-            btf_kind: 0,
-            kind: Kind::Other,
-        }];
-        let mut pos = 0;
-        while pos < type_sec.len() {
-            let (ty, len) = Self::parse_type(type_sec, pos)
-                .with_context(|| format!("BTF type {} at byte {pos}", types.len()))?;
-            types.push(ty);
-            pos += len;
-        }
-        let mut btf = Btf {
-            types,
-            strings,
-            by_name: HashMap::new(),
-        };
+    /// The types lookups find by name, by name space.
+    fn names(&self) -> Result<HashMap<(Namespace, String), u32>> {
         let mut by_name = HashMap::new();
-        for (id, ty) in btf.types.iter().enumerate().skip(1) {
+        for (id, ty) in self.types.iter().enumerate().skip(1) {
             let space = match ty.btf_kind {
                 KIND_STRUCT | KIND_UNION => Namespace::Composite,
                 KIND_ENUM | KIND_ENUM64 => Namespace::Enum,
@@ -195,14 +207,13 @@ impl Btf {
                 _ => continue,
             };
             if ty.name_off != 0 {
-                let name = btf.str(ty.name_off)?.to_owned();
+                let name = self.str(ty.name_off)?.to_owned();
                 // Keep the first definition; later ones with the same name are rare
                 // duplicates from different compilation units.
                 by_name.entry((space, name)).or_insert(u32::try_from(id)?);
             }
         }
-        btf.by_name = by_name;
-        Ok(btf)
+        Ok(by_name)
     }
 
     /// One type record and where the next begins. Over 60 lines: one arm per BTF kind,

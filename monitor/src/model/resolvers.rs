@@ -259,8 +259,17 @@ impl ResolverSlots {
 
     /// One pass over what a sweep saw.
     pub fn pass(&mut self, a: &Activity) -> Changes {
-        let now = a.now;
         let mut changes = Changes::default();
+        self.age(a, &mut changes);
+        self.remember(a);
+        self.name_candidates(a, &mut changes);
+        changes
+    }
+
+    /// Marks active the named slots that were, retires the slots drained, and gives up
+    /// the custom names idle for `idle` seconds.
+    fn age(&mut self, a: &Activity, changes: &mut Changes) {
+        let now = a.now;
         for (n, slot) in self.slots.iter_mut().enumerate() {
             let failing = |ip: &IpAddr| a.failing.iter().any(|(f, _)| f == ip);
             match slot {
@@ -293,9 +302,14 @@ impl ResolverSlots {
             })
             .collect();
         for n in idle {
-            self.release(n, now, &mut changes);
+            self.release(n, now, changes);
         }
-        self.remember(a);
+    }
+
+    /// Names the candidates, the failing first, then the busiest; once every name is
+    /// taken a newcomer takes one quiet for a while, if there is one.
+    fn name_candidates(&mut self, a: &Activity, changes: &mut Changes) {
+        let now = a.now;
         // The failing first (a one-off address sprayed by a pod is not failing, a
         // resolver is), then the busiest.
         let rank = |c: &Candidate| {
@@ -310,7 +324,7 @@ impl ResolverSlots {
         candidates.sort_by(|(xa, x), (ya, y)| (rank(y), *xa).cmp(&(rank(x), *ya)));
         for (ip, _) in candidates {
             if self.amazon.contains(&ip) {
-                if self.name(ip, now, &mut changes) {
+                if self.name(ip, now, changes) {
                     self.candidates.remove(&ip);
                 }
                 continue;
@@ -322,16 +336,15 @@ impl ResolverSlots {
                     Some((n, last))
                         if now.saturating_sub(last) >= QUIET_TO_YIELD.min(self.idle) =>
                     {
-                        self.release(n, now, &mut changes);
+                        self.release(n, now, changes);
                     }
                     _ => break,
                 }
             }
-            if self.name(ip, now, &mut changes) {
+            if self.name(ip, now, changes) {
                 self.candidates.remove(&ip);
             }
         }
-        changes
     }
 }
 

@@ -186,6 +186,15 @@ impl DnsTables {
     /// so that the slot starts from zero for whoever is named in it next.
     pub fn retire(&self, slot: u8) {
         let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        t.retire_counts(slot);
+        t.retire_latency(slot);
+    }
+}
+
+impl Tables {
+    /// The counts of `slot`, the programs' and the agent's, summed into `retired`.
+    fn retire_counts(&mut self, slot: u8) {
+        let t = self;
         let mut moved: BTreeMap<DnsCountKey, u64> = BTreeMap::new();
         let kernel: Vec<(DnsCountKey, u64)> = t
             .counts
@@ -215,7 +224,12 @@ impl DnsTables {
             };
             add_count(&mut t.agent_counts, other, n);
         }
-        // By (device, transport).
+    }
+
+    /// The latency of `slot`, the programs' and the agent's, summed into `retired` by
+    /// (device, transport).
+    fn retire_latency(&mut self, slot: u8) {
+        let t = self;
         let mut latency: BTreeMap<(u32, u8), Histogram> = BTreeMap::new();
         let kernel: Vec<(DnsSlotKey, Histogram)> = t
             .latency
