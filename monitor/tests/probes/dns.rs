@@ -8,42 +8,21 @@ use super::{frames::*, harness::*, root};
 
 #[test]
 fn a_query_and_its_response_are_matched() {
-    if !root::require_root("a_query_and_its_response_are_matched") {
-        return;
-    }
-    for probe in both_objects(Sizes::with_flows(1024)) {
-        query_and_response_matched(&probe);
-    }
+    on_both_objects(
+        "a_query_and_its_response_are_matched",
+        Sizes::with_flows(1024),
+        query_and_response_matched,
+    );
 }
 
 fn query_and_response_matched(probe: &Probe) {
     let query = ipv4_udp(SRC4, DST4, 40000, 53, 0, &dns(7, 0x0100, 1, QUESTION));
     assert_eq!(run(probe, "tc_egress", &query), TC_ACT_UNSPEC);
-    assert_eq!(
-        counts(probe),
-        Counts {
-            queries: 1,
-            responses: 0,
-            superseded: 0,
-            untracked: 0,
-            inflight: 1,
-            ..Counts::default()
-        }
-    );
+    assert_eq!(counts(probe), Counts::dns(1, 0, 0, 0, 1));
     // The same query again is a retransmission: still one in flight, the first copy
     // unanswered.
     run(probe, "tc_egress", &query);
-    assert_eq!(
-        counts(probe),
-        Counts {
-            queries: 2,
-            responses: 0,
-            superseded: 1,
-            untracked: 0,
-            inflight: 1,
-            ..Counts::default()
-        }
-    );
+    assert_eq!(counts(probe), Counts::dns(2, 0, 1, 0, 1));
     // A response with another id, or from another port, matches nothing.
     run(
         probe,
@@ -55,43 +34,13 @@ fn query_and_response_matched(probe: &Probe) {
         "tc_ingress",
         &ipv4_udp(DST4, SRC4, 53, 40001, 0, &dns(7, 0x8180, 1, QUESTION)),
     );
-    assert_eq!(
-        counts(probe),
-        Counts {
-            queries: 2,
-            responses: 0,
-            superseded: 1,
-            untracked: 0,
-            inflight: 1,
-            ..Counts::default()
-        }
-    );
+    assert_eq!(counts(probe), Counts::dns(2, 0, 1, 0, 1));
     let response = ipv4_udp(DST4, SRC4, 53, 40000, 0, &dns(7, 0x8183, 1, QUESTION));
     assert_eq!(run(probe, "tc_ingress", &response), TC_ACT_UNSPEC);
-    assert_eq!(
-        counts(probe),
-        Counts {
-            queries: 2,
-            responses: 1,
-            superseded: 1,
-            untracked: 0,
-            inflight: 0,
-            ..Counts::default()
-        }
-    );
+    assert_eq!(counts(probe), Counts::dns(2, 1, 1, 0, 0));
     // A duplicate response is not a second answer.
     run(probe, "tc_ingress", &response);
-    assert_eq!(
-        counts(probe),
-        Counts {
-            queries: 2,
-            responses: 1,
-            superseded: 1,
-            untracked: 0,
-            inflight: 0,
-            ..Counts::default()
-        }
-    );
+    assert_eq!(counts(probe), Counts::dns(2, 1, 1, 0, 0));
     // IPv6, and the link-local resolver.
     run(
         probe,
@@ -209,17 +158,7 @@ fn malformed_dns_moves_no_count() {
             &dns(5, 0x0100, 1, b"\xc0\x0c\x00\x01\x00\x01"),
         ),
     );
-    assert_eq!(
-        counts(&probe),
-        Counts {
-            queries: 2,
-            responses: 0,
-            superseded: 0,
-            untracked: 0,
-            inflight: 2,
-            ..Counts::default()
-        }
-    );
+    assert_eq!(counts(&probe), Counts::dns(2, 0, 0, 0, 2));
 }
 
 #[test]

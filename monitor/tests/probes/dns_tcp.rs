@@ -4,7 +4,7 @@
 use monitor::loader::Sizes;
 use monitor_common::DnsCountKind;
 
-use super::{frames::*, harness::*, root};
+use super::{frames::*, harness::*};
 
 /// The DNS counts by (transport, kind), over every device, slot and rcode.
 fn by_transport(probe: &Probe) -> std::collections::BTreeMap<(u8, DnsCountKind), u64> {
@@ -18,12 +18,11 @@ fn by_transport(probe: &Probe) -> std::collections::BTreeMap<(u8, DnsCountKind),
 
 #[test]
 fn dns_over_tcp_is_matched_by_connection_and_id() {
-    if !root::require_root("dns_over_tcp_is_matched_by_connection_and_id") {
-        return;
-    }
-    for probe in both_objects(Sizes::with_flows(1024)) {
-        tcp_matched(&probe);
-    }
+    on_both_objects(
+        "dns_over_tcp_is_matched_by_connection_and_id",
+        Sizes::with_flows(1024),
+        tcp_matched,
+    );
 }
 
 fn tcp_matched(probe: &Probe) {
@@ -124,12 +123,11 @@ fn tcp_matched(probe: &Probe) {
 
 #[test]
 fn malformed_tcp_segments_move_no_count() {
-    if !root::require_root("malformed_tcp_segments_move_no_count") {
-        return;
-    }
-    for probe in both_objects(Sizes::with_flows(1024)) {
-        tcp_malformed(&probe);
-    }
+    on_both_objects(
+        "malformed_tcp_segments_move_no_count",
+        Sizes::with_flows(1024),
+        tcp_malformed,
+    );
 }
 
 /// Random payloads to port 53 never fail the program.
@@ -268,12 +266,11 @@ fn tcp_malformed(probe: &Probe) {
 
 #[test]
 fn a_refused_dns_connection_is_counted_once() {
-    if !root::require_root("a_refused_dns_connection_is_counted_once") {
-        return;
-    }
-    for probe in both_objects(Sizes::with_flows(1024)) {
-        connect_refused(&probe);
-    }
+    on_both_objects(
+        "a_refused_dns_connection_is_counted_once",
+        Sizes::with_flows(1024),
+        connect_refused,
+    );
 }
 
 fn connect_refused(probe: &Probe) {
@@ -313,12 +310,11 @@ fn connect_refused(probe: &Probe) {
 
 #[test]
 fn every_dns_message_of_a_tcp_segment_is_read_or_counted_unread() {
-    if !root::require_root("every_dns_message_of_a_tcp_segment_is_read_or_counted_unread") {
-        return;
-    }
-    for probe in both_objects(Sizes::with_flows(1024)) {
-        tcp_segments_read_whole(&probe);
-    }
+    on_both_objects(
+        "every_dns_message_of_a_tcp_segment_is_read_or_counted_unread",
+        Sizes::with_flows(1024),
+        tcp_segments_read_whole,
+    );
 }
 
 /// TCP segments unread, summed over CPUs.

@@ -38,6 +38,17 @@ pub fn both_objects(sizes: Sizes) -> Vec<Probe> {
     objects
 }
 
+/// Runs `check` on both objects this kernel loads (`both_objects`), as test `test`, which
+/// needs root.
+pub fn on_both_objects(test: &str, sizes: Sizes, check: impl Fn(&Probe)) {
+    if !crate::root::require_root(test) {
+        return;
+    }
+    for probe in both_objects(sizes) {
+        check(&probe);
+    }
+}
+
 pub fn loaded_object(sizes: Sizes, atomics: Option<bool>) -> Probe {
     let mut facts = KernelFacts::read(Path::new(kernel::BTF_PATH)).unwrap();
     if let Some(atomics) = atomics {
@@ -84,6 +95,27 @@ pub struct Counts {
     pub linklocal: u64,
     /// TCP connections to port 53 refused.
     pub refused: u64,
+}
+
+/// The DNS counts by (resolver slot, kind), over every device and rcode.
+impl Counts {
+    /// The DNS counts alone: (queries, responses, superseded, untracked, in flight).
+    pub fn dns(
+        queries: u64,
+        responses: u64,
+        superseded: u64,
+        untracked: u64,
+        inflight: usize,
+    ) -> Self {
+        Self {
+            queries,
+            responses,
+            superseded,
+            untracked,
+            inflight,
+            ..Self::default()
+        }
+    }
 }
 
 /// The DNS counts by (resolver slot, kind), over every device and rcode.
