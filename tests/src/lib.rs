@@ -20,6 +20,7 @@ pub mod floor;
 pub mod golden;
 pub mod imds;
 pub mod incident;
+pub mod kernels;
 pub mod netns;
 pub mod node;
 pub mod paging;

@@ -3,7 +3,7 @@
 #![allow(clippy::float_cmp)]
 
 use integration_tests::{
-    HOOKS, Scrape, require_root,
+    HOOKS, Scrape, kernels, require_root,
     vm::{Arch, Console, Kernel},
 };
 
@@ -27,6 +27,28 @@ struct Expect {
     no_socket: &'static str,
     /// `bpf_loop` (5.17+): every DNS message of a TCP segment is read.
     bpf_loop: bool,
+}
+
+impl Expect {
+    /// What the matrix's row `name` says of its kernel.
+    fn of(name: &str) -> Self {
+        let row = kernels::named(name);
+        Self {
+            kernel: Kernel {
+                name: row.name,
+                lockdown: row.lockdown,
+                arch: if row.arm64 {
+                    Arch::Aarch64
+                } else {
+                    Arch::X86_64
+                },
+            },
+            release: row.release,
+            tcx: row.tcx,
+            no_socket: row.no_socket,
+            bpf_loop: row.bpf_loop,
+        }
+    }
 }
 
 fn boot(expect: &Expect) -> Option<Console> {
@@ -505,11 +527,7 @@ fn check(expect: &Expect) {
 /// most 0.1 MiB more per CPU, measured by booting the same kernel with 2 and 8 vCPUs.
 #[test]
 fn kernel_map_memory_fits_and_grows_little_per_cpu() {
-    let kernel = Kernel {
-        name: "6.12",
-        lockdown: true,
-        arch: Arch::X86_64,
-    };
+    let kernel = Expect::of("6.12").kernel;
     if !require_root("kernel map memory") {
         return;
     }
@@ -542,90 +560,53 @@ fn kernel_map_memory_fits_and_grows_little_per_cpu() {
 
 #[test]
 fn linux_5_10_amazon_linux_2() {
-    check(&Expect {
-        kernel: Kernel {
-            name: "5.10",
-            lockdown: false,
-            arch: Arch::X86_64,
-        },
-        release: "5.10.",
-        tcx: false,
-        bpf_loop: false,
-        no_socket: "unknown",
-    });
+    check(&Expect::of("5.10"));
 }
 
 #[test]
 fn linux_6_1_al2023_bottlerocket_under_lockdown() {
-    check(&Expect {
-        kernel: Kernel {
-            name: "6.1",
-            lockdown: true,
-            arch: Arch::X86_64,
-        },
-        release: "6.1.",
-        tcx: false,
-        bpf_loop: true,
-        no_socket: "NO_SOCKET",
-    });
+    check(&Expect::of("6.1"));
 }
 
 #[test]
 fn linux_6_12_under_lockdown_on_tcx() {
-    check(&Expect {
-        kernel: Kernel {
-            name: "6.12",
-            lockdown: true,
-            arch: Arch::X86_64,
-        },
-        release: "6.12.",
-        tcx: true,
-        bpf_loop: true,
-        no_socket: "NO_SOCKET",
-    });
+    check(&Expect::of("6.12"));
 }
 
 #[test]
 fn linux_5_10_amazon_linux_2_on_graviton() {
-    check(&Expect {
-        kernel: Kernel {
-            name: "arm64-5.10",
-            lockdown: false,
-            arch: Arch::Aarch64,
-        },
-        release: "5.10.",
-        tcx: false,
-        bpf_loop: false,
-        no_socket: "unknown",
-    });
+    check(&Expect::of("arm64-5.10"));
 }
 
 #[test]
 fn linux_6_1_on_graviton_under_lockdown() {
-    check(&Expect {
-        kernel: Kernel {
-            name: "arm64-6.1",
-            lockdown: true,
-            arch: Arch::Aarch64,
-        },
-        release: "6.1.",
-        tcx: false,
-        bpf_loop: true,
-        no_socket: "NO_SOCKET",
-    });
+    check(&Expect::of("arm64-6.1"));
 }
 
 #[test]
 fn linux_6_12_on_graviton_under_lockdown_on_tcx() {
-    check(&Expect {
-        kernel: Kernel {
-            name: "arm64-6.12",
-            lockdown: true,
-            arch: Arch::Aarch64,
-        },
-        release: "6.12.",
-        tcx: true,
-        bpf_loop: true,
-        no_socket: "NO_SOCKET",
-    });
+    check(&Expect::of("arm64-6.12"));
+}
+
+/// README's Kernels table has a row for each kernel of the matrix, booted from the suite
+/// the matrix fetches it from.
+#[test]
+fn the_readme_names_every_kernel_of_the_matrix() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .unwrap();
+    for row in kernels::ROWS {
+        let shown = row.name.replace("arm64-", "arm64 ");
+        let line = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| {shown} (")))
+            .unwrap_or_else(|| panic!("README's Kernels table has no row for {}", row.name));
+        assert!(
+            line.contains(&format!("Debian {} ", row.suite))
+                || line.contains(&format!("Debian {} |", row.suite)),
+            "{}: {line}",
+            row.name
+        );
+    }
 }

@@ -53,17 +53,14 @@ const APT_PACKAGES: &[&str] = &[
     "skopeo",
 ];
 
-/// The kernels of README.md's Kernels table: (directory under `target/kernels`, suite of
-/// Debian's cloud kernel). qemu 10 comes from bookworm-backports: 7.2's TCG cannot boot
-/// 6.12.
-pub const KERNELS: [(&str, &str, Arch); 6] = [
-    ("5.10", "bullseye", Arch::Amd64),
-    ("6.1", "bookworm", Arch::Amd64),
-    ("6.12", "bookworm-backports", Arch::Amd64),
-    ("arm64-5.10", "bullseye", Arch::Arm64),
-    ("arm64-6.1", "bookworm", Arch::Arm64),
-    ("arm64-6.12", "bookworm-backports", Arch::Arm64),
-];
+/// The kernels of README.md's Kernels table, as the matrix lists them. qemu 10 comes
+/// from bookworm-backports: 7.2's TCG cannot boot 6.12.
+#[path = "../../tests/src/kernels.rs"]
+#[allow(
+    dead_code,
+    reason = "what a row holds for the matrix's test, not for its fetch"
+)]
+mod matrix;
 
 /// A machine architecture the agent is built and its kernels booted for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,20 +233,24 @@ fn kernels() -> Result<()> {
 }
 
 fn kernels_of(root: &Path, arch: Arch) -> Result<()> {
-    let missing: Vec<_> = KERNELS
+    let missing: Vec<_> = matrix::ROWS
         .iter()
-        .filter(|(name, _, a)| *a == arch && !root.join(name).join("vmlinuz").is_file())
+        .filter(|k| k.arm64 == (arch == Arch::Arm64))
+        .filter(|k| !root.join(k.name).join("vmlinuz").is_file())
+        .map(|k| (k.name, k.suite))
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    let suites = ["bullseye", "bookworm", "bookworm-backports"];
+    let mut suites: Vec<&str> = matrix::ROWS.iter().map(|k| k.suite).collect();
+    suites.sort_unstable();
+    suites.dedup();
     let apt = match arch {
         Arch::Amd64 => private_apt("kernels", &suites)?,
         Arch::Arm64 => private_apt_for("kernels-arm64", &suites, Some(arch))?,
     };
     let meta_name = format!("linux-image-cloud-{}", arch.debian());
-    for (name, suite, _) in missing {
+    for (name, suite) in missing {
         eprintln!("setup: fetching the {name} cloud kernel from {suite}");
         let dir = root.join(name);
         let _ = std::fs::remove_dir_all(&dir);
