@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use monitor::kernel::bpf::{bpf, cmd};
+
 use crate::{Netns, http_get, sh};
 
 /// One scrape of `/metrics`, parsed by the agent's own parser.
@@ -56,6 +58,20 @@ impl Drop for BpfState {
         let _ = Command::new("umount").arg(&self.mount).status();
         let _ = std::fs::remove_dir(&self.mount);
     }
+}
+
+/// The prog-query member of `union bpf_attr`, to the count.
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    /// The interface's index.
+    target: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    count: u32,
+    pad: u32,
 }
 
 /// The agent running inside a namespace; stopped with SIGTERM on drop.
@@ -228,15 +244,16 @@ impl Agent {
             // SAFETY: a NUL-terminated interface name.
             let ifindex = unsafe { libc::if_nametoindex(device.as_ptr()) };
             assert_ne!(ifindex, 0, "no such device");
-            // query: { u32 target; u32 attach_type; u32 query_flags; u32 attach_flags;
-            // u64 prog_ids; u32 count; ... }; a null prog_ids asks for the count only.
-            let mut attr = [0u8; 64];
-            attr[0..4].copy_from_slice(&ifindex.to_ne_bytes());
-            attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
-            // SAFETY: a zero-padded query attribute of the size passed.
-            let rc = unsafe { libc::syscall(libc::SYS_bpf, 16, attr.as_mut_ptr(), attr.len()) };
-            assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
-            u32::from_ne_bytes(attr[24..28].try_into().unwrap())
+            // A null `prog_ids` asks for the count only.
+            let mut attr = ProgQueryAttr {
+                target: ifindex,
+                attach_type,
+                ..ProgQueryAttr::default()
+            };
+            if let Err(e) = bpf(cmd::PROG_QUERY, &mut attr) {
+                panic!("BPF_PROG_QUERY: {e}");
+            }
+            attr.count
         })
     }
 

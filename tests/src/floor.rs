@@ -4,15 +4,11 @@
 //! classifier that reads two bytes of the headers and nothing else, put in front of the
 //! agent's: what the first touch of a packet's header line costs whoever reads it first.
 
-use std::{
-    io,
-    os::fd::{FromRawFd as _, OwnedFd},
-};
+use std::{io, os::fd::OwnedFd};
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
+use monitor::kernel::bpf::{ElemAttr, bpf, bpf_fd, cmd, load_program};
+
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
@@ -49,41 +45,57 @@ fn read_headers() -> [u64; 9] {
     ]
 }
 
-fn bpf(cmd: libc::c_long, attr: &[u8]) -> io::Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-padded bpf_attr of the size passed.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new file descriptor the kernel just returned.
-    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) })
-}
-
-fn put(attr: &mut [u8], off: usize, bytes: &[u8]) {
-    attr[off..off + bytes.len()].copy_from_slice(bytes);
-}
-
 fn load(prog_type: u32, name: &str, imm: i32) -> io::Result<OwnedFd> {
     load_insns(prog_type, name, &return_imm(imm))
 }
 
 fn load_insns(prog_type: u32, name: &str, insns: &[u64]) -> io::Result<OwnedFd> {
-    load_for(prog_type, 0, name, insns)
+    load_program(prog_type, 0, name, insns)
 }
 
-fn load_for(prog_type: u32, attach_type: u32, name: &str, insns: &[u64]) -> io::Result<OwnedFd> {
-    let license = c"GPL";
-    let mut attr = [0u8; 128];
-    put(&mut attr, 0, &prog_type.to_ne_bytes());
-    let count = u32::try_from(insns.len()).map_err(io::Error::other)?;
-    put(&mut attr, 4, &count.to_ne_bytes());
-    put(&mut attr, 8, &(insns.as_ptr() as u64).to_ne_bytes());
-    put(&mut attr, 16, &(license.as_ptr() as u64).to_ne_bytes());
-    // prog_name at offset 48, 16 bytes with the NUL.
-    let n = name.len().min(15);
-    put(&mut attr, 48, &name.as_bytes()[..n]);
-    put(&mut attr, 68, &attach_type.to_ne_bytes());
-    bpf(BPF_PROG_LOAD, &attr)
+/// The link-create member of `union bpf_attr`, for a TCX link.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    /// The interface's index.
+    target: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    pad: u32,
+    expected_revision: u64,
+}
+
+/// The link-create member, for a netfilter link.
+#[repr(C)]
+#[derive(Default)]
+struct NetfilterLinkAttr {
+    prog_fd: u32,
+    target: u32,
+    attach_type: u32,
+    flags: u32,
+    pf: u32,
+    hooknum: u32,
+    priority: i32,
+    nf_flags: u32,
+}
+
+/// The raw-tracepoint-open member.
+#[repr(C)]
+struct RawTracepointAttr {
+    name: u64,
+    prog_fd: u32,
+    pad: u32,
+}
+
+/// The map-create member, to its first four words.
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
 }
 
 fn raw_fd(fd: &OwnedFd) -> io::Result<u32> {
@@ -143,20 +155,17 @@ impl FloorClassifier {
         place: Place,
     ) -> io::Result<Self> {
         let prog = load_insns(BPF_PROG_TYPE_SCHED_CLS, name, insns)?;
-        let mut attr = [0u8; 64];
-        put(
-            &mut attr,
-            0,
-            &u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&prog))
-                .map_err(io::Error::other)?
-                .to_ne_bytes(),
-        );
-        put(&mut attr, 4, &ifindex.to_ne_bytes());
-        put(&mut attr, 8, &attach_type.to_ne_bytes());
-        if let Place::First = place {
-            put(&mut attr, 12, &BPF_F_BEFORE.to_ne_bytes());
-        }
-        let link = bpf(BPF_LINK_CREATE, &attr)?;
+        let mut attr = LinkCreateAttr {
+            prog_fd: raw_fd(&prog)?,
+            target: ifindex,
+            attach_type,
+            flags: match place {
+                Place::First => BPF_F_BEFORE,
+                Place::Last => 0,
+            },
+            ..LinkCreateAttr::default()
+        };
+        let link = bpf_fd(cmd::LINK_CREATE, &mut attr)?;
         Ok(Self {
             _prog: prog,
             _link: link,
@@ -174,17 +183,12 @@ impl FloorTracepoint {
     pub fn attach(name: &str) -> io::Result<Self> {
         let prog = load(BPF_PROG_TYPE_RAW_TRACEPOINT, "floor_tp", 0)?;
         let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
-        // raw_tracepoint: { u64 name; u32 prog_fd; }
-        let mut attr = [0u8; 16];
-        put(&mut attr, 0, &(name.as_ptr() as u64).to_ne_bytes());
-        put(
-            &mut attr,
-            8,
-            &u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&prog))
-                .map_err(io::Error::other)?
-                .to_ne_bytes(),
-        );
-        let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &attr)?;
+        let mut attr = RawTracepointAttr {
+            name: name.as_ptr() as u64,
+            prog_fd: raw_fd(&prog)?,
+            pad: 0,
+        };
+        let link = bpf_fd(cmd::RAW_TRACEPOINT_OPEN, &mut attr)?;
         Ok(Self {
             _prog: prog,
             _link: link,
@@ -192,8 +196,6 @@ impl FloorTracepoint {
     }
 }
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_PROG_TYPE_NETFILTER: u32 = 32;
 const BPF_NETFILTER: u32 = 45;
@@ -218,12 +220,13 @@ pub struct HookTimer {
 impl HookTimer {
     pub fn attach(hooks: &[u32], pairs: &[(i32, i32)]) -> io::Result<Self> {
         let slots = u32::try_from(pairs.len() * 3).map_err(io::Error::other)?;
-        let mut attr = [0u8; 72];
-        put(&mut attr, 0, &BPF_MAP_TYPE_PERCPU_ARRAY.to_ne_bytes());
-        put(&mut attr, 4, &4u32.to_ne_bytes());
-        put(&mut attr, 8, &8u32.to_ne_bytes());
-        put(&mut attr, 12, &slots.to_ne_bytes());
-        let map = bpf(BPF_MAP_CREATE, &attr)?;
+        let mut attr = MapCreateAttr {
+            map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+            key_size: 4,
+            value_size: 8,
+            max_entries: slots,
+        };
+        let map = bpf_fd(cmd::MAP_CREATE, &mut attr)?;
         let fd = raw_fd(&map)?.cast_signed();
         let (mut progs, mut links) = (Vec::new(), Vec::new());
         for (i, &(first, second)) in pairs.iter().enumerate() {
@@ -232,15 +235,18 @@ impl HookTimer {
                 (first, bracket_start(fd, base)),
                 (second, bracket_stop(fd, base)),
             ] {
-                let prog = load_for(BPF_PROG_TYPE_NETFILTER, BPF_NETFILTER, "hook_timer", &insns)?;
+                let prog =
+                    load_program(BPF_PROG_TYPE_NETFILTER, BPF_NETFILTER, "hook_timer", &insns)?;
                 for &hook in hooks {
-                    let mut attr = [0u8; 64];
-                    put(&mut attr, 0, &raw_fd(&prog)?.to_ne_bytes());
-                    put(&mut attr, 8, &BPF_NETFILTER.to_ne_bytes());
-                    put(&mut attr, 16, &NFPROTO_IPV4.to_ne_bytes());
-                    put(&mut attr, 20, &hook.to_ne_bytes());
-                    put(&mut attr, 24, &prio.to_ne_bytes());
-                    links.push(bpf(BPF_LINK_CREATE, &attr)?);
+                    let mut attr = NetfilterLinkAttr {
+                        prog_fd: raw_fd(&prog)?,
+                        attach_type: BPF_NETFILTER,
+                        pf: NFPROTO_IPV4,
+                        hooknum: hook,
+                        priority: prio,
+                        ..NetfilterLinkAttr::default()
+                    };
+                    links.push(bpf_fd(cmd::LINK_CREATE, &mut attr)?);
                 }
                 progs.push(prog);
             }
@@ -261,24 +267,15 @@ impl HookTimer {
     fn slot(&self, key: u32) -> io::Result<u64> {
         let cpus = possible_cpus()?;
         let mut values = vec![0u64; cpus];
-        let mut attr = [0u8; 32];
-        put(&mut attr, 0, &raw_fd(&self.map)?.to_ne_bytes());
-        put(&mut attr, 8, &(&raw const key as u64).to_ne_bytes());
-        put(&mut attr, 16, &(values.as_mut_ptr() as u64).to_ne_bytes());
-        bpf_status(BPF_MAP_LOOKUP_ELEM, &attr)?;
+        let mut attr = ElemAttr {
+            map_fd: raw_fd(&self.map)?,
+            key: &raw const key as u64,
+            value: values.as_mut_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        bpf(cmd::MAP_LOOKUP_ELEM, &mut attr)?;
         Ok(values.iter().sum())
     }
-}
-
-/// A bpf command that returns no descriptor.
-fn bpf_status(cmd: libc::c_long, attr: &[u8]) -> io::Result<()> {
-    // SAFETY: `attr` is a zero-padded bpf_attr of the size passed; the buffers it points
-    // to outlive the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// How many CPUs a per-CPU map holds a value for: `/sys/devices/system/cpu/possible`.

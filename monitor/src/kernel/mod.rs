@@ -11,6 +11,7 @@ use monitor_common::{REASON_UNKNOWN, globals};
 
 use self::btf::Btf;
 
+pub mod bpf;
 pub mod btf;
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -142,26 +143,8 @@ pub fn own_netns_inum() -> Result<u32> {
 /// feature probes do). Any failure is "no": the programs then take the path every
 /// kernel has.
 fn loads(insns: &[u64]) -> bool {
-    const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
-    let license = c"GPL";
-    let Ok(count) = u32::try_from(insns.len()) else {
-        return false;
-    };
-    // The leading members of `union bpf_attr`'s prog-load struct; the rest stays zero.
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SOCKET_FILTER.to_ne_bytes());
-    attr[4..8].copy_from_slice(&count.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    // SAFETY: a prog-load attribute whose pointers outlive the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_mut_ptr(), attr.len()) };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: the program fd the kernel just returned, closed once.
-    unsafe { libc::close(i32::try_from(fd).unwrap_or(-1)) };
-    true
+    bpf::load_program(BPF_PROG_TYPE_SOCKET_FILTER, 0, "", insns).is_ok()
 }
 
 /// One instruction: opcode, destination and source registers, offset, immediate.

@@ -8,20 +8,7 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// The `elem` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
+use crate::kernel::bpf::{BatchAttr, ElemAttr, bpf, cmd};
 
 /// The value of `key`, `None` when absent.
 ///
@@ -35,7 +22,7 @@ pub unsafe fn lookup_one<K: Copy, V: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::R
         value: value.as_mut_ptr() as u64,
         ..ElemAttr::default()
     };
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+    match bpf(cmd::MAP_LOOKUP_ELEM, &mut attr).map(drop) {
         // SAFETY: the kernel wrote the value.
         Ok(()) => Ok(Some(unsafe { value.assume_init() })),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
@@ -52,14 +39,13 @@ pub unsafe fn update_one<K: Copy, V: Copy>(
     key: &K,
     value: &V,
 ) -> io::Result<()> {
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     let mut attr = ElemAttr {
         map_fd: map_fd(fd),
         key: std::ptr::from_ref(key) as u64,
         value: std::ptr::from_ref(value) as u64,
         ..ElemAttr::default()
     };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+    bpf(cmd::MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
 /// Deletes `key`; `false` when it was already gone.
@@ -72,35 +58,10 @@ pub unsafe fn delete_one<K: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::Result<boo
         key: std::ptr::from_ref(key) as u64,
         ..ElemAttr::default()
     };
-    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+    match bpf(cmd::MAP_DELETE_ELEM, &mut attr).map(drop) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
-    }
-}
-
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// The `bpf` syscall with `attr`, a member of `union bpf_attr` (`ElemAttr`, `BatchAttr`).
-fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
-    // SAFETY: `attr` is a valid attribute whose pointers the caller keeps alive.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 
@@ -140,7 +101,7 @@ pub unsafe fn lookup_all<K: Copy, V: Copy>(
             map_fd: map_fd(fd),
             ..BatchAttr::default()
         };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let result = bpf(cmd::MAP_LOOKUP_BATCH, &mut attr).map(drop);
         let done = match &result {
             Ok(()) => false,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
