@@ -209,24 +209,6 @@ impl Paging {
         paging
     }
 
-    /// An instant query's JSON answer.
-    pub fn query(&self, ns: &Netns, expr: &str) -> Option<Value> {
-        assert_eq!(ns.name, self.ns_name);
-        query(ns, expr)
-    }
-
-    /// A range query's series, `[start, end]` in Unix seconds every `step` seconds:
-    /// each series' labels and its points (Unix seconds, value; `NaN` kept out).
-    pub fn query_range(
-        &self,
-        ns: &Netns,
-        expr: &str,
-        (start, end, step): (f64, f64, f64),
-    ) -> Vec<crate::panels::Series> {
-        assert_eq!(ns.name, self.ns_name);
-        query_range(ns, PROMETHEUS, expr, (start, end, step))
-    }
-
     /// The values of label `label` on the series `selector` matches, as Grafana's
     /// `label_values(selector, label)` asks for them.
     pub fn label_values(&self, ns: &Netns, selector: &str, label: &str) -> Vec<String> {
@@ -406,13 +388,48 @@ pub(crate) fn query_range(
         .collect()
 }
 
-/// An instant query's JSON answer from the Prometheus in `ns`.
-fn query(ns: &Netns, expr: &str) -> Option<Value> {
-    get_json(
-        ns,
-        PROMETHEUS,
-        &format!("/api/v1/query?query={}", percent_encode(expr)),
-    )
+/// A Prometheus-compatible engine's HTTP API, served in the test's namespace: Debian's
+/// Prometheus (`Paging`, `Prometheus`) or `VictoriaMetrics` (`Victoria`).
+pub trait Engine {
+    /// The namespace the engine serves in, and its API's address there.
+    fn endpoint(&self) -> (&str, &'static str);
+
+    /// A JSON answer of the API at `path` (`/api/v1/...`), asked from `ns`.
+    fn api(&self, ns: &Netns, path: &str) -> Option<Value> {
+        let (name, addr) = self.endpoint();
+        assert_eq!(ns.name, name, "the engine serves in another namespace");
+        get_json(ns, addr, path)
+    }
+
+    /// An instant query's JSON answer.
+    fn query(&self, ns: &Netns, expr: &str) -> Option<Value> {
+        self.api(ns, &format!("/api/v1/query?query={}", percent_encode(expr)))
+    }
+
+    /// A range query's series, `[start, end]` in Unix seconds every `step` seconds:
+    /// each series' labels and its points (Unix seconds, value; `NaN` kept out).
+    fn query_range(
+        &self,
+        ns: &Netns,
+        expr: &str,
+        range: (f64, f64, f64),
+    ) -> Vec<crate::panels::Series> {
+        let (name, addr) = self.endpoint();
+        assert_eq!(ns.name, name, "the engine serves in another namespace");
+        query_range(ns, addr, expr, range)
+    }
+}
+
+impl Engine for Paging {
+    fn endpoint(&self) -> (&str, &'static str) {
+        (&self.ns_name, PROMETHEUS)
+    }
+}
+
+impl Engine for Prometheus {
+    fn endpoint(&self) -> (&str, &'static str) {
+        (&self.ns_name, PROMETHEUS)
+    }
 }
 
 /// Debian's Prometheus alone in `ns`, scraping every second with `job` (one
@@ -455,28 +472,5 @@ impl Prometheus {
         let pid = libc::pid_t::try_from(self.pid()).unwrap();
         // SAFETY: a signal to the child this struct started and still owns.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    }
-
-    /// A JSON answer of the HTTP API at `path` (`/api/v1/...`).
-    pub fn api(&self, ns: &Netns, path: &str) -> Option<Value> {
-        assert_eq!(ns.name, self.ns_name);
-        get_json(ns, PROMETHEUS, path)
-    }
-
-    /// An instant query's JSON answer.
-    pub fn query(&self, ns: &Netns, expr: &str) -> Option<Value> {
-        assert_eq!(ns.name, self.ns_name);
-        query(ns, expr)
-    }
-
-    /// A range query's series, as `Paging::query_range` gives them.
-    pub fn query_range(
-        &self,
-        ns: &Netns,
-        expr: &str,
-        range: (f64, f64, f64),
-    ) -> Vec<crate::panels::Series> {
-        assert_eq!(ns.name, self.ns_name);
-        query_range(ns, PROMETHEUS, expr, range)
     }
 }

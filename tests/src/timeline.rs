@@ -14,7 +14,10 @@ use plotters::{
     style::text_anchor::{HPos, Pos, VPos},
 };
 
-use crate::incident::{Incident, NODE, Outcome, VPC_SERVER};
+use crate::{
+    incident::{Incident, NODE, Outcome, VPC_SERVER},
+    paging::Engine as _,
+};
 
 const GREEN: RGBColor = RGBColor(56, 142, 60);
 const ORANGE: RGBColor = RGBColor(245, 124, 0);

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::{
     Netns,
-    paging::{Daemon, DirGuard, get_json, percent_encode, query_range, start, wait_for},
+    paging::{Daemon, DirGuard, Engine, get_json, start, wait_for},
 };
 
 /// `VictoriaMetrics`'s own address: remote write, queries.
@@ -113,33 +113,6 @@ impl Victoria {
         v
     }
 
-    /// An instant query's JSON answer from `VictoriaMetrics`.
-    pub fn query(&self, ns: &Netns, expr: &str) -> Option<Value> {
-        assert_eq!(ns.name, self.ns_name);
-        get_json(
-            ns,
-            VICTORIA,
-            &format!("/api/v1/query?query={}", percent_encode(expr)),
-        )
-    }
-
-    /// A range query's series, as `Paging::query_range` gives them.
-    pub fn query_range(
-        &self,
-        ns: &Netns,
-        expr: &str,
-        range: (f64, f64, f64),
-    ) -> Vec<crate::panels::Series> {
-        assert_eq!(ns.name, self.ns_name);
-        query_range(ns, VICTORIA, expr, range)
-    }
-
-    /// A JSON answer of `VictoriaMetrics`'s Prometheus-compatible API at `path`.
-    pub fn api(&self, ns: &Netns, path: &str) -> Option<Value> {
-        assert_eq!(ns.name, self.ns_name);
-        get_json(ns, VICTORIA, path)
-    }
-
     /// How many targets scraper `member` scrapes and found up.
     pub fn targets_up(&self, ns: &Netns, member: usize) -> usize {
         assert_eq!(ns.name, self.ns_name);
@@ -165,5 +138,11 @@ impl Victoria {
             self.agents[1].0.id(),
             self.vmalert.0.id(),
         ]
+    }
+}
+
+impl Engine for Victoria {
+    fn endpoint(&self) -> (&str, &'static str) {
+        (&self.ns_name, VICTORIA)
     }
 }

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use integration_tests::paging::Engine as _;
 use integration_tests::{
     Netns,
     fleet::{agent_exposition, serve, static_targets, template},

@@ -3,6 +3,7 @@
 //! the link-local limit pages before it drops.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
+use integration_tests::paging::Engine as _;
 use integration_tests::{
     incident::{ALLOWANCE, AMAZON_RESOLVER, ENI_ID, Incident, NODE, Outcome, runnable},
     panels, require_root, timeline,

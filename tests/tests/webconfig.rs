@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use integration_tests::paging::Engine as _;
 use integration_tests::{
     SimNode, monitor_bin,
     paging::{Prometheus, wait_for},

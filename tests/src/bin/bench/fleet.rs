@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use integration_tests::paging::Engine as _;
 use integration_tests::{
     Netns,
     fleet::{agent_exposition, serve, static_targets, template},
