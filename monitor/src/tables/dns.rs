@@ -194,9 +194,8 @@ impl DnsTables {
 impl Tables {
     /// The counts of `slot`, the programs' and the agent's, summed into `retired`.
     fn retire_counts(&mut self, slot: u8) {
-        let t = self;
         let mut moved: BTreeMap<DnsCountKey, u64> = BTreeMap::new();
-        let kernel: Vec<(DnsCountKey, u64)> = t
+        let kernel: Vec<(DnsCountKey, u64)> = self
             .counts
             .iter()
             .filter_map(Result::ok)
@@ -205,9 +204,9 @@ impl Tables {
             .collect();
         for (k, n) in &kernel {
             *moved.entry(*k).or_default() += n;
-            let _ = t.counts.remove(k);
+            let _ = self.counts.remove(k);
         }
-        let agent: Vec<(DnsCountKey, u64)> = t
+        let agent: Vec<(DnsCountKey, u64)> = self
             .agent_counts
             .iter()
             .filter_map(Result::ok)
@@ -215,23 +214,22 @@ impl Tables {
             .collect();
         for (k, n) in &agent {
             *moved.entry(*k).or_default() += n;
-            let _ = t.agent_counts.remove(k);
+            let _ = self.agent_counts.remove(k);
         }
         for (k, n) in moved {
             let other = DnsCountKey {
                 resolver: RESOLVER_RETIRED,
                 ..k
             };
-            add_count(&mut t.agent_counts, other, n);
+            add_count(&mut self.agent_counts, other, n);
         }
     }
 
     /// The latency of `slot`, the programs' and the agent's, summed into `retired` by
     /// (device, transport).
     fn retire_latency(&mut self, slot: u8) {
-        let t = self;
         let mut latency: BTreeMap<(u32, u8), Histogram> = BTreeMap::new();
-        let kernel: Vec<(DnsSlotKey, Histogram)> = t
+        let kernel: Vec<(DnsSlotKey, Histogram)> = self
             .latency
             .iter()
             .filter_map(Result::ok)
@@ -245,9 +243,9 @@ impl Tables {
         for (k, h) in &kernel {
             let sum = latency.entry((k.ifindex, k.transport)).or_default();
             sum.add(&h.as_latency());
-            let _ = t.latency.remove(k);
+            let _ = self.latency.remove(k);
         }
-        let agent: Vec<(DnsSlotKey, DnsLatency)> = t
+        let agent: Vec<(DnsSlotKey, DnsLatency)> = self
             .agent_latency
             .iter()
             .filter_map(Result::ok)
@@ -255,7 +253,7 @@ impl Tables {
             .collect();
         for (k, l) in &agent {
             latency.entry((k.ifindex, k.transport)).or_default().add(l);
-            let _ = t.agent_latency.remove(k);
+            let _ = self.agent_latency.remove(k);
         }
         for ((ifindex, transport), h) in latency {
             let other = DnsSlotKey {
@@ -265,11 +263,11 @@ impl Tables {
                 pad: 0,
             };
             let mut total = Histogram::default();
-            if let Ok(l) = t.agent_latency.get(&other, 0) {
+            if let Ok(l) = self.agent_latency.get(&other, 0) {
                 total.add(&l);
             }
             total.add(&h.as_latency());
-            if let Err(e) = t.agent_latency.insert(other, total.as_latency(), 0) {
+            if let Err(e) = self.agent_latency.insert(other, total.as_latency(), 0) {
                 warn!("moving DNS latency to retired: {e}");
             }
         }
