@@ -214,7 +214,8 @@ fn what_the_rules_the_dashboard_and_status_read_is_exported() {
     for (what, path) in [
         ("the alert rules", "deploy/alerts/rules.yml"),
         ("the dashboard", "deploy/grafana/eni-monitor.json"),
-        ("monitor status", "monitor/src/status.rs"),
+        ("monitor status", "monitor/src/status/mod.rs"),
+        ("monitor status's sections", "monitor/src/status/screen.rs"),
         ("the runbook", "RUNBOOK.md"),
     ] {
         let used = golden::metric_names(&read(path));
