@@ -53,7 +53,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
     let out = run(Command::new("promtool")
         .args(["check", "rules", "rules.yml"])
         .current_dir(&dir));
-    assert!(out.contains("SUCCESS: 25 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 34 rules found"), "{out}");
     let out = run(Command::new("promtool")
         .args(["test", "rules", "rules.test.yml"])
         .current_dir(&dir));
@@ -204,7 +204,7 @@ fn every_recording_rule_is_unit_tested() {
     let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
     let tests = std::fs::read_to_string(dir.join("rules.test.yml")).unwrap();
     let records = named(&rules, "record");
-    assert_eq!(records.len(), 11);
+    assert_eq!(records.len(), 20);
     for r in records {
         assert!(
             tests
@@ -582,9 +582,10 @@ fn a_web_config_reaches_the_agent_the_probes_and_the_pod_monitor() {
 /// The expression of the rule named `name` in the rules file: from its `expr:` to the
 /// next key of the rule.
 fn expr_of(rules: &str, name: &str) -> String {
-    let at = rules
-        .find(&format!("- alert: {name}\n"))
-        .unwrap_or_else(|| panic!("no alert {name}"));
+    let at = ["alert", "record"]
+        .iter()
+        .find_map(|kind| rules.find(&format!("- {kind}: {name}\n")))
+        .unwrap_or_else(|| panic!("no rule {name}"));
     let rule = &rules[at..];
     let expr = &rule[rule.find("expr:").unwrap()..];
     expr.lines()
@@ -620,13 +621,14 @@ fn the_status_screen_and_the_rules_share_their_thresholds() {
             "EniMonitorConntrackAllowanceExhaustionPredicted",
             format!("[15m], {}) >= 1", EXHAUSTION_HORIZON_MINUTES * 60.0),
         ),
+        // The per-ENI alerts page on their condition's record.
         (
-            "EniMonitorLinkLocalPeakHigh",
-            format!("(eni_monitor_linklocal_peak_packets_per_second) > {LINKLOCAL_PEAK_HIGH})"),
+            "node_device:eni_monitor_linklocal_peak_packets_per_second:max_high",
+            format!("(eni_monitor_linklocal_peak_packets_per_second) > {LINKLOCAL_PEAK_HIGH}"),
         ),
         (
-            "EniMonitorDnsUnanswered",
-            format!("dns_queries:rate5m > {DNS_UNANSWERED}"),
+            "node_device_resolver:eni_monitor_dns_unanswered:ratio_rate5m_high",
+            format!("rate5m_unanswered_devices > 0.1) > {DNS_UNANSWERED}"),
         ),
     ] {
         let expr = expr_of(&rules, alert);

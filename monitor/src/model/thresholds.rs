@@ -10,9 +10,13 @@ pub const CONNTRACK_CRITICAL: f64 = 0.9;
 /// `EniMonitorConntrackAllowanceExhaustionPredicted`: how far ahead a full allowance is
 /// foreseen (`predict_linear`'s 900 s).
 pub const EXHAUSTION_HORIZON_MINUTES: f64 = 15.0;
-/// `EniMonitorLinkLocalPeakHigh`: the busiest second's packets to link-local services.
+/// `EniMonitorLinkLocalPeakHigh` (its condition's record,
+/// `node_device:eni_monitor_linklocal_peak_packets_per_second:max_high`): the busiest
+/// second's packets to link-local services.
 pub const LINKLOCAL_PEAK_HIGH: f64 = 800.0;
 /// EC2's limit on packets a second to its link-local services, from one ENI.
 pub const LINKLOCAL_LIMIT: f64 = 1024.0;
-/// `EniMonitorDnsUnanswered`: the share of a resolver's queries left unanswered.
+/// `EniMonitorDnsUnanswered` (its condition's record,
+/// `node_device_resolver:eni_monitor_dns_unanswered:ratio_rate5m_high`): the share of a
+/// resolver's queries left unanswered.
 pub const DNS_UNANSWERED: f64 = 0.01;
