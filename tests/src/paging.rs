@@ -465,6 +465,11 @@ impl Prometheus {
         self.daemon.0.id()
     }
 
+    /// Its directory (configuration and data), removed on drop.
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+
     /// Replaces the configuration and has Prometheus read it again (SIGHUP), as an
     /// operator's reload does: the head and the rules' state stay.
     pub fn reload(&self, config: &str) {

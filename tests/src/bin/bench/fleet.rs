@@ -4,8 +4,9 @@
 //! shipped rules: the series it holds, how long each rule evaluation takes, its memory.
 
 use std::{
-    collections::BTreeMap,
-    path::PathBuf,
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -13,6 +14,7 @@ use integration_tests::paging::Engine as _;
 use integration_tests::{
     Netns,
     fleet::{agent_exposition, serve, static_targets, template},
+    golden::metric_names,
     paging::{ALERTMANAGER, Alertmanager, Prometheus, wait_for},
     victoria::Victoria,
 };
@@ -32,13 +34,80 @@ const CYCLES: usize = 5;
 /// 1 million new series in the head is past.
 const WARM_UP: Duration = Duration::from_mins(5);
 
-/// Prometheus's configuration: the shipped rules, and the fleet's `nodes` scraped (none:
-/// the rules alone, on what the head holds).
-fn config(nodes: usize) -> String {
-    let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// The shipped rules file.
+fn shipped_rules() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy/alerts/rules.yml")
         .canonicalize()
-        .unwrap();
+        .unwrap()
+}
+
+/// The selectors of the agents' series (and `up`) in the shipped rules' expressions,
+/// each once, with its matchers.
+fn raw_selectors(rules: &str) -> BTreeSet<String> {
+    let exprs = expressions(rules);
+    let mut names = metric_names(&exprs);
+    names.insert("up".to_owned());
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut selectors = BTreeSet::new();
+    for name in &names {
+        for (at, _) in exprs.match_indices(name.as_str()) {
+            let before = exprs[..at].chars().next_back();
+            let after = &exprs[at + name.len()..];
+            if before.is_some_and(word) || after.starts_with(word) {
+                continue;
+            }
+            let matchers = match after.strip_prefix('{') {
+                Some(m) => m.find('}').map_or("", |end| &after[..end + 2]),
+                None => "",
+            };
+            selectors.insert(format!("{name}{matchers}"));
+        }
+    }
+    selectors
+}
+
+/// The text of every `expr:` of a rules file, block scalars included.
+fn expressions(rules: &str) -> String {
+    let mut exprs = String::new();
+    let mut lines = rules.lines().peekable();
+    while let Some(l) = lines.next() {
+        let Some(rest) = l.trim_start().strip_prefix("expr:") else {
+            continue;
+        };
+        if rest.trim() != "|" {
+            exprs.push_str(rest);
+            exprs.push('\n');
+            continue;
+        }
+        let indent = l.len() - l.trim_start().len();
+        while let Some(body) = lines.next_if(|b| b.len() - b.trim_start().len() > indent) {
+            exprs.push_str(body);
+            exprs.push('\n');
+        }
+    }
+    exprs
+}
+
+/// A rules file that reads each of those selectors once a cycle and does nothing else:
+/// the least any rules that page on the same series can read, whatever their shape.
+fn raw_reads_rules(dir: &Path) -> PathBuf {
+    let selectors = raw_selectors(&std::fs::read_to_string(shipped_rules()).unwrap());
+    let mut text = String::from("groups:\n  - name: raw-reads\n    rules:\n");
+    for (i, sel) in selectors.iter().enumerate() {
+        let _ = writeln!(
+            text,
+            "      - record: raw:selector_{i}:count\n        expr: count by (node) ({sel})"
+        );
+    }
+    let path = dir.join("raw-reads.yml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Prometheus's configuration: the rules file `rules`, and the fleet's `nodes` scraped
+/// (none: the rules alone, on what the head holds).
+fn config(rules: &Path, nodes: usize) -> String {
     let scrapes = match nodes {
         0 => String::new(),
         _ => format!(
@@ -206,7 +275,8 @@ const RULES_BUDGET_MS: f64 = 1500.0;
 
 /// The fleet on Debian's Prometheus, scraping and evaluating every `INTERVAL_S`.
 fn on_prometheus(report: &mut Report, ns: &Netns, nodes: usize, per_node: usize) {
-    let prom = Prometheus::with_config(ns, &config(nodes));
+    let shipped = shipped_rules();
+    let prom = Prometheus::with_config(ns, &config(&shipped, nodes));
     // Every target scraped, and the head holding the whole fleet.
     let head = || {
         prom.api(ns, "/api/v1/status/tsdb")
@@ -222,10 +292,22 @@ fn on_prometheus(report: &mut Report, ns: &Netns, nodes: usize, per_node: usize)
     std::thread::sleep(WARM_UP);
     let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
     add(report, "Prometheus", nodes, head(), c, rss_mib(prom.pid()));
+    // The floor under any rules on the same head: each family they read, read once.
+    prom.reload(&config(&raw_reads_rules(prom.dir()), nodes));
+    std::thread::sleep(Duration::from_secs(INTERVAL_S));
+    let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
+    add(
+        report,
+        "Prometheus, each family the rules read read once, nothing else",
+        nodes,
+        head(),
+        c,
+        rss_mib(prom.pid()),
+    );
     // The same rules on the same head with the scrapes stopped: the rules' own work,
     // without the ingestion that shares the cores with them. Measured within the 5
     // minutes in which every window still holds the fleet's samples.
-    prom.reload(&config(0));
+    prom.reload(&config(&shipped, 0));
     std::thread::sleep(Duration::from_secs(INTERVAL_S));
     let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
     add(
@@ -300,5 +382,31 @@ pub(crate) fn fleet(report: &mut Report) {
         if runs("victoria") {
             on_victoria(report, &ns, nodes, per_node);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_raw_reads_are_the_expressions_selectors_and_up() {
+        let rules = "      - record: a:b:c\n        expr: sum (rate(eni_monitor_x_total{a!=\"b\"}[5m]))\n      - alert: A\n        expr: |\n          a:eni_monitor_x_total:c > 0\n          * on (node) group_left eni_monitor_y or up{job=\"j\"} == 0\n        annotations:\n          description: \"see eni_monitor_z\"\n";
+        let selectors: Vec<_> = raw_selectors(rules).into_iter().collect();
+        assert_eq!(
+            selectors,
+            [
+                "eni_monitor_x_total{a!=\"b\"}",
+                "eni_monitor_y",
+                "up{job=\"j\"}"
+            ]
+        );
+        let shipped = raw_selectors(&std::fs::read_to_string(shipped_rules()).unwrap());
+        assert!(shipped.contains("eni_monitor_program_attached"));
+        assert!(shipped.contains(
+            "eni_monitor_nf_conntrack_events_total{event=~\"insert_failed|drop|early_drop\"}"
+        ));
+        // Named in annotations only, never read by a rule.
+        assert!(!shipped.iter().any(|s| s.contains("top_flow_owners")));
     }
 }
