@@ -293,32 +293,22 @@ fn on_prometheus(report: &mut Report, ns: &Netns, nodes: usize, per_node: usize)
     std::thread::sleep(WARM_UP);
     let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
     add(report, "Prometheus", nodes, head(), c, rss_mib(prom.pid()));
+    // Reloaded with `config`, one cycle left to pass, then measured as `label`.
+    let mut after_reload = |label: &str, config: &str| {
+        prom.reload(config);
+        std::thread::sleep(Duration::from_secs(INTERVAL_S));
+        let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
+        add(report, label, nodes, head(), c, rss_mib(prom.pid()));
+    };
     // The same rules on the same head with the scrapes stopped: the rules' own work,
     // without the ingestion that shares the cores with them. Measured within the 5
     // minutes in which every window still holds the fleet's samples.
-    prom.reload(&config(&shipped, 0));
-    std::thread::sleep(Duration::from_secs(INTERVAL_S));
-    let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
-    add(
-        report,
-        "Prometheus, scrapes stopped",
-        nodes,
-        head(),
-        c,
-        rss_mib(prom.pid()),
-    );
+    after_reload("Prometheus, scrapes stopped", &config(&shipped, 0));
     // The floor under any rules on the same head, scraping again: each selector the
     // shipped rules use, read once, and nothing else.
-    prom.reload(&config(&raw_reads_rules(prom.dir()), nodes));
-    std::thread::sleep(Duration::from_secs(INTERVAL_S));
-    let c = cycles(&|| prom.api(ns, "/api/v1/rules"));
-    add(
-        report,
+    after_reload(
         "Prometheus, the rules' selectors alone (each read once, nothing else)",
-        nodes,
-        head(),
-        c,
-        rss_mib(prom.pid()),
+        &config(&raw_reads_rules(prom.dir()), nodes),
     );
 }
 
