@@ -215,9 +215,52 @@ pub const FLOW_CACHE_WAYS: usize = 4;
 
 /// Words of `FLOW_RECENT`, the filter of TCP flows refreshed this period: 32 bits each
 /// below a 32-bit period tag, 256 KiB shared by every CPU (a million bits, about one in
-/// ten set at 100 000 flows).
+/// ten set at 100 000 flows). The programs use the first `1 << bits` of them, `bits` the
+/// word after them (`FLOW_RECENT_SIZE`), which the agent sizes to the flows tracked
+/// (`recent_index_bits`): a filter no larger than its flows need stays in the caches
+/// that the kernel's own per-connection work sweeps.
 pub const FLOW_RECENT_WORDS: u32 = 1 << FLOW_RECENT_INDEX_BITS;
-const FLOW_RECENT_INDEX_BITS: u32 = 15;
+/// The index of `FLOW_RECENT`'s size word: how many index bits the programs use.
+pub const FLOW_RECENT_SIZE: u32 = FLOW_RECENT_WORDS;
+/// The most index bits (the whole filter), what the programs use before the agent sizes it.
+pub const FLOW_RECENT_INDEX_BITS: u32 = 15;
+/// The fewest index bits: 64 words, 512 bytes.
+pub const FLOW_RECENT_MIN_INDEX_BITS: u32 = 6;
+/// Flows a filter word stands for at most, as the agent sizes it: four flows to 32 bits
+/// set about one bit in eight (`1 - e^(-4/32)`), fewer when the words round up.
+const FLOWS_A_WORD: u64 = 4;
+
+/// The index bits for a filter that holds `flows` flows with one bit in eight or fewer
+/// set: the fewest words of at most `FLOWS_A_WORD` flows each, a power of two.
+#[inline]
+pub const fn recent_index_bits(flows: u64) -> u32 {
+    let words = flows.div_ceil(FLOWS_A_WORD);
+    let bits = if words <= 1 {
+        0
+    } else {
+        64 - (words - 1).leading_zeros()
+    };
+    if bits < FLOW_RECENT_MIN_INDEX_BITS {
+        FLOW_RECENT_MIN_INDEX_BITS
+    } else if bits > FLOW_RECENT_INDEX_BITS {
+        FLOW_RECENT_INDEX_BITS
+    } else {
+        bits
+    }
+}
+
+/// The index bits a size word the agent wrote names: unset (0), the whole filter;
+/// anything else clamped to the filter's range.
+#[inline]
+pub const fn recent_size_bits(word: u64) -> u32 {
+    if word == 0 || word > FLOW_RECENT_INDEX_BITS as u64 {
+        FLOW_RECENT_INDEX_BITS
+    } else if word < FLOW_RECENT_MIN_INDEX_BITS as u64 {
+        FLOW_RECENT_MIN_INDEX_BITS
+    } else {
+        word as u32
+    }
+}
 /// A refresh period of `FLOW_RECENT`: `CLOCK_MONOTONIC` seconds `>> FLOW_RECENT_SHIFT`.
 pub const FLOW_RECENT_SHIFT: u32 = 2;
 /// The period's length in seconds: the most a refresh is late when the flow's bit is its
@@ -238,13 +281,15 @@ pub const fn recent_period(second: u32) -> u32 {
 }
 
 /// A flow's word and bit in `FLOW_RECENT` in `period`, from its hash and the local side
-/// the packet brings (`FLOW_LOCAL_A` or `FLOW_LOCAL_B`): the word from the top 15 bits of
-/// one multiplication, the bit from the 5 below them.
+/// the packet brings (`FLOW_LOCAL_A` or `FLOW_LOCAL_B`), in a filter of `bits` index
+/// bits (`recent_size_bits`): the word from the top `bits` bits of one multiplication,
+/// the bit from the 5 below the most the index takes, so a flow's bit stays the same
+/// whatever the filter's size.
 #[inline]
-pub const fn recent_bit(h: u64, period: u32, local: u8) -> (u32, u32) {
+pub const fn recent_bit(h: u64, period: u32, local: u8, bits: u32) -> (u32, u32) {
     let x = (h ^ (period as u64).wrapping_mul(K_PERIOD) ^ local as u64).wrapping_mul(K);
     (
-        (x >> (64 - FLOW_RECENT_INDEX_BITS)) as u32,
+        (x >> (64 - bits)) as u32,
         ((x >> (59 - FLOW_RECENT_INDEX_BITS)) & 31) as u32,
     )
 }
@@ -418,6 +463,49 @@ mod tests {
             // garbage a future writer leaves), and the eighth byte is ignored.
             let loud = (marks * 0xa5) | (0xff << 56);
             assert_eq!(bits_of(loud), bits, "{loud:#x}");
+        }
+    }
+
+    #[test]
+    fn the_filter_is_sized_to_its_flows_and_a_flow_keeps_its_bit_at_every_size() {
+        let sizes = [0, 1, 256, 257, 2000, 20_000, 100_000, 131_072, 10_000_000]
+            .map(|n: u64| (n, recent_index_bits(n)));
+        assert_eq!(
+            sizes,
+            [
+                (0, 6),
+                (1, 6),
+                (256, 6),
+                (257, 7),
+                (2000, 9),
+                (20_000, 13),
+                (100_000, 15),
+                (131_072, 15),
+                (10_000_000, 15)
+            ]
+        );
+        // No size holds more than four flows a word, below the whole filter.
+        for n in [300_u64, 2000, 5000, 20_000, 100_000] {
+            let words = 1_u64 << recent_index_bits(n);
+            assert!(n <= 4 * words, "{n} flows in {words} words");
+            assert!(
+                n > 2 * words || words == 64,
+                "{n} flows in {words} words: too many"
+            );
+        }
+        assert_eq!(recent_size_bits(0), FLOW_RECENT_INDEX_BITS);
+        assert_eq!(recent_size_bits(1), FLOW_RECENT_MIN_INDEX_BITS);
+        assert_eq!(recent_size_bits(9), 9);
+        assert_eq!(recent_size_bits(16), FLOW_RECENT_INDEX_BITS);
+        assert_eq!(recent_size_bits(u64::MAX), FLOW_RECENT_INDEX_BITS);
+        for h in [0_u64, 1, 0xdead_beef_cafe_f00d, u64::MAX] {
+            let (whole, bit) = recent_bit(h, 7, FLOW_LOCAL_A, FLOW_RECENT_INDEX_BITS);
+            for bits in FLOW_RECENT_MIN_INDEX_BITS..=FLOW_RECENT_INDEX_BITS {
+                let (index, b) = recent_bit(h, 7, FLOW_LOCAL_A, bits);
+                assert!(index < 1 << bits, "{h:#x}: index {index} of {bits} bits");
+                assert_eq!(index, whole >> (FLOW_RECENT_INDEX_BITS - bits));
+                assert_eq!(b, bit);
+            }
         }
     }
 }

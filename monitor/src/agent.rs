@@ -183,8 +183,6 @@ fn wire(cli: &Cli, facts: &KernelFacts, loaded: loader::Loaded) -> Result<Wired>
         ll_seconds,
         ll_senders,
         dns_tcp_unread,
-        // It empties itself as periods turn: nothing for the agent to do.
-        flow_recent: _,
     } = maps;
     let senders = Arc::new(Mutex::new(Senders::new(usize::from(cli.top))));
     let amazon = linklocal_services(&addrs, &cli.linklocal_resolvers)?;

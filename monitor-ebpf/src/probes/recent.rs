@@ -14,17 +14,19 @@
 
 use aya_ebpf::{macros::map, maps::Array};
 use monitor_common::{
-    FLOW_AB, FLOW_BA, FLOW_RECENT_WORDS,
+    FLOW_AB, FLOW_BA, FLOW_RECENT_SIZE, FLOW_RECENT_WORDS,
     proto::{IPPROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN},
-    recent_bit, recent_period,
+    recent_bit, recent_period, recent_size_bits,
 };
 
 use super::flows::CLOSED;
 
 /// Shared by every CPU (a per-CPU copy would be a quarter megabyte a CPU); written once a
-/// period per flow, read by every segment.
+/// period per flow, read by every segment. The word after the filter's is its size, the
+/// index bits the agent wrote (`FLOW_RECENT_SIZE`): on a line of its own, read by every
+/// segment and written only when the flows tracked call for another size.
 #[map]
-static FLOW_RECENT: Array<u64> = Array::with_max_entries(FLOW_RECENT_WORDS, 0);
+static FLOW_RECENT: Array<u64> = Array::with_max_entries(FLOW_RECENT_WORDS + 1, 0);
 
 /// A segment as the filter's two functions take it: its protocol and TCP flags in one
 /// scalar (a BPF call passes five arguments at most).
@@ -40,11 +42,15 @@ fn plain(segment: u32) -> bool {
 }
 
 /// The flow's word in the filter this period, its tag and its bit: None only if the
-/// index were out of the array, which `recent_bit` rules out.
+/// index were out of the array, which `recent_bit` rules out. A segment that reads the
+/// size as it changes looks at another word than the last: a clear bit sends it to the
+/// table, another flow's bit delays its refresh as any wrong yes does.
 #[inline(always)]
 fn place(h: u64, now: u32, local: u8) -> Option<(*mut u64, u64, u64)> {
     let period = recent_period(now);
-    let (index, bit) = recent_bit(h, period, local);
+    // SAFETY: an element of an array map, which the kernel keeps for the program's run.
+    let size = unsafe { core::ptr::read_volatile(FLOW_RECENT.get_ptr(FLOW_RECENT_SIZE)?) };
+    let (index, bit) = recent_bit(h, period, local, recent_size_bits(size));
     Some((
         FLOW_RECENT.get_ptr_mut(index)?,
         u64::from(period) << 32,

@@ -43,6 +43,7 @@ impl Expiry {
         let (result, stale) = self.read(now)?;
         let (mut result, deleted) = self.reap(now, result, &stale.keys)?;
         self.flows.count.ended(stale.freed + deleted)?;
+        self.flows.recent.fit(result.tcp())?;
         result.rank(self.top);
         self.counts.set(result.clone());
         Ok(result)

@@ -13,9 +13,10 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
 };
 use monitor_common::{
-    Addr, AddrInfo, DnsFlight, DnsFlightKey, DropKey, FLOW_COUNT_BEGUN, FLOW_COUNT_ENDED, Flow,
-    FlowClass, FlowKey, LL_WINDOW, LinkLocalSecond, LinkLocalSenders, LinkLocalService,
-    RESOLVER_OTHER, SERVICE_NONE, addr_from_ip, addr_to_ip,
+    Addr, AddrInfo, DnsFlight, DnsFlightKey, DropKey, FLOW_COUNT_BEGUN, FLOW_COUNT_ENDED,
+    FLOW_RECENT_SIZE, Flow, FlowClass, FlowKey, LL_WINDOW, LinkLocalSecond, LinkLocalSenders,
+    LinkLocalService, RESOLVER_OTHER, SERVICE_NONE, addr_from_ip, addr_to_ip, recent_index_bits,
+    recent_size_bits,
 };
 
 use crate::tables::{
@@ -129,7 +130,6 @@ pub struct Maps {
     pub ll_senders: PerCpuArray<MapData, LinkLocalSenders>,
     /// TCP segments with DNS messages the programs left unread, per CPU.
     pub dns_tcp_unread: PerCpuArray<MapData, u64>,
-    pub flow_recent: RecentFilter,
 }
 
 impl Maps {
@@ -155,6 +155,7 @@ impl Maps {
                 table: FlowTable(take_hash(ebpf, FLOWS)?),
                 sets,
                 count: FlowCount(take_typed(ebpf, FLOW_COUNT)?),
+                recent: RecentFilter(take_typed(ebpf, FLOW_RECENT)?),
             },
             flows_created: SlotArray::new(take_typed(ebpf, FLOWS_CREATED)?, FlowClass::COUNT),
             flow_table_full: take_typed(ebpf, FLOW_TABLE_FULL)?,
@@ -175,14 +176,13 @@ impl Maps {
             ll_seconds: SlotArray::new(take_typed(ebpf, LL_SECONDS)?, LL_WINDOW),
             ll_senders: take_typed(ebpf, LL_SENDER_TABLES)?,
             dns_tcp_unread: take_typed(ebpf, DNS_TCP_UNREAD)?,
-            flow_recent: RecentFilter(take_typed(ebpf, FLOW_RECENT)?),
         })
     }
 }
 
 /// `FLOW_RECENT`: the established TCP flows the programs wrote this refresh period. It
-/// empties itself as periods turn, so the agent neither reads nor clears it; it is
-/// taken so that its one handle exists, for what stands in for packets (tests).
+/// empties itself as periods turn, so the agent neither reads nor clears its words; it
+/// sizes it to the flows the tables hold (`FLOW_RECENT_SIZE`).
 pub struct RecentFilter(Array<MapData, u64>);
 
 impl RecentFilter {
@@ -193,6 +193,29 @@ impl RecentFilter {
 
     pub fn set_word(&mut self, index: u32, word: u64) -> Result<()> {
         Ok(self.0.set(index, word, 0)?)
+    }
+
+    /// The index bits the programs use.
+    pub fn index_bits(&self) -> Result<u32> {
+        Ok(recent_size_bits(self.word(FLOW_RECENT_SIZE)?))
+    }
+
+    /// Sizes the filter for `flows`: larger at once when they need it, smaller only when
+    /// they would fit at half the fill, so that a count moving about one size does not
+    /// turn it over each pass (each change sends every flow's next segment to the tables
+    /// once, as a period's turn does). The index bits after it.
+    pub fn fit(&mut self, flows: u64) -> Result<u32> {
+        let now = self.index_bits()?;
+        let want = recent_index_bits(flows);
+        let bits = if want > now {
+            want
+        } else {
+            recent_index_bits(flows.saturating_mul(2)).min(now)
+        };
+        if bits != now || self.word(FLOW_RECENT_SIZE)? == 0 {
+            self.set_word(FLOW_RECENT_SIZE, u64::from(bits))?;
+        }
+        Ok(bits)
     }
 }
 
@@ -284,6 +307,8 @@ pub struct Flows {
     pub table: FlowTable,
     pub sets: FlowSets,
     pub count: FlowCount,
+    /// The filter of established TCP flows in front of both, sized to the flows they hold.
+    pub recent: RecentFilter,
 }
 
 impl Flows {
@@ -298,6 +323,7 @@ impl Flows {
     pub fn recount(&mut self) -> Result<()> {
         let mut n = 0u64;
         self.for_each(|_, _| n += 1)?;
+        self.recent.fit(n)?;
         self.count.start(n)
     }
 }

@@ -194,6 +194,16 @@ impl PassResult {
         self.owners = top_per_device(self.by_owner.drain(), top);
     }
 
+    /// Tracked TCP flows over every device: what the programs' filter of established
+    /// TCP flows is sized for.
+    pub fn tcp(&self) -> u64 {
+        self.tracked
+            .iter()
+            .filter(|((_, class), _)| *class == FlowClass::Tcp)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// Tracked flows over the devices `monitored` says are: the instance-wide estimate.
     pub fn total(&self, monitored: impl Fn(u32) -> bool) -> u64 {
         self.tracked

@@ -105,7 +105,7 @@ fn a_full_filter_skips_no_first_packet_and_no_syn_fin_or_rst() {
         let period = next_period();
         for i in 0..FLOW_RECENT_WORDS {
             let full = (u64::from(period) << 32) | 0xffff_ffff;
-            probe.maps.flow_recent.set_word(i, full).unwrap();
+            probe.maps.flows.recent.set_word(i, full).unwrap();
         }
         assert_eq!(monitor_common::recent_period(now_s()), period);
         let flows = &probe.maps.flows_created;
@@ -149,5 +149,62 @@ fn a_full_filter_skips_no_first_packet_and_no_syn_fin_or_rst() {
         run(&probe, "tc_egress", &mid);
         assert_eq!(created(flows, FlowClass::Tcp), 3);
         assert_eq!(created(flows, FlowClass::Udp), 1);
+    }
+}
+
+/// The agent sizes the filter to the flows the tables hold: larger at once, smaller only
+/// at half the fill. The programs look only at the words the size names: with every
+/// word past them full, a flow's segment still reaches the table, and the segments after
+/// it are skipped on the bit it set.
+#[test]
+fn the_filter_follows_the_flows_and_the_programs_use_the_size_it_names() {
+    use monitor_common::{
+        FLOW_RECENT_INDEX_BITS, FLOW_RECENT_MIN_INDEX_BITS, FLOW_RECENT_WORDS, Flow, recent_period,
+    };
+    if !root::require_root("the_filter_follows_the_flows_and_the_programs_use_the_size_it_names") {
+        return;
+    }
+    let mut probe = loaded();
+    let filter = &mut probe.maps.flows.recent;
+    // Loaded with no flows pinned: the smallest.
+    assert_eq!(filter.index_bits().unwrap(), FLOW_RECENT_MIN_INDEX_BITS);
+    let sizes = [2000, 1500, 600, 500, 100_000, 20_000, 0].map(|n| filter.fit(n).unwrap());
+    assert_eq!(sizes, [9, 9, 9, 8, FLOW_RECENT_INDEX_BITS, 14, 6]);
+    assert_eq!(filter.index_bits().unwrap(), 6);
+    let out = ipv6_tcp(40000, 443, PSH_ACK, b"x");
+    let back = ipv6_tcp_between(("fd00::5", 443), ("fd00::2", 40000), ACK, &[]);
+    run(&probe, "tc_egress", &out);
+    run(&probe, "tc_ingress", &back);
+    let (key, flow) = the_flow(&probe);
+    let zeroed = Flow::new(flow.first_seen, 0, flow.flags());
+    for (flows, bits) in [(0, 6), (2000, 9), (20_000, 13)] {
+        // A period of its own for each size, its first second past the flow cache's.
+        let period = next_period();
+        let full = (u64::from(period) << 32) | 0xffff_ffff;
+        let filter = &mut probe.maps.flows.recent;
+        assert_eq!(filter.fit(flows).unwrap(), bits);
+        for i in 0..FLOW_RECENT_WORDS {
+            let word = if i < 1 << bits { 0 } else { full };
+            filter.set_word(i, word).unwrap();
+        }
+        probe.maps.flows.table.insert(&key, &zeroed).unwrap();
+        run(&probe, "tc_egress", &out);
+        let written = the_flow(&probe).1;
+        assert_eq!(
+            recent_period(written.last_seen),
+            period,
+            "{bits} bits: {written:?}"
+        );
+        probe.maps.flows.table.insert(&key, &zeroed).unwrap();
+        for _ in 0..5 {
+            run(&probe, "tc_egress", &out);
+            run(&probe, "tc_ingress", &back);
+        }
+        assert_eq!(the_flow(&probe).1, zeroed, "skipped at {bits} bits");
+        assert_eq!(
+            recent_period(now_s()),
+            period,
+            "the test crossed a period's edge"
+        );
     }
 }
