@@ -252,6 +252,10 @@ pub const fn recent_index_bits(flows: u64) -> u32 {
 /// The index bits a size word the agent wrote names: unset (0), the whole filter;
 /// anything else clamped to the filter's range.
 #[inline]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "at most FLOW_RECENT_INDEX_BITS"
+)]
 pub const fn recent_size_bits(word: u64) -> u32 {
     if word == 0 || word > FLOW_RECENT_INDEX_BITS as u64 {
         FLOW_RECENT_INDEX_BITS
@@ -286,6 +290,10 @@ pub const fn recent_period(second: u32) -> u32 {
 /// the bit from the 5 below the most the index takes, so a flow's bit stays the same
 /// whatever the filter's size.
 #[inline]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the index has `bits` bits, FLOW_RECENT_INDEX_BITS at most"
+)]
 pub const fn recent_bit(h: u64, period: u32, local: u8, bits: u32) -> (u32, u32) {
     let x = (h ^ (period as u64).wrapping_mul(K_PERIOD) ^ local as u64).wrapping_mul(K);
     (
