@@ -205,14 +205,15 @@ impl RecentFilter {
     /// turn it over each pass (each change sends every flow's next segment to the tables
     /// once, as a period's turn does). The index bits after it.
     pub fn fit(&mut self, flows: u64) -> Result<u32> {
-        let now = self.index_bits()?;
+        let word = self.word(FLOW_RECENT_SIZE)?;
+        let now = recent_size_bits(word);
         let want = recent_index_bits(flows);
         let bits = if want > now {
             want
         } else {
             recent_index_bits(flows.saturating_mul(2)).min(now)
         };
-        if bits != now || self.word(FLOW_RECENT_SIZE)? == 0 {
+        if u64::from(bits) != word {
             self.set_word(FLOW_RECENT_SIZE, u64::from(bits))?;
         }
         Ok(bits)

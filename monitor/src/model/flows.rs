@@ -197,18 +197,19 @@ impl PassResult {
     /// Tracked TCP flows over every device: what the programs' filter of established
     /// TCP flows is sized for.
     pub fn tcp(&self) -> u64 {
-        self.tracked
-            .iter()
-            .filter(|((_, class), _)| *class == FlowClass::Tcp)
-            .map(|(_, n)| n)
-            .sum()
+        self.sum(|_, class| class == FlowClass::Tcp)
     }
 
     /// Tracked flows over the devices `monitored` says are: the instance-wide estimate.
     pub fn total(&self, monitored: impl Fn(u32) -> bool) -> u64 {
+        self.sum(|ifindex, _| monitored(ifindex))
+    }
+
+    /// Tracked flows of the (ifindex, class) pairs `take` keeps.
+    fn sum(&self, take: impl Fn(u32, FlowClass) -> bool) -> u64 {
         self.tracked
             .iter()
-            .filter(|((i, _), _)| monitored(*i))
+            .filter(|((i, class), _)| take(*i, *class))
             .map(|(_, n)| n)
             .sum()
     }
