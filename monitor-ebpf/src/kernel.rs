@@ -2,11 +2,7 @@
 //! kernel's BTF and writes it into these globals before loading; the
 //! zero defaults are never used on a real load.
 
-use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_probe_read_kernel},
-    macros::map,
-    maps::PerCpuArray,
-};
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_probe_read_kernel};
 use monitor_common::proto::{ETH_P_IP, ETH_P_IPV6, IPV4_HLEN};
 
 use crate::headers;
@@ -149,42 +145,35 @@ pub fn now_ns() -> u64 {
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
 
-/// Each CPU's last reading of the clock in seconds, and the jiffy it was read in.
-#[map]
-static CLOCK: PerCpuArray<ClockReading> = PerCpuArray::with_max_entries(1, 0);
+/// The last reading of the clock, shared by every CPU: the low 32 bits of the jiffy it
+/// was taken in over the second it read (one word, so that no CPU reads one CPU's jiffy
+/// with another's second). A global, not a map's element: its address is a constant of
+/// the program, so a packet reads it with one load, where a map's element costs the
+/// lookup's loads first (and on kernels before 6.10, a per-CPU array's a helper call).
+/// Written once a jiffy by whichever CPU first sees the jiffy turn.
+static mut CLOCK_READING: u64 = 0;
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ClockReading {
-    jiffies: u64,
-    second: u32,
-    pad: u32,
-}
-
-/// `CLOCK_MONOTONIC` seconds, read from the clock once per jiffy on each CPU: a packet
-/// pays only for `bpf_jiffies64`, which the verifier inlines to one load, where a helper
-/// call costs a return through the kernel's return thunk (15-20 ns on CPUs that need one).
-/// The second can lag by a tick, nothing at one-second resolution.
+/// `CLOCK_MONOTONIC` seconds, read from the clock once per jiffy: a packet pays for
+/// `bpf_jiffies64`, which the verifier inlines to one load, and the shared reading,
+/// where a helper call costs a return through the kernel's return thunk (15-20 ns on
+/// CPUs that need one). The second can lag by a tick, nothing at one-second resolution;
+/// a reading is taken for current only in a jiffy whose low 32 bits are its own, so one
+/// 2^32 jiffies old (49 days at 1000 Hz) with no packet since would be, for one jiffy.
 #[inline(always)]
 pub fn now_coarse_s() -> u32 {
     // SAFETY: a helper without arguments (5.5+).
-    let jiffies = unsafe { bpf_jiffies64() };
-    let reading = CLOCK.get_ptr_mut(0);
-    if let Some(r) = reading {
-        // SAFETY: this CPU's own slot; programs on one CPU do not interleave here.
-        let r = unsafe { &*r };
-        if r.jiffies == jiffies {
-            return r.second;
-        }
+    let jiffy = unsafe { bpf_jiffies64() } as u32;
+    let reading = &raw mut CLOCK_READING;
+    // SAFETY: a global of the program's own data, which the kernel keeps for its run; an
+    // aligned 8-byte load cannot be torn by another CPU's store.
+    let r = unsafe { core::ptr::read_volatile(reading) };
+    if r != 0 && (r >> 32) as u32 == jiffy {
+        return r as u32;
     }
     let second = read_clock_s();
-    if let Some(r) = reading {
-        // SAFETY: this CPU's own slot; programs on one CPU do not interleave here.
-        unsafe {
-            (*r).jiffies = jiffies;
-            (*r).second = second;
-        }
-    }
+    // SAFETY: as above; CPUs that race here write the same reading of the same jiffy,
+    // or one a tick apart that the next jiffy replaces.
+    unsafe { core::ptr::write_volatile(reading, u64::from(jiffy) << 32 | u64::from(second)) };
     second
 }
 
